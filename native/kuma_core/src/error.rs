@@ -1,0 +1,90 @@
+//! One error type for the whole core. Every variant carries what a user needs to act on it;
+//! the NIF crate turns each into an Elixir `{:error, reason}` term.
+
+use std::fmt;
+
+/// What can go wrong in the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// Input rejected before anything was written: `what` names the field, `why` says why.
+    Invalid { what: &'static str, why: String },
+    /// A size limit was exceeded (`what`: entity_id, event_type, metadata, payload, events, append).
+    TooLarge { what: &'static str, size: u64, max: u64 },
+    /// Optimistic concurrency: the entity's current sequence is not what the caller expected.
+    WrongExpectedSeq { expected: u64, actual: u64 },
+    /// The store (or this shard) has been stopped.
+    Closed,
+    /// The data directory is in use by another store (this VM or another process).
+    Locked { path: String },
+    /// The data directory was created with another shard count.
+    ShardCountMismatch { stored: u32, given: u32 },
+    /// A file where a shard should be is not a Kuma shard (another SQLite DB, or garbage).
+    ForeignFile { path: String, why: String },
+    /// A shard file the manifest lists is missing: refusing to recreate it empty.
+    MissingShard { path: String },
+    /// The data dir was written by an unknown (newer) format version.
+    UnsupportedFormat { found: u32, supported: u32 },
+    /// SQLite or the file system failed; `context` says what Kuma was doing.
+    Storage { context: &'static str, message: String },
+    /// Stored data failed an integrity check (used by reads that meet a broken chain).
+    Corrupt { seq: u64, why: String },
+    /// A panic inside the core was caught; the operation did not complete.
+    Panic { message: String },
+}
+
+impl Error {
+    pub(crate) fn invalid(what: &'static str, why: impl Into<String>) -> Self {
+        Error::Invalid { what, why: why.into() }
+    }
+
+    /// Wraps a SQLite error with what Kuma was doing when it happened.
+    pub(crate) fn storage(context: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
+        move |e| Error::Storage { context, message: e.to_string() }
+    }
+
+    pub(crate) fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |e| Error::Storage { context, message: e.to_string() }
+    }
+
+    /// Turns a caught panic payload into an error.
+    pub fn from_panic(payload: Box<dyn std::any::Any + Send>) -> Self {
+        let message = if let Some(s) = payload.downcast_ref::<&str>() {
+            (*s).to_string()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "unknown panic".to_string()
+        };
+        Error::Panic { message }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Invalid { what, why } => write!(f, "invalid {what}: {why}"),
+            Error::TooLarge { what, size, max } => write!(f, "{what} too large: {size} > {max}"),
+            Error::WrongExpectedSeq { expected, actual } => {
+                write!(f, "wrong expected seq: expected {expected}, actual {actual}")
+            }
+            Error::Closed => write!(f, "store closed"),
+            Error::Locked { path } => write!(f, "data dir {path} is in use by another store"),
+            Error::ShardCountMismatch { stored, given } => {
+                write!(f, "data dir has {stored} shards, {given} requested")
+            }
+            Error::ForeignFile { path, why } => write!(f, "{path} is not a Kuma shard: {why}"),
+            Error::MissingShard { path } => write!(f, "shard file {path} is missing"),
+            Error::UnsupportedFormat { found, supported } => {
+                write!(f, "storage format {found} is newer than supported {supported}")
+            }
+            Error::Storage { context, message } => write!(f, "{context}: {message}"),
+            Error::Corrupt { seq, why } => write!(f, "corrupt event at seq {seq}: {why}"),
+            Error::Panic { message } => write!(f, "internal panic: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Result with the core's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,45 @@
+//! Kuma's storage core: an event log sharded over SQLite files, with a BLAKE3 hash chain per
+//! entity and one group-committing writer thread per shard.
+//!
+//! This crate knows nothing about the BEAM: it takes bytes and plain types, answers through
+//! callbacks, and is tested with `cargo test`. The NIF crate (`kuma_nif`) only converts terms
+//! and schedules calls.
+//!
+//! Where a write goes: [`store::Store::append`] -> [`router`] picks the shard ->
+//! [`writer`] thread of that shard -> [`shard`] file, chained by [`chain`] over the
+//! envelope from [`codec`]. Reads: [`reader`].
+
+pub mod chain;
+pub mod codec;
+pub mod error;
+pub mod heads;
+pub mod reader;
+pub mod router;
+pub mod shard;
+pub mod store;
+pub mod writer;
+
+pub use codec::{Expected, NewEvent, StoredEvent};
+pub use error::{Error, Result};
+pub use heads::Head;
+pub use reader::{EntityVerdict, ShardProblem, ShardReport};
+pub use shard::SyncMode;
+pub use store::{Store, StoreConfig};
+pub use writer::{AppendEntry, Appended, WriterConfig, WriterStats};
+
+impl Store {
+    /// Appends and waits for the commit (for Rust callers and tests; the NIF uses the
+    /// callback form so no scheduler thread ever blocks).
+    pub fn append_wait(&self, entity_id: &[u8], expected: Expected, events: Vec<NewEvent>) -> Result<Appended> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.append(entity_id.to_vec(), expected, events, Box::new(move |r| drop(tx.send(r))))?;
+        rx.recv().map_err(|_| Error::Closed)?
+    }
+
+    /// `append_batch` and wait.
+    pub fn append_batch_wait(&self, entries: Vec<AppendEntry>) -> Result<Vec<Result<Appended>>> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.append_batch(entries, Box::new(move |r| drop(tx.send(r))))?;
+        rx.recv().map_err(|_| Error::Closed)
+    }
+}

@@ -1,0 +1,327 @@
+//! Reads and integrity checks. These run on reader connections (never the writer's), so they
+//! do not delay commits; in the BEAM they run on dirty IO schedulers.
+//!
+//! Per-entity reads follow the entity's back-pointers: to read seqs `from..=to`, start at
+//! the first skip entry at or after `to` (or at the head) and walk `prev_pos` back to `from`,
+//! then reverse. Every event is read once, plus fewer than `SKIP_EVERY` extra steps.
+
+use crate::chain::{Chainer, GENESIS};
+use crate::codec::StoredEvent;
+use crate::error::{Error, Result};
+use crate::heads::{hash_from, Head, Heads};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
+
+/// The head of an entity: from the shared table, else from disk (see heads.rs for why this
+/// order is correct).
+pub fn head(conn: &Connection, heads: &Heads, entity_id: &[u8]) -> Result<Option<Head>> {
+    match heads.get(entity_id) {
+        Some(h) => Ok(Some(h)),
+        None => head_on_disk(conn, entity_id),
+    }
+}
+
+/// The head persisted in `entities`; accurate only for entities absent from `Heads`.
+pub(crate) fn head_on_disk(conn: &Connection, entity_id: &[u8]) -> Result<Option<Head>> {
+    let h = conn
+        .prepare_cached("SELECT eid, head_seq, head_pos, head_ts, head_hash FROM entities WHERE entity_id = ?1")
+        .map_err(Error::storage("read entity head"))?
+        .query_row([entity_id], |r| {
+            Ok(Head {
+                eid: r.get(0)?,
+                seq: r.get::<_, i64>(1)? as u64,
+                pos: r.get::<_, i64>(2)? as u64,
+                ts: r.get(3)?,
+                hash: hash_from(r.get_ref(4)?.as_blob().unwrap_or(&[])),
+            })
+        })
+        .optional()
+        .map_err(Error::storage("read entity head"))?;
+    Ok(h.filter(|h| h.seq > 0))
+}
+
+struct Row {
+    eid: i64,
+    seq: u64,
+    prev_pos: u64,
+    ts: i64,
+    event_type: String,
+    metadata: Vec<u8>,
+    payload: Vec<u8>,
+    hash: [u8; 32],
+}
+
+fn fetch(conn: &Connection, pos: u64) -> Result<Option<Row>> {
+    conn.prepare_cached("SELECT eid, seq, prev_pos, ts, type, meta, payload, hash FROM events WHERE pos = ?1")
+        .map_err(Error::storage("read event"))?
+        .query_row([pos as i64], |r| {
+            Ok(Row {
+                eid: r.get(0)?,
+                seq: r.get::<_, i64>(1)? as u64,
+                prev_pos: r.get::<_, i64>(2)? as u64,
+                ts: r.get(3)?,
+                event_type: r.get(4)?,
+                metadata: r.get(5)?,
+                payload: r.get(6)?,
+                hash: hash_from(r.get_ref(7)?.as_blob().unwrap_or(&[])),
+            })
+        })
+        .optional()
+        .map_err(Error::storage("read event"))
+}
+
+/// Reads up to `max` events of one entity starting at `from_seq` (1-based), in order.
+pub fn read_entity(
+    conn: &Connection,
+    heads: &Heads,
+    entity_id: &[u8],
+    from_seq: u64,
+    max: usize,
+) -> Result<Vec<StoredEvent>> {
+    let from_seq = from_seq.max(1);
+    let Some(head) = head(conn, heads, entity_id)? else {
+        return Ok(Vec::new());
+    };
+    if max == 0 || from_seq > head.seq {
+        return Ok(Vec::new());
+    }
+    let to_seq = head.seq.min(from_seq.saturating_add(max as u64 - 1));
+    walk(conn, entity_id, &head, from_seq, to_seq)
+}
+
+/// Events `from_seq..=to_seq` of the entity whose head is `head`.
+fn walk(conn: &Connection, entity_id: &[u8], head: &Head, from_seq: u64, to_seq: u64) -> Result<Vec<StoredEvent>> {
+    let (mut seq, mut pos) = if to_seq == head.seq {
+        (head.seq, head.pos)
+    } else {
+        conn.prepare_cached("SELECT seq, pos FROM skips WHERE eid = ?1 AND seq >= ?2 ORDER BY seq LIMIT 1")
+            .map_err(Error::storage("read skip index"))?
+            .query_row(params![head.eid, to_seq as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .optional()
+            .map_err(Error::storage("read skip index"))?
+            .filter(|(s, _)| *s <= head.seq)
+            .unwrap_or((head.seq, head.pos))
+    };
+    let mut out = Vec::with_capacity((to_seq - from_seq + 1) as usize);
+    loop {
+        let row = fetch(conn, pos)?
+            .ok_or_else(|| Error::Corrupt { seq, why: format!("event row at position {pos} is missing") })?;
+        if row.eid != head.eid || row.seq != seq {
+            return Err(Error::Corrupt {
+                seq,
+                why: format!(
+                    "position {pos} holds seq {} of entity #{}, not this entity's seq {seq}",
+                    row.seq, row.eid
+                ),
+            });
+        }
+        if seq <= to_seq {
+            out.push(StoredEvent {
+                entity_id: entity_id.to_vec(),
+                seq,
+                position: pos,
+                timestamp_us: row.ts,
+                event_type: row.event_type,
+                metadata: row.metadata,
+                payload: row.payload,
+                hash: row.hash,
+            });
+        }
+        if seq == from_seq {
+            break;
+        }
+        if row.prev_pos == 0 || row.prev_pos >= pos {
+            return Err(Error::Corrupt { seq, why: format!("bad back-pointer {} at position {pos}", row.prev_pos) });
+        }
+        pos = row.prev_pos;
+        seq -= 1;
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// Reads up to `max` events of a shard with position > `after`, in position order.
+pub fn read_shard(conn: &Connection, after: u64, max: usize) -> Result<Vec<StoredEvent>> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT e.pos, e.seq, e.ts, e.type, e.meta, e.payload, e.hash, n.entity_id
+             FROM events e JOIN entities n ON n.eid = e.eid
+             WHERE e.pos > ?1 ORDER BY e.pos LIMIT ?2",
+        )
+        .map_err(Error::storage("read shard"))?;
+    let rows = st
+        .query_map(params![after as i64, max as i64], |r| {
+            Ok(StoredEvent {
+                position: r.get::<_, i64>(0)? as u64,
+                seq: r.get::<_, i64>(1)? as u64,
+                timestamp_us: r.get(2)?,
+                event_type: r.get(3)?,
+                metadata: r.get(4)?,
+                payload: r.get(5)?,
+                hash: hash_from(r.get_ref(6)?.as_blob().unwrap_or(&[])),
+                entity_id: r.get(7)?,
+            })
+        })
+        .map_err(Error::storage("read shard"))?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(Error::storage("read shard"))
+}
+
+/// The outcome of verifying one entity's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntityVerdict {
+    /// Every event from 1 to the head is present and hashes correctly.
+    Intact { events: u64, head_hash: [u8; 32] },
+    /// The first event that is missing, out of place, or does not hash to its stored hash.
+    Broken { seq: u64, why: String },
+}
+
+/// Recomputes an entity's chain from seq 1 to its head.
+pub fn verify_entity(conn: &Connection, heads: &Heads, entity_id: &[u8]) -> Result<EntityVerdict> {
+    let Some(head) = head(conn, heads, entity_id)? else {
+        return Ok(EntityVerdict::Intact { events: 0, head_hash: GENESIS });
+    };
+    let mut chainer = Chainer::new();
+    let mut prev = GENESIS;
+    let mut next = 1u64;
+    const CHUNK: u64 = 1024;
+    while next <= head.seq {
+        let to = head.seq.min(next + CHUNK - 1);
+        let events = match walk(conn, entity_id, &head, next, to) {
+            Ok(evs) => evs,
+            Err(Error::Corrupt { seq, why }) => return Ok(EntityVerdict::Broken { seq, why }),
+            Err(e) => return Err(e),
+        };
+        for ev in events {
+            let want =
+                chainer.link(&prev, entity_id, ev.seq, ev.timestamp_us, &ev.event_type, &ev.metadata, &ev.payload);
+            if want != ev.hash {
+                return Ok(EntityVerdict::Broken {
+                    seq: ev.seq,
+                    why: "stored hash does not match the recomputed chain".into(),
+                });
+            }
+            prev = want;
+        }
+        next = to + 1;
+    }
+    if prev != head.hash {
+        return Ok(EntityVerdict::Broken { seq: head.seq, why: "last event does not match the entity head".into() });
+    }
+    Ok(EntityVerdict::Intact { events: head.seq, head_hash: prev })
+}
+
+/// A problem found by a shard scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardProblem {
+    pub entity_id: Vec<u8>,
+    pub seq: u64,
+    pub why: String,
+}
+
+/// The outcome of verifying a whole shard.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShardReport {
+    pub entities: u64,
+    pub events: u64,
+    /// First problem of each broken entity (at most `max_problems`).
+    pub problems: Vec<ShardProblem>,
+}
+
+/// Scans a shard in position order, recomputing every entity's chain, and checks each
+/// entity's last event against its head. Memory is proportional to the number of entities.
+pub fn verify_shard(conn: &Connection, heads: &Heads, max_problems: usize) -> Result<ShardReport> {
+    struct State {
+        id: Vec<u8>,
+        seq: u64,
+        pos: u64,
+        hash: [u8; 32],
+        broken: bool,
+    }
+    let mut entities: HashMap<i64, State> = HashMap::new();
+    {
+        let mut st = conn.prepare("SELECT eid, entity_id FROM entities").map_err(Error::storage("verify shard"))?;
+        let mut rows = st.query([]).map_err(Error::storage("verify shard"))?;
+        while let Some(r) = rows.next().map_err(Error::storage("verify shard"))? {
+            let eid: i64 = r.get(0).map_err(Error::storage("verify shard"))?;
+            let id: Vec<u8> = r.get(1).map_err(Error::storage("verify shard"))?;
+            entities.insert(eid, State { id, seq: 0, pos: 0, hash: GENESIS, broken: false });
+        }
+    }
+    let mut report = ShardReport { entities: entities.len() as u64, ..Default::default() };
+    let mut chainer = Chainer::new();
+    let problem = |report: &mut ShardReport, id: &[u8], seq: u64, why: String| {
+        if report.problems.len() < max_problems {
+            report.problems.push(ShardProblem { entity_id: id.to_vec(), seq, why });
+        }
+    };
+    let mut st = conn
+        .prepare("SELECT pos, eid, seq, prev_pos, ts, type, meta, payload, hash FROM events ORDER BY pos")
+        .map_err(Error::storage("verify shard"))?;
+    let mut rows = st.query([]).map_err(Error::storage("verify shard"))?;
+    while let Some(r) = rows.next().map_err(Error::storage("verify shard"))? {
+        report.events += 1;
+        let get_err = Error::storage("verify shard");
+        let (pos, eid, seq, prev_pos, ts) = (|| -> rusqlite::Result<_> {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? as u64,
+                r.get::<_, i64>(4)?,
+            ))
+        })()
+        .map_err(get_err)?;
+        let Some(state) = entities.get_mut(&eid) else {
+            problem(
+                &mut report,
+                format!("#{eid}").as_bytes(),
+                seq,
+                format!("event at position {pos} names unknown entity #{eid}"),
+            );
+            continue;
+        };
+        if state.broken {
+            continue;
+        }
+        let event_type: String = r.get(5).unwrap_or_default();
+        let meta = r.get_ref(6).ok().and_then(|v| v.as_blob().ok()).unwrap_or(&[]);
+        let payload = r.get_ref(7).ok().and_then(|v| v.as_blob().ok()).unwrap_or(&[]);
+        let stored = hash_from(r.get_ref(8).ok().and_then(|v| v.as_blob().ok()).unwrap_or(&[]));
+        let why = if seq != state.seq + 1 {
+            Some((state.seq + 1, format!("expected seq {} at position {pos}, found {seq}", state.seq + 1)))
+        } else if prev_pos != state.pos {
+            Some((seq, format!("back-pointer {prev_pos} at position {pos}, expected {}", state.pos)))
+        } else {
+            let want = chainer.link(&state.hash, &state.id, seq, ts, &event_type, meta, payload);
+            if want != stored {
+                Some((seq, "stored hash does not match the recomputed chain".to_string()))
+            } else {
+                state.seq = seq;
+                state.pos = pos;
+                state.hash = want;
+                None
+            }
+        };
+        if let Some((bad_seq, why)) = why {
+            state.broken = true;
+            let id = state.id.clone();
+            problem(&mut report, &id, bad_seq, why);
+        }
+    }
+    drop(rows);
+    drop(st);
+    for state in entities.values().filter(|s| !s.broken) {
+        match head(conn, heads, &state.id)? {
+            Some(h) if h.seq == state.seq && h.hash == state.hash => {}
+            None if state.seq == 0 => {}
+            Some(h) => {
+                let why = format!("head says seq {}, stored events end at seq {}", h.seq, state.seq);
+                problem(&mut report, &state.id, state.seq + 1, why);
+            }
+            None => problem(&mut report, &state.id, state.seq, "events stored but no head".into()),
+        }
+    }
+    Ok(report)
+}

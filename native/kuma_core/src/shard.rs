@@ -1,0 +1,238 @@
+//! One shard = one SQLite file in WAL mode. This module owns its schema, the checks made when
+//! it is opened, and the connection settings. Layout and reasoning: docs/storage-format.md.
+
+use crate::error::{Error, Result};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use std::path::{Path, PathBuf};
+
+/// `PRAGMA application_id` of every Kuma shard: "KUMA" in ASCII. A SQLite file without it
+/// is not ours and is never written to.
+pub const APPLICATION_ID: i64 = 0x4B55_4D41;
+/// `PRAGMA user_version`: the shard format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Every `SKIP_EVERY`-th event of an entity gets a row in `skips`.
+pub const SKIP_EVERY: u64 = 64;
+
+/// The shard schema. Events are append-only by position; per-entity order is kept by
+/// back-pointers (`prev_pos`) and a sparse `skips` index, and entity heads are checkpointed
+/// into `entities` lazily (see docs/storage-format.md for why).
+pub const SCHEMA: &str = "
+CREATE TABLE meta (
+  key   TEXT PRIMARY KEY NOT NULL,
+  value ANY
+) WITHOUT ROWID;
+CREATE TABLE entities (
+  eid       INTEGER PRIMARY KEY,
+  entity_id BLOB NOT NULL UNIQUE,
+  head_seq  INTEGER NOT NULL,
+  head_pos  INTEGER NOT NULL,
+  head_ts   INTEGER NOT NULL,
+  head_hash BLOB NOT NULL
+);
+CREATE TABLE events (
+  pos      INTEGER PRIMARY KEY,
+  eid      INTEGER NOT NULL,
+  seq      INTEGER NOT NULL,
+  prev_pos INTEGER NOT NULL,
+  ts       INTEGER NOT NULL,
+  type     TEXT NOT NULL,
+  meta     BLOB NOT NULL,
+  payload  BLOB NOT NULL,
+  hash     BLOB NOT NULL
+);
+CREATE TABLE skips (
+  eid INTEGER NOT NULL,
+  seq INTEGER NOT NULL,
+  pos INTEGER NOT NULL,
+  ts  INTEGER NOT NULL,
+  PRIMARY KEY (eid, seq)
+) WITHOUT ROWID;
+";
+
+/// SQLite `synchronous` setting, chosen per store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// `synchronous=NORMAL`: a commit reaches the OS before it is acknowledged (survives a
+    /// crash of the VM); the WAL is fsynced at checkpoints only, so power loss may undo the
+    /// last commits (never corrupt the file).
+    Normal,
+    /// `synchronous=FULL`: the WAL is fsynced before every commit is acknowledged (survives
+    /// power loss).
+    Full,
+}
+
+/// Identity of a shard, checked against the `meta` table on every open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardIdentity {
+    pub store_id: String,
+    pub index: u32,
+    pub count: u32,
+}
+
+/// The file name of shard `index`.
+pub fn shard_path(dir: &Path, index: u32) -> PathBuf {
+    dir.join(format!("{index:03}.kuma"))
+}
+
+fn configure(conn: &Connection, sync: SyncMode) -> Result<()> {
+    let mode: String =
+        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(Error::storage("set WAL mode"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Storage { context: "set WAL mode", message: format!("journal_mode is {mode}") });
+    }
+    let sync = match sync {
+        SyncMode::Normal => "NORMAL",
+        SyncMode::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", sync).map_err(Error::storage("set synchronous"))?;
+    // Readers and checkpoints may briefly hold locks; wait instead of failing.
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("set busy timeout"))?;
+    conn.pragma_update(None, "temp_store", "MEMORY").map_err(Error::storage("set temp_store"))?;
+    Ok(())
+}
+
+/// Creates a new, empty shard file. Fails if the file already exists.
+pub fn create(path: &Path, id: &ShardIdentity, sync: SyncMode) -> Result<Connection> {
+    if path.exists() {
+        return Err(Error::ForeignFile { path: path.display().to_string(), why: "file already exists".into() });
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(Error::storage("create shard"))?;
+    conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create shard"))?;
+    configure(&conn, sync)?;
+    let init = format!(
+        "BEGIN; {SCHEMA}
+         INSERT INTO meta(key, value) VALUES ('store_id', '{}'), ('shard_index', {}), ('shard_count', {}),
+           ('checkpoint_pos', 0), ('pos_floor', 0);
+         PRAGMA user_version = {FORMAT_VERSION};
+         COMMIT;",
+        id.store_id.replace('\'', ""),
+        id.index,
+        id.count
+    );
+    conn.execute_batch(&init).map_err(Error::storage("create shard schema"))?;
+    Ok(conn)
+}
+
+/// Opens an existing shard and checks that it is the shard `expected` says it is.
+pub fn open(path: &Path, expected: &ShardIdentity, sync: SyncMode) -> Result<Connection> {
+    let shown = || path.display().to_string();
+    if !path.is_file() {
+        return Err(Error::MissingShard { path: shown() });
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| Error::ForeignFile { path: shown(), why: e.to_string() })?;
+    let app_id: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| Error::ForeignFile { path: shown(), why: e.to_string() })?;
+    if app_id != APPLICATION_ID {
+        return Err(Error::ForeignFile {
+            path: shown(),
+            why: format!("SQLite application_id is {app_id:#x}, not Kuma's {APPLICATION_ID:#x}"),
+        });
+    }
+    let version: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| Error::ForeignFile { path: shown(), why: e.to_string() })?;
+    if version > FORMAT_VERSION {
+        return Err(Error::UnsupportedFormat { found: version, supported: FORMAT_VERSION });
+    }
+    let found = identity(&conn).map_err(|e| Error::ForeignFile { path: shown(), why: e.to_string() })?;
+    if found.store_id != expected.store_id {
+        return Err(Error::ForeignFile {
+            path: shown(),
+            why: format!("belongs to store {}, not {}", found.store_id, expected.store_id),
+        });
+    }
+    if found.count != expected.count {
+        return Err(Error::ShardCountMismatch { stored: found.count, given: expected.count });
+    }
+    if found.index != expected.index {
+        return Err(Error::ForeignFile {
+            path: shown(),
+            why: format!("is shard {}, expected shard {}", found.index, expected.index),
+        });
+    }
+    configure(&conn, sync)?;
+    Ok(conn)
+}
+
+fn identity(conn: &Connection) -> rusqlite::Result<ShardIdentity> {
+    Ok(ShardIdentity {
+        store_id: meta_get(conn, "store_id")?.unwrap_or_default(),
+        index: meta_get(conn, "shard_index")?.unwrap_or(u32::MAX),
+        count: meta_get(conn, "shard_count")?.unwrap_or(0),
+    })
+}
+
+/// Reads one `meta` value.
+pub fn meta_get<T: rusqlite::types::FromSql>(conn: &Connection, key: &str) -> rusqlite::Result<Option<T>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()
+}
+
+/// Opens an extra connection for readers (never writes).
+pub fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(Error::storage("open reader"))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("open reader"))?;
+    conn.pragma_update(None, "query_only", true).map_err(Error::storage("open reader"))?;
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ident(index: u32) -> ShardIdentity {
+        ShardIdentity { store_id: "s1".into(), index, count: 4 }
+    }
+
+    #[test]
+    fn create_then_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = shard_path(dir.path(), 2);
+        drop(create(&p, &ident(2), SyncMode::Normal).unwrap());
+        let c = open(&p, &ident(2), SyncMode::Full).unwrap();
+        let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!(sync, 2, "FULL");
+        assert!(matches!(create(&p, &ident(2), SyncMode::Normal), Err(Error::ForeignFile { .. })));
+    }
+
+    #[test]
+    fn refuses_wrong_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = shard_path(dir.path(), 0);
+        assert!(matches!(open(&p, &ident(0), SyncMode::Normal), Err(Error::MissingShard { .. })));
+
+        std::fs::write(&p, b"this is not a database, just some text that is long enough").unwrap();
+        assert!(matches!(open(&p, &ident(0), SyncMode::Normal), Err(Error::ForeignFile { .. })));
+        std::fs::remove_file(&p).unwrap();
+
+        let other = Connection::open(&p).unwrap();
+        other.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);").unwrap();
+        drop(other);
+        let err = open(&p, &ident(0), SyncMode::Normal).unwrap_err();
+        assert!(matches!(err, Error::ForeignFile { ref why, .. } if why.contains("application_id")), "{err}");
+        std::fs::remove_file(&p).unwrap();
+
+        drop(create(&p, &ident(0), SyncMode::Normal).unwrap());
+        assert!(matches!(
+            open(&p, &ShardIdentity { count: 8, ..ident(0) }, SyncMode::Normal),
+            Err(Error::ShardCountMismatch { stored: 4, given: 8 })
+        ));
+        assert!(matches!(open(&p, &ident(1), SyncMode::Normal), Err(Error::ForeignFile { .. })));
+        assert!(matches!(
+            open(&p, &ShardIdentity { store_id: "other".into(), ..ident(0) }, SyncMode::Normal),
+            Err(Error::ForeignFile { .. })
+        ));
+        let c = Connection::open(&p).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        assert!(matches!(open(&p, &ident(0), SyncMode::Normal), Err(Error::UnsupportedFormat { found: 99, .. })));
+    }
+}

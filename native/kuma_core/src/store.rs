@@ -1,0 +1,470 @@
+//! A store: a data directory holding N shards, one writer thread per shard, and pools of
+//! reader connections. This is the core's public entry point.
+//!
+//! Data directory layout (docs/storage-format.md):
+//! ```text
+//! <data_dir>/LOCK            held with an exclusive file lock while a store is open
+//! <data_dir>/KUMA            manifest: format, store id, shard count (written last on creation)
+//! <data_dir>/shards/NNN.kuma one SQLite file per shard (+ -wal, -shm)
+//! ```
+
+use crate::codec::{validate_append, validate_entity_id, Expected, NewEvent, StoredEvent};
+use crate::error::{Error, Result};
+use crate::heads::{Head, Heads};
+use crate::reader::{self, EntityVerdict, ShardReport};
+use crate::router::shard_for;
+use crate::shard::{self, ShardIdentity, SyncMode, FORMAT_VERSION};
+use crate::writer::{AppendEntry, Appended, Command, Reply, ShardWriter, WriterConfig, WriterStats};
+use crossbeam_channel::Sender;
+use rusqlite::Connection;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub shards: u32,
+    pub sync: SyncMode,
+    pub writer: WriterConfig,
+    /// Most entity heads kept in memory per shard (clean ones beyond it are dropped).
+    pub heads_cap: usize,
+}
+
+impl StoreConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            data_dir: data_dir.into(),
+            shards: 16,
+            sync: SyncMode::Normal,
+            writer: WriterConfig::default(),
+            heads_cap: 65_536,
+        }
+    }
+}
+
+/// Most shards a store may have.
+pub const MAX_SHARDS: u32 = 1024;
+const MAX_IDLE_READERS: usize = 4;
+
+struct ShardHandle {
+    path: PathBuf,
+    heads: Arc<Heads>,
+    readers: Mutex<Vec<Connection>>,
+    stats: Arc<Mutex<WriterStats>>,
+}
+
+/// An open store. Cheap to share (`Arc<Store>`); every method is thread-safe.
+pub struct Store {
+    data_dir: PathBuf,
+    store_id: String,
+    shards: Vec<ShardHandle>,
+    senders: RwLock<Option<Vec<Sender<Command>>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    closed: AtomicBool,
+    lock: Mutex<Option<File>>,
+}
+
+struct Manifest {
+    format: u32,
+    store_id: String,
+    shards: u32,
+}
+
+fn manifest_path(dir: &Path) -> PathBuf {
+    dir.join("KUMA")
+}
+
+fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
+    let path = manifest_path(dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("read manifest")(e)),
+    };
+    let foreign = |why: &str| Error::ForeignFile { path: path.display().to_string(), why: why.to_string() };
+    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+    if lines.next() != Some("kuma-store") {
+        return Err(foreign("not a Kuma manifest"));
+    }
+    let mut m = Manifest { format: 0, store_id: String::new(), shards: 0 };
+    for line in lines {
+        match line.split_once(' ') {
+            Some(("format", v)) => m.format = v.parse().map_err(|_| foreign("bad format line"))?,
+            Some(("store_id", v)) => m.store_id = v.to_string(),
+            Some(("shards", v)) => m.shards = v.parse().map_err(|_| foreign("bad shards line"))?,
+            _ => {}
+        }
+    }
+    if m.format == 0 || m.store_id.is_empty() || m.shards == 0 {
+        return Err(foreign("incomplete manifest"));
+    }
+    Ok(Some(m))
+}
+
+fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
+    let tmp = dir.join("KUMA.tmp");
+    let text = format!(
+        "kuma-store\n# Kuma store manifest: do not edit. See docs/storage-format.md.\nformat {}\nstore_id {}\nshards {}\n",
+        m.format, m.store_id, m.shards
+    );
+    let mut f = File::create(&tmp).map_err(Error::io("write manifest"))?;
+    f.write_all(text.as_bytes()).map_err(Error::io("write manifest"))?;
+    f.sync_all().map_err(Error::io("write manifest"))?;
+    std::fs::rename(&tmp, manifest_path(dir)).map_err(Error::io("write manifest"))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io("write manifest"))?;
+    Ok(())
+}
+
+fn new_store_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Storage { context: "generate store id", message: e.to_string() })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Store {
+    /// Opens (or creates) the store in `config.data_dir`.
+    pub fn open(config: StoreConfig) -> Result<Store> {
+        if config.shards == 0 || config.shards > MAX_SHARDS {
+            return Err(Error::invalid("shards", format!("must be 1..={MAX_SHARDS}, got {}", config.shards)));
+        }
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Storage { context: "create data dir", message: format!("{}: {e}", dir.display()) })?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))
+            .map_err(|e| Error::Storage { context: "open data dir", message: format!("{}: {e}", dir.display()) })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: dir.display().to_string() }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock data dir")(e)),
+        }
+
+        let shard_dir = dir.join("shards");
+        let (manifest, creating) = match read_manifest(&dir)? {
+            Some(m) => {
+                if m.format > FORMAT_VERSION {
+                    return Err(Error::UnsupportedFormat { found: m.format, supported: FORMAT_VERSION });
+                }
+                if m.shards != config.shards {
+                    return Err(Error::ShardCountMismatch { stored: m.shards, given: config.shards });
+                }
+                (m, false)
+            }
+            None => {
+                let leftovers = std::fs::read_dir(&shard_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+                if leftovers {
+                    return Err(Error::ForeignFile {
+                        path: shard_dir.display().to_string(),
+                        why: "shard files exist but the manifest KUMA is missing (interrupted creation or \
+                              foreign files); move them away to create a new store here"
+                            .into(),
+                    });
+                }
+                std::fs::create_dir_all(&shard_dir).map_err(Error::io("create shard dir"))?;
+                (Manifest { format: FORMAT_VERSION, store_id: new_store_id()?, shards: config.shards }, true)
+            }
+        };
+
+        // Open (or create) and recover every shard in parallel, one thread each; the same
+        // thread then becomes the shard's writer.
+        let mut handles = Vec::new();
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<(u32, Result<()>)>();
+        for index in 0..config.shards {
+            let path = shard::shard_path(&shard_dir, index);
+            let heads = Arc::new(Heads::new(config.heads_cap));
+            let stats = Arc::new(Mutex::new(WriterStats::default()));
+            let (tx, rx) = crossbeam_channel::unbounded::<Command>();
+            let ident = ShardIdentity { store_id: manifest.store_id.clone(), index, count: config.shards };
+            let (p, h, s, ready, cfg) = (path.clone(), heads.clone(), stats.clone(), ready_tx.clone(), config.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("kuma-shard-{index:03}"))
+                .spawn(move || {
+                    let opened = std::panic::catch_unwind(|| {
+                        let conn = if creating {
+                            shard::create(&p, &ident, cfg.sync)?
+                        } else {
+                            shard::open(&p, &ident, cfg.sync)?
+                        };
+                        ShardWriter::recover(conn, h, cfg.writer, s)
+                    })
+                    .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
+                    match opened {
+                        Ok(writer) => {
+                            let _ = ready.send((index, Ok(())));
+                            drop(ready);
+                            writer.run(rx);
+                        }
+                        Err(e) => {
+                            let _ = ready.send((index, Err(e)));
+                        }
+                    }
+                })
+                .map_err(Error::io("start shard writer"))?;
+            handles.push(ShardHandle { path, heads, readers: Mutex::new(Vec::new()), stats });
+            senders.push(tx);
+            threads.push(thread);
+        }
+        drop(ready_tx);
+        let mut first_error: Option<(u32, Error)> = None;
+        for (index, result) in ready_rx.iter() {
+            if let Err(e) = result {
+                if first_error.as_ref().is_none_or(|(i, _)| index < *i) {
+                    first_error = Some((index, e));
+                }
+            }
+        }
+        if let Some((_, e)) = first_error {
+            drop(senders);
+            for t in threads {
+                let _ = t.join();
+            }
+            if creating {
+                let _ = std::fs::remove_dir_all(&shard_dir);
+            }
+            return Err(e);
+        }
+        if creating {
+            write_manifest(&dir, &manifest)?;
+        }
+        Ok(Store {
+            data_dir: dir,
+            store_id: manifest.store_id,
+            shards: handles,
+            senders: RwLock::new(Some(senders)),
+            threads: Mutex::new(threads),
+            closed: AtomicBool::new(false),
+            lock: Mutex::new(Some(lock)),
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn store_id(&self) -> &str {
+        &self.store_id
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    /// The shard holding `entity_id` (see router.rs).
+    pub fn shard_for(&self, entity_id: &[u8]) -> u32 {
+        shard_for(entity_id, self.shard_count())
+    }
+
+    /// The file of shard `index`.
+    pub fn shard_path(&self, index: u32) -> Option<&Path> {
+        self.shards.get(index as usize).map(|s| s.path.as_path())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn send(&self, shard: u32, cmd: Command) -> Result<()> {
+        let guard = self.senders.read().unwrap_or_else(|p| p.into_inner());
+        let senders = guard.as_ref().ok_or(Error::Closed)?;
+        // A writer thread never exits while its sender exists (it catches every panic), so
+        // this only fails after close.
+        senders[shard as usize].send(cmd).map_err(|_| Error::Closed)
+    }
+
+    /// Queues an append of `events` to one entity. Returns an error (and never calls
+    /// `reply`) if the input is invalid or the store is closed; otherwise `reply` is called
+    /// exactly once, from the shard's writer thread, after the commit.
+    pub fn append(
+        &self,
+        entity_id: Vec<u8>,
+        expected: Expected,
+        events: Vec<NewEvent>,
+        reply: Reply<Result<Appended>>,
+    ) -> Result<()> {
+        validate_append(&entity_id, &events)?;
+        let shard = self.shard_for(&entity_id);
+        let entries = vec![AppendEntry { entity_id, expected, events }];
+        let reply: Reply<Vec<Result<Appended>>> =
+            Box::new(move |mut results| reply(results.pop().unwrap_or(Err(Error::Closed))));
+        self.send(shard, Command::Append { entries, reply })
+    }
+
+    /// Queues appends to many entities. All entries are validated first (nothing is queued if
+    /// one is invalid); each entry is atomic on its own. `reply` gets one result per entry,
+    /// in input order, once every shard involved has committed.
+    pub fn append_batch(&self, entries: Vec<AppendEntry>, reply: Reply<Vec<Result<Appended>>>) -> Result<()> {
+        if entries.is_empty() {
+            return Err(Error::invalid("entries", "must not be empty"));
+        }
+        for e in &entries {
+            validate_append(&e.entity_id, &e.events)?;
+        }
+        let n = entries.len();
+        let mut parts: Vec<(Vec<usize>, Vec<AppendEntry>)> =
+            (0..self.shard_count()).map(|_| (Vec::new(), Vec::new())).collect();
+        for (i, e) in entries.into_iter().enumerate() {
+            let part = &mut parts[self.shard_for(&e.entity_id) as usize];
+            part.0.push(i);
+            part.1.push(e);
+        }
+        let parts: Vec<(u32, Vec<usize>, Vec<AppendEntry>)> = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, p)| !p.0.is_empty())
+            .map(|(s, (idx, es))| (s as u32, idx, es))
+            .collect();
+        let fan_in = Arc::new(FanIn {
+            state: Mutex::new(FanInState {
+                results: (0..n).map(|_| None).collect(),
+                remaining: parts.len(),
+                reply: Some(reply),
+            }),
+        });
+        // Hold the read lock across all sends so close() cannot interleave: either every part
+        // is queued or none is.
+        let guard = self.senders.read().unwrap_or_else(|p| p.into_inner());
+        let senders = guard.as_ref().ok_or(Error::Closed)?;
+        for (shard, indexes, entries) in parts {
+            let fan = fan_in.clone();
+            let reply: Reply<Vec<Result<Appended>>> = Box::new(move |results| fan.deliver(&indexes, results));
+            senders[shard as usize].send(Command::Append { entries, reply }).map_err(|_| Error::Closed)?;
+        }
+        Ok(())
+    }
+
+    /// Blocks until every append queued before this call is committed, and checkpoints heads.
+    pub fn flush(&self) -> Result<()> {
+        let mut waits = Vec::new();
+        for shard in 0..self.shard_count() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            self.send(shard, Command::Barrier { reply: Box::new(move |r| drop(tx.send(r))) })?;
+            waits.push(rx);
+        }
+        for rx in waits {
+            rx.recv().map_err(|_| Error::Closed)??;
+        }
+        Ok(())
+    }
+
+    fn with_reader<T>(&self, shard: u32, f: impl FnOnce(&Connection, &Heads) -> Result<T>) -> Result<T> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        let handle = self
+            .shards
+            .get(shard as usize)
+            .ok_or_else(|| Error::invalid("shard", format!("no shard {shard} (store has {})", self.shards.len())))?;
+        let pooled = handle.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => shard::open_reader(&handle.path)?,
+        };
+        let result = f(&conn, &handle.heads);
+        let mut pool = handle.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < MAX_IDLE_READERS && !self.is_closed() {
+            pool.push(conn);
+        }
+        result
+    }
+
+    /// The head (last seq, position, timestamp, hash) of an entity, or `None` if it has no events.
+    pub fn head(&self, entity_id: &[u8]) -> Result<Option<Head>> {
+        validate_entity_id(entity_id)?;
+        self.with_reader(self.shard_for(entity_id), |c, h| reader::head(c, h, entity_id))
+    }
+
+    /// Up to `max` events of an entity from `from_seq` on, in order.
+    pub fn read_entity(&self, entity_id: &[u8], from_seq: u64, max: usize) -> Result<Vec<StoredEvent>> {
+        validate_entity_id(entity_id)?;
+        self.with_reader(self.shard_for(entity_id), |c, h| reader::read_entity(c, h, entity_id, from_seq, max))
+    }
+
+    /// Up to `max` events of a shard with position greater than `after`, in position order.
+    pub fn read_shard(&self, shard: u32, after: u64, max: usize) -> Result<Vec<StoredEvent>> {
+        self.with_reader(shard, |c, _| reader::read_shard(c, after, max))
+    }
+
+    /// Recomputes one entity's hash chain.
+    pub fn verify_entity(&self, entity_id: &[u8]) -> Result<EntityVerdict> {
+        validate_entity_id(entity_id)?;
+        self.with_reader(self.shard_for(entity_id), |c, h| reader::verify_entity(c, h, entity_id))
+    }
+
+    /// Recomputes every chain in one shard.
+    pub fn verify_shard(&self, shard: u32, max_problems: usize) -> Result<ShardReport> {
+        self.with_reader(shard, |c, h| reader::verify_shard(c, h, max_problems))
+    }
+
+    /// Per-shard writer statistics.
+    pub fn stats(&self) -> Vec<WriterStats> {
+        self.shards.iter().map(|s| *s.stats.lock().unwrap_or_else(|p| p.into_inner())).collect()
+    }
+
+    /// Stops accepting requests, lets every writer commit what is queued and checkpoint,
+    /// waits for them, and releases the data directory. Idempotent.
+    pub fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        let senders = self.senders.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(senders);
+        let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut panicked = false;
+        for t in threads {
+            panicked |= t.join().is_err();
+        }
+        for s in &self.shards {
+            s.readers.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        if let Some(lock) = self.lock.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = lock.unlock();
+        }
+        if panicked {
+            return Err(Error::Panic { message: "a shard writer thread panicked".into() });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+struct FanInState {
+    results: Vec<Option<Result<Appended>>>,
+    remaining: usize,
+    reply: Option<Reply<Vec<Result<Appended>>>>,
+}
+
+/// Collects the per-shard parts of a batch; the last part to finish sends the one reply.
+struct FanIn {
+    state: Mutex<FanInState>,
+}
+
+impl FanIn {
+    fn deliver(&self, indexes: &[usize], results: Vec<Result<Appended>>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut results = results.into_iter();
+        for &i in indexes {
+            st.results[i] = Some(results.next().unwrap_or(Err(Error::Closed)));
+        }
+        st.remaining -= 1;
+        if st.remaining == 0 {
+            let all = std::mem::take(&mut st.results).into_iter().map(|r| r.unwrap_or(Err(Error::Closed))).collect();
+            if let Some(reply) = st.reply.take() {
+                drop(st);
+                reply(all);
+            }
+        }
+    }
+}

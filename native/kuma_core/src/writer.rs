@@ -1,0 +1,444 @@
+//! The shard writer: one OS thread per shard owns the shard's only writing connection.
+//!
+//! Requests arrive over a channel. The thread blocks for the first one, drains whatever else
+//! is queued (up to a cap), writes it all in one transaction (group commit), publishes the
+//! new entity heads, and only then answers every waiter. A request is therefore acknowledged
+//! only once it is durable to the degree the shard's `SyncMode` promises, and readers see it
+//! as soon as it is acknowledged.
+//!
+//! Invariants
+//! - Positions are handed out here, in commit order, and never reused (`pos_floor`).
+//! - An append is atomic: its expected-seq check happens before any of its rows is written,
+//!   and a failing transaction rolls back every append in it.
+//! - Every request gets exactly one answer, also when the transaction fails or a panic is
+//!   caught; the thread itself never unwinds.
+
+use crate::chain::{Chainer, GENESIS};
+use crate::codec::{Expected, NewEvent};
+use crate::error::{Error, Result};
+use crate::heads::{hash_from, Head, Heads};
+use crate::reader::head_on_disk;
+use crate::shard::{meta_get, SKIP_EVERY};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rusqlite::{params, Connection};
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A callback that answers one request. Called exactly once, on the writer thread.
+pub type Reply<T> = Box<dyn FnOnce(T) + Send>;
+
+/// One entity's part of an append.
+#[derive(Debug, Clone)]
+pub struct AppendEntry {
+    pub entity_id: Vec<u8>,
+    pub expected: Expected,
+    pub events: Vec<NewEvent>,
+}
+
+/// What a successful append reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub first_pos: u64,
+    pub last_pos: u64,
+    pub timestamp_us: i64,
+    pub last_hash: [u8; 32],
+}
+
+/// What a writer thread can be asked to do.
+pub enum Command {
+    /// Append entries; the reply gets one result per entry, in order.
+    Append { entries: Vec<AppendEntry>, reply: Reply<Vec<Result<Appended>>> },
+    /// Answered once everything queued before it is committed; also checkpoints heads.
+    Barrier { reply: Reply<Result<()>> },
+}
+
+impl Command {
+    fn weight(&self) -> usize {
+        match self {
+            Command::Append { entries, .. } => entries.iter().map(|e| e.events.len()).sum(),
+            Command::Barrier { .. } => 1,
+        }
+    }
+}
+
+/// Tuning of a writer; the defaults are what the benchmarks were run with.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Most events written in one transaction; the rest waits for the next one.
+    pub max_txn_events: usize,
+    /// Checkpoint heads after this many events...
+    pub checkpoint_events: u64,
+    /// ...or this long after the first unpersisted head change.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig { max_txn_events: 20_000, checkpoint_events: 32_768, checkpoint_interval: Duration::from_secs(1) }
+    }
+}
+
+/// Statistics kept by a writer, for tests and benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriterStats {
+    pub transactions: u64,
+    pub events: u64,
+    pub checkpoints: u64,
+}
+
+pub(crate) struct ShardWriter {
+    conn: Connection,
+    heads: Arc<Heads>,
+    config: WriterConfig,
+    next_pos: u64,
+    /// Heads changed since the last checkpoint, by eid.
+    dirty: HashMap<i64, Head>,
+    events_since_checkpoint: u64,
+    dirty_since: Option<Instant>,
+    chainer: Chainer,
+    stats: Arc<std::sync::Mutex<WriterStats>>,
+}
+
+enum Job {
+    Append(Vec<AppendEntry>),
+    Barrier,
+}
+
+enum Answer {
+    Append(Reply<Vec<Result<Appended>>>),
+    Barrier(Reply<Result<()>>),
+}
+
+enum JobResult {
+    Append(Vec<Result<Appended>>),
+    Barrier,
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+impl ShardWriter {
+    /// Prepares a writer on an opened shard: finds the next position and recovers the heads
+    /// changed after the last checkpoint by scanning the events written since then.
+    pub(crate) fn recover(
+        conn: Connection,
+        heads: Arc<Heads>,
+        config: WriterConfig,
+        stats: Arc<std::sync::Mutex<WriterStats>>,
+    ) -> Result<Self> {
+        let checkpoint: u64 =
+            meta_get::<i64>(&conn, "checkpoint_pos").map_err(Error::storage("read checkpoint"))?.unwrap_or(0) as u64;
+        let floor: u64 =
+            meta_get::<i64>(&conn, "pos_floor").map_err(Error::storage("read pos floor"))?.unwrap_or(0) as u64;
+        let max_pos: u64 = conn
+            .query_row("SELECT coalesce(max(pos), 0) FROM events", [], |r| r.get::<_, i64>(0))
+            .map_err(Error::storage("read last position"))? as u64;
+        let mut writer = ShardWriter {
+            conn,
+            heads,
+            config,
+            next_pos: max_pos.max(floor) + 1,
+            dirty: HashMap::new(),
+            events_since_checkpoint: 0,
+            dirty_since: None,
+            chainer: Chainer::new(),
+            stats,
+        };
+        writer.replay_tail(checkpoint)?;
+        Ok(writer)
+    }
+
+    fn replay_tail(&mut self, checkpoint: u64) -> Result<()> {
+        let mut recovered: HashMap<Vec<u8>, Head> = HashMap::new();
+        {
+            let mut st = self
+                .conn
+                .prepare(
+                    "SELECT e.pos, e.eid, e.seq, e.ts, e.hash, n.entity_id FROM events e
+                     JOIN entities n ON n.eid = e.eid WHERE e.pos > ?1 ORDER BY e.pos",
+                )
+                .map_err(Error::storage("recover heads"))?;
+            let mut rows = st.query([checkpoint as i64]).map_err(Error::storage("recover heads"))?;
+            while let Some(r) = rows.next().map_err(Error::storage("recover heads"))? {
+                let head = Head {
+                    pos: r.get::<_, i64>(0).map_err(Error::storage("recover heads"))? as u64,
+                    eid: r.get(1).map_err(Error::storage("recover heads"))?,
+                    seq: r.get::<_, i64>(2).map_err(Error::storage("recover heads"))? as u64,
+                    ts: r.get(3).map_err(Error::storage("recover heads"))?,
+                    hash: hash_from(r.get_ref(4).map_err(Error::storage("recover heads"))?.as_blob().unwrap_or(&[])),
+                };
+                let id: Vec<u8> = r.get(5).map_err(Error::storage("recover heads"))?;
+                recovered.insert(id, head);
+            }
+        }
+        if !recovered.is_empty() {
+            self.events_since_checkpoint = self.next_pos.saturating_sub(checkpoint + 1);
+            self.dirty_since = Some(Instant::now());
+            for head in recovered.values() {
+                self.dirty.insert(head.eid, *head);
+            }
+            self.heads.publish(recovered.iter().map(|(k, v)| (k.as_slice(), *v)));
+        }
+        Ok(())
+    }
+
+    /// The thread body: serve commands until every sender is gone, then checkpoint.
+    pub(crate) fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            let first = match rx.recv_timeout(self.config.checkpoint_interval) {
+                Ok(cmd) => cmd,
+                Err(RecvTimeoutError::Timeout) => {
+                    if !self.dirty.is_empty() {
+                        self.group_commit(Vec::new());
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut weight = first.weight();
+            let mut batch = vec![first];
+            while weight < self.config.max_txn_events {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        weight += cmd.weight();
+                        batch.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.group_commit(batch);
+        }
+        // Clean shutdown: persist every head so the next open replays nothing.
+        if !self.dirty.is_empty() {
+            let barrier = Command::Barrier { reply: Box::new(|_| {}) };
+            self.group_commit(vec![barrier]);
+        }
+    }
+
+    /// Writes a batch in one transaction and answers every request in it.
+    fn group_commit(&mut self, batch: Vec<Command>) {
+        let mut jobs = Vec::with_capacity(batch.len());
+        let mut answers = Vec::with_capacity(batch.len());
+        for cmd in batch {
+            match cmd {
+                Command::Append { entries, reply } => {
+                    jobs.push(Job::Append(entries));
+                    answers.push(Answer::Append(reply));
+                }
+                Command::Barrier { reply } => {
+                    jobs.push(Job::Barrier);
+                    answers.push(Answer::Barrier(reply));
+                }
+            }
+        }
+        let start_pos = self.next_pos;
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.write_transaction(&jobs)));
+        let results = match outcome {
+            Ok(Ok(results)) => Ok(results),
+            Ok(Err(e)) => Err(e),
+            Err(panic) => Err(Error::from_panic(panic)),
+        };
+        match results {
+            Ok(results) => {
+                for (answer, result) in answers.into_iter().zip(results) {
+                    match (answer, result) {
+                        (Answer::Append(reply), JobResult::Append(r)) => reply(r),
+                        (Answer::Barrier(reply), _) => reply(Ok(())),
+                        (Answer::Append(reply), JobResult::Barrier) => reply(vec![]),
+                    }
+                }
+            }
+            Err(e) => {
+                // Nothing of this transaction is on disk: undo our in-memory view too.
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.next_pos = start_pos;
+                for (answer, job) in answers.into_iter().zip(jobs.iter()) {
+                    match (answer, job) {
+                        (Answer::Append(reply), Job::Append(entries)) => {
+                            reply(entries.iter().map(|_| Err(e.clone())).collect())
+                        }
+                        (Answer::Append(reply), Job::Barrier) => reply(vec![]),
+                        (Answer::Barrier(reply), _) => reply(Err(e.clone())),
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_transaction(&mut self, jobs: &[Job]) -> Result<Vec<JobResult>> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("begin transaction"))?;
+        // Heads changed by this transaction, keyed by entity id. Nothing in memory changes
+        // until COMMIT succeeds, so a failed or panicking transaction leaves no trace.
+        let mut tentative: HashMap<&[u8], Head> = HashMap::new();
+        let mut results = Vec::with_capacity(jobs.len());
+        let mut force_checkpoint = false;
+        let mut written = 0u64;
+        for job in jobs {
+            match job {
+                Job::Append(entries) => {
+                    let mut out = Vec::with_capacity(entries.len());
+                    for entry in entries {
+                        let r = self.append_entry(&mut tentative, entry);
+                        match &r {
+                            Ok(a) => written += a.last_seq - a.first_seq + 1,
+                            // A concurrency conflict is this entry's answer; anything else
+                            // (I/O, disk full) aborts the whole transaction.
+                            Err(Error::WrongExpectedSeq { .. }) => {}
+                            Err(e) => return Err(e.clone()),
+                        }
+                        out.push(r);
+                    }
+                    results.push(JobResult::Append(out));
+                }
+                Job::Barrier => {
+                    force_checkpoint = true;
+                    results.push(JobResult::Barrier);
+                }
+            }
+        }
+        let pending = self.dirty.len() + tentative.len();
+        let checkpoint = pending > 0
+            && (force_checkpoint
+                || self.events_since_checkpoint + written >= self.config.checkpoint_events
+                || pending >= self.heads.cap() / 2
+                || self.dirty_since.is_some_and(|t| t.elapsed() >= self.config.checkpoint_interval));
+        if checkpoint {
+            self.write_checkpoint(self.dirty.values().chain(tentative.values()))?;
+        }
+        self.conn.execute_batch("COMMIT").map_err(Error::storage("commit"))?;
+
+        self.heads.publish(tentative.iter().map(|(k, v)| (*k, *v)));
+        if checkpoint {
+            self.dirty.clear();
+            self.events_since_checkpoint = 0;
+            self.dirty_since = None;
+            self.heads.trim_clean();
+        } else if !tentative.is_empty() {
+            self.dirty.extend(tentative.values().map(|h| (h.eid, *h)));
+            self.events_since_checkpoint += written;
+            self.dirty_since.get_or_insert_with(Instant::now);
+        }
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.transactions += 1;
+        stats.events += written;
+        stats.checkpoints += u64::from(checkpoint);
+        Ok(results)
+    }
+
+    /// Persists heads (later entries for the same eid win) and the checkpoint position.
+    fn write_checkpoint<'h>(&self, heads: impl Iterator<Item = &'h Head>) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "UPDATE entities SET head_seq = ?2, head_pos = ?3, head_ts = ?4, head_hash = ?5 WHERE eid = ?1",
+            )
+            .map_err(Error::storage("checkpoint heads"))?;
+        for h in heads {
+            st.execute(params![h.eid, h.seq as i64, h.pos as i64, h.ts, &h.hash[..]])
+                .map_err(Error::storage("checkpoint heads"))?;
+        }
+        self.conn
+            .execute("UPDATE meta SET value = ?1 WHERE key = 'checkpoint_pos'", [(self.next_pos - 1) as i64])
+            .map_err(Error::storage("checkpoint heads"))?;
+        Ok(())
+    }
+
+    /// The committed head of an entity; a head read from disk is clean (see heads.rs), so
+    /// it is cached for the next append.
+    fn lookup_head(&self, entity_id: &[u8]) -> Result<Option<Head>> {
+        if let Some(h) = self.heads.get(entity_id) {
+            return Ok(Some(h));
+        }
+        let head = head_on_disk(&self.conn, entity_id)?;
+        if let Some(h) = head {
+            self.heads.cache_clean(entity_id, h);
+        }
+        Ok(head)
+    }
+
+    fn append_entry<'a>(
+        &mut self,
+        tentative: &mut HashMap<&'a [u8], Head>,
+        entry: &'a AppendEntry,
+    ) -> Result<Appended> {
+        let id = entry.entity_id.as_slice();
+        let head = match tentative.get(id) {
+            Some(h) => Some(*h),
+            None => self.lookup_head(id)?,
+        };
+        let current = head.map_or(0, |h| h.seq);
+        if let Expected::Seq(expected) = entry.expected {
+            if expected != current {
+                return Err(Error::WrongExpectedSeq { expected, actual: current });
+            }
+        }
+        let eid = match head {
+            Some(h) => h.eid,
+            None => {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO entities(entity_id, head_seq, head_pos, head_ts, head_hash) VALUES (?1, 0, 0, 0, ?2)",
+                    )
+                    .map_err(Error::storage("create entity"))?
+                    .execute(params![id, &GENESIS[..]])
+                    .map_err(Error::storage("create entity"))?;
+                self.conn.last_insert_rowid()
+            }
+        };
+        // Timestamps never go backwards within an entity, even if the clock does.
+        let ts = now_us().max(head.map_or(i64::MIN, |h| h.ts));
+        let mut prev_hash = head.map_or(GENESIS, |h| h.hash);
+        let mut prev_pos = head.map_or(0, |h| h.pos);
+        let mut seq = current;
+        let first_pos = self.next_pos;
+        let mut insert = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO events(pos, eid, seq, prev_pos, ts, type, meta, payload, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .map_err(Error::storage("insert event"))?;
+        let mut skip = self
+            .conn
+            .prepare_cached("INSERT INTO skips(eid, seq, pos, ts) VALUES (?1, ?2, ?3, ?4)")
+            .map_err(Error::storage("insert skip"))?;
+        for ev in &entry.events {
+            seq += 1;
+            let pos = self.next_pos;
+            self.next_pos += 1;
+            let hash = self.chainer.link(&prev_hash, id, seq, ts, &ev.event_type, &ev.metadata, &ev.payload);
+            insert
+                .execute(params![
+                    pos as i64,
+                    eid,
+                    seq as i64,
+                    prev_pos as i64,
+                    ts,
+                    ev.event_type,
+                    ev.metadata,
+                    ev.payload,
+                    &hash[..]
+                ])
+                .map_err(Error::storage("insert event"))?;
+            if seq % SKIP_EVERY == 0 {
+                skip.execute(params![eid, seq as i64, pos as i64, ts]).map_err(Error::storage("insert skip"))?;
+            }
+            prev_hash = hash;
+            prev_pos = pos;
+        }
+        tentative.insert(id, Head { eid, seq, pos: prev_pos, ts, hash: prev_hash });
+        Ok(Appended {
+            first_seq: current + 1,
+            last_seq: seq,
+            first_pos,
+            last_pos: prev_pos,
+            timestamp_us: ts,
+            last_hash: prev_hash,
+        })
+    }
+}

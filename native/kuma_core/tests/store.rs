@@ -1,0 +1,356 @@
+//! End-to-end tests of the core through its public API.
+
+use kuma_core::*;
+use rusqlite::Connection;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn ev(i: u64) -> NewEvent {
+    NewEvent::new("Deposited", b"m".to_vec(), format!("payload-{i}").into_bytes())
+}
+
+fn config(dir: &Path, shards: u32) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.shards = shards;
+    c
+}
+
+fn open(dir: &Path, shards: u32) -> Store {
+    Store::open(config(dir, shards)).expect("open store")
+}
+
+/// Copies a data directory while the store is open: the files then hold exactly what a
+/// `kill -9` would leave behind (committed WAL frames, no clean-shutdown checkpoint).
+fn crash_copy(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("shards")).unwrap();
+    std::fs::copy(from.join("KUMA"), to.join("KUMA")).unwrap();
+    for f in std::fs::read_dir(from.join("shards")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), to.join("shards").join(f.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn append_then_read_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 4);
+    let a = store.append_wait(b"alice", Expected::Any, vec![ev(1), ev(2)]).unwrap();
+    assert_eq!((a.first_seq, a.last_seq), (1, 2));
+    let b = store.append_wait(b"alice", Expected::Seq(2), vec![ev(3)]).unwrap();
+    assert_eq!((b.first_seq, b.last_seq), (3, 3));
+    assert!(b.timestamp_us >= a.timestamp_us);
+    let events = store.read_entity(b"alice", 1, 100).unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(events[2].payload, b"payload-3");
+    assert_eq!(events[0].metadata, b"m");
+    assert_eq!(events[0].event_type, "Deposited");
+    assert_eq!(events[2].hash, b.last_hash);
+    assert!(events.windows(2).all(|w| w[0].position < w[1].position));
+    assert_eq!(store.read_entity(b"alice", 3, 10).unwrap().len(), 1);
+    assert!(store.read_entity(b"alice", 4, 10).unwrap().is_empty());
+    assert!(store.read_entity(b"nobody", 1, 10).unwrap().is_empty());
+    assert_eq!(store.head(b"alice").unwrap().unwrap().seq, 3);
+    assert_eq!(store.verify_entity(b"alice").unwrap(), EntityVerdict::Intact { events: 3, head_hash: b.last_hash });
+}
+
+#[test]
+fn wrong_expected_seq_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 2);
+    store.append_wait(b"e", Expected::Seq(0), vec![ev(1)]).unwrap();
+    let err = store.append_wait(b"e", Expected::Seq(0), vec![ev(2), ev(3)]).unwrap_err();
+    assert_eq!(err, Error::WrongExpectedSeq { expected: 0, actual: 1 });
+    let err = store.append_wait(b"new", Expected::Seq(5), vec![ev(1)]).unwrap_err();
+    assert_eq!(err, Error::WrongExpectedSeq { expected: 5, actual: 0 });
+    assert_eq!(store.read_entity(b"e", 1, 10).unwrap().len(), 1);
+    assert!(store.head(b"new").unwrap().is_none());
+    let total: usize = (0..2).map(|s| store.read_shard(s, 0, 100).unwrap().len()).sum();
+    assert_eq!(total, 1);
+}
+
+#[test]
+fn invalid_input_is_refused_before_queueing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 2);
+    assert!(matches!(store.append_wait(b"", Expected::Any, vec![ev(1)]), Err(Error::Invalid { .. })));
+    assert!(matches!(store.append_wait(b"x", Expected::Any, vec![]), Err(Error::Invalid { .. })));
+    let big = NewEvent::new("T", vec![], vec![0; codec::MAX_PAYLOAD_BYTES + 1]);
+    assert!(matches!(store.append_wait(b"x", Expected::Any, vec![big]), Err(Error::TooLarge { what: "payload", .. })));
+    // One bad entry refuses the whole batch.
+    let entries = vec![
+        AppendEntry { entity_id: b"ok".to_vec(), expected: Expected::Any, events: vec![ev(1)] },
+        AppendEntry { entity_id: vec![], expected: Expected::Any, events: vec![ev(1)] },
+    ];
+    assert!(store.append_batch_wait(entries).is_err());
+    assert!(store.head(b"ok").unwrap().is_none());
+    assert!(matches!(store.read_shard(9, 0, 1), Err(Error::Invalid { .. })));
+}
+
+#[test]
+fn concurrent_writers_are_group_committed_and_gapless() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path(), 4));
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..200u64 {
+                    // Several threads share each entity: seqs must still be gapless.
+                    let id = format!("acct-{}", (t * 7 + i) % 40);
+                    store.append_wait(id.as_bytes(), Expected::Any, vec![ev(i), ev(i + 1)]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut total = 0;
+    for e in 0..40 {
+        let id = format!("acct-{e}");
+        let events = store.read_entity(id.as_bytes(), 1, 100_000).unwrap();
+        assert!(events.iter().enumerate().all(|(i, e)| e.seq == i as u64 + 1));
+        assert!(matches!(store.verify_entity(id.as_bytes()).unwrap(), EntityVerdict::Intact { .. }));
+        total += events.len();
+    }
+    assert_eq!(total, 16 * 200 * 2);
+    let stats = store.stats();
+    let txns: u64 = stats.iter().map(|s| s.transactions).sum();
+    let events: u64 = stats.iter().map(|s| s.events).sum();
+    assert_eq!(events, 6400);
+    // 3,200 appends from 16 threads: the writers must have grouped some of them.
+    assert!(txns < 3200, "no group commit happened: {txns} transactions");
+    for s in 0..4 {
+        assert!(store.verify_shard(s, 10).unwrap().problems.is_empty());
+    }
+}
+
+#[test]
+fn atomic_batch_with_per_entry_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 4);
+    store.append_wait(b"b", Expected::Any, vec![ev(0)]).unwrap();
+    let entries = vec![
+        AppendEntry { entity_id: b"a".to_vec(), expected: Expected::Seq(0), events: vec![ev(1), ev(2)] },
+        AppendEntry { entity_id: b"b".to_vec(), expected: Expected::Seq(0), events: vec![ev(1)] },
+        AppendEntry { entity_id: b"a".to_vec(), expected: Expected::Seq(2), events: vec![ev(3)] },
+        AppendEntry { entity_id: b"c".to_vec(), expected: Expected::Any, events: vec![ev(1)] },
+    ];
+    let results = store.append_batch_wait(entries).unwrap();
+    assert_eq!(results[0].as_ref().unwrap().last_seq, 2);
+    assert_eq!(results[1], Err(Error::WrongExpectedSeq { expected: 0, actual: 1 }));
+    assert_eq!(results[2].as_ref().unwrap().last_seq, 3);
+    assert_eq!(results[3].as_ref().unwrap().last_seq, 1);
+    assert_eq!(store.read_entity(b"b", 1, 10).unwrap().len(), 1);
+}
+
+#[test]
+fn reads_across_skip_boundaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 2);
+    // Interleave two entities so back-pointers jump over foreign rows.
+    for i in 0..300u64 {
+        store.append_wait(b"x", Expected::Any, vec![ev(i)]).unwrap();
+        store.append_wait(b"y", Expected::Any, vec![ev(i), ev(i)]).unwrap();
+    }
+    for (from, max) in [(1, 1000), (1, 64), (60, 10), (64, 1), (65, 64), (127, 3), (250, 100), (300, 5)] {
+        let got = store.read_entity(b"x", from, max).unwrap();
+        let want: Vec<u64> = (from..=300.min(from + max as u64 - 1)).collect();
+        assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), want, "from {from} max {max}");
+        assert!(got.iter().all(|e| e.payload == format!("payload-{}", e.seq - 1).into_bytes()));
+    }
+    assert_eq!(store.read_entity(b"y", 1, 10_000).unwrap().len(), 600);
+}
+
+#[test]
+fn read_shard_is_position_ordered_and_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 3);
+    for i in 0..100u64 {
+        store.append_wait(format!("e{}", i % 17).as_bytes(), Expected::Any, vec![ev(i)]).unwrap();
+    }
+    let mut total = 0;
+    for s in 0..3 {
+        let mut after = 0;
+        loop {
+            let page = store.read_shard(s, after, 7).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            for e in &page {
+                assert_eq!(e.position, after + 1, "positions are dense and ordered");
+                assert_eq!(store.shard_for(&e.entity_id), s);
+                after = e.position;
+            }
+            total += page.len();
+        }
+    }
+    assert_eq!(total, 100);
+}
+
+#[test]
+fn reopen_after_clean_close_and_after_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 4);
+    // No checkpoint during the test: the crash copy must recover heads from the tail.
+    cfg.writer.checkpoint_events = u64::MAX;
+    cfg.writer.checkpoint_interval = Duration::from_secs(3600);
+    let store = Store::open(cfg).unwrap();
+    let mut last = std::collections::HashMap::new();
+    for i in 0..500u64 {
+        let id = format!("user_{}", i % 50);
+        let a = store.append_wait(id.as_bytes(), Expected::Any, vec![ev(i)]).unwrap();
+        last.insert(id, a);
+    }
+    assert_eq!(store.stats().iter().map(|s| s.checkpoints).sum::<u64>(), 0);
+    crash_copy(dir.path(), crashed.path());
+    store.close().unwrap();
+    assert!(matches!(store.append_wait(b"x", Expected::Any, vec![ev(0)]), Err(Error::Closed)));
+    assert!(matches!(store.read_entity(b"x", 1, 1), Err(Error::Closed)));
+    drop(store);
+
+    for path in [dir.path(), crashed.path()] {
+        let store = open(path, 4);
+        for (id, a) in &last {
+            let head = store.head(id.as_bytes()).unwrap().unwrap();
+            assert_eq!((head.seq, head.hash, head.pos), (a.last_seq, a.last_hash, a.last_pos), "{id} in {path:?}");
+            assert!(matches!(store.verify_entity(id.as_bytes()).unwrap(), EntityVerdict::Intact { events: 10, .. }));
+        }
+        // Appending continues the chains and positions.
+        let a = store.append_wait(b"user_0", Expected::Seq(10), vec![ev(9)]).unwrap();
+        assert_eq!(a.last_seq, 11);
+        for s in 0..4 {
+            assert!(store.verify_shard(s, 10).unwrap().problems.is_empty());
+        }
+    }
+}
+
+#[test]
+fn positions_are_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1);
+    let a = store.append_wait(b"a", Expected::Any, vec![ev(1), ev(2)]).unwrap();
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path(), 1);
+    let b = store.append_wait(b"b", Expected::Any, vec![ev(1)]).unwrap();
+    assert_eq!(b.first_pos, a.last_pos + 1);
+}
+
+#[test]
+fn heads_beyond_the_cap_fall_back_to_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 1);
+    cfg.heads_cap = 16;
+    let store = Store::open(cfg).unwrap();
+    for round in 0..3u64 {
+        for e in 0..100u64 {
+            store.append_wait(format!("e{e}").as_bytes(), Expected::Seq(round), vec![ev(round)]).unwrap();
+        }
+    }
+    store.flush().unwrap();
+    for e in 0..100u64 {
+        let id = format!("e{e}");
+        assert_eq!(store.head(id.as_bytes()).unwrap().unwrap().seq, 3);
+        assert_eq!(store.read_entity(id.as_bytes(), 1, 10).unwrap().len(), 3);
+    }
+    assert!(store.stats()[0].checkpoints > 0);
+}
+
+#[test]
+fn data_dir_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 4);
+    assert!(matches!(Store::open(config(dir.path(), 4)), Err(Error::Locked { .. })));
+    store.close().unwrap();
+    drop(store);
+    assert_eq!(Store::open(config(dir.path(), 8)).err(), Some(Error::ShardCountMismatch { stored: 4, given: 8 }));
+    assert!(matches!(Store::open(config(dir.path(), 0)), Err(Error::Invalid { .. })));
+
+    // A shard replaced by a foreign SQLite file.
+    let shard = dir.path().join("shards/002.kuma");
+    std::fs::remove_file(&shard).unwrap();
+    let _ = std::fs::remove_file(dir.path().join("shards/002.kuma-wal"));
+    let _ = std::fs::remove_file(dir.path().join("shards/002.kuma-shm"));
+    Connection::open(&shard).unwrap().execute_batch("CREATE TABLE x(y)").unwrap();
+    assert!(matches!(Store::open(config(dir.path(), 4)), Err(Error::ForeignFile { .. })));
+    std::fs::write(&shard, vec![0x42; 8192]).unwrap();
+    assert!(matches!(Store::open(config(dir.path(), 4)), Err(Error::ForeignFile { .. })));
+    std::fs::remove_file(&shard).unwrap();
+    assert!(matches!(Store::open(config(dir.path(), 4)), Err(Error::MissingShard { .. })));
+
+    // Shard files without a manifest are not silently adopted.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(other.path().join("shards")).unwrap();
+    std::fs::write(other.path().join("shards/000.kuma"), b"x").unwrap();
+    assert!(matches!(Store::open(config(other.path(), 1)), Err(Error::ForeignFile { .. })));
+
+    // An unwritable location.
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    assert!(matches!(Store::open(config(&blocker.join("sub"), 1)), Err(Error::Storage { .. })));
+}
+
+fn tamper(store_dir: &Path, shard: u32, sql: &str) {
+    let c = Connection::open(store_dir.join(format!("shards/{shard:03}.kuma"))).unwrap();
+    assert!(c.execute(sql, []).unwrap() > 0, "tamper statement changed nothing: {sql}");
+}
+
+#[test]
+fn tampering_is_detected() {
+    let cases = [
+        ("payload", "UPDATE events SET payload = X'00' WHERE seq = 5 AND eid = 1", 5),
+        ("metadata", "UPDATE events SET meta = X'01' WHERE seq = 3 AND eid = 1", 3),
+        ("type", "UPDATE events SET type = 'Withdrawn' WHERE seq = 7 AND eid = 1", 7),
+        ("timestamp", "UPDATE events SET ts = ts + 1 WHERE seq = 2 AND eid = 1", 2),
+        ("hash", "UPDATE events SET hash = zeroblob(32) WHERE seq = 9 AND eid = 1", 9),
+        ("deleted row", "DELETE FROM events WHERE seq = 4 AND eid = 1", 4),
+    ];
+    for (what, sql, bad_seq) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path(), 1);
+            store.append_wait(b"victim", Expected::Any, (0..10).map(ev).collect()).unwrap();
+            store.append_wait(b"bystander", Expected::Any, (0..10).map(ev).collect()).unwrap();
+            store.close().unwrap();
+        }
+        tamper(dir.path(), 0, sql);
+        let store = open(dir.path(), 1);
+        match store.verify_entity(b"victim").unwrap() {
+            EntityVerdict::Broken { seq, .. } => assert_eq!(seq, bad_seq, "{what}"),
+            ok => panic!("{what}: tampering not detected: {ok:?}"),
+        }
+        assert!(matches!(store.verify_entity(b"bystander").unwrap(), EntityVerdict::Intact { events: 10, .. }));
+        let report = store.verify_shard(0, 10).unwrap();
+        assert_eq!(report.problems.len(), 1, "{what}: {report:?}");
+        assert_eq!(report.problems[0].entity_id, b"victim");
+        assert_eq!(report.problems[0].seq, bad_seq, "{what}");
+    }
+}
+
+#[test]
+fn truncated_tail_is_detected_by_the_shard_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path(), 1);
+        store.append_wait(b"v", Expected::Any, (0..10).map(ev).collect()).unwrap();
+        store.close().unwrap();
+    }
+    tamper(dir.path(), 0, "DELETE FROM events WHERE seq = 10");
+    let store = open(dir.path(), 1);
+    let report = store.verify_shard(0, 10).unwrap();
+    assert_eq!(report.problems.len(), 1, "{report:?}");
+    assert!(matches!(store.verify_entity(b"v").unwrap(), EntityVerdict::Broken { seq: 10, .. }));
+}
+
+#[test]
+fn sync_full_mode_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 1);
+    cfg.sync = SyncMode::Full;
+    let store = Store::open(cfg).unwrap();
+    store.append_wait(b"a", Expected::Any, vec![ev(1)]).unwrap();
+    assert_eq!(store.read_entity(b"a", 1, 1).unwrap().len(), 1);
+}
