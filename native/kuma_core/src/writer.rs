@@ -246,11 +246,12 @@ impl ShardWriter {
         match results {
             Ok(results) => {
                 for (answer, result) in answers.into_iter().zip(results) {
-                    match (answer, result) {
+                    // A panicking reply callback must not take the writer thread down.
+                    let _ = catch_unwind(AssertUnwindSafe(|| match (answer, result) {
                         (Answer::Append(reply), JobResult::Append(r)) => reply(r),
                         (Answer::Barrier(reply), _) => reply(Ok(())),
                         (Answer::Append(reply), JobResult::Barrier) => reply(vec![]),
-                    }
+                    }));
                 }
             }
             Err(e) => {
@@ -258,13 +259,13 @@ impl ShardWriter {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.next_pos = start_pos;
                 for (answer, job) in answers.into_iter().zip(jobs.iter()) {
-                    match (answer, job) {
+                    let _ = catch_unwind(AssertUnwindSafe(|| match (answer, job) {
                         (Answer::Append(reply), Job::Append(entries)) => {
                             reply(entries.iter().map(|_| Err(e.clone())).collect())
                         }
                         (Answer::Append(reply), Job::Barrier) => reply(vec![]),
                         (Answer::Barrier(reply), _) => reply(Err(e.clone())),
-                    }
+                    }));
                 }
             }
         }
@@ -408,6 +409,10 @@ impl ShardWriter {
             .prepare_cached("INSERT INTO skips(eid, seq, pos, ts) VALUES (?1, ?2, ?3, ?4)")
             .map_err(Error::storage("insert skip"))?;
         for ev in &entry.events {
+            #[cfg(feature = "fault-injection")]
+            if ev.event_type == "__kuma_fault_panic__" {
+                panic!("fault injection: writer panic requested");
+            }
             seq += 1;
             let pos = self.next_pos;
             self.next_pos += 1;

@@ -354,3 +354,22 @@ fn sync_full_mode_is_applied() {
     store.append_wait(b"a", Expected::Any, vec![ev(1)]).unwrap();
     assert_eq!(store.read_entity(b"a", 1, 1).unwrap().len(), 1);
 }
+
+#[test]
+fn a_writer_panic_fails_its_transaction_and_the_shard_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1);
+    store.append_wait(b"a", Expected::Any, vec![ev(1)]).unwrap();
+    let boom = NewEvent::new("__kuma_fault_panic__", vec![], vec![]);
+    let err = store.append_wait(b"a", Expected::Any, vec![ev(2), boom]).unwrap_err();
+    assert!(matches!(err, Error::Panic { .. }), "{err:?}");
+    // Nothing of the failed append is visible, in memory or on disk, and the chain continues.
+    assert_eq!(store.head(b"a").unwrap().unwrap().seq, 1);
+    let a = store.append_wait(b"a", Expected::Seq(1), vec![ev(3)]).unwrap();
+    assert_eq!((a.first_seq, a.first_pos), (2, 2));
+    assert!(matches!(store.verify_entity(b"a").unwrap(), EntityVerdict::Intact { events: 2, .. }));
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path(), 1);
+    assert_eq!(store.read_entity(b"a", 1, 10).unwrap().len(), 2);
+}

@@ -1,1 +1,461 @@
+//! The NIF boundary: term conversion and scheduling only. Logic lives in `kuma_core`.
+//!
+//! Scheduling rules (ARCHITECTURE.md): appends decode their arguments, hand the work to the
+//! shard's writer thread and return at once (the commit is answered later with a message
+//! `{:kuma_reply, ref, result}` sent from that thread); anything that may touch the disk or
+//! wait runs on a dirty IO scheduler; large appends are decoded on a dirty CPU scheduler.
+//! Every NIF body runs inside `guard`, so a Rust panic becomes `{:error, {:panic, msg}}`.
+//!
+//! The Elixir side is `Kuma.Native`, which declares every function here.
 
+use kuma_core::reader::{EntityVerdict, ShardReport};
+use kuma_core::{AppendEntry, Appended, Error, Expected, Head, NewEvent, Store, StoreConfig, StoredEvent, SyncMode};
+use rustler::env::OwnedEnv;
+use rustler::types::binary::{Binary, NewBinary};
+use rustler::{Encoder, Env, ResourceArc, Term};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+mod atoms {
+    rustler::atoms! {
+        ok,
+        error,
+        nil,
+        normal,
+        full,
+        kuma_reply,
+        invalid,
+        too_large,
+        wrong_expected_seq,
+        store_closed,
+        data_dir_locked,
+        shard_count_mismatch,
+        foreign_file,
+        missing_shard,
+        unsupported_format,
+        storage,
+        corrupt,
+        panic,
+        intact,
+        broken,
+        entity_id,
+        event_type,
+        metadata,
+        payload,
+        events,
+        append,
+        entries,
+        shards,
+        shard,
+        expected_seq,
+        sync,
+        data_dir,
+        store_id,
+        transactions,
+        checkpoints,
+        problems,
+        entities,
+    }
+}
+
+/// An open store, as held by Elixir.
+pub struct StoreResource {
+    store: Store,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for StoreResource {}
+
+/// Wraps a core error so it can be encoded as the documented reason term.
+struct Reason(Error);
+
+fn what_atom<'a>(env: Env<'a>, what: &str) -> Term<'a> {
+    // The set of `what`s is fixed in the core; unknown ones become strings rather than atoms.
+    match what {
+        "entity_id" => atoms::entity_id().encode(env),
+        "event_type" => atoms::event_type().encode(env),
+        "metadata" => atoms::metadata().encode(env),
+        "payload" => atoms::payload().encode(env),
+        "events" => atoms::events().encode(env),
+        "append" => atoms::append().encode(env),
+        "entries" => atoms::entries().encode(env),
+        "shards" => atoms::shards().encode(env),
+        "shard" => atoms::shard().encode(env),
+        "expected_seq" => atoms::expected_seq().encode(env),
+        "sync" => atoms::sync().encode(env),
+        "data_dir" => atoms::data_dir().encode(env),
+        other => other.encode(env),
+    }
+}
+
+impl Encoder for Reason {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        match &self.0 {
+            Error::Invalid { what, why } => (atoms::invalid(), what_atom(env, what), why.as_str()).encode(env),
+            Error::TooLarge { what, size, max } => (atoms::too_large(), what_atom(env, what), *size, *max).encode(env),
+            Error::WrongExpectedSeq { expected, actual } => {
+                (atoms::wrong_expected_seq(), *expected, *actual).encode(env)
+            }
+            Error::Closed => atoms::store_closed().encode(env),
+            Error::Locked { path } => (atoms::data_dir_locked(), path.as_str()).encode(env),
+            Error::ShardCountMismatch { stored, given } => (atoms::shard_count_mismatch(), *stored, *given).encode(env),
+            Error::ForeignFile { path, why } => (atoms::foreign_file(), path.as_str(), why.as_str()).encode(env),
+            Error::MissingShard { path } => (atoms::missing_shard(), path.as_str()).encode(env),
+            Error::UnsupportedFormat { found, supported } => {
+                (atoms::unsupported_format(), *found, *supported).encode(env)
+            }
+            Error::Storage { context, message } => (atoms::storage(), *context, message.as_str()).encode(env),
+            Error::Corrupt { seq, why } => (atoms::corrupt(), *seq, why.as_str()).encode(env),
+            Error::Panic { message } => (atoms::panic(), message.as_str()).encode(env),
+        }
+    }
+}
+
+/// `{:ok, value}` or `{:error, reason}`.
+type NifResult<T> = Result<T, Reason>;
+
+/// Runs a NIF body, turning a panic into `Error::Panic`.
+fn guard<T>(f: impl FnOnce() -> Result<T, Error>) -> NifResult<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(Reason),
+        Err(panic) => Err(Reason(Error::from_panic(panic))),
+    }
+}
+
+fn bin<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
+    Binary::from(NewBinary::from_slice(env, bytes)).to_term(env)
+}
+
+fn encode_appended<'a>(env: Env<'a>, a: &Appended) -> Term<'a> {
+    (a.first_seq, a.last_seq, a.first_pos, a.last_pos, a.timestamp_us, bin(env, &a.last_hash)).encode(env)
+}
+
+fn encode_append_result<'a>(env: Env<'a>, r: &Result<Appended, Error>) -> Term<'a> {
+    match r {
+        Ok(a) => (atoms::ok(), encode_appended(env, a)).encode(env),
+        Err(e) => (atoms::error(), Reason(e.clone())).encode(env),
+    }
+}
+
+fn encode_event<'a>(env: Env<'a>, e: &StoredEvent) -> Term<'a> {
+    let fields = [
+        bin(env, &e.entity_id),
+        e.seq.encode(env),
+        e.position.encode(env),
+        e.timestamp_us.encode(env),
+        e.event_type.as_str().encode(env),
+        bin(env, &e.metadata),
+        bin(env, &e.payload),
+        bin(env, &e.hash),
+    ];
+    rustler::types::tuple::make_tuple(env, &fields)
+}
+
+struct Events(Vec<StoredEvent>);
+
+impl Encoder for Events {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let items: Vec<Term<'a>> = self.0.iter().map(|e| encode_event(env, e)).collect();
+        items.encode(env)
+    }
+}
+
+/// Sends `{:kuma_reply, ref, message}` to the calling process from a writer thread.
+fn replier<'a>(env: Env<'a>, reference: Term<'a>) -> Result<(OwnedEnv, rustler::env::SavedTerm, rustler::LocalPid), Error> {
+    if !reference.is_ref() {
+        return Err(Error::Invalid { what: "reply_ref", why: "must be a reference".into() });
+    }
+    let owned = OwnedEnv::new();
+    let saved = owned.save(reference);
+    Ok((owned, saved, env.pid()))
+}
+
+fn decode_expected(term: Term) -> Result<Expected, Error> {
+    if term.is_atom() && term.atom_to_string().is_ok_and(|s| s == "nil" || s == "any") {
+        return Ok(Expected::Any);
+    }
+    match term.decode::<u64>() {
+        Ok(n) => Ok(Expected::Seq(n)),
+        Err(_) => Err(Error::Invalid { what: "expected_seq", why: "must be nil or a non-negative integer".into() }),
+    }
+}
+
+fn decode_events(term: Term) -> Result<Vec<NewEvent>, Error> {
+    let list: Vec<(Binary, Binary, Binary)> = term.decode().map_err(|_| Error::Invalid {
+        what: "events",
+        why: "must be a list of {type, metadata, payload} binaries".into(),
+    })?;
+    list.into_iter()
+        .map(|(t, m, p)| {
+            let event_type = std::str::from_utf8(t.as_slice())
+                .map_err(|_| Error::Invalid { what: "event_type", why: "must be valid UTF-8".into() })?
+                .to_string();
+            Ok(NewEvent { event_type, metadata: m.as_slice().to_vec(), payload: p.as_slice().to_vec() })
+        })
+        .collect()
+}
+
+fn decode_id(term: Term) -> Result<Vec<u8>, Error> {
+    term.decode::<Binary>()
+        .map(|b| b.as_slice().to_vec())
+        .map_err(|_| Error::Invalid { what: "entity_id", why: "must be a binary".into() })
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn store_open(data_dir: String, shards: u32, sync: rustler::Atom) -> NifResult<ResourceArc<StoreResource>> {
+    guard(|| {
+        let sync = if sync == atoms::full() {
+            SyncMode::Full
+        } else if sync == atoms::normal() {
+            SyncMode::Normal
+        } else {
+            return Err(Error::Invalid { what: "sync", why: "must be :normal or :full".into() });
+        };
+        let mut config = StoreConfig::new(data_dir);
+        config.shards = shards;
+        config.sync = sync;
+        Ok(ResourceArc::new(StoreResource { store: Store::open(config)? }))
+    })
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn store_close(store: ResourceArc<StoreResource>) -> NifResult<rustler::Atom> {
+    guard(|| store.store.close().map(|_| atoms::ok()))
+}
+
+#[rustler::nif]
+fn store_info(env: Env, store: ResourceArc<StoreResource>) -> Term {
+    let s = &store.store;
+    let pairs = [
+        (atoms::store_id().encode(env), s.store_id().encode(env)),
+        (atoms::shards().encode(env), s.shard_count().encode(env)),
+        (atoms::data_dir().encode(env), s.data_dir().display().to_string().encode(env)),
+    ];
+    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
+}
+
+/// Shard of an entity id for a given shard count (pure; no store needed).
+#[rustler::nif]
+fn shard_for(entity_id: Binary, shards: u32) -> u32 {
+    kuma_core::router::shard_for(entity_id.as_slice(), shards)
+}
+
+fn do_append<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entity_id: Term<'a>,
+    expected: Term<'a>,
+    events: Term<'a>,
+) -> NifResult<rustler::Atom> {
+    guard(|| {
+        let id = decode_id(entity_id)?;
+        let expected = decode_expected(expected)?;
+        let events = decode_events(events)?;
+        let (mut owned, saved, pid) = replier(env, reference)?;
+        store.store.append(
+            id,
+            expected,
+            events,
+            Box::new(move |result| {
+                let _ = owned.send_and_clear(&pid, |e| {
+                    (atoms::kuma_reply(), saved.load(e), encode_append_result(e, &result)).encode(e)
+                });
+            }),
+        )?;
+        Ok(atoms::ok())
+    })
+}
+
+/// Queues an append; the result arrives as `{:kuma_reply, ref, {:ok, tuple} | {:error, reason}}`.
+#[rustler::nif]
+fn append<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entity_id: Term<'a>,
+    expected: Term<'a>,
+    events: Term<'a>,
+) -> NifResult<rustler::Atom> {
+    do_append(env, store, reference, entity_id, expected, events)
+}
+
+/// `append` for large inputs, whose decoding and copying may exceed ~100 µs.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn append_dirty<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entity_id: Term<'a>,
+    expected: Term<'a>,
+    events: Term<'a>,
+) -> NifResult<rustler::Atom> {
+    do_append(env, store, reference, entity_id, expected, events)
+}
+
+fn do_append_batch<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entries: Term<'a>,
+) -> NifResult<rustler::Atom> {
+    guard(|| {
+        let raw: Vec<(Term, Term, Term)> = entries.decode().map_err(|_| Error::Invalid {
+            what: "entries",
+            why: "must be a list of {entity_id, expected_seq, events}".into(),
+        })?;
+        let entries = raw
+            .into_iter()
+            .map(|(id, expected, events)| {
+                Ok(AppendEntry {
+                    entity_id: decode_id(id)?,
+                    expected: decode_expected(expected)?,
+                    events: decode_events(events)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let (mut owned, saved, pid) = replier(env, reference)?;
+        store.store.append_batch(
+            entries,
+            Box::new(move |results| {
+                let _ = owned.send_and_clear(&pid, |e| {
+                    let list: Vec<Term> = results.iter().map(|r| encode_append_result(e, r)).collect();
+                    (atoms::kuma_reply(), saved.load(e), list).encode(e)
+                });
+            }),
+        )?;
+        Ok(atoms::ok())
+    })
+}
+
+/// Queues appends to many entities; the reply carries one result per entry, in order.
+#[rustler::nif]
+fn append_batch<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entries: Term<'a>,
+) -> NifResult<rustler::Atom> {
+    do_append_batch(env, store, reference, entries)
+}
+
+/// `append_batch` for large inputs.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn append_batch_dirty<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entries: Term<'a>,
+) -> NifResult<rustler::Atom> {
+    do_append_batch(env, store, reference, entries)
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn flush(store: ResourceArc<StoreResource>) -> NifResult<rustler::Atom> {
+    guard(|| store.store.flush().map(|_| atoms::ok()))
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn read_entity(store: ResourceArc<StoreResource>, entity_id: Term, from_seq: u64, max: usize) -> NifResult<Events> {
+    guard(|| {
+        let id = decode_id(entity_id)?;
+        store.store.read_entity(&id, from_seq, max).map(Events)
+    })
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn read_shard(store: ResourceArc<StoreResource>, shard: u32, after: u64, max: usize) -> NifResult<Events> {
+    guard(|| store.store.read_shard(shard, after, max).map(Events))
+}
+
+struct HeadTerm(Option<Head>);
+
+impl Encoder for HeadTerm {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        match &self.0 {
+            None => atoms::nil().encode(env),
+            Some(h) => (h.seq, h.pos, h.ts, bin(env, &h.hash)).encode(env),
+        }
+    }
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn head(store: ResourceArc<StoreResource>, entity_id: Term) -> NifResult<HeadTerm> {
+    guard(|| {
+        let id = decode_id(entity_id)?;
+        store.store.head(&id).map(HeadTerm)
+    })
+}
+
+struct Verdict(EntityVerdict);
+
+impl Encoder for Verdict {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        match &self.0 {
+            EntityVerdict::Intact { events, head_hash } => (atoms::intact(), *events, bin(env, head_hash)).encode(env),
+            EntityVerdict::Broken { seq, why } => (atoms::broken(), *seq, why.as_str()).encode(env),
+        }
+    }
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn verify_entity(store: ResourceArc<StoreResource>, entity_id: Term) -> NifResult<Verdict> {
+    guard(|| {
+        let id = decode_id(entity_id)?;
+        store.store.verify_entity(&id).map(Verdict)
+    })
+}
+
+struct Report(ShardReport);
+
+impl Encoder for Report {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let problems: Vec<Term<'a>> = self
+            .0
+            .problems
+            .iter()
+            .map(|p| (bin(env, &p.entity_id), p.seq, p.why.as_str()).encode(env))
+            .collect();
+        let pairs = [
+            (atoms::entities().encode(env), self.0.entities.encode(env)),
+            (atoms::events().encode(env), self.0.events.encode(env)),
+            (atoms::problems().encode(env), problems.encode(env)),
+        ];
+        Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
+    }
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn verify_shard(store: ResourceArc<StoreResource>, shard: u32, max_problems: usize) -> NifResult<Report> {
+    guard(|| store.store.verify_shard(shard, max_problems).map(Report))
+}
+
+#[rustler::nif]
+fn stats(env: Env, store: ResourceArc<StoreResource>) -> Term {
+    let list: Vec<Term> = store
+        .store
+        .stats()
+        .iter()
+        .map(|s| {
+            let pairs = [
+                (atoms::transactions().encode(env), s.transactions.encode(env)),
+                (atoms::events().encode(env), s.events.encode(env)),
+                (atoms::checkpoints().encode(env), s.checkpoints.encode(env)),
+            ];
+            Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
+        })
+        .collect();
+    list.encode(env)
+}
+
+/// Test builds only: panics inside a NIF, to show the VM survives it.
+#[rustler::nif]
+fn fault_panic() -> NifResult<rustler::Atom> {
+    guard(|| {
+        if cfg!(feature = "fault-injection") {
+            panic!("fault injection: NIF panic requested");
+        }
+        Err(Error::Invalid { what: "fault_panic", why: "not a fault-injection build".into() })
+    })
+}
+
+rustler::init!("Elixir.Kuma.Native");

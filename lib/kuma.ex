@@ -1,0 +1,546 @@
+defmodule Kuma do
+  @moduledoc """
+  Kuma: an entity-native event store for the BEAM.
+
+  Events are appended per entity into SQLite shards through a Rust core: each shard has one
+  writer thread that commits whatever is queued in one transaction (group commit). Every
+  entity's events form a BLAKE3 hash chain that `verify/2` recomputes.
+
+      {:ok, store} = Kuma.start(name: :bank, data_dir: "data", shards: 16)
+      {:ok, 2} = Kuma.append(store, "alice", [{:opened, %{}}, {:credited, %{amount: 50}}])
+      {:ok, 3} = Kuma.append(store, "alice", {:debited, %{amount: 20}}, expected_seq: 2)
+      {:error, {:wrong_expected_seq, 2, 3}} = Kuma.append(store, "alice", {:debited, %{}}, expected_seq: 2)
+      [%Kuma.Envelope{seq: 1, type: "opened"} | _] = Kuma.stream(store, "alice") |> Enum.to_list()
+      {:ok, %{events: 3}} = Kuma.verify(store, "alice")
+      :ok = Kuma.stop(store)
+
+  ## Errors
+
+  Functions return `{:error, reason}` for bad input and failures and change nothing then.
+  `format_error/1` turns any reason into a sentence. The reasons:
+
+  * `{:invalid, what, why}` - bad argument (`what`: `:entity_id`, `:events`, `:metadata`,
+    `:event_type`, `:expected_seq`, `:data_dir`, `:shards`, `:sync`, `:name`, `:store`, ...)
+  * `{:too_large, what, size, max}` - a documented size limit was exceeded (see below)
+  * `{:unknown_option, key}` - a misspelled or unsupported option
+  * `{:wrong_expected_seq, expected, actual}` - optimistic concurrency conflict
+  * `:store_closed`, `{:no_store, name}` - the store was stopped / never started
+  * `{:already_started, name}` - a store with this name is running
+  * `{:data_dir_locked, path}` - another store (this VM or another OS process) has the data dir open
+  * `{:shard_count_mismatch, stored, requested}` - the data dir was created with another shard count
+  * `{:foreign_file, path, why}` - a file where a shard should be is not a shard of this store
+  * `{:missing_shard, path}` - a shard file is missing (Kuma never silently recreates one)
+  * `{:unsupported_format, found, supported}` - written by a newer Kuma
+  * `{:storage, context, message}` - SQLite or the file system failed
+  * `{:corrupt, seq, why}` - stored data failed an integrity check while reading
+  * `{:panic, message}` - a bug in Kuma's Rust code was caught; the VM is unaffected
+  * `:timeout` - no answer within `:timeout`; the append may still commit
+
+  ## Limits
+
+  Entity ids: non-empty binaries of at most 512 bytes. Per event: type at most 255 bytes,
+  encoded payload at most 8 MiB, encoded metadata at most 64 KiB. Per append: at most
+  100,000 events and 64 MiB.
+  """
+
+  alias Kuma.{Codec, Native, Store}
+
+  @default_timeout 30_000
+  # Above these, an append is decoded on a dirty CPU scheduler (copying it may exceed ~100 µs).
+  @dirty_events 1_000
+  @dirty_bytes 256 * 1024
+
+  @type store :: Store.t() | Store.name()
+  @type entity_id :: binary()
+  @type reason :: term()
+
+  # -- lifecycle ------------------------------------------------------------------------
+
+  @doc """
+  Starts a store under Kuma's own supervisor and returns it.
+
+  Options:
+  * `:data_dir` (required) - directory of the store; created if missing
+  * `:name` - an atom naming the store (default `:kuma`); two stores need two names
+  * `:shards` - number of shard files, 1..1024 (default 16); fixed at creation
+  * `:decode` - `:trusted` (default) or `:safe`: whether reading may create atoms an event
+    uses that this VM does not know yet (see `Kuma.Codec`)
+  * `:sync` - `:normal` (default) or `:full`:
+    - `:normal`: an acknowledged append survives a crash of the VM or `kill -9` (it is in
+      the OS page cache); after power loss or an OS crash the last acknowledged appends may
+      be missing, but the store is never corrupt.
+    - `:full`: the write-ahead log is fsynced before an append is acknowledged, so an
+      acknowledged append also survives power loss.
+
+  Opening an existing directory with a different `:shards` fails with
+  `{:shard_count_mismatch, stored, requested}`.
+  """
+  @spec start(keyword()) :: {:ok, Store.t()} | {:error, reason()}
+  def start(opts) do
+    with {:ok, config} <- Store.Config.validate(opts) do
+      spec = %{
+        id: {Kuma, config.name},
+        start: {Store.Supervisor, :start_link, [config]},
+        type: :supervisor,
+        restart: :transient
+      }
+
+      case DynamicSupervisor.start_child(Kuma.Stores, spec) do
+        {:ok, _pid} -> Store.lookup(config.name)
+        {:error, reason} -> {:error, start_error(reason, config.name)}
+      end
+    end
+  end
+
+  @doc """
+  Starts a store linked to the caller; see `start/1` for options. Use it through
+  `{Kuma, opts}` in your supervision tree and address the store by its `:name`.
+  """
+  @spec start_link(keyword()) :: Supervisor.on_start()
+  def start_link(opts) do
+    with {:ok, config} <- Store.Config.validate(opts) do
+      case Store.Supervisor.start_link(config) do
+        {:ok, pid} -> {:ok, pid}
+        {:error, reason} -> {:error, start_error(reason, config.name)}
+      end
+    end
+  end
+
+  @doc "A child spec for `{Kuma, opts}`: the store restarts if it crashes, not after `stop/1`."
+  @spec child_spec(keyword()) :: Supervisor.child_spec()
+  def child_spec(opts) do
+    %{
+      id: {Kuma, Keyword.get(opts, :name, :kuma)},
+      start: {Kuma, :start_link, [opts]},
+      type: :supervisor,
+      restart: :transient
+    }
+  end
+
+  defp start_error({:already_started, _pid}, name), do: {:already_started, name}
+  defp start_error({:shutdown, {:failed_to_start_child, _child, reason}}, name), do: start_error(reason, name)
+  defp start_error({:shutdown, reason}, name), do: start_error(reason, name)
+  defp start_error(reason, _name), do: reason
+
+  @doc """
+  Stops a store: every queued append is committed, entity heads are checkpointed, files are
+  closed and the data directory is unlocked. Returns `{:error, {:no_store, name}}` if it is
+  not running.
+  """
+  @spec stop(store()) :: :ok | {:error, reason()}
+  def stop(store) do
+    name =
+      case store do
+        %Store{name: name} -> name
+        name -> name
+      end
+
+    case is_atom(name) && Store.whereis(name, :supervisor) do
+      pid when is_pid(pid) ->
+        # Stop as the parent would: :normal is not restarted (restart: :transient).
+        case DynamicSupervisor.terminate_child(Kuma.Stores, pid) do
+          :ok -> :ok
+          {:error, :not_found} -> Supervisor.stop(pid, :normal)
+        end
+
+      _ ->
+        {:error, {:no_store, name}}
+    end
+  catch
+    :exit, _ -> {:error, {:no_store, store}}
+  end
+
+  # -- writing --------------------------------------------------------------------------
+
+  @doc """
+  Appends events to one entity, atomically: all of them or none.
+
+  `events` is a list of terms, or a single term that is not a list. Returns the entity's
+  new last sequence number once the events are committed (see `start/1` for what `:sync`
+  promises).
+
+  Options:
+  * `:expected_seq` - the entity's current last seq (0 for a new entity); if it differs,
+    nothing is written and `{:error, {:wrong_expected_seq, expected, actual}}` is returned
+  * `:metadata` - a map stored with every event of this append
+  * `:timeout` - milliseconds to wait for the commit (default 30,000); on `{:error, :timeout}`
+    the append may still commit later
+  """
+  @spec append(store(), entity_id(), term() | [term()], keyword()) :: {:ok, pos_integer()} | {:error, reason()}
+  def append(store, entity_id, events, opts \\ []) do
+    case append_details(store, entity_id, events, opts) do
+      {:ok, {_first, last_seq, _first_pos, _last_pos, _ts, _hash}} -> {:ok, last_seq}
+      error -> error
+    end
+  end
+
+  @doc false
+  # Like append/4 but returns {first_seq, last_seq, first_pos, last_pos, timestamp_us, last_hash}.
+  def append_details(store, entity_id, events, opts) do
+    events = if is_list(events), do: events, else: [events]
+
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- check_options(opts, [:expected_seq, :metadata, :timeout]),
+         :ok <- check_entity_id(entity_id),
+         {:ok, expected} <- expected_seq(Keyword.get(opts, :expected_seq)),
+         {:ok, encoded, bytes} <- Codec.encode_events(events, Keyword.get(opts, :metadata)) do
+      ref = make_ref()
+
+      queued =
+        if length(encoded) > @dirty_events or bytes > @dirty_bytes,
+          do: Native.append_dirty(s.native, ref, entity_id, expected, encoded),
+          else: Native.append(s.native, ref, entity_id, expected, encoded)
+
+      case queued do
+        {:ok, :ok} -> await(ref, Keyword.get(opts, :timeout, @default_timeout))
+        {:error, reason} -> {:error, reason}
+      end
+    end
+  end
+
+  @doc """
+  Appends to many entities in few calls (bulk ingest).
+
+  `entries` is a list of `{entity_id, events}` or `{entity_id, events, opts}` where opts may
+  hold `:expected_seq` and `:metadata`. Every entry is validated first: if one is invalid,
+  nothing is written. Each entry is then atomic on its own; entries for different shards
+  commit independently.
+
+  Returns `{:ok, last_seqs}` (one per entry, in order) when every entry was written, or
+  `{:error, {:partial, results}}` with `{:ok, last_seq} | {:error, reason}` per entry when
+  some were refused (for example a stale `:expected_seq`); the others are committed.
+
+  Options: `:timeout` (default 30,000 ms).
+  """
+  @spec append_batch(store(), [{entity_id(), term()} | {entity_id(), term(), keyword()}], keyword()) ::
+          {:ok, [pos_integer()]} | {:error, reason()}
+  def append_batch(store, entries, opts \\ [])
+
+  def append_batch(_store, [], _opts), do: {:error, {:invalid, :entries, "must not be empty"}}
+
+  def append_batch(store, entries, opts) when is_list(entries) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- check_options(opts, [:timeout]),
+         {:ok, encoded, events, bytes} <- encode_entries(entries) do
+      ref = make_ref()
+
+      queued =
+        if events > @dirty_events or bytes > @dirty_bytes,
+          do: Native.append_batch_dirty(s.native, ref, encoded),
+          else: Native.append_batch(s.native, ref, encoded)
+
+      with {:ok, :ok} <- queued do
+        case await(ref, Keyword.get(opts, :timeout, @default_timeout)) do
+          results when is_list(results) -> batch_result(results)
+          {:error, reason} -> {:error, reason}
+        end
+      end
+    end
+  end
+
+  def append_batch(_store, _entries, _opts), do: {:error, {:invalid, :entries, "must be a list"}}
+
+  defp encode_entries(entries) do
+    Enum.reduce_while(entries, {:ok, [], 0, 0}, fn entry, {:ok, acc, n, bytes} ->
+      case encode_entry(entry) do
+        {:ok, encoded, count, size} -> {:cont, {:ok, [encoded | acc], n + count, bytes + size}}
+        {:error, _} = error -> {:halt, error}
+      end
+    end)
+    |> case do
+      {:ok, acc, n, bytes} -> {:ok, Enum.reverse(acc), n, bytes}
+      error -> error
+    end
+  end
+
+  defp encode_entry({id, events}), do: encode_entry({id, events, []})
+
+  defp encode_entry({id, events, opts}) when is_list(opts) do
+    events = if is_list(events), do: events, else: [events]
+
+    with :ok <- check_options(opts, [:expected_seq, :metadata]),
+         :ok <- check_entity_id(id),
+         {:ok, expected} <- expected_seq(Keyword.get(opts, :expected_seq)),
+         {:ok, encoded, bytes} <- Codec.encode_events(events, Keyword.get(opts, :metadata)) do
+      {:ok, {id, expected, encoded}, length(encoded), bytes}
+    end
+  end
+
+  defp encode_entry(other),
+    do:
+      {:error,
+       {:invalid, :entries, "expected {entity_id, events} or {entity_id, events, opts}, got: #{inspect(other)}"}}
+
+  defp batch_result(results) do
+    if Enum.all?(results, &match?({:ok, _}, &1)) do
+      {:ok, Enum.map(results, fn {:ok, details} -> elem(details, 1) end)}
+    else
+      {:error,
+       {:partial,
+        Enum.map(results, fn
+          {:ok, details} -> {:ok, elem(details, 1)}
+          error -> error
+        end)}}
+    end
+  end
+
+  defp await(ref, timeout) do
+    receive do
+      {:kuma_reply, ^ref, result} -> result
+    after
+      timeout -> {:error, :timeout}
+    end
+  end
+
+  @doc "Waits until every append queued before this call is committed, and checkpoints entity heads."
+  @spec flush(store()) :: :ok | {:error, reason()}
+  def flush(store) do
+    with {:ok, s} <- Store.lookup(store), {:ok, :ok} <- Native.flush(s.native), do: :ok
+  end
+
+  # -- reading --------------------------------------------------------------------------
+
+  @doc """
+  A lazy stream of an entity's events (`Kuma.Envelope`s), in seq order, read from disk in
+  chunks on a dirty IO scheduler. An unknown entity gives an empty stream.
+
+  Options: `:from` - first seq (default 1); `:chunk` - events per read (default 500).
+
+  Raises `ArgumentError` for a non-binary or empty id. Enumerating raises `Kuma.Error` if
+  the store is closed or a read fails, and `Kuma.DecodeError` if an event cannot be decoded.
+  """
+  @spec stream(store(), entity_id(), keyword()) :: Enumerable.t()
+  def stream(store, entity_id, opts \\ []) do
+    if not (is_binary(entity_id) and entity_id != ""),
+      do: raise(ArgumentError, "entity id must be a non-empty binary, got: #{inspect(entity_id)}")
+
+    from = Keyword.get(opts, :from, 1)
+    chunk = Keyword.get(opts, :chunk, 500)
+
+    if not (is_integer(from) and from >= 1), do: raise(ArgumentError, ":from must be a positive integer")
+    if not (is_integer(chunk) and chunk >= 1), do: raise(ArgumentError, ":chunk must be a positive integer")
+
+    Stream.resource(
+      fn -> from end,
+      fn
+        :done ->
+          {:halt, :done}
+
+        seq ->
+          case read_chunk(store, entity_id, seq, chunk) do
+            {:ok, []} -> {:halt, :done}
+            {:ok, events} when length(events) < chunk -> {events, :done}
+            {:ok, events} -> {events, List.last(events).seq + 1}
+            {:error, reason} -> raise Kuma.Error, reason: reason
+          end
+      end,
+      fn _ -> :ok end
+    )
+  end
+
+  @doc """
+  Reads up to `:limit` events of an entity (default: all) from `:from` (default 1).
+  Like `stream/3` but returns `{:ok, [Kuma.Envelope.t()]}` or `{:error, reason}`.
+  """
+  @spec events(store(), entity_id(), keyword()) :: {:ok, [Kuma.Envelope.t()]} | {:error, reason()}
+  def events(store, entity_id, opts \\ []) do
+    with :ok <- check_options(opts, [:from, :limit]),
+         :ok <- check_entity_id(entity_id) do
+      from = Keyword.get(opts, :from, 1)
+      limit = Keyword.get(opts, :limit, :infinity)
+      collect(store, entity_id, from, limit, [])
+    end
+  end
+
+  defp collect(_store, _id, _from, 0, acc), do: {:ok, acc |> Enum.reverse() |> List.flatten()}
+
+  defp collect(store, id, from, limit, acc) do
+    chunk = if limit == :infinity, do: 1000, else: min(limit, 1000)
+
+    case read_chunk(store, id, from, chunk) do
+      {:ok, []} ->
+        collect(store, id, from, 0, acc)
+
+      {:ok, events} ->
+        left = if limit == :infinity, do: :infinity, else: limit - length(events)
+        left = if length(events) < chunk, do: 0, else: left
+        collect(store, id, List.last(events).seq + 1, left, [events | acc])
+
+      error ->
+        error
+    end
+  end
+
+  defp read_chunk(store, entity_id, from, max) do
+    with {:ok, s} <- Store.lookup(store),
+         {:ok, tuples} <- Native.read_entity(s.native, entity_id, from, max) do
+      shard = Native.shard_for(entity_id, s.shards)
+      {:ok, Enum.map(tuples, &Codec.envelope(&1, shard, s.decode))}
+    end
+  end
+
+  @doc """
+  Events of one shard with position greater than `after`, in commit order (up to `limit`).
+  The building block for projections and subscriptions: positions only grow, and an event
+  becomes readable only after every event with a lower position of its shard.
+  """
+  @spec read_shard(store(), non_neg_integer(), non_neg_integer(), pos_integer()) ::
+          {:ok, [Kuma.Envelope.t()]} | {:error, reason()}
+  def read_shard(store, shard, after_position, limit \\ 1000) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- check_non_neg(:shard, shard),
+         :ok <- check_non_neg(:after, after_position),
+         :ok <- check_non_neg(:limit, limit),
+         {:ok, tuples} <- Native.read_shard(s.native, shard, after_position, limit) do
+      {:ok, Enum.map(tuples, &Codec.envelope(&1, shard, s.decode))}
+    end
+  end
+
+  @doc """
+  The head of an entity: its last seq, position, timestamp and chain hash, or `nil` if it
+  has no events. Recording the head somewhere else lets you later prove that no event was
+  removed from the end of the stream.
+  """
+  @spec head(store(), entity_id()) ::
+          {:ok, nil | %{seq: pos_integer(), position: pos_integer(), timestamp: integer(), hash: binary()}}
+          | {:error, reason()}
+  def head(store, entity_id) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- check_entity_id(entity_id),
+         {:ok, head} <- Native.head(s.native, entity_id) do
+      case head do
+        nil -> {:ok, nil}
+        {seq, pos, ts, hash} -> {:ok, %{seq: seq, position: pos, timestamp: ts, hash: hash}}
+      end
+    end
+  end
+
+  @doc "The shard that stores `entity_id` (see docs/storage-format.md for the function)."
+  @spec shard_for(store(), entity_id()) :: {:ok, non_neg_integer()} | {:error, reason()}
+  def shard_for(store, entity_id) do
+    with {:ok, s} <- Store.lookup(store), :ok <- check_entity_id(entity_id) do
+      {:ok, Native.shard_for(entity_id, s.shards)}
+    end
+  end
+
+  # -- integrity ------------------------------------------------------------------------
+
+  @doc """
+  Recomputes an entity's hash chain from its first event to its head.
+
+  Returns `{:ok, %{events: n, hash: head_hash}}`, or `{:error, {:tampered, seq, why}}`
+  naming the first event that is missing, out of place or altered.
+  """
+  @spec verify(store(), entity_id()) :: {:ok, %{events: non_neg_integer(), hash: binary()}} | {:error, reason()}
+  def verify(store, entity_id) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- check_entity_id(entity_id) do
+      case Native.verify_entity(s.native, entity_id) do
+        {:ok, {:intact, n, hash}} -> {:ok, %{events: n, hash: hash}}
+        {:ok, {:broken, seq, why}} -> {:error, {:tampered, seq, why}}
+        error -> error
+      end
+    end
+  end
+
+  @doc """
+  Verifies every chain of every shard (a full scan; it runs on dirty IO schedulers, one
+  shard at a time). `:on_progress` is called as `fun.(shard, shards, shard_report)` after
+  each shard.
+
+  Returns `{:ok, %{shards: n, entities: e, events: v}}` or
+  `{:error, {:tampered, problems}}` where each problem is
+  `%{shard: s, entity_id: id, seq: seq, why: text}` (the first bad seq of each entity).
+  """
+  @spec verify_store(store(), keyword()) :: {:ok, map()} | {:error, reason()}
+  def verify_store(store, opts \\ []) do
+    progress = Keyword.get(opts, :on_progress, fn _, _, _ -> :ok end)
+
+    with {:ok, s} <- Store.lookup(store) do
+      Enum.reduce_while(0..(s.shards - 1), {:ok, %{shards: s.shards, entities: 0, events: 0}, []}, fn shard,
+                                                                                                      {:ok, acc,
+                                                                                                       problems} ->
+        case Native.verify_shard(s.native, shard, 100) do
+          {:ok, report} ->
+            progress.(shard, s.shards, report)
+
+            found =
+              Enum.map(report.problems, fn {id, seq, why} -> %{shard: shard, entity_id: id, seq: seq, why: why} end)
+
+            acc = %{acc | entities: acc.entities + report.entities, events: acc.events + report.events}
+            {:cont, {:ok, acc, problems ++ found}}
+
+          {:error, reason} ->
+            {:halt, {:error, reason}}
+        end
+      end)
+      |> case do
+        {:ok, summary, []} -> {:ok, summary}
+        {:ok, _summary, problems} -> {:error, {:tampered, problems}}
+        error -> error
+      end
+    end
+  end
+
+  @doc "Facts about a running store: id, shards, data dir, sync mode and per-shard writer counters."
+  @spec info(store()) :: {:ok, map()} | {:error, reason()}
+  def info(store) do
+    with {:ok, s} <- Store.lookup(store) do
+      {:ok,
+       %{
+         name: s.name,
+         store_id: s.store_id,
+         data_dir: s.data_dir,
+         shards: s.shards,
+         sync: s.sync,
+         writers: Native.stats(s.native)
+       }}
+    end
+  end
+
+  # -- errors ---------------------------------------------------------------------------
+
+  @doc "A human-readable sentence for any error reason Kuma returns."
+  @spec format_error(reason()) :: String.t()
+  def format_error({:invalid, what, why}), do: "invalid #{what}: #{why}"
+  def format_error({:too_large, what, size, max}), do: "#{what} too large: #{size} bytes or items, limit #{max}"
+  def format_error({:unknown_option, key}), do: "unknown option #{inspect(key)}"
+
+  def format_error({:wrong_expected_seq, expected, actual}),
+    do: "expected the entity to be at seq #{expected}, but it is at #{actual}; nothing was written"
+
+  def format_error(:store_closed), do: "the store has been stopped"
+  def format_error({:no_store, name}), do: "no store named #{inspect(name)} is running"
+  def format_error({:already_started, name}), do: "a store named #{inspect(name)} is already running"
+  def format_error({:data_dir_locked, path}), do: "data dir #{path} is in use by another store or OS process"
+
+  def format_error({:shard_count_mismatch, stored, given}),
+    do: "the data dir was created with #{stored} shards, but #{given} were requested"
+
+  def format_error({:foreign_file, path, why}), do: "#{path} is not a shard of this store: #{why}"
+  def format_error({:missing_shard, path}), do: "shard file #{path} is missing"
+  def format_error({:unsupported_format, found, supported}), do: "format #{found} is newer than supported #{supported}"
+  def format_error({:storage, context, message}), do: "storage error (#{context}): #{message}"
+  def format_error({:corrupt, seq, why}), do: "corrupt event at seq #{seq}: #{why}"
+  def format_error({:tampered, seq, why}) when is_integer(seq), do: "chain broken at seq #{seq}: #{why}"
+  def format_error({:tampered, problems}) when is_list(problems), do: "#{length(problems)} broken entity chain(s)"
+  def format_error({:panic, message}), do: "internal error in Kuma's native code (the VM is unaffected): #{message}"
+  def format_error({:partial, results}), do: "#{Enum.count(results, &match?({:error, _}, &1))} batch entries failed"
+  def format_error(:timeout), do: "timed out waiting for the commit; the append may still complete"
+  def format_error(other), do: inspect(other)
+
+  # -- argument checks ------------------------------------------------------------------
+
+  defp check_entity_id(id) when is_binary(id) and id != "", do: :ok
+  defp check_entity_id(""), do: {:error, {:invalid, :entity_id, "must not be empty"}}
+  defp check_entity_id(_), do: {:error, {:invalid, :entity_id, "must be a binary"}}
+
+  defp expected_seq(nil), do: {:ok, nil}
+  defp expected_seq(n) when is_integer(n) and n >= 0, do: {:ok, n}
+  defp expected_seq(_), do: {:error, {:invalid, :expected_seq, "must be a non-negative integer"}}
+
+  defp check_non_neg(_what, n) when is_integer(n) and n >= 0, do: :ok
+  defp check_non_neg(what, _), do: {:error, {:invalid, what, "must be a non-negative integer"}}
+
+  defp check_options(opts, allowed), do: Store.Config.check_keys(opts, allowed)
+end

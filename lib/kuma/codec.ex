@@ -1,0 +1,140 @@
+defmodule Kuma.Codec do
+  @moduledoc """
+  How Kuma turns events and metadata into bytes, and how it derives an event's type.
+
+  ## Payload
+
+  An event can be any Elixir term. It is stored as `:erlang.term_to_binary(event)` (the
+  whole term, so reading it back gives exactly what was appended) and read back with
+  `:erlang.binary_to_term(bytes, [:safe])` first. `:safe` refuses to create atoms, and an
+  atom used by an event may legitimately not exist yet in this VM: after a restart, modules
+  load lazily outside releases. What happens then depends on the store's `:decode` option:
+
+  * `:trusted` (default) - Kuma loads the module named by the event's type and, if the atom
+    is still unknown, decodes without `:safe`, creating it. Kuma's files are written only by
+    Kuma, as Mnesia's and DETS's are; someone able to write them could do worse than add atoms.
+  * `:safe` - never create atoms: after trying to load the type's module, reading raises
+    `Kuma.DecodeError` naming the entity and seq.
+
+  ## Type
+
+  Every event has a type string, stored in its own column for queries and shown in
+  `Kuma.Envelope`:
+
+  | event                          | type             |
+  | ------------------------------ | ---------------- |
+  | `%Bank.Credited{amount: 5}`    | `"Bank.Credited"` (module name without `Elixir.`) |
+  | `{:credited, %{amount: 5}}`    | `"credited"`     |
+  | `{"credited", %{amount: 5}}`   | `"credited"`     |
+  | anything else                  | `""` (untyped)   |
+
+  ## Metadata
+
+  Per append, the `:metadata` option (a map) is stored with every event of the append as
+  `term_to_binary(map)`, or as an empty binary when absent or empty. It is read back as a map.
+
+      iex> Kuma.Codec.event_type({:credited, %{amount: 5}})
+      "credited"
+      iex> Kuma.Codec.event_type(%URI{})
+      "URI"
+      iex> Kuma.Codec.event_type(42)
+      ""
+  """
+
+  @doc "The type string of an event (see the table in the moduledoc)."
+  @spec event_type(term()) :: String.t()
+  def event_type(%module{}), do: module_name(module)
+  def event_type({type, _data}) when is_atom(type) and type not in [nil, true, false], do: Atom.to_string(type)
+  def event_type({type, _data}) when is_binary(type), do: type
+  def event_type(_event), do: ""
+
+  defp module_name(module) do
+    case Atom.to_string(module) do
+      "Elixir." <> name -> name
+      name -> name
+    end
+  end
+
+  @doc """
+  Encodes a list of events and the append's metadata for the NIF.
+
+  Returns `{:ok, [{type, metadata, payload}], total_bytes}`.
+  """
+  @spec encode_events([term()], map() | nil) ::
+          {:ok, [{binary(), binary(), binary()}], non_neg_integer()} | {:error, term()}
+  def encode_events([], _metadata), do: {:error, {:invalid, :events, "must not be empty"}}
+
+  def encode_events(events, metadata) when is_list(events) do
+    with {:ok, meta} <- encode_metadata(metadata) do
+      {encoded, bytes} =
+        Enum.map_reduce(events, 0, fn event, acc ->
+          payload = :erlang.term_to_binary(event)
+          type = event_type(event)
+          {{type, meta, payload}, acc + byte_size(payload) + byte_size(type) + byte_size(meta)}
+        end)
+
+      {:ok, encoded, bytes}
+    end
+  end
+
+  def encode_events(_events, _metadata), do: {:error, {:invalid, :events, "must be a list"}}
+
+  @doc "Encodes append metadata: `nil` or `%{}` give an empty binary."
+  @spec encode_metadata(map() | nil) :: {:ok, binary()} | {:error, term()}
+  def encode_metadata(nil), do: {:ok, <<>>}
+  def encode_metadata(meta) when is_map(meta) and map_size(meta) == 0, do: {:ok, <<>>}
+  def encode_metadata(meta) when is_map(meta), do: {:ok, :erlang.term_to_binary(meta)}
+  def encode_metadata(_meta), do: {:error, {:invalid, :metadata, "must be a map"}}
+
+  @doc "Decodes stored metadata."
+  @spec decode_metadata(binary()) :: map()
+  def decode_metadata(<<>>), do: %{}
+  def decode_metadata(bytes), do: decode!(bytes, "", nil, nil, :trusted)
+
+  @doc false
+  # Builds an envelope from the NIF's event tuple. `mode` is the store's :decode option.
+  @spec envelope(tuple(), non_neg_integer(), :trusted | :safe) :: Kuma.Envelope.t()
+  def envelope({entity_id, seq, position, ts, type, meta, payload, hash}, shard, mode \\ :trusted) do
+    %Kuma.Envelope{
+      entity_id: entity_id,
+      seq: seq,
+      position: position,
+      shard: shard,
+      type: type,
+      timestamp: ts,
+      metadata: if(meta == <<>>, do: %{}, else: decode!(meta, "", entity_id, seq, mode)),
+      data: decode!(payload, type, entity_id, seq, mode),
+      hash: hash
+    }
+  end
+
+  @doc """
+  Decodes a stored term (see "Payload" above). `type` names a module to load if an atom is
+  unknown; `entity_id` and `seq` only label the error.
+  """
+  @spec decode!(binary(), String.t(), binary() | nil, non_neg_integer() | nil, :trusted | :safe) :: term()
+  def decode!(bytes, type, entity_id, seq, mode) do
+    :erlang.binary_to_term(bytes, [:safe])
+  rescue
+    ArgumentError ->
+      # The likely cause: an atom (a struct's module) this VM has not seen since restart.
+      if type != "", do: Code.ensure_loaded(Module.concat([type]))
+
+      try do
+        :erlang.binary_to_term(bytes, [:safe])
+      rescue
+        ArgumentError ->
+          trusted_decode!(bytes, type, entity_id, seq, mode)
+      end
+  end
+
+  defp trusted_decode!(bytes, type, entity_id, seq, :trusted) do
+    :erlang.binary_to_term(bytes)
+  rescue
+    ArgumentError -> raise Kuma.DecodeError, entity_id: entity_id, seq: seq, type: type, reason: :malformed
+  end
+
+  defp trusted_decode!(_bytes, type, entity_id, seq, :safe) do
+    raise Kuma.DecodeError, entity_id: entity_id, seq: seq, type: type, reason: :unknown_atom
+  end
+end

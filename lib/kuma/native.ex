@@ -1,0 +1,43 @@
+defmodule Kuma.Native do
+  @moduledoc false
+  # Every NIF of kuma_nif, declared in one place (native/kuma_nif/src/lib.rs has the other
+  # side). Nothing outside Kuma's own modules calls these. Conventions:
+  #
+  # * Functions returning `{:ok, value} | {:error, reason}` never raise for bad input; a Rust
+  #   panic comes back as `{:error, {:panic, message}}`.
+  # * `append*` return `{:ok, :ok}` once the request is queued; the commit is answered later
+  #   with `{:kuma_reply, ref, result}` sent to the caller by the shard's writer thread.
+  # * `*_dirty` and everything that touches disk run on dirty schedulers.
+
+  @on_load :load_nif
+
+  @doc false
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:kuma), ~c"native/libkuma_nif")
+
+    case :erlang.load_nif(path, 0) do
+      :ok -> :ok
+      {:error, {:reload, _}} -> :ok
+      {:error, reason} -> {:error, {:kuma_nif_not_loaded, path, reason}}
+    end
+  end
+
+  defp nif_missing, do: :erlang.nif_error(:kuma_nif_not_loaded)
+
+  def store_open(_data_dir, _shards, _sync), do: nif_missing()
+  def store_close(_store), do: nif_missing()
+  def store_info(_store), do: nif_missing()
+  def shard_for(_entity_id, _shards), do: nif_missing()
+  def append(_store, _ref, _entity_id, _expected, _events), do: nif_missing()
+  def append_dirty(_store, _ref, _entity_id, _expected, _events), do: nif_missing()
+  def append_batch(_store, _ref, _entries), do: nif_missing()
+  def append_batch_dirty(_store, _ref, _entries), do: nif_missing()
+  def flush(_store), do: nif_missing()
+  def read_entity(_store, _entity_id, _from_seq, _max), do: nif_missing()
+  def read_shard(_store, _shard, _after, _max), do: nif_missing()
+  def head(_store, _entity_id), do: nif_missing()
+  def verify_entity(_store, _entity_id), do: nif_missing()
+  def verify_shard(_store, _shard, _max_problems), do: nif_missing()
+  def stats(_store), do: nif_missing()
+  def fault_panic, do: nif_missing()
+end

@@ -1,0 +1,57 @@
+defmodule Kuma.Store do
+  @moduledoc """
+  A running store: the value `Kuma.start/1` returns and every `Kuma` function accepts.
+
+  A store is addressed either by this struct or by its `:name` (an atom). Names are looked
+  up in `:persistent_term` (a constant-time read with no copying); the struct holds the
+  native handle directly. After `Kuma.stop/1`, calls through an old struct return
+  `{:error, :store_closed}` and calls by name `{:error, {:no_store, name}}`.
+
+  Process layout of one store (all under `Kuma.Stores` when started with `Kuma.start/1`,
+  or under your supervisor when started from `{Kuma, opts}`):
+
+      Kuma.Store.Supervisor (rest_for_one)
+      └── Kuma.Store.Owner   opens the shards, owns the native handle, closes it on stop
+  """
+
+  @enforce_keys [:name, :native, :data_dir, :shards, :sync, :decode, :store_id]
+  defstruct @enforce_keys
+
+  @type name :: atom()
+  @type t :: %__MODULE__{
+          name: name(),
+          native: reference(),
+          data_dir: Path.t(),
+          shards: pos_integer(),
+          sync: :normal | :full,
+          decode: :trusted | :safe,
+          store_id: String.t()
+        }
+
+  @doc false
+  def key(name), do: {__MODULE__, name}
+
+  @doc "Resolves a store struct or name."
+  @spec lookup(t() | name()) :: {:ok, t()} | {:error, term()}
+  def lookup(%__MODULE__{} = store), do: {:ok, store}
+
+  def lookup(name) when is_atom(name) do
+    case :persistent_term.get(key(name), nil) do
+      nil -> {:error, {:no_store, name}}
+      store -> {:ok, store}
+    end
+  end
+
+  def lookup(other), do: {:error, {:invalid, :store, "expected a Kuma.Store or a store name, got: #{inspect(other)}"}}
+
+  @doc false
+  def via(name, role), do: {:via, Registry, {Kuma.Registry, {name, role}}}
+
+  @doc false
+  def whereis(name, role) do
+    case Registry.lookup(Kuma.Registry, {name, role}) do
+      [{pid, _}] -> pid
+      [] -> nil
+    end
+  end
+end

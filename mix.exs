@@ -1,0 +1,102 @@
+defmodule Mix.Tasks.Compile.KumaNative do
+  @moduledoc """
+  Builds the Rust NIF (`native/kuma_nif`) with `cargo build --release` and installs it as
+  `priv/native/libkuma_nif.so` of the app's build directory.
+
+  Defined in mix.exs because it must run before the Elixir compiler, when nothing under
+  `lib/` is compiled yet. Cargo runs only when a Rust source, a `Cargo.toml`, `Cargo.lock`
+  or the feature set changed since the installed library was built; otherwise this is a
+  file-time check. The test environment builds with the `fault-injection` feature so tests
+  can provoke panics. hex and the `:rustler` Mix package are not used.
+  """
+  use Mix.Task.Compiler
+
+  @lib "libkuma_nif.so"
+
+  @impl true
+  def run(_args) do
+    root = Path.dirname(Mix.Project.project_file())
+    priv = Path.join(Mix.Project.app_path(), "priv/native")
+    installed = Path.join(priv, @lib)
+    stamp = Path.join(priv, "build.stamp")
+    features = if Mix.env() == :test, do: ["--features", "kuma_nif/fault-injection"], else: []
+    wanted_stamp = Enum.join(["features:" | features], " ")
+
+    sources =
+      Path.wildcard(Path.join(root, "native/**/*.rs")) ++
+        Path.wildcard(Path.join(root, "native/*/Cargo.toml")) ++
+        [Path.join(root, "Cargo.toml"), Path.join(root, "Cargo.lock")]
+
+    stale? =
+      Mix.Utils.stale?(Enum.filter(sources, &File.exists?/1), [installed]) or
+        File.read(stamp) != {:ok, wanted_stamp}
+
+    if stale? do
+      build(root, features)
+      File.mkdir_p!(priv)
+      built = Path.join(root, "target/release/#{@lib}")
+      # Copy to a temporary name and rename: a running VM may have the old library mapped.
+      tmp = installed <> ".tmp"
+      File.cp!(built, tmp)
+      File.rename!(tmp, installed)
+      File.write!(stamp, wanted_stamp)
+      Mix.shell().info("Installed #{Path.relative_to(installed, root)}")
+      {:ok, []}
+    else
+      {:noop, []}
+    end
+  end
+
+  defp build(root, features) do
+    cargo = cargo_path()
+    args = ["build", "--release", "-p", "kuma_nif"] ++ features
+    Mix.shell().info("Building the Rust NIF: cargo #{Enum.join(args, " ")}")
+
+    case System.cmd(cargo, args, cd: root, stderr_to_stdout: true, into: IO.stream(:stdio, :line)) do
+      {_, 0} -> :ok
+      {_, status} -> Mix.raise("cargo build failed with exit status #{status}")
+    end
+  end
+
+  defp cargo_path do
+    System.find_executable("cargo") ||
+      Enum.find([Path.expand("~/.cargo/bin/cargo")], &File.exists?/1) ||
+      Mix.raise("cargo not found: install Rust (https://rustup.rs) or put cargo on PATH")
+  end
+end
+
+defmodule Kuma.MixProject do
+  use Mix.Project
+
+  def project do
+    [
+      app: :kuma,
+      version: "0.1.0",
+      elixir: "~> 1.14",
+      start_permanent: Mix.env() == :prod,
+      compilers: [:kuma_native] ++ Mix.compilers(),
+      elixirc_paths: elixirc_paths(Mix.env()),
+      deps: [],
+      aliases: aliases(),
+      test_coverage: [summary: [threshold: 0]],
+      name: "Kuma",
+      docs: [main: "readme"]
+    ]
+  end
+
+  def application do
+    [
+      extra_applications: [:logger],
+      mod: {Kuma.Application, []}
+    ]
+  end
+
+  defp elixirc_paths(:test), do: ["lib", "test/support"]
+  defp elixirc_paths(_), do: ["lib"]
+
+  defp aliases do
+    [
+      bench: ["run bench/run.exs"]
+    ]
+  end
+end

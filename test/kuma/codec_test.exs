@@ -1,0 +1,67 @@
+defmodule Kuma.CodecTest do
+  use Kuma.StoreCase, async: true
+  doctest Kuma.Codec
+
+  alias Kuma.Codec
+
+  test "types follow the documented rules" do
+    assert Codec.event_type(%URI{}) == "URI"
+    assert Codec.event_type({:credited, 1}) == "credited"
+    assert Codec.event_type({"credited", 1}) == "credited"
+    assert Codec.event_type({nil, 1}) == ""
+    assert Codec.event_type({true, 1}) == ""
+    assert Codec.event_type({:a, 1, 2}) == ""
+    assert Codec.event_type("plain") == ""
+  end
+
+  test "metadata must be a map; empty metadata is stored as nothing" do
+    assert {:ok, <<>>} = Codec.encode_metadata(nil)
+    assert {:ok, <<>>} = Codec.encode_metadata(%{})
+    assert {:ok, bin} = Codec.encode_metadata(%{a: 1})
+    assert Codec.decode_metadata(bin) == %{a: 1}
+    assert {:error, {:invalid, :metadata, _}} = Codec.encode_metadata(a: 1)
+  end
+
+  # An atom that this VM has never seen, spelled in external term format by hand so that
+  # the test itself does not create it.
+  defp unknown_atom_term do
+    name = "kuma_never_seen_atom_#{System.unique_integer([:positive])}"
+    <<131, 119, byte_size(name), name::binary>>
+  end
+
+  test "an unknown atom decodes under :trusted and raises under :safe" do
+    bytes = unknown_atom_term()
+    assert_raise ArgumentError, fn -> :erlang.binary_to_term(bytes, [:safe]) end
+    assert_raise Kuma.DecodeError, ~r/decode: :safe/, fn -> Codec.decode!(bytes, "", "e", 1, :safe) end
+    assert is_atom(Codec.decode!(bytes, "", "e", 1, :trusted))
+  end
+
+  test "malformed bytes raise a DecodeError naming the event" do
+    assert_raise Kuma.DecodeError, ~r/event 3 of entity "e"/, fn ->
+      Codec.decode!(<<131, 255>>, "", "e", 3, :trusted)
+    end
+  end
+
+  @tag store: false
+  test "reading an event with an unknown atom: :trusted decodes it, :safe raises", %{dir: dir} do
+    for {mode, i} <- [trusted: 1, safe: 2] do
+      name = :"codec_#{mode}_#{System.unique_integer([:positive])}"
+      {:ok, store} = Kuma.start(name: name, data_dir: Path.join(dir, "#{i}"), shards: 1, decode: mode)
+      # Queue the crafted payload through the NIF, as if another VM had written it.
+      ref = make_ref()
+      {:ok, :ok} = Kuma.Native.append(store.native, ref, "e", nil, [{"", <<>>, unknown_atom_term()}])
+      assert_receive {:kuma_reply, ^ref, {:ok, _}}
+
+      case mode do
+        :trusted ->
+          assert [%{data: atom}] = Enum.to_list(Kuma.stream(store, "e"))
+          assert is_atom(atom) and Atom.to_string(atom) =~ "kuma_never_seen_atom_"
+
+        :safe ->
+          assert_raise Kuma.DecodeError, fn -> Enum.to_list(Kuma.stream(store, "e")) end
+      end
+
+      :ok = Kuma.stop(store)
+    end
+  end
+end

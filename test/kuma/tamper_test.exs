@@ -1,0 +1,53 @@
+defmodule Kuma.TamperTest do
+  # Promise 4: a tampered or corrupted event is detected by verify.
+  use Kuma.StoreCase, async: true
+
+  @moduletag store: false
+
+  setup %{dir: dir, name: name} do
+    {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 1)
+
+    {:ok, 10} =
+      Kuma.append(store, "victim", for(i <- 1..10, do: {:deposited, "MARK-#{i}-#{String.duplicate("v", 40)}"}))
+
+    {:ok, 10} = Kuma.append(store, "bystander", for(i <- 1..10, do: {:deposited, i}))
+    :ok = Kuma.stop(store)
+    %{shard: Path.join(dir, "shards/000.kuma")}
+  end
+
+  defp reopen(%{dir: dir, name: name}), do: Kuma.start(name: name, data_dir: dir, shards: 1)
+
+  @tag :sqlite3_cli
+  test "a row altered with the sqlite3 CLI is caught", %{shard: shard} = ctx do
+    sqlite3 = System.find_executable("sqlite3") || flunk("sqlite3 CLI not installed (bin/setup installs it)")
+    # Change the payload of seq 4 of the first entity (eid 1 = "victim").
+    {_, 0} = System.cmd(sqlite3, [shard, "UPDATE events SET payload = X'836400' WHERE eid = 1 AND seq = 4;"])
+    {:ok, store} = reopen(ctx)
+    assert {:error, {:tampered, 4, why}} = Kuma.verify(store, "victim")
+    assert why =~ "hash"
+    assert {:ok, %{events: 10}} = Kuma.verify(store, "bystander")
+    assert {:error, {:tampered, [%{entity_id: "victim", seq: 4, shard: 0}]}} = Kuma.verify_store(store)
+  end
+
+  @tag :sqlite3_cli
+  test "a deleted row and a reordered row are caught", %{shard: shard} = ctx do
+    sqlite3 = System.find_executable("sqlite3") || flunk("sqlite3 CLI not installed (bin/setup installs it)")
+    {_, 0} = System.cmd(sqlite3, [shard, "DELETE FROM events WHERE eid = 1 AND seq = 6;"])
+    {:ok, store} = reopen(ctx)
+    assert {:error, {:tampered, 6, _}} = Kuma.verify(store, "victim")
+    :ok = Kuma.stop(store)
+    {_, 0} = System.cmd(sqlite3, [shard, "UPDATE events SET seq = 2 WHERE eid = 2 AND seq = 3;"])
+    {:ok, store} = reopen(ctx)
+    assert {:error, {:tampered, 3, _}} = Kuma.verify(store, "bystander")
+  end
+
+  test "a flipped byte in the file is caught, and the chain names its seq", %{shard: shard} = ctx do
+    bytes = File.read!(shard)
+    {offset, _} = :binary.match(bytes, "MARK-7-")
+    <<before::binary-size(offset), c, rest::binary>> = bytes
+    File.write!(shard, <<before::binary, Bitwise.bxor(c, 0x20), rest::binary>>)
+    {:ok, store} = reopen(ctx)
+    assert {:error, {:tampered, 7, _}} = Kuma.verify(store, "victim")
+    assert {:ok, %{events: 10}} = Kuma.verify(store, "bystander")
+  end
+end

@@ -1,0 +1,43 @@
+defmodule Kuma.StoreCase do
+  @moduledoc """
+  Test case template: every test gets its own data directory and a running store
+  (4 shards unless `@tag store_opts: [...]` says otherwise), stopped and deleted afterwards.
+  `@tag store: false` gives only the directory and a fresh name.
+  """
+  use ExUnit.CaseTemplate
+
+  using do
+    quote do
+      import Kuma.StoreCase
+    end
+  end
+
+  setup context do
+    dir = Path.join(System.tmp_dir!(), "kuma_test_#{System.unique_integer([:positive])}")
+    name = :"kuma_test_#{System.unique_integer([:positive])}"
+
+    on_exit(fn ->
+      Kuma.stop(name)
+      File.rm_rf!(dir)
+    end)
+
+    if Map.get(context, :store, true) do
+      opts = Keyword.merge([name: name, data_dir: dir, shards: 4], Map.get(context, :store_opts, []))
+      {:ok, store} = Kuma.start(opts)
+      %{store: store, dir: dir, name: name}
+    else
+      %{dir: dir, name: name}
+    end
+  end
+
+  @doc "The seqs of an entity's events, read back from storage."
+  def seqs(store, id) do
+    {:ok, events} = Kuma.events(store, id)
+    Enum.map(events, & &1.seq)
+  end
+
+  @doc "Every regular file under `dir`, recursively."
+  def files_under(dir) do
+    Path.wildcard(Path.join(dir, "**"), match_dot: true) |> Enum.filter(&File.regular?/1)
+  end
+end
