@@ -18,7 +18,9 @@
 //! `runs` and `eager-heads` are kept so the layout study in docs/storage-format.md can be rerun.
 //!
 //! Patterns (`--pattern`): `entity` = each batch is `--batch` events of one entity (an
-//! `append` of a list); `scatter` = each event of a batch belongs to a random entity.
+//! `append` of a list), and `--group K` batches share a transaction (default 1; Kuma's group
+//! commit merges the appends queued at a shard the same way); `scatter` = each event of a
+//! batch belongs to a random entity.
 //!
 //! Prints one line of JSON with the figures.
 
@@ -48,6 +50,7 @@ struct Args {
     shards: usize,
     threads: usize,
     batch: usize,
+    group: usize,
     payload: usize,
     full_sync: bool,
     layout: Layout,
@@ -62,6 +65,7 @@ fn parse_args() -> Result<Args, String> {
         shards: 16,
         threads: 2,
         batch: 100,
+        group: 1,
         payload: 200,
         full_sync: false,
         layout: Layout::Plain,
@@ -80,6 +84,7 @@ fn parse_args() -> Result<Args, String> {
             "--shards" => a.shards = num()?.max(1) as usize,
             "--threads" => a.threads = num()?.max(1) as usize,
             "--batch" => a.batch = num()?.max(1) as usize,
+            "--group" => a.group = num()?.max(1) as usize,
             "--payload" => a.payload = num()? as usize,
             "--sync" => {
                 a.full_sync = match val.as_str() {
@@ -159,7 +164,8 @@ fn plan(a: &Args) -> Vec<Vec<(usize, Txn)>> {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut seqs = vec![0u64; a.entities as usize];
     let mut per_thread: Vec<Vec<(usize, Txn)>> = vec![Vec::new(); a.threads];
-    // Per shard, an open transaction being filled (scatter) until it holds `batch` events.
+    // Per shard, an open transaction being filled until it holds `batch` (scatter) or
+    // `batch * group` (entity) events.
     let mut open_txn: Vec<Txn> = vec![Vec::new(); a.shards];
     let mut written = 0;
     while written < a.events {
@@ -167,14 +173,15 @@ fn plan(a: &Args) -> Vec<Vec<(usize, Txn)>> {
             Pattern::Entity => {
                 let e = rng.next() % a.entities;
                 let n = (a.batch as u64).min(a.events - written);
-                let txn = (0..n)
-                    .map(|_| {
-                        seqs[e as usize] += 1;
-                        (e, seqs[e as usize])
-                    })
-                    .collect();
                 let s = shard_of(e);
-                per_thread[s % a.threads].push((s, txn));
+                for _ in 0..n {
+                    seqs[e as usize] += 1;
+                    open_txn[s].push((e, seqs[e as usize]));
+                }
+                // `--group` appends share one transaction, as Kuma's group commit does.
+                if open_txn[s].len() >= a.batch * a.group {
+                    per_thread[s % a.threads].push((s, std::mem::take(&mut open_txn[s])));
+                }
                 written += n;
             }
             Pattern::Scatter => {
@@ -359,11 +366,12 @@ fn main() {
     drop(thread_conns);
     let _ = std::fs::remove_dir_all(&a.dir);
     println!(
-        "{{\"events\":{total},\"seconds\":{secs:.3},\"events_per_sec\":{:.0},\"layout\":\"{:?}\",\"pattern\":\"{:?}\",\"batch\":{},\"shards\":{},\"threads\":{},\"sync\":\"{}\",\"sqlite\":\"{}\"}}",
+        "{{\"events\":{total},\"seconds\":{secs:.3},\"events_per_sec\":{:.0},\"layout\":\"{:?}\",\"pattern\":\"{:?}\",\"batch\":{},\"group\":{},\"shards\":{},\"threads\":{},\"sync\":\"{}\",\"sqlite\":\"{}\"}}",
         total as f64 / secs,
         a.layout,
         a.pattern,
         a.batch,
+        a.group,
         a.shards,
         a.threads,
         if a.full_sync { "full" } else { "normal" },

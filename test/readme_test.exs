@@ -1,0 +1,15 @@
+defmodule Kuma.ReadmeTest do
+  # The README's usage example must run as written (with a temporary data dir).
+  use ExUnit.Case, async: true
+
+  test "the README example runs" do
+    readme = File.read!(Path.expand("../README.md", __DIR__))
+    [_, code] = Regex.run(~r/## Using it\s+```elixir\n(.*?)```/s, readme)
+    dir = Path.join(System.tmp_dir!(), "kuma_readme_#{System.unique_integer([:positive])}")
+    on_exit(fn -> File.rm_rf!(dir) end)
+    code = String.replace(code, ~s(data_dir: "data"), ~s(data_dir: #{inspect(dir)}))
+    code = String.replace(code, "name: :bank", "name: :readme_bank")
+    assert {:ok, _} = Kuma.Store.Config.validate(name: :readme_bank, data_dir: dir)
+    Code.eval_string(code)
+  end
+end
