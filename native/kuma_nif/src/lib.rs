@@ -160,7 +160,10 @@ impl Encoder for Events {
 }
 
 /// Sends `{:kuma_reply, ref, message}` to the calling process from a writer thread.
-fn replier<'a>(env: Env<'a>, reference: Term<'a>) -> Result<(OwnedEnv, rustler::env::SavedTerm, rustler::LocalPid), Error> {
+fn replier<'a>(
+    env: Env<'a>,
+    reference: Term<'a>,
+) -> Result<(OwnedEnv, rustler::env::SavedTerm, rustler::LocalPid), Error> {
     if !reference.is_ref() {
         return Err(Error::Invalid { what: "reply_ref", why: "must be a reference".into() });
     }
@@ -409,12 +412,8 @@ struct Report(ShardReport);
 
 impl Encoder for Report {
     fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
-        let problems: Vec<Term<'a>> = self
-            .0
-            .problems
-            .iter()
-            .map(|p| (bin(env, &p.entity_id), p.seq, p.why.as_str()).encode(env))
-            .collect();
+        let problems: Vec<Term<'a>> =
+            self.0.problems.iter().map(|p| (bin(env, &p.entity_id), p.seq, p.why.as_str()).encode(env)).collect();
         let pairs = [
             (atoms::entities().encode(env), self.0.entities.encode(env)),
             (atoms::events().encode(env), self.0.events.encode(env)),
