@@ -185,6 +185,50 @@ defmodule Kuma.Bench.W1 do
   end
 end
 
+defmodule Kuma.Bench.NifCost do
+  @moduledoc false
+  # How long an append NIF call holds its scheduler, by size, on the normal and the dirty
+  # CPU path. Measured against a closed store so only decoding and copying are timed
+  # (queueing adds a channel send).
+
+  def run(quick) do
+    dir = Path.join(System.tmp_dir!(), "kuma_bench_nif_#{System.unique_integer([:positive])}")
+    {:ok, store} = Kuma.start(name: :bench_nif, data_dir: dir, shards: 1)
+    :ok = Kuma.stop(store)
+    event = Kuma.Bench.W1.payload_event(200)
+    reps = if quick, do: 200, else: 1000
+
+    rows =
+      for n <- [1, 10, 100, 200, 500, 1000] do
+        {:ok, encoded, bytes} = Kuma.Codec.encode_events(List.duplicate(event, n), nil)
+        normal = time(reps, fn ref -> Kuma.Native.append(store.native, ref, "e", nil, encoded) end)
+        dirty = time(reps, fn ref -> Kuma.Native.append_dirty(store.native, ref, "e", nil, encoded) end)
+
+        IO.puts(
+          "  #{n} events (#{bytes} B): normal p50 #{normal.p50} us p99 #{normal.p99} us, dirty p50 #{dirty.p50} us"
+        )
+
+        %{events: n, bytes: bytes, normal: normal, dirty: dirty}
+      end
+
+    File.rm_rf!(dir)
+    %{rows: rows}
+  end
+
+  defp time(reps, fun) do
+    sorted =
+      for _ <- 1..reps do
+        ref = make_ref()
+        t0 = System.monotonic_time(:nanosecond)
+        {:error, :store_closed} = fun.(ref)
+        System.monotonic_time(:nanosecond) - t0
+      end
+      |> Enum.sort()
+
+    %{p50: div(Enum.at(sorted, div(reps, 2)), 1000), p99: div(Enum.at(sorted, div(reps * 99, 100)), 1000)}
+  end
+end
+
 defmodule Kuma.Bench do
   @moduledoc false
   alias Kuma.Bench.{Ceiling, Machine, Progress, W1}
@@ -194,7 +238,7 @@ defmodule Kuma.Bench do
   def main(args) do
     {opts, workloads, _} = OptionParser.parse(args, strict: [quick: :boolean])
     quick = Keyword.get(opts, :quick, false)
-    workloads = if workloads == [], do: ["W1"], else: Enum.map(workloads, &String.upcase/1)
+    workloads = if workloads == [], do: ["W1", "NIF"], else: Enum.map(workloads, &String.upcase/1)
     facts = Machine.facts()
 
     IO.puts(
@@ -207,7 +251,8 @@ defmodule Kuma.Bench do
       for w <- workloads, into: %{} do
         case w do
           "W1" -> {"W1", w1(quick)}
-          other -> Mix.raise("unknown workload #{other}; known: W1")
+          "NIF" -> {"NIF", nif(quick)}
+          other -> Mix.raise("unknown workload #{other}; known: W1, NIF")
         end
       end
 
@@ -295,6 +340,11 @@ defmodule Kuma.Bench do
     )
 
     %{params: p, rows: rows}
+  end
+
+  defp nif(quick) do
+    IO.puts("NIF: time an append call holds its scheduler (decode + copy), by size")
+    Kuma.Bench.NifCost.run(quick)
   end
 
   defp verdict(true), do: "met"

@@ -46,9 +46,11 @@ defmodule Kuma do
   alias Kuma.{Codec, Native, Store}
 
   @default_timeout 30_000
-  # Above these, an append is decoded on a dirty CPU scheduler (copying it may exceed ~100 µs).
-  @dirty_events 1_000
-  @dirty_bytes 256 * 1024
+  # Above these, an append is decoded on a dirty CPU scheduler: decoding and copying cost
+  # ~0.25 µs per event and ~1 µs per 4 KiB on this machine (docs/benchmarks.md, "NIF call
+  # cost"), so these keep a normal scheduler near 20 µs (p50) and under 100 µs (p99).
+  @dirty_events 100
+  @dirty_bytes 64 * 1024
 
   @type store :: Store.t() | Store.name()
   @type entity_id :: binary()
