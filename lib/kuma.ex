@@ -168,23 +168,47 @@ defmodule Kuma do
   * `:timeout` - milliseconds to wait for the commit (default 30,000); on `{:error, :timeout}`
     the append may still commit later
   """
-  @spec append(store(), entity_id(), term() | [term()], keyword()) :: {:ok, pos_integer()} | {:error, reason()}
-  def append(store, entity_id, events, opts \\ []) do
-    case append_details(store, entity_id, events, opts) do
-      {:ok, {_first, last_seq, _first_pos, _last_pos, _ts, _hash}} -> {:ok, last_seq}
+  @spec append(store() | Kuma.Entity.t(), entity_id() | term(), term(), keyword()) ::
+          {:ok, pos_integer()} | {:error, reason()}
+  def append(store_or_entity, entity_id_or_events, events_or_opts \\ [], opts \\ [])
+
+  def append(%Kuma.Entity{} = entity, events, opts, []) when is_list(opts), do: Kuma.Entity.append(entity, events, opts)
+
+  def append(store, entity_id, events, opts) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- check_options(opts, [:expected_seq, :metadata, :timeout]),
+         :ok <- check_entity_id(entity_id) do
+      events = List.wrap(events)
+
+      case Kuma.Entity.whereis(s, entity_id) do
+        nil -> direct_last_seq(s, entity_id, events, opts)
+        pid -> append_via(pid, s, entity_id, events, opts)
+      end
+    end
+  end
+
+  defp direct_last_seq(s, entity_id, events, opts) do
+    case append_direct(s, entity_id, events, opts) do
+      {:ok, details} -> {:ok, elem(details, 1)}
       error -> error
     end
   end
 
-  @doc false
-  # Like append/4 but returns {first_seq, last_seq, first_pos, last_pos, timestamp_us, last_hash}.
-  def append_details(store, entity_id, events, opts) do
-    events = if is_list(events), do: events, else: [events]
+  # A live entity is the only writer of its stream: let it append (and fold) the events.
+  # If it stops meanwhile, it is no longer live and storage can be written directly.
+  defp append_via(pid, s, entity_id, events, opts) do
+    GenServer.call(pid, {:append, :any, events, opts}, Keyword.get(opts, :timeout, @default_timeout))
+  catch
+    :exit, {:timeout, _} -> {:error, :timeout}
+    :exit, _ -> direct_last_seq(s, entity_id, events, opts)
+  end
 
-    with {:ok, s} <- Store.lookup(store),
-         :ok <- check_options(opts, [:expected_seq, :metadata, :timeout]),
-         :ok <- check_entity_id(entity_id),
-         {:ok, expected} <- expected_seq(Keyword.get(opts, :expected_seq)),
+  @doc false
+  # Writes to storage without looking for a live entity (used by the entity itself and for
+  # cold entities). Returns {first_seq, last_seq, first_pos, last_pos, timestamp_us, last_hash}.
+  @spec append_direct(Store.t(), entity_id(), [term()], keyword()) :: {:ok, tuple()} | {:error, reason()}
+  def append_direct(%Store{} = s, entity_id, events, opts) do
+    with {:ok, expected} <- expected_seq(Keyword.get(opts, :expected_seq)),
          {:ok, encoded, bytes} <- Codec.encode_events(events, Keyword.get(opts, :metadata)) do
       ref = make_ref()
 
@@ -223,34 +247,75 @@ defmodule Kuma do
   def append_batch(store, entries, opts) when is_list(entries) do
     with {:ok, s} <- Store.lookup(store),
          :ok <- check_options(opts, [:timeout]),
-         {:ok, encoded, events, bytes} <- encode_entries(entries) do
-      ref = make_ref()
+         {:ok, encoded} <- encode_entries(entries) do
+      timeout = Keyword.get(opts, :timeout, @default_timeout)
+      # Entries of live entities go through their process (the single writer); the rest
+      # go to storage in one NIF call.
+      {live, cold} =
+        entries
+        |> Enum.zip(encoded)
+        |> Enum.with_index()
+        |> Enum.split_with(fn {{_raw, {{id, _, _}, _, _}}, _i} -> Kuma.Entity.whereis(s, id) != nil end)
 
-      queued =
-        if events > @dirty_events or bytes > @dirty_bytes,
-          do: Native.append_batch_dirty(s.native, ref, encoded),
-          else: Native.append_batch(s.native, ref, encoded)
+      with {:ok, cold_results} <- append_cold(s, cold, timeout) do
+        live_results =
+          Enum.map(live, fn {{raw, {{id, _, _}, _, _}}, i} ->
+            {events, entry_opts} = raw_entry(raw)
+            {i, append(s, id, events, Keyword.put(entry_opts, :timeout, timeout))}
+          end)
 
-      with {:ok, :ok} <- queued do
-        case await(ref, Keyword.get(opts, :timeout, @default_timeout)) do
-          results when is_list(results) -> batch_result(results)
-          {:error, reason} -> {:error, reason}
-        end
+        (cold_results ++ live_results)
+        |> Enum.sort_by(&elem(&1, 0))
+        |> Enum.map(&elem(&1, 1))
+        |> batch_result()
       end
     end
   end
 
   def append_batch(_store, _entries, _opts), do: {:error, {:invalid, :entries, "must be a list"}}
 
+  defp raw_entry({_id, events}), do: {List.wrap(events), []}
+  defp raw_entry({_id, events, opts}), do: {List.wrap(events), opts}
+
+  defp append_cold(_s, [], _timeout), do: {:ok, []}
+
+  defp append_cold(s, cold, timeout) do
+    sized = Enum.map(cold, fn {{_raw, sized}, _i} -> sized end)
+    encoded = Enum.map(sized, &elem(&1, 0))
+    events = sized |> Enum.map(&elem(&1, 1)) |> Enum.sum()
+    bytes = sized |> Enum.map(&elem(&1, 2)) |> Enum.sum()
+    ref = make_ref()
+
+    queued =
+      if events > @dirty_events or bytes > @dirty_bytes,
+        do: Native.append_batch_dirty(s.native, ref, encoded),
+        else: Native.append_batch(s.native, ref, encoded)
+
+    with {:ok, :ok} <- queued do
+      case await(ref, timeout) do
+        results when is_list(results) ->
+          indexes = Enum.map(cold, &elem(&1, 1))
+          {:ok, Enum.zip(indexes, Enum.map(results, &last_seq/1))}
+
+        {:error, reason} ->
+          {:error, reason}
+      end
+    end
+  end
+
+  defp last_seq({:ok, details}), do: {:ok, elem(details, 1)}
+  defp last_seq(error), do: error
+
+  # Validates and encodes every entry: [{{id, expected, encoded_events}, event_count, bytes}].
   defp encode_entries(entries) do
-    Enum.reduce_while(entries, {:ok, [], 0, 0}, fn entry, {:ok, acc, n, bytes} ->
+    Enum.reduce_while(entries, {:ok, []}, fn entry, {:ok, acc} ->
       case encode_entry(entry) do
-        {:ok, encoded, count, size} -> {:cont, {:ok, [encoded | acc], n + count, bytes + size}}
+        {:ok, encoded, count, size} -> {:cont, {:ok, [{encoded, count, size} | acc]}}
         {:error, _} = error -> {:halt, error}
       end
     end)
     |> case do
-      {:ok, acc, n, bytes} -> {:ok, Enum.reverse(acc), n, bytes}
+      {:ok, acc} -> {:ok, Enum.reverse(acc)}
       error -> error
     end
   end
@@ -274,16 +339,9 @@ defmodule Kuma do
        {:invalid, :entries, "expected {entity_id, events} or {entity_id, events, opts}, got: #{inspect(other)}"}}
 
   defp batch_result(results) do
-    if Enum.all?(results, &match?({:ok, _}, &1)) do
-      {:ok, Enum.map(results, fn {:ok, details} -> elem(details, 1) end)}
-    else
-      {:error,
-       {:partial,
-        Enum.map(results, fn
-          {:ok, details} -> {:ok, elem(details, 1)}
-          error -> error
-        end)}}
-    end
+    if Enum.all?(results, &match?({:ok, _}, &1)),
+      do: {:ok, Enum.map(results, fn {:ok, seq} -> seq end)},
+      else: {:error, {:partial, results}}
   end
 
   defp await(ref, timeout) do
@@ -299,6 +357,67 @@ defmodule Kuma do
   def flush(store) do
     with {:ok, s} <- Store.lookup(store), {:ok, :ok} <- Native.flush(s.native), do: :ok
   end
+
+  # -- entities -------------------------------------------------------------------------
+
+  @doc """
+  A handle to the entity `id` of `aggregate` (see `Kuma.Aggregate`); starts nothing.
+  Without an aggregate (`entity/2`), the entity's state is its latest event
+  (`Kuma.Aggregate.Latest`). See `Kuma.Entity` for how entities live and are passivated.
+  """
+  @spec entity(store(), module(), entity_id()) :: Kuma.Entity.t()
+  def entity(store, aggregate \\ Kuma.Aggregate.Latest, id)
+  def entity(store, aggregate, id), do: Kuma.Entity.new(store, aggregate, id)
+
+  @doc """
+  Decides `command` with the aggregate's `handle/2` against the entity's current state,
+  appends the resulting events and folds them into the state, in the entity's process.
+
+  Returns `{:ok, seq}` (the entity's seq after the command; unchanged if the command
+  produced no events) or `{:error, reason}`; on error nothing was written. Reasons include
+  the aggregate's own (`{:error, :insufficient_funds}`), `{:no_handle, aggregate}`,
+  `{:unknown_aggregate, module}`, `{:aggregate_mismatch, live_aggregate}`,
+  `{:wrong_expected_seq, expected, actual}` (with `expected_seq:`),
+  `{:user_code_crashed, :handle | :apply, message}` and the storage errors of `append/4`.
+
+  Options: `:expected_seq`, `:metadata`, `:timeout` (default 30,000 ms).
+  """
+  @spec execute(Kuma.Entity.t(), term(), keyword()) :: {:ok, non_neg_integer()} | {:error, reason()}
+  defdelegate execute(entity, command, opts \\ []), to: Kuma.Entity
+
+  @doc "The entity's current state, served from memory; raises `Kuma.Error` if it cannot be loaded."
+  @spec read(Kuma.Entity.t()) :: term()
+  defdelegate read(entity), to: Kuma.Entity
+
+  @doc "Like `read/1` but returns `{:ok, state}` or `{:error, reason}`."
+  @spec fetch(Kuma.Entity.t()) :: {:ok, term()} | {:error, reason()}
+  defdelegate fetch(entity), to: Kuma.Entity
+
+  @doc """
+  Time travel: the entity's state after event `seq: n`, or as of `at: %DateTime{}`,
+  rebuilt from storage with the aggregate (snapshots are used where they help).
+  """
+  @spec read_at(Kuma.Entity.t(), keyword()) :: {:ok, term()} | {:error, reason()}
+  defdelegate read_at(entity, opts), to: Kuma.Entity
+
+  @doc """
+  The entity's events (`Kuma.Envelope`s with seq, type, timestamp, metadata, hash), their
+  data upcast by the store's and the aggregate's upcasters. Options: `:from`, `:limit`.
+  """
+  @spec history(Kuma.Entity.t(), keyword()) :: {:ok, [Kuma.Envelope.t()]} | {:error, reason()}
+  defdelegate history(entity, opts \\ []), to: Kuma.Entity
+
+  @doc "Stops the entity's process now (it reloads on next use)."
+  @spec passivate(Kuma.Entity.t()) :: :ok | {:error, reason()}
+  defdelegate passivate(entity), to: Kuma.Entity
+
+  @doc """
+  `{:ok, %{live: false}}` or `{:ok, %{live: true, seq: n, snapshot_seq: s, replayed_on_load: r, ...}}`:
+  whether the entity is live, and how its last load went (from which snapshot, how many
+  events were replayed).
+  """
+  @spec entity_info(Kuma.Entity.t()) :: {:ok, map()} | {:error, reason()}
+  defdelegate entity_info(entity), to: Kuma.Entity, as: :info
 
   # -- reading --------------------------------------------------------------------------
 
@@ -377,7 +496,7 @@ defmodule Kuma do
     with {:ok, s} <- Store.lookup(store),
          {:ok, tuples} <- Native.read_entity(s.native, entity_id, from, max) do
       shard = Native.shard_for(entity_id, s.shards)
-      {:ok, Enum.map(tuples, &Codec.envelope(&1, shard, s.decode))}
+      {:ok, Enum.map(tuples, &Codec.envelope(&1, shard, s))}
     end
   end
 
@@ -394,7 +513,7 @@ defmodule Kuma do
          :ok <- check_non_neg(:after, after_position),
          :ok <- check_non_neg(:limit, limit),
          {:ok, tuples} <- Native.read_shard(s.native, shard, after_position, limit) do
-      {:ok, Enum.map(tuples, &Codec.envelope(&1, shard, s.decode))}
+      {:ok, Enum.map(tuples, &Codec.envelope(&1, shard, s))}
     end
   end
 
@@ -527,6 +646,17 @@ defmodule Kuma do
   def format_error({:tampered, seq, why}) when is_integer(seq), do: "chain broken at seq #{seq}: #{why}"
   def format_error({:tampered, problems}) when is_list(problems), do: "#{length(problems)} broken entity chain(s)"
   def format_error({:panic, message}), do: "internal error in Kuma's native code (the VM is unaffected): #{message}"
+  def format_error({:unknown_aggregate, module}), do: "#{inspect(module)} is not an aggregate of this store"
+
+  def format_error({:aggregate_mismatch, live}),
+    do: "the entity is live as a #{inspect(live)}; entity ids name one stream, whatever the aggregate"
+
+  def format_error({:no_handle, module}), do: "#{inspect(module)} has no handle/2, so it takes no commands"
+  def format_error({:user_code_crashed, where, message}), do: "#{where} raised (nothing was written): #{message}"
+  def format_error({:replay_failed, seq, message}), do: "replaying event #{seq} failed: #{message}"
+  def format_error({:init_failed, _, message}), do: "init/1 failed: #{message}"
+  def format_error({:entity_down, reason}), do: "the entity's process exited: #{inspect(reason)}"
+  def format_error({:entity_start_failed, reason}), do: "the entity's process could not start: #{inspect(reason)}"
   def format_error({:partial, results}), do: "#{Enum.count(results, &match?({:error, _}, &1))} batch entries failed"
   def format_error(:timeout), do: "timed out waiting for the commit; the append may still complete"
   def format_error(other), do: inspect(other)

@@ -235,8 +235,12 @@ defmodule KumaTest do
       {:ok, sup} = Supervisor.start_link([{Kuma, name: name, data_dir: dir, shards: 2}], strategy: :one_for_one)
       {:ok, 1} = Kuma.append(name, "c", :one)
       owner = Kuma.Store.whereis(name, :owner)
+      {:ok, %{native: old_native}} = Kuma.Store.lookup(name)
       Process.exit(owner, :kill)
-      assert eventually(fn -> match?({:ok, 2}, Kuma.append(name, "c", :two)) end)
+      # The supervisor restarts the owner, which closes the old handle and reopens the shards.
+      assert eventually(fn -> match?({:ok, %{native: n}} when n != old_native, Kuma.Store.lookup(name)) end)
+      assert {:error, :store_closed} = Kuma.Native.flush(old_native)
+      assert {:ok, 2} = Kuma.append(name, "c", :two)
       assert seqs(name, "c") == [1, 2]
       Supervisor.stop(sup)
       assert {:error, {:no_store, ^name}} = Kuma.append(name, "c", :three)

@@ -5,7 +5,7 @@ defmodule Kuma.Application do
   @impl true
   def start(_type, _args) do
     children = [
-      {Registry, keys: :unique, name: Kuma.Registry},
+      {Registry, keys: :unique, name: Kuma.Registry, partitions: System.schedulers_online()},
       {DynamicSupervisor, name: Kuma.Stores, strategy: :one_for_one}
     ]
 

@@ -92,21 +92,30 @@ defmodule Kuma.Codec do
   def decode_metadata(bytes), do: decode!(bytes, "", nil, nil, :trusted)
 
   @doc false
-  # Builds an envelope from the NIF's event tuple. `mode` is the store's :decode option.
-  @spec envelope(tuple(), non_neg_integer(), :trusted | :safe) :: Kuma.Envelope.t()
-  def envelope({entity_id, seq, position, ts, type, meta, payload, hash}, shard, mode \\ :trusted) do
-    %Kuma.Envelope{
+  # Builds an envelope from the NIF's event tuple, decoding with the store's :decode mode
+  # and running the store's upcasters on the data.
+  @spec envelope(tuple(), non_neg_integer(), Kuma.Store.t()) :: Kuma.Envelope.t()
+  def envelope({entity_id, seq, position, ts, type, meta, payload, hash}, shard, store) do
+    envelope = %Kuma.Envelope{
       entity_id: entity_id,
       seq: seq,
       position: position,
       shard: shard,
       type: type,
       timestamp: ts,
-      metadata: if(meta == <<>>, do: %{}, else: decode!(meta, "", entity_id, seq, mode)),
-      data: decode!(payload, type, entity_id, seq, mode),
+      metadata: if(meta == <<>>, do: %{}, else: decode!(meta, "", entity_id, seq, store.decode)),
+      data: decode!(payload, type, entity_id, seq, store.decode),
       hash: hash
     }
+
+    case store.upcasters do
+      [] -> envelope
+      upcasters -> %{envelope | data: Enum.reduce(upcasters, envelope.data, &upcast(&1, &2, envelope))}
+    end
   end
+
+  defp upcast(fun, data, envelope) when is_function(fun, 2), do: fun.(data, envelope)
+  defp upcast(module, data, envelope), do: module.upcast(data, envelope)
 
   @doc """
   Decodes a stored term (see "Payload" above). `type` names a module to load if an atom is

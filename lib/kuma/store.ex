@@ -11,11 +11,27 @@ defmodule Kuma.Store do
   or under your supervisor when started from `{Kuma, opts}`):
 
       Kuma.Store.Supervisor (rest_for_one)
-      └── Kuma.Store.Owner   opens the shards, owns the native handle, closes it on stop
+      ├── Kuma.Store.Owner        opens the shards, owns the native handle and the entity
+      │                           state table; closes the handle on stop
+      ├── PartitionSupervisor     one DynamicSupervisor per scheduler, for entity processes
+      │   └── Kuma.Entity.Server  one per live entity (started on first use)
+      └── Kuma.Entity.Reaper      passivates idle entities and enforces max_live_entities
+
+  `rest_for_one`: if the owner restarts, every entity restarts (lazily, on next use) against
+  the new handle.
   """
 
   @enforce_keys [:name, :native, :data_dir, :shards, :sync, :decode, :store_id]
-  defstruct @enforce_keys
+  defstruct @enforce_keys ++
+              [
+                aggregates: [],
+                upcasters: [],
+                snapshot_every: 100,
+                idle_timeout: :infinity,
+                max_live_entities: :infinity,
+                entities: nil,
+                epoch: nil
+              ]
 
   @type name :: atom()
   @type t :: %__MODULE__{
@@ -25,7 +41,14 @@ defmodule Kuma.Store do
           shards: pos_integer(),
           sync: :normal | :full,
           decode: :trusted | :safe,
-          store_id: String.t()
+          store_id: String.t(),
+          aggregates: [module()],
+          upcasters: [module() | (term(), Kuma.Envelope.t() -> term())],
+          snapshot_every: pos_integer() | nil,
+          idle_timeout: pos_integer() | :infinity,
+          max_live_entities: pos_integer() | :infinity,
+          entities: :ets.tid() | nil,
+          epoch: :atomics.atomics_ref() | nil
         }
 
   @doc false

@@ -13,7 +13,9 @@ defmodule Kuma.StoreCase do
   end
 
   setup context do
-    dir = Path.join(System.tmp_dir!(), "kuma_test_#{System.unique_integer([:positive])}")
+    # Unique across runs too: unique_integer restarts with every VM, /tmp does not.
+    dir = Path.join(System.tmp_dir!(), "kuma_test_#{System.pid()}_#{System.unique_integer([:positive])}")
+    File.rm_rf!(dir)
     name = :"kuma_test_#{System.unique_integer([:positive])}"
 
     on_exit(fn ->

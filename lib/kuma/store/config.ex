@@ -3,8 +3,18 @@ defmodule Kuma.Store.Config do
   # Validates `Kuma.start/1` options into a map. Unknown keys are refused so a typo
   # (`shard: 8`) is an error instead of a silently ignored option.
 
-  @defaults %{name: :kuma, shards: 16, sync: :normal, decode: :trusted}
-  @known [:name, :data_dir, :shards, :sync, :decode]
+  @defaults %{
+    name: :kuma,
+    shards: 16,
+    sync: :normal,
+    decode: :trusted,
+    aggregates: [],
+    upcasters: [],
+    snapshot_every: 100,
+    idle_timeout: :timer.minutes(15),
+    max_live_entities: 100_000
+  }
+  @known Map.keys(@defaults) ++ [:data_dir]
 
   def validate(opts) when is_list(opts) do
     with :ok <- check_keys(opts, @known),
@@ -13,8 +23,14 @@ defmodule Kuma.Store.Config do
          :ok <- check(:data_dir, Map.get(config, :data_dir)),
          :ok <- check(:shards, config.shards),
          :ok <- check(:sync, config.sync),
-         :ok <- check(:decode, config.decode) do
-      {:ok, %{config | data_dir: Path.expand(to_string(config.data_dir))}}
+         :ok <- check(:decode, config.decode),
+         :ok <- check(:aggregates, config.aggregates),
+         :ok <- check(:upcasters, config.upcasters),
+         :ok <- check(:snapshot_every, config.snapshot_every),
+         :ok <- check(:idle_timeout, config.idle_timeout),
+         :ok <- check(:max_live_entities, config.max_live_entities) do
+      aggregates = Enum.uniq([Kuma.Aggregate.Latest | config.aggregates])
+      {:ok, %{config | data_dir: Path.expand(to_string(config.data_dir)), aggregates: aggregates}}
     end
   end
 
@@ -50,4 +66,34 @@ defmodule Kuma.Store.Config do
   defp check(:sync, _), do: {:error, {:invalid, :sync, "must be :normal or :full"}}
   defp check(:decode, d) when d in [:trusted, :safe], do: :ok
   defp check(:decode, _), do: {:error, {:invalid, :decode, "must be :trusted or :safe"}}
+
+  defp check(:aggregates, list) when is_list(list) do
+    Enum.find_value(list, :ok, fn module ->
+      case Kuma.Aggregate.validate(module) do
+        :ok -> nil
+        error -> error
+      end
+    end)
+  end
+
+  defp check(:aggregates, _), do: {:error, {:invalid, :aggregates, "must be a list of modules"}}
+
+  defp check(:upcasters, list) when is_list(list) do
+    if Enum.all?(
+         list,
+         &(is_function(&1, 2) or (is_atom(&1) and Code.ensure_loaded?(&1) and function_exported?(&1, :upcast, 2)))
+       ),
+       do: :ok,
+       else: {:error, {:invalid, :upcasters, "must be a list of 2-arity functions or modules with upcast/2"}}
+  end
+
+  defp check(:upcasters, _), do: {:error, {:invalid, :upcasters, "must be a list"}}
+  defp check(:snapshot_every, n) when (is_integer(n) and n > 0) or n == nil, do: :ok
+  defp check(:snapshot_every, _), do: {:error, {:invalid, :snapshot_every, "must be a positive integer or nil"}}
+  defp check(:idle_timeout, t) when (is_integer(t) and t > 0) or t == :infinity, do: :ok
+  defp check(:idle_timeout, _), do: {:error, {:invalid, :idle_timeout, "must be a positive integer (ms) or :infinity"}}
+  defp check(:max_live_entities, n) when (is_integer(n) and n > 0) or n == :infinity, do: :ok
+
+  defp check(:max_live_entities, _),
+    do: {:error, {:invalid, :max_live_entities, "must be a positive integer or :infinity"}}
 end

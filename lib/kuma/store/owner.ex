@@ -29,7 +29,16 @@ defmodule Kuma.Store.Owner do
           shards: config.shards,
           sync: config.sync,
           decode: config.decode,
-          store_id: info.store_id
+          store_id: info.store_id,
+          aggregates: config.aggregates,
+          upcasters: config.upcasters,
+          snapshot_every: config.snapshot_every,
+          idle_timeout: config.idle_timeout,
+          max_live_entities: config.max_live_entities,
+          # Live entities publish {id, pid, aggregate, state, seq, last_used_epoch} here;
+          # reads are served from it without calling the entity (Kuma.Entity).
+          entities: :ets.new(:kuma_entities, [:set, :public, read_concurrency: true, write_concurrency: true]),
+          epoch: :atomics.new(1, signed: false)
         }
 
         :persistent_term.put(Store.key(config.name), store)
@@ -41,15 +50,13 @@ defmodule Kuma.Store.Owner do
   end
 
   # A previous owner killed without running terminate/2 leaves its handle published and the
-  # data dir locked: close it before opening again.
+  # data dir locked: close it before opening again. The entry stays published until init
+  # replaces it, so callers meanwhile get :store_closed (the store is restarting) rather
+  # than :no_store, and :persistent_term is updated once (each update costs a global GC pass).
   defp close_stale(name) do
     case :persistent_term.get(Store.key(name), nil) do
-      %Store{native: native} ->
-        :persistent_term.erase(Store.key(name))
-        Native.store_close(native)
-
-      nil ->
-        :ok
+      %Store{native: native} -> Native.store_close(native)
+      nil -> :ok
     end
   end
 

@@ -10,7 +10,9 @@ defmodule Kuma.Store.Supervisor do
   @impl true
   def init(config) do
     children = [
-      {Kuma.Store.Owner, config}
+      {Kuma.Store.Owner, config},
+      {PartitionSupervisor, child_spec: DynamicSupervisor, name: Kuma.Store.via(config.name, :entities)},
+      {Kuma.Entity.Reaper, config.name}
     ]
 
     Supervisor.init(children, strategy: :rest_for_one, max_restarts: 3, max_seconds: 5)

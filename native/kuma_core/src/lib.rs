@@ -22,10 +22,10 @@ pub mod writer;
 pub use codec::{Expected, NewEvent, StoredEvent};
 pub use error::{Error, Result};
 pub use heads::Head;
-pub use reader::{EntityVerdict, ShardProblem, ShardReport};
+pub use reader::{EntityVerdict, ShardProblem, ShardReport, Snapshot};
 pub use shard::SyncMode;
 pub use store::{Store, StoreConfig};
-pub use writer::{AppendEntry, Appended, WriterConfig, WriterStats};
+pub use writer::{AppendEntry, Appended, SnapshotRequest, WriterConfig, WriterStats};
 
 impl Store {
     /// Appends and waits for the commit (for Rust callers and tests; the NIF uses the
@@ -33,6 +33,13 @@ impl Store {
     pub fn append_wait(&self, entity_id: &[u8], expected: Expected, events: Vec<NewEvent>) -> Result<Appended> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.append(entity_id.to_vec(), expected, events, Box::new(move |r| drop(tx.send(r))))?;
+        rx.recv().map_err(|_| Error::Closed)?
+    }
+
+    /// `save_snapshot` and wait.
+    pub fn save_snapshot_wait(&self, snapshot: SnapshotRequest) -> Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.save_snapshot(snapshot, Box::new(move |r| drop(tx.send(r))))?;
         rx.recv().map_err(|_| Error::Closed)?
     }
 

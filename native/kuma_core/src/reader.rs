@@ -142,6 +142,70 @@ fn walk(conn: &Connection, entity_id: &[u8], head: &Head, from_seq: u64, to_seq:
     Ok(out)
 }
 
+/// A stored snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub seq: u64,
+    pub version: u32,
+    pub timestamp_us: i64,
+    pub hash: [u8; 32],
+    pub data: Vec<u8>,
+}
+
+/// The latest snapshot of an entity with this `version` and `seq <= max_seq`.
+pub fn latest_snapshot(
+    conn: &Connection,
+    heads: &Heads,
+    entity_id: &[u8],
+    version: u32,
+    max_seq: u64,
+) -> Result<Option<Snapshot>> {
+    let Some(head) = head(conn, heads, entity_id)? else {
+        return Ok(None);
+    };
+    conn.prepare_cached(
+        "SELECT seq, version, ts, hash, data FROM snapshots
+         WHERE eid = ?1 AND seq <= ?2 AND version = ?3 ORDER BY seq DESC LIMIT 1",
+    )
+    .map_err(Error::storage("read snapshot"))?
+    .query_row(params![head.eid, max_seq.min(head.seq) as i64, version], |r| {
+        Ok(Snapshot {
+            seq: r.get::<_, i64>(0)? as u64,
+            version: r.get(1)?,
+            timestamp_us: r.get(2)?,
+            hash: hash_from(r.get_ref(3)?.as_blob().unwrap_or(&[])),
+            data: r.get(4)?,
+        })
+    })
+    .optional()
+    .map_err(Error::storage("read snapshot"))
+}
+
+/// The seq of the entity's last event with a timestamp `<= ts_us` (0 if none). Timestamps
+/// never decrease within an entity, so this is a prefix search: the skip index narrows it to
+/// at most `SKIP_EVERY` events, which are then read.
+pub fn seq_at(conn: &Connection, heads: &Heads, entity_id: &[u8], ts_us: i64) -> Result<u64> {
+    let Some(head) = head(conn, heads, entity_id)? else {
+        return Ok(0);
+    };
+    if head.ts <= ts_us {
+        return Ok(head.seq);
+    }
+    let below: u64 = conn
+        .prepare_cached("SELECT seq FROM skips WHERE eid = ?1 AND ts <= ?2 ORDER BY seq DESC LIMIT 1")
+        .map_err(Error::storage("read skip index"))?
+        .query_row(params![head.eid, ts_us], |r| r.get::<_, i64>(0))
+        .optional()
+        .map_err(Error::storage("read skip index"))?
+        .unwrap_or(0) as u64;
+    let to = head.seq.min(below + crate::shard::SKIP_EVERY);
+    if below + 1 > to {
+        return Ok(below);
+    }
+    let events = walk(conn, entity_id, &head, below + 1, to)?;
+    Ok(events.iter().take_while(|e| e.timestamp_us <= ts_us).last().map_or(below, |e| e.seq))
+}
+
 /// Reads up to `max` events of a shard with position > `after`, in position order.
 pub fn read_shard(conn: &Connection, after: u64, max: usize) -> Result<Vec<StoredEvent>> {
     let mut st = conn

@@ -47,6 +47,15 @@ CREATE TABLE skips (
   ts  INTEGER NOT NULL,
   PRIMARY KEY (eid, seq)
 ) WITHOUT ROWID;
+CREATE TABLE snapshots (
+  eid     INTEGER NOT NULL,
+  seq     INTEGER NOT NULL,
+  version INTEGER NOT NULL,
+  ts      INTEGER NOT NULL,
+  hash    BLOB NOT NULL,
+  data    BLOB NOT NULL,
+  PRIMARY KEY (eid, seq)
+) WITHOUT ROWID;
 ";
 
 /// SQLite `synchronous` setting, chosen per store.

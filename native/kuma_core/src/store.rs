@@ -11,10 +11,10 @@
 use crate::codec::{validate_append, validate_entity_id, Expected, NewEvent, StoredEvent};
 use crate::error::{Error, Result};
 use crate::heads::{Head, Heads};
-use crate::reader::{self, EntityVerdict, ShardReport};
+use crate::reader::{self, EntityVerdict, ShardReport, Snapshot};
 use crate::router::shard_for;
 use crate::shard::{self, ShardIdentity, SyncMode, FORMAT_VERSION};
-use crate::writer::{AppendEntry, Appended, Command, Reply, ShardWriter, WriterConfig, WriterStats};
+use crate::writer::{AppendEntry, Appended, Command, Reply, ShardWriter, SnapshotRequest, WriterConfig, WriterStats};
 use crossbeam_channel::Sender;
 use rusqlite::Connection;
 use std::fs::File;
@@ -46,6 +46,9 @@ impl StoreConfig {
         }
     }
 }
+
+/// Largest snapshot, in bytes.
+pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 
 /// Most shards a store may have.
 pub const MAX_SHARDS: u32 = 1024;
@@ -340,6 +343,33 @@ impl Store {
             senders[shard as usize].send(Command::Append { entries, reply }).map_err(|_| Error::Closed)?;
         }
         Ok(())
+    }
+
+    /// Queues a snapshot of an entity's state as of `snapshot.seq`. `reply` is called once,
+    /// from the writer thread: an error if the entity does not have that seq (yet).
+    pub fn save_snapshot(&self, snapshot: SnapshotRequest, reply: Reply<Result<()>>) -> Result<()> {
+        validate_entity_id(&snapshot.entity_id)?;
+        if snapshot.data.len() > MAX_SNAPSHOT_BYTES {
+            return Err(Error::TooLarge {
+                what: "snapshot",
+                size: snapshot.data.len() as u64,
+                max: MAX_SNAPSHOT_BYTES as u64,
+            });
+        }
+        let shard = self.shard_for(&snapshot.entity_id);
+        self.send(shard, Command::Snapshot { snapshot, reply })
+    }
+
+    /// The latest snapshot of an entity with `version`, at or before `max_seq`.
+    pub fn latest_snapshot(&self, entity_id: &[u8], version: u32, max_seq: u64) -> Result<Option<Snapshot>> {
+        validate_entity_id(entity_id)?;
+        self.with_reader(self.shard_for(entity_id), |c, h| reader::latest_snapshot(c, h, entity_id, version, max_seq))
+    }
+
+    /// The seq of the entity's last event committed at or before `ts_us` (0 if none).
+    pub fn seq_at(&self, entity_id: &[u8], ts_us: i64) -> Result<u64> {
+        validate_entity_id(entity_id)?;
+        self.with_reader(self.shard_for(entity_id), |c, h| reader::seq_at(c, h, entity_id, ts_us))
     }
 
     /// Blocks until every append queued before this call is committed, and checkpoints heads.

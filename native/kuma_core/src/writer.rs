@@ -48,10 +48,22 @@ pub struct Appended {
     pub last_hash: [u8; 32],
 }
 
+/// A snapshot of an entity's state as of `seq`, whose event has chain hash `hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    pub entity_id: Vec<u8>,
+    pub seq: u64,
+    pub version: u32,
+    pub hash: [u8; 32],
+    pub data: Vec<u8>,
+}
+
 /// What a writer thread can be asked to do.
 pub enum Command {
     /// Append entries; the reply gets one result per entry, in order.
     Append { entries: Vec<AppendEntry>, reply: Reply<Vec<Result<Appended>>> },
+    /// Store a snapshot (refused if the entity does not have that seq yet).
+    Snapshot { snapshot: SnapshotRequest, reply: Reply<Result<()>> },
     /// Answered once everything queued before it is committed; also checkpoints heads.
     Barrier { reply: Reply<Result<()>> },
 }
@@ -60,7 +72,17 @@ impl Command {
     fn weight(&self) -> usize {
         match self {
             Command::Append { entries, .. } => entries.iter().map(|e| e.events.len()).sum(),
-            Command::Barrier { .. } => 1,
+            Command::Snapshot { .. } | Command::Barrier { .. } => 1,
+        }
+    }
+
+    /// Separates the work from the callback that answers it, so the callback can be called
+    /// whatever happens to the work (failed transaction, caught panic).
+    fn split(self) -> (Job, Answer) {
+        match self {
+            Command::Append { entries, reply } => (Job::Append(entries), Answer::Append(reply)),
+            Command::Snapshot { snapshot, reply } => (Job::Snapshot(snapshot), Answer::Unit(reply)),
+            Command::Barrier { reply } => (Job::Barrier, Answer::Unit(reply)),
         }
     }
 }
@@ -105,17 +127,37 @@ pub(crate) struct ShardWriter {
 
 enum Job {
     Append(Vec<AppendEntry>),
+    Snapshot(SnapshotRequest),
     Barrier,
 }
 
 enum Answer {
     Append(Reply<Vec<Result<Appended>>>),
-    Barrier(Reply<Result<()>>),
+    Unit(Reply<Result<()>>),
 }
 
-enum JobResult {
+enum Outcome {
     Append(Vec<Result<Appended>>),
-    Barrier,
+    Unit(Result<()>),
+}
+
+impl Answer {
+    /// Answers with the job's outcome, or with `error` for each of its parts. A panicking
+    /// callback must not take the writer thread down, so it is contained here.
+    fn deliver(self, job: &Job, outcome: Result<Outcome, &Error>) {
+        let _ = catch_unwind(AssertUnwindSafe(|| match (self, outcome) {
+            (Answer::Append(reply), Ok(Outcome::Append(results))) => reply(results),
+            (Answer::Unit(reply), Ok(Outcome::Unit(result))) => reply(result),
+            (Answer::Append(reply), Err(e)) => {
+                let parts = if let Job::Append(entries) = job { entries.len() } else { 0 };
+                reply((0..parts).map(|_| Err(e.clone())).collect())
+            }
+            (Answer::Unit(reply), Err(e)) => reply(Err(e.clone())),
+            // A job's outcome always has its answer's shape (see write_transaction).
+            (Answer::Append(reply), Ok(Outcome::Unit(_))) => reply(Vec::new()),
+            (Answer::Unit(reply), Ok(Outcome::Append(_))) => reply(Ok(())),
+        }));
+    }
 }
 
 fn now_us() -> i64 {
@@ -222,56 +264,28 @@ impl ShardWriter {
 
     /// Writes a batch in one transaction and answers every request in it.
     fn group_commit(&mut self, batch: Vec<Command>) {
-        let mut jobs = Vec::with_capacity(batch.len());
-        let mut answers = Vec::with_capacity(batch.len());
-        for cmd in batch {
-            match cmd {
-                Command::Append { entries, reply } => {
-                    jobs.push(Job::Append(entries));
-                    answers.push(Answer::Append(reply));
-                }
-                Command::Barrier { reply } => {
-                    jobs.push(Job::Barrier);
-                    answers.push(Answer::Barrier(reply));
-                }
-            }
-        }
+        let (jobs, answers): (Vec<Job>, Vec<Answer>) = batch.into_iter().map(Command::split).unzip();
         let start_pos = self.next_pos;
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.write_transaction(&jobs)));
-        let results = match outcome {
-            Ok(Ok(results)) => Ok(results),
-            Ok(Err(e)) => Err(e),
-            Err(panic) => Err(Error::from_panic(panic)),
-        };
-        match results {
-            Ok(results) => {
-                for (answer, result) in answers.into_iter().zip(results) {
-                    // A panicking reply callback must not take the writer thread down.
-                    let _ = catch_unwind(AssertUnwindSafe(|| match (answer, result) {
-                        (Answer::Append(reply), JobResult::Append(r)) => reply(r),
-                        (Answer::Barrier(reply), _) => reply(Ok(())),
-                        (Answer::Append(reply), JobResult::Barrier) => reply(vec![]),
-                    }));
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.write_transaction(&jobs)))
+            .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
+        match outcome {
+            Ok(outcomes) => {
+                for ((answer, job), outcome) in answers.into_iter().zip(&jobs).zip(outcomes) {
+                    answer.deliver(job, Ok(outcome));
                 }
             }
             Err(e) => {
                 // Nothing of this transaction is on disk: undo our in-memory view too.
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.next_pos = start_pos;
-                for (answer, job) in answers.into_iter().zip(jobs.iter()) {
-                    let _ = catch_unwind(AssertUnwindSafe(|| match (answer, job) {
-                        (Answer::Append(reply), Job::Append(entries)) => {
-                            reply(entries.iter().map(|_| Err(e.clone())).collect())
-                        }
-                        (Answer::Append(reply), Job::Barrier) => reply(vec![]),
-                        (Answer::Barrier(reply), _) => reply(Err(e.clone())),
-                    }));
+                for (answer, job) in answers.into_iter().zip(&jobs) {
+                    answer.deliver(job, Err(&e));
                 }
             }
         }
     }
 
-    fn write_transaction(&mut self, jobs: &[Job]) -> Result<Vec<JobResult>> {
+    fn write_transaction(&mut self, jobs: &[Job]) -> Result<Vec<Outcome>> {
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("begin transaction"))?;
         // Heads changed by this transaction, keyed by entity id. Nothing in memory changes
         // until COMMIT succeeds, so a failed or panicking transaction leaves no trace.
@@ -294,11 +308,18 @@ impl ShardWriter {
                         }
                         out.push(r);
                     }
-                    results.push(JobResult::Append(out));
+                    results.push(Outcome::Append(out));
+                }
+                Job::Snapshot(snapshot) => {
+                    let r = self.save_snapshot(&tentative, snapshot);
+                    if let Err(e @ Error::Storage { .. }) = &r {
+                        return Err(e.clone());
+                    }
+                    results.push(Outcome::Unit(r));
                 }
                 Job::Barrier => {
                     force_checkpoint = true;
-                    results.push(JobResult::Barrier);
+                    results.push(Outcome::Unit(Ok(())));
                 }
             }
         }
@@ -346,6 +367,29 @@ impl ShardWriter {
         self.conn
             .execute("UPDATE meta SET value = ?1 WHERE key = 'checkpoint_pos'", [(self.next_pos - 1) as i64])
             .map_err(Error::storage("checkpoint heads"))?;
+        Ok(())
+    }
+
+    /// Stores a snapshot if the entity already has its seq (committed or earlier in this
+    /// transaction); when the snapshot is of the head, its hash must match the head's.
+    fn save_snapshot(&self, tentative: &HashMap<&[u8], Head>, s: &SnapshotRequest) -> Result<()> {
+        let head = match tentative.get(s.entity_id.as_slice()) {
+            Some(h) => Some(*h),
+            None => self.lookup_head(&s.entity_id)?,
+        };
+        let Some(head) = head.filter(|h| s.seq >= 1 && s.seq <= h.seq) else {
+            return Err(Error::invalid("snapshot", format!("entity has no event {}", s.seq)));
+        };
+        if s.seq == head.seq && s.hash != head.hash {
+            return Err(Error::invalid("snapshot", "hash does not match the entity's event at that seq"));
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO snapshots(eid, seq, version, ts, hash, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(Error::storage("save snapshot"))?
+            .execute(params![head.eid, s.seq as i64, s.version, now_us(), &s.hash[..], &s.data])
+            .map_err(Error::storage("save snapshot"))?;
         Ok(())
     }
 

@@ -373,3 +373,62 @@ fn a_writer_panic_fails_its_transaction_and_the_shard_keeps_working() {
     let store = open(dir.path(), 1);
     assert_eq!(store.read_entity(b"a", 1, 10).unwrap().len(), 2);
 }
+
+#[test]
+fn snapshots_are_stored_checked_and_found_by_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 2);
+    let a = store.append_wait(b"s", Expected::Any, (1..=10).map(ev).collect()).unwrap();
+    let snap = |seq, version, hash: [u8; 32], data: &[u8]| SnapshotRequest {
+        entity_id: b"s".to_vec(),
+        seq,
+        version,
+        hash,
+        data: data.to_vec(),
+    };
+    store.save_snapshot_wait(snap(10, 1, a.last_hash, b"v1@10")).unwrap();
+    store.save_snapshot_wait(snap(5, 1, [0; 32], b"v1@5")).unwrap();
+    store.save_snapshot_wait(snap(8, 2, [0; 32], b"v2@8")).unwrap();
+    // Refused: beyond the head, unknown entity, wrong hash for the head.
+    assert!(matches!(store.save_snapshot_wait(snap(11, 1, [0; 32], b"x")), Err(Error::Invalid { .. })));
+    let mut other = snap(1, 1, [0; 32], b"x");
+    other.entity_id = b"nobody".to_vec();
+    assert!(matches!(store.save_snapshot_wait(other), Err(Error::Invalid { .. })));
+    assert!(matches!(store.save_snapshot_wait(snap(10, 1, [9; 32], b"x")), Err(Error::Invalid { .. })));
+
+    let found = |version, max| store.latest_snapshot(b"s", version, max).unwrap().map(|s| (s.seq, s.data));
+    assert_eq!(found(1, u64::MAX), Some((10, b"v1@10".to_vec())));
+    assert_eq!(found(1, 9), Some((5, b"v1@5".to_vec())));
+    assert_eq!(found(1, 4), None);
+    assert_eq!(found(2, 100), Some((8, b"v2@8".to_vec())));
+    assert_eq!(found(3, 100), None);
+    assert_eq!(store.latest_snapshot(b"nobody", 1, 100).unwrap(), None);
+    // Snapshots survive a reopen.
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path(), 2);
+    assert_eq!(store.latest_snapshot(b"s", 1, 100).unwrap().unwrap().hash, a.last_hash);
+}
+
+#[test]
+fn seq_at_finds_the_last_event_at_or_before_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1);
+    let mut stamps = Vec::new();
+    for i in 0..300u64 {
+        let a = store.append_wait(b"t", Expected::Any, vec![ev(i)]).unwrap();
+        stamps.push(a.timestamp_us);
+        if i % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    assert_eq!(store.seq_at(b"t", stamps[0] - 1).unwrap(), 0);
+    assert_eq!(store.seq_at(b"t", i64::MAX).unwrap(), 300);
+    for probe in [0usize, 1, 50, 63, 64, 65, 127, 128, 200, 299] {
+        let ts = stamps[probe];
+        // The last seq whose timestamp is <= ts (several events may share a microsecond).
+        let want = stamps.iter().rposition(|&s| s <= ts).unwrap() as u64 + 1;
+        assert_eq!(store.seq_at(b"t", ts).unwrap(), want, "probe {probe}");
+    }
+    assert_eq!(store.seq_at(b"nobody", i64::MAX).unwrap(), 0);
+}

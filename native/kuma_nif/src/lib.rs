@@ -8,8 +8,10 @@
 //!
 //! The Elixir side is `Kuma.Native`, which declares every function here.
 
-use kuma_core::reader::{EntityVerdict, ShardReport};
-use kuma_core::{AppendEntry, Appended, Error, Expected, Head, NewEvent, Store, StoreConfig, StoredEvent, SyncMode};
+use kuma_core::reader::{EntityVerdict, ShardReport, Snapshot};
+use kuma_core::{
+    AppendEntry, Appended, Error, Expected, Head, NewEvent, SnapshotRequest, Store, StoreConfig, StoredEvent, SyncMode,
+};
 use rustler::env::OwnedEnv;
 use rustler::types::binary::{Binary, NewBinary};
 use rustler::{Encoder, Env, ResourceArc, Term};
@@ -54,6 +56,7 @@ mod atoms {
         checkpoints,
         problems,
         entities,
+        snapshot,
     }
 }
 
@@ -83,6 +86,7 @@ fn what_atom<'a>(env: Env<'a>, what: &str) -> Term<'a> {
         "expected_seq" => atoms::expected_seq().encode(env),
         "sync" => atoms::sync().encode(env),
         "data_dir" => atoms::data_dir().encode(env),
+        "snapshot" => atoms::snapshot().encode(env),
         other => other.encode(env),
     }
 }
@@ -350,6 +354,105 @@ fn append_batch_dirty<'a>(
     entries: Term<'a>,
 ) -> NifResult<rustler::Atom> {
     do_append_batch(env, store, reference, entries)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn do_save_snapshot<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entity_id: Term<'a>,
+    seq: u64,
+    version: u32,
+    hash: Binary<'a>,
+    data: Binary<'a>,
+) -> NifResult<rustler::Atom> {
+    guard(|| {
+        let hash: [u8; 32] = hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Invalid { what: "snapshot", why: "hash must be 32 bytes".into() })?;
+        let snapshot =
+            SnapshotRequest { entity_id: decode_id(entity_id)?, seq, version, hash, data: data.as_slice().to_vec() };
+        let (mut owned, saved, pid) = replier(env, reference)?;
+        store.store.save_snapshot(
+            snapshot,
+            Box::new(move |result| {
+                let _ = owned.send_and_clear(&pid, |e| {
+                    let answer = match result {
+                        Ok(()) => atoms::ok().encode(e),
+                        Err(err) => (atoms::error(), Reason(err)).encode(e),
+                    };
+                    (atoms::kuma_reply(), saved.load(e), answer).encode(e)
+                });
+            }),
+        )?;
+        Ok(atoms::ok())
+    })
+}
+
+/// Queues a snapshot; answered with `{:kuma_reply, ref, :ok | {:error, reason}}`.
+#[rustler::nif]
+#[allow(clippy::too_many_arguments)]
+fn save_snapshot<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entity_id: Term<'a>,
+    seq: u64,
+    version: u32,
+    hash: Binary<'a>,
+    data: Binary<'a>,
+) -> NifResult<rustler::Atom> {
+    do_save_snapshot(env, store, reference, entity_id, seq, version, hash, data)
+}
+
+/// `save_snapshot` for large snapshots (the copy may exceed ~100 µs).
+#[rustler::nif(schedule = "DirtyCpu")]
+#[allow(clippy::too_many_arguments)]
+fn save_snapshot_dirty<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entity_id: Term<'a>,
+    seq: u64,
+    version: u32,
+    hash: Binary<'a>,
+    data: Binary<'a>,
+) -> NifResult<rustler::Atom> {
+    do_save_snapshot(env, store, reference, entity_id, seq, version, hash, data)
+}
+
+struct SnapshotTerm(Option<Snapshot>);
+
+impl Encoder for SnapshotTerm {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        match &self.0 {
+            None => atoms::nil().encode(env),
+            Some(s) => (s.seq, s.version, s.timestamp_us, bin(env, &s.hash), bin(env, &s.data)).encode(env),
+        }
+    }
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn latest_snapshot(
+    store: ResourceArc<StoreResource>,
+    entity_id: Term,
+    version: u32,
+    max_seq: u64,
+) -> NifResult<SnapshotTerm> {
+    guard(|| {
+        let id = decode_id(entity_id)?;
+        store.store.latest_snapshot(&id, version, max_seq).map(SnapshotTerm)
+    })
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn seq_at(store: ResourceArc<StoreResource>, entity_id: Term, ts_us: i64) -> NifResult<u64> {
+    guard(|| {
+        let id = decode_id(entity_id)?;
+        store.store.seq_at(&id, ts_us)
+    })
 }
 
 #[rustler::nif(schedule = "DirtyIo")]

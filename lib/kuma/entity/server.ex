@@ -1,0 +1,235 @@
+defmodule Kuma.Entity.Server do
+  @moduledoc false
+  # The process of one live entity: the only writer of its stream.
+  #
+  # Invariants
+  # - `state` is the fold of every committed event up to `seq`; it changes only after the
+  #   storage acknowledged the append that produced it (decide -> evolve -> persist ->
+  #   publish). A raise in handle/apply happens before anything is written.
+  # - The row {id, pid, aggregate, state, seq, epoch} in the store's entity table always
+  #   holds the state of the last commit, so readers need not call this process.
+  # - Any doubt about our view of the stream (a concurrent store-level write, user code
+  #   that raised) ends in a reload from storage: either in place or by stopping, so the
+  #   next call starts from disk.
+
+  use GenServer, restart: :temporary
+
+  alias Kuma.{Aggregate, Native, Store}
+  alias Kuma.Entity.Loader
+
+  require Logger
+
+  defstruct [:store_name, :aggregate, :id, :state, :hash, seq: 0, snapshot_seq: 0, replayed: 0]
+
+  # Hibernate (full GC, smallest heap) after this long without messages.
+  @hibernate_after 2_000
+
+  def start_link({store_name, aggregate, id}) do
+    GenServer.start_link(__MODULE__, {store_name, aggregate, id},
+      name: via(store_name, id),
+      hibernate_after: @hibernate_after
+    )
+  end
+
+  def via(store_name, id), do: {:via, Registry, {Kuma.Registry, {store_name, :entity, id}}}
+
+  @impl true
+  def init({store_name, aggregate, id}) do
+    # Loading reads the disk: do it after init returns, so the supervisor partition that
+    # started us is not blocked; calls queue meanwhile.
+    {:ok, %__MODULE__{store_name: store_name, aggregate: aggregate, id: id}, {:continue, :load}}
+  end
+
+  @impl true
+  def handle_continue(:load, st) do
+    with {:ok, s} <- Store.lookup(st.store_name),
+         {:ok, loaded} <- Loader.load(s, st.aggregate, st.id) do
+      st = %{st | state: loaded.state, seq: loaded.seq, hash: loaded.hash}
+      st = %{st | snapshot_seq: loaded.snapshot_seq, replayed: loaded.replayed}
+      publish(s, st)
+      {:noreply, st}
+    else
+      {:error, reason} -> {:stop, {:shutdown, {:load_failed, reason}}, st}
+    end
+  end
+
+  @impl true
+  def handle_call({:read, aggregate}, _from, st) do
+    with :ok <- same_aggregate(st, aggregate), do: {:reply, {:ok, st.state}, st}, else: (e -> {:reply, e, st})
+  end
+
+  def handle_call({:execute, aggregate, command, opts}, _from, st) do
+    with :ok <- same_aggregate(st, aggregate),
+         :ok <- handles_commands(st),
+         :ok <- expected(st, opts) do
+      write(st, fn state -> decide(st.aggregate, state, command) end, opts, _retry = true)
+    else
+      error -> {:reply, error, st}
+    end
+  end
+
+  # From Kuma.append with an entity handle (aggregate given) or from the store-level
+  # Kuma.append/4 routed here because the entity is live (aggregate :any).
+  def handle_call({:append, aggregate, events, opts}, _from, st) do
+    with :ok <- same_aggregate(st, aggregate), :ok <- expected(st, opts) do
+      write(st, fn _state -> {:ok, events} end, opts, _retry = false)
+    else
+      error -> {:reply, error, st}
+    end
+  end
+
+  def handle_call(:info, _from, st) do
+    info = %{
+      live: true,
+      pid: self(),
+      aggregate: st.aggregate,
+      seq: st.seq,
+      snapshot_seq: st.snapshot_seq,
+      replayed_on_load: st.replayed
+    }
+
+    {:reply, {:ok, info}, st}
+  end
+
+  # {:passivate, threshold}: stop unless a read touched us at or after `threshold` (the
+  # reaper's view may be a tick old). :infinity forces it.
+  @impl true
+  def handle_info({:passivate, threshold}, st) do
+    with {:ok, s} <- Store.lookup(st.store_name),
+         [{_, pid, _, _, _, epoch}] when pid == self() <- :ets.lookup(s.entities, st.id),
+         true <- threshold == :infinity or epoch < threshold do
+      {:stop, {:shutdown, :passivated}, st}
+    else
+      _ -> {:noreply, st}
+    end
+  end
+
+  # Answers to our fire-and-forget snapshot writes.
+  def handle_info({:kuma_reply, _ref, :ok}, st), do: {:noreply, st}
+
+  def handle_info({:kuma_reply, _ref, {:error, reason}}, st) do
+    Logger.warning("Kuma: snapshot of entity #{inspect(st.id)} failed: #{Kuma.format_error(reason)}")
+    {:noreply, st}
+  end
+
+  def handle_info(_other, st), do: {:noreply, st}
+
+  @impl true
+  def terminate(_reason, st) do
+    case Store.lookup(st.store_name) do
+      {:ok, s} -> :ets.match_delete(s.entities, {st.id, self(), :_, :_, :_, :_})
+      _ -> :ok
+    end
+  end
+
+  # -- the write path ----------------------------------------------------------------------
+
+  # decide -> evolve -> persist -> publish. `decide` returns {:ok, events} | {:error, reason}.
+  defp write(st, decide, opts, retry?) do
+    with {:ok, s} <- Store.lookup(st.store_name),
+         {:ok, decision} <- run_user(fn -> decide.(st.state) end, :handle),
+         {:ok, events} <- decision,
+         events = List.wrap(events),
+         {:ok, new_state} <- run_user(fn -> Enum.reduce(events, st.state, &st.aggregate.apply(&2, &1)) end, :apply) do
+      persist(s, st, events, new_state, decide, opts, retry?)
+    else
+      {:error, {:user_code_crashed, _, _} = reason} ->
+        # Our state is untouched, but user code failed: start over from storage next time.
+        {:stop, {:shutdown, :user_code_crashed}, {:error, reason}, st}
+
+      {:error, reason} ->
+        {:reply, {:error, reason}, st}
+    end
+  end
+
+  defp persist(_s, st, [], _new_state, _decide, _opts, _retry?), do: {:reply, {:ok, st.seq}, st}
+
+  defp persist(s, st, events, new_state, decide, opts, retry?) do
+    append_opts = [expected_seq: st.seq, metadata: Keyword.get(opts, :metadata)]
+
+    case Kuma.append_direct(s, st.id, events, append_opts) do
+      {:ok, {_first, last, _first_pos, _last_pos, _ts, hash}} ->
+        st = %{st | state: new_state, seq: last, hash: hash}
+        publish(s, st)
+        maybe_snapshot(s, st, last - length(events))
+        {:reply, {:ok, last}, st}
+
+      {:error, {:wrong_expected_seq, _, _}} when retry? ->
+        # Someone wrote to the stream without going through us (store-level API while we
+        # were starting): reload and decide again, once.
+        case Loader.load(s, st.aggregate, st.id) do
+          {:ok, loaded} ->
+            st = %{st | state: loaded.state, seq: loaded.seq, hash: loaded.hash}
+            publish(s, st)
+            write(st, decide, opts, false)
+
+          {:error, reason} ->
+            {:stop, {:shutdown, {:load_failed, reason}}, {:error, reason}, st}
+        end
+
+      {:error, {:wrong_expected_seq, _, _} = reason} ->
+        {:stop, {:shutdown, :stale}, {:error, reason}, st}
+
+      {:error, reason} ->
+        {:reply, {:error, reason}, st}
+    end
+  end
+
+  defp decide(aggregate, state, command) do
+    case aggregate.handle(state, command) do
+      {:ok, events} ->
+        {:ok, events}
+
+      {:error, reason} ->
+        {:error, reason}
+
+      other ->
+        raise ArgumentError,
+              "#{inspect(aggregate)}.handle/2 returned #{inspect(other)}, expected {:ok, events} or {:error, reason}"
+    end
+  end
+
+  # {:ok, whatever fun returned}, or the crash as an error (nothing has been written yet).
+  defp run_user(fun, where) do
+    {:ok, fun.()}
+  catch
+    kind, reason ->
+      {:error, {:user_code_crashed, where, Loader.format(kind, reason, __STACKTRACE__)}}
+  end
+
+  defp publish(s, st) do
+    :ets.insert(s.entities, {st.id, self(), st.aggregate, st.state, st.seq, :atomics.get(s.epoch, 1)})
+  end
+
+  # A snapshot each time the seq crosses a multiple of snapshot_every (fire and forget).
+  defp maybe_snapshot(%Store{snapshot_every: every} = s, st, before) when is_integer(every) do
+    if div(st.seq, every) > div(before, every) do
+      data = :erlang.term_to_binary(st.state)
+      version = Aggregate.snapshot_version(st.aggregate)
+      save = if byte_size(data) > 64 * 1024, do: &Native.save_snapshot_dirty/7, else: &Native.save_snapshot/7
+
+      case save.(s.native, make_ref(), st.id, st.seq, version, st.hash, data) do
+        {:ok, :ok} -> :ok
+        {:error, reason} -> Logger.warning("Kuma: snapshot of #{inspect(st.id)} refused: #{Kuma.format_error(reason)}")
+      end
+    end
+  end
+
+  defp maybe_snapshot(_s, _st, _before), do: :ok
+
+  defp same_aggregate(_st, :any), do: :ok
+  defp same_aggregate(%{aggregate: a}, a), do: :ok
+  defp same_aggregate(%{aggregate: live}, _other), do: {:error, {:aggregate_mismatch, live}}
+
+  defp handles_commands(st) do
+    if function_exported?(st.aggregate, :handle, 2), do: :ok, else: {:error, {:no_handle, st.aggregate}}
+  end
+
+  defp expected(st, opts) do
+    case Keyword.get(opts, :expected_seq) do
+      nil -> :ok
+      seq when seq == st.seq -> :ok
+      seq -> {:error, {:wrong_expected_seq, seq, st.seq}}
+    end
+  end
+end
