@@ -65,6 +65,16 @@ defmodule Kuma do
   * `:data_dir` (required) - directory of the store; created if missing
   * `:name` - an atom naming the store (default `:kuma`); two stores need two names
   * `:shards` - number of shard files, 1..1024 (default 16); fixed at creation
+  * `:writer_threads` - OS threads writing the shards; default `nil` = one per shard.
+    Fewer threads switch less but get a smaller share of the CPU next to the BEAM's
+    schedulers; see docs/benchmarks.md before changing it
+  * `:aggregates` - the `Kuma.Aggregate` modules whose entities this store hosts
+  * `:snapshot_every` - an entity writes a snapshot every N events (default 100; `nil` = never)
+  * `:idle_timeout` - ms after which an unused live entity is passivated (default 15 minutes;
+    `:infinity` = never)
+  * `:max_live_entities` - when more are live, the least recently used are passivated
+    (default 100,000; `:infinity` = no limit)
+  * `:upcasters` - `Kuma.Upcaster` modules or 2-arity functions applied to every event read
   * `:decode` - `:trusted` (default) or `:safe`: whether reading may create atoms an event
     uses that this VM does not know yet (see `Kuma.Codec`)
   * `:sync` - `:normal` (default) or `:full`:

@@ -182,6 +182,15 @@ defmodule KumaTest do
       assert {:error, {:unknown_option, :shard}} = Kuma.start(data_dir: dir, shard: 8)
     end
 
+    test "shards can share writer threads", %{dir: dir, name: name} do
+      {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 6, writer_threads: 2)
+      entries = for i <- 1..60, do: {"wt:#{i}", [i, i]}
+      assert {:ok, seqs} = Kuma.append_batch(store, entries)
+      assert Enum.all?(seqs, &(&1 == 2))
+      assert {:ok, %{events: 120, entities: 60}} = Kuma.verify_store(store)
+      assert {:error, {:invalid, :writer_threads, _}} = Kuma.start(name: :wt2, data_dir: dir <> "x", writer_threads: 0)
+    end
+
     test "two stores in one VM do not interfere", %{dir: dir} do
       {:ok, a} = Kuma.start(name: :iso_a, data_dir: Path.join(dir, "a"), shards: 2)
       {:ok, b} = Kuma.start(name: :iso_b, data_dir: Path.join(dir, "b"), shards: 3)

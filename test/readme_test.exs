@@ -2,6 +2,24 @@ defmodule Kuma.ReadmeTest do
   # The README's usage example must run as written (with a temporary data dir).
   use ExUnit.Case, async: true
 
+  test "the entities example runs" do
+    readme = File.read!(Path.expand("../README.md", __DIR__))
+    [_, code] = Regex.run(~r/### Entities and aggregates\s+```elixir\n(.*?)```/s, readme)
+    dir = Path.join(System.tmp_dir!(), "kuma_readme_#{System.pid()}_#{System.unique_integer([:positive])}")
+    on_exit(fn -> File.rm_rf!(dir) end)
+    # The module is defined under a test-only name so it does not clash with test/support.
+    code =
+      code
+      |> String.replace(~s(data_dir: "data"), ~s(data_dir: #{inspect(dir)}))
+      |> String.replace("Bank.Account", "ReadmeBank.Account")
+      |> String.replace("name: :ledger", "name: :readme_ledger")
+
+    # Like iex: the module first, then the code that uses its struct.
+    [module, rest] = String.split(code, "\n\n{:ok, store}", parts: 2)
+    Code.eval_string(module)
+    Code.eval_string("{:ok, store}" <> rest)
+  end
+
   test "the README example runs" do
     readme = File.read!(Path.expand("../README.md", __DIR__))
     [_, code] = Regex.run(~r/## Using it\s+```elixir\n(.*?)```/s, readme)

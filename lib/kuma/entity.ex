@@ -232,6 +232,15 @@ defmodule Kuma.Entity do
   end
 
   defp ensure_started(s, e) do
+    # Fast path: a live entity's pid is in its row of the entity table (one ETS read, no
+    # Registry partition hashing); the Registry stays the authority for starting.
+    case :ets.lookup(s.entities, e.id) do
+      [{_, pid, _, _, _, _}] -> if Process.alive?(pid), do: {:ok, pid}, else: registry_start(s, e)
+      [] -> registry_start(s, e)
+    end
+  end
+
+  defp registry_start(s, e) do
     case GenServer.whereis(Server.via(s.name, e.id)) do
       pid when is_pid(pid) ->
         {:ok, pid}

@@ -24,7 +24,7 @@ defmodule Kuma.Native do
 
   defp nif_missing, do: :erlang.nif_error(:kuma_nif_not_loaded)
 
-  def store_open(_data_dir, _shards, _sync), do: nif_missing()
+  def store_open(_data_dir, _shards, _sync, _writer_threads), do: nif_missing()
   def store_close(_store), do: nif_missing()
   def store_info(_store), do: nif_missing()
   def shard_for(_entity_id, _shards), do: nif_missing()

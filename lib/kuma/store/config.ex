@@ -12,7 +12,8 @@ defmodule Kuma.Store.Config do
     upcasters: [],
     snapshot_every: 100,
     idle_timeout: :timer.minutes(15),
-    max_live_entities: 100_000
+    max_live_entities: 100_000,
+    writer_threads: nil
   }
   @known Map.keys(@defaults) ++ [:data_dir]
 
@@ -28,7 +29,8 @@ defmodule Kuma.Store.Config do
          :ok <- check(:upcasters, config.upcasters),
          :ok <- check(:snapshot_every, config.snapshot_every),
          :ok <- check(:idle_timeout, config.idle_timeout),
-         :ok <- check(:max_live_entities, config.max_live_entities) do
+         :ok <- check(:max_live_entities, config.max_live_entities),
+         :ok <- check(:writer_threads, config.writer_threads) do
       aggregates = Enum.uniq([Kuma.Aggregate.Latest | config.aggregates])
       {:ok, %{config | data_dir: Path.expand(to_string(config.data_dir)), aggregates: aggregates}}
     end
@@ -93,6 +95,9 @@ defmodule Kuma.Store.Config do
   defp check(:idle_timeout, t) when (is_integer(t) and t > 0) or t == :infinity, do: :ok
   defp check(:idle_timeout, _), do: {:error, {:invalid, :idle_timeout, "must be a positive integer (ms) or :infinity"}}
   defp check(:max_live_entities, n) when (is_integer(n) and n > 0) or n == :infinity, do: :ok
+
+  defp check(:writer_threads, n) when (is_integer(n) and n > 0) or n == nil, do: :ok
+  defp check(:writer_threads, _), do: {:error, {:invalid, :writer_threads, "must be a positive integer or nil"}}
 
   defp check(:max_live_entities, _),
     do: {:error, {:invalid, :max_live_entities, "must be a positive integer or :infinity"}}

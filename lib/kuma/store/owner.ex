@@ -18,7 +18,7 @@ defmodule Kuma.Store.Owner do
     Process.flag(:trap_exit, true)
     close_stale(config.name)
 
-    case Native.store_open(config.data_dir, config.shards, config.sync) do
+    case Native.store_open(config.data_dir, config.shards, config.sync, config.writer_threads || 0) do
       {:ok, native} ->
         info = Native.store_info(native)
 

@@ -51,23 +51,23 @@ struct Row {
     hash: [u8; 32],
 }
 
-fn fetch(conn: &Connection, pos: u64) -> Result<Option<Row>> {
-    conn.prepare_cached("SELECT eid, seq, prev_pos, ts, type, meta, payload, hash FROM events WHERE pos = ?1")
-        .map_err(Error::storage("read event"))?
-        .query_row([pos as i64], |r| {
-            Ok(Row {
-                eid: r.get(0)?,
-                seq: r.get::<_, i64>(1)? as u64,
-                prev_pos: r.get::<_, i64>(2)? as u64,
-                ts: r.get(3)?,
-                event_type: r.get(4)?,
-                metadata: r.get(5)?,
-                payload: r.get(6)?,
-                hash: hash_from(r.get_ref(7)?.as_blob().unwrap_or(&[])),
-            })
+const FETCH_SQL: &str = "SELECT eid, seq, prev_pos, ts, type, meta, payload, hash FROM events WHERE pos = ?1";
+
+fn fetch(stmt: &mut rusqlite::CachedStatement<'_>, pos: u64) -> Result<Option<Row>> {
+    stmt.query_row([pos as i64], |r| {
+        Ok(Row {
+            eid: r.get(0)?,
+            seq: r.get::<_, i64>(1)? as u64,
+            prev_pos: r.get::<_, i64>(2)? as u64,
+            ts: r.get(3)?,
+            event_type: r.get(4)?,
+            metadata: r.get(5)?,
+            payload: r.get(6)?,
+            hash: hash_from(r.get_ref(7)?.as_blob().unwrap_or(&[])),
         })
-        .optional()
-        .map_err(Error::storage("read event"))
+    })
+    .optional()
+    .map_err(Error::storage("read event"))
 }
 
 /// Reads up to `max` events of one entity starting at `from_seq` (1-based), in order.
@@ -105,8 +105,9 @@ fn walk(conn: &Connection, entity_id: &[u8], head: &Head, from_seq: u64, to_seq:
             .unwrap_or((head.seq, head.pos))
     };
     let mut out = Vec::with_capacity((to_seq - from_seq + 1) as usize);
+    let mut stmt = conn.prepare_cached(FETCH_SQL).map_err(Error::storage("read event"))?;
     loop {
-        let row = fetch(conn, pos)?
+        let row = fetch(&mut stmt, pos)?
             .ok_or_else(|| Error::Corrupt { seq, why: format!("event row at position {pos} is missing") })?;
         if row.eid != head.eid || row.seq != seq {
             return Err(Error::Corrupt {

@@ -160,6 +160,49 @@ impl Answer {
     }
 }
 
+/// The body of a writer thread serving one or more shards (`shards[i]` receives the
+/// commands sent as `(i, command)`): block for the first command, drain what else is
+/// queued (up to `max_txn_events`), then commit one transaction per shard that has work.
+/// By default every shard has its own thread; serving several shards per thread trades
+/// fewer context switches for a smaller CPU share (measured in docs/benchmarks.md). Ends,
+/// after a final checkpoint of every shard, when all senders are gone.
+pub(crate) fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
+    let Some(config) = shards.first().map(|w| w.config) else { return };
+    loop {
+        let (first_shard, first) = match rx.recv_timeout(config.checkpoint_interval) {
+            Ok(message) => message,
+            Err(RecvTimeoutError::Timeout) => {
+                for w in shards.iter_mut().filter(|w| w.checkpoint_due()) {
+                    w.group_commit(Vec::new());
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut batches: Vec<Vec<Command>> = shards.iter().map(|_| Vec::new()).collect();
+        let mut weight = first.weight();
+        batches[first_shard].push(first);
+        while weight < config.max_txn_events {
+            match rx.try_recv() {
+                Ok((i, cmd)) => {
+                    weight += cmd.weight();
+                    batches[i].push(cmd);
+                }
+                Err(_) => break,
+            }
+        }
+        for (w, batch) in shards.iter_mut().zip(batches) {
+            if !batch.is_empty() || w.checkpoint_due() {
+                w.group_commit(batch);
+            }
+        }
+    }
+    // Clean shutdown: persist every head so the next open replays nothing.
+    for w in shards.iter_mut().filter(|w| !w.dirty.is_empty()) {
+        w.group_commit(vec![Command::Barrier { reply: Box::new(|_| {}) }]);
+    }
+}
+
 fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
@@ -229,37 +272,9 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// The thread body: serve commands until every sender is gone, then checkpoint.
-    pub(crate) fn run(mut self, rx: Receiver<Command>) {
-        loop {
-            let first = match rx.recv_timeout(self.config.checkpoint_interval) {
-                Ok(cmd) => cmd,
-                Err(RecvTimeoutError::Timeout) => {
-                    if !self.dirty.is_empty() {
-                        self.group_commit(Vec::new());
-                    }
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut weight = first.weight();
-            let mut batch = vec![first];
-            while weight < self.config.max_txn_events {
-                match rx.try_recv() {
-                    Ok(cmd) => {
-                        weight += cmd.weight();
-                        batch.push(cmd);
-                    }
-                    Err(_) => break,
-                }
-            }
-            self.group_commit(batch);
-        }
-        // Clean shutdown: persist every head so the next open replays nothing.
-        if !self.dirty.is_empty() {
-            let barrier = Command::Barrier { reply: Box::new(|_| {}) };
-            self.group_commit(vec![barrier]);
-        }
+    /// Heads changed long enough ago that they should be persisted even without traffic.
+    fn checkpoint_due(&self) -> bool {
+        !self.dirty.is_empty() && self.dirty_since.is_some_and(|t| t.elapsed() >= self.config.checkpoint_interval)
     }
 
     /// Writes a batch in one transaction and answers every request in it.

@@ -432,3 +432,39 @@ fn seq_at_finds_the_last_event_at_or_before_a_time() {
     }
     assert_eq!(store.seq_at(b"nobody", i64::MAX).unwrap(), 0);
 }
+
+#[test]
+fn shards_can_share_writer_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 5);
+    cfg.writer_threads = Some(2);
+    cfg.writer.checkpoint_interval = Duration::from_millis(50);
+    let store = Arc::new(Store::open(cfg).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..100u64 {
+                    store
+                        .append_wait(format!("e{}", (t * 13 + i) % 30).as_bytes(), Expected::Any, vec![ev(i)])
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let total: usize = (0..5).map(|s| store.read_shard(s, 0, 10_000).unwrap().len()).sum();
+    assert_eq!(total, 800);
+    for s in 0..5 {
+        assert!(store.verify_shard(s, 10).unwrap().problems.is_empty());
+    }
+    // Idle shards of a shared thread still get their heads checkpointed.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(store.stats().iter().all(|s| s.events == 0 || s.checkpoints > 0), "{:?}", store.stats());
+    Arc::try_unwrap(store).ok().unwrap().close().unwrap();
+    let store = open(dir.path(), 5);
+    let total: usize = (0..5).map(|s| store.read_shard(s, 0, 10_000).unwrap().len()).sum();
+    assert_eq!(total, 800);
+}

@@ -208,7 +208,12 @@ fn decode_id(term: Term) -> Result<Vec<u8>, Error> {
 }
 
 #[rustler::nif(schedule = "DirtyIo")]
-fn store_open(data_dir: String, shards: u32, sync: rustler::Atom) -> NifResult<ResourceArc<StoreResource>> {
+fn store_open(
+    data_dir: String,
+    shards: u32,
+    sync: rustler::Atom,
+    writer_threads: u32,
+) -> NifResult<ResourceArc<StoreResource>> {
     guard(|| {
         let sync = if sync == atoms::full() {
             SyncMode::Full
@@ -220,6 +225,8 @@ fn store_open(data_dir: String, shards: u32, sync: rustler::Atom) -> NifResult<R
         let mut config = StoreConfig::new(data_dir);
         config.shards = shards;
         config.sync = sync;
+        // 0 = one writer thread per shard.
+        config.writer_threads = (writer_threads > 0).then_some(writer_threads as usize);
         Ok(ResourceArc::new(StoreResource { store: Store::open(config)? }))
     })
 }

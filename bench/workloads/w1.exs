@@ -1,0 +1,148 @@
+# W1, the seed workload: see docs/benchmarks.md.
+
+defmodule Kuma.Bench.W1 do
+  @moduledoc false
+  # The seed workload: N events, E entities, W concurrent writers each appending batches of
+  # B events to one random entity, 16 shards, 200-byte payloads.
+
+  alias Kuma.Bench.{Ceiling, Payload, Progress, Table}
+
+  @target_normal 300_000
+  @target_ratio 0.5
+
+  def run_kuma(p) do
+    dir = Path.join(System.tmp_dir!(), "kuma_bench_w1_#{System.unique_integer([:positive])}")
+    name = :"bench_w1_#{p.sync}"
+
+    {:ok, store} =
+      Kuma.start(name: name, data_dir: dir, shards: p.shards, sync: p.sync, writer_threads: Map.get(p, :writer_threads))
+
+    event = Payload.event(p.payload)
+    batch = List.duplicate(event, p.batch)
+    appends = div(p.events, p.batch)
+    counter = :counters.new(1, [:write_concurrency])
+    progress = Progress.start("W1 sync=#{p.sync}", p.events, counter)
+
+    {micros, _} =
+      :timer.tc(fn ->
+        1..p.writers
+        |> Enum.map(fn w ->
+          # Writer w does appends w, w+W, w+2W, ...: the appends are split evenly.
+          mine = length(Enum.to_list(w..appends//p.writers))
+
+          Task.async(fn ->
+            :rand.seed(:exsss, {w, 17, 31})
+
+            for _ <- 1..mine//1 do
+              id = "user_#{:rand.uniform(p.entities)}"
+              {:ok, _} = Kuma.append(store, id, batch)
+              :counters.add(counter, 1, p.batch)
+            end
+          end)
+        end)
+        |> Task.await_many(:infinity)
+      end)
+
+    Progress.stop(progress)
+    {:ok, info} = Kuma.info(store)
+    txns = info.writers |> Enum.map(& &1.transactions) |> Enum.sum()
+    :ok = Kuma.stop(store)
+    File.rm_rf!(dir)
+    secs = micros / 1_000_000
+    %{events: p.events, seconds: Float.round(secs, 3), events_per_sec: round(p.events / secs), transactions: txns}
+  end
+
+  def run(quick) do
+    p = %{
+      events: if(quick, do: 200_000, else: 1_000_000),
+      entities: 10_000,
+      writers: 200,
+      batch: 100,
+      shards: 16,
+      payload: 200
+    }
+
+    IO.puts(
+      "W1: #{Progress.fmt(p.events)} events, #{Progress.fmt(p.entities)} entities, #{p.writers} writers, " <>
+        "appends of #{p.batch}, #{p.shards} shards, #{p.payload}-byte payloads"
+    )
+
+    rows =
+      for sync <- [:normal, :full] do
+        IO.puts(" Kuma, sync=#{sync} ...")
+        kuma = run_kuma(Map.put(p, :sync, sync))
+        # Kuma's writers merge queued appends into one transaction; give the ceiling the same
+        # advantage (appends per transaction = Kuma's measured average) as well as the
+        # BASELINES setting (one append of 100 per transaction), and compare with the better.
+        group = max(round(p.events / kuma.transactions / p.batch), 1)
+
+        base = [
+          events: p.events,
+          entities: p.entities,
+          shards: p.shards,
+          threads: 2,
+          batch: p.batch,
+          payload: p.payload,
+          pattern: "entity",
+          sync: sync
+        ]
+
+        IO.puts(" ceiling (raw rusqlite, Kuma's schema, no BEAM/hashing), sync=#{sync}, 1 and #{group} appends/txn ...")
+        strict = Ceiling.run(base ++ [layout: "kuma", group: 1])["events_per_sec"]
+        grouped = if group == 1, do: strict, else: Ceiling.run(base ++ [layout: "kuma", group: group])["events_per_sec"]
+        plain = Ceiling.run(base ++ [layout: "plain", group: 1])["events_per_sec"]
+
+        %{
+          sync: sync,
+          kuma: kuma,
+          events_per_txn: round(p.events / kuma.transactions),
+          ceiling_1_append_per_txn: strict,
+          ceiling_grouped: grouped,
+          ceiling_group: group,
+          plain_table_1_append_per_txn: plain,
+          ratio: Float.round(kuma.events_per_sec / max(strict, grouped), 2)
+        }
+      end
+
+    IO.puts("\nW1 results")
+
+    IO.puts(
+      String.pad_trailing("sync", 8) <>
+        Table.pad("Kuma ev/s") <>
+        Table.pad("ev/txn") <>
+        Table.pad("ceil 1/txn") <> Table.pad("ceil grouped") <> Table.pad("plain 1/txn") <> Table.pad("ratio")
+    )
+
+    for r <- rows do
+      IO.puts(
+        String.pad_trailing(to_string(r.sync), 8) <>
+          Table.pad(Progress.fmt(r.kuma.events_per_sec)) <>
+          Table.pad(Progress.fmt(r.events_per_txn)) <>
+          Table.pad(Progress.fmt(r.ceiling_1_append_per_txn)) <>
+          Table.pad(Progress.fmt(r.ceiling_grouped)) <>
+          Table.pad(Progress.fmt(r.plain_table_1_append_per_txn)) <> Table.pad(Progress.fmt(r.ratio))
+      )
+    end
+
+    IO.puts("ratio = Kuma / the better Kuma-schema ceiling (native/kuma_ceiling, same session, 2 threads)")
+
+    normal = Enum.find(rows, &(&1.sync == :normal))
+
+    IO.puts(
+      "targets: >= #{Progress.fmt(@target_normal)} ev/s with sync=normal: #{Table.verdict(normal.kuma.events_per_sec >= @target_normal)}; " <>
+        ">= #{@target_ratio} of the ceiling: #{Table.verdict(normal.ratio >= @target_ratio)}\n"
+    )
+
+    shared =
+      if quick do
+        nil
+      else
+        IO.puts(" Kuma, sync=normal, writer_threads=2 (2 threads serve the 16 shards) ...")
+        r = run_kuma(Map.merge(p, %{sync: :normal, writer_threads: 2}))
+        IO.puts("  writer_threads=2: #{Progress.fmt(r.events_per_sec)} ev/s\n")
+        r
+      end
+
+    %{params: p, rows: rows, writer_threads_2: shared}
+  end
+end
