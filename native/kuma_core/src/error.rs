@@ -30,6 +30,17 @@ pub enum Error {
     Corrupt { seq: u64, why: String },
     /// A panic inside the core was caught; the operation did not complete.
     Panic { message: String },
+    /// The master key given does not open the keystore.
+    WrongMasterKey,
+    /// The store is encrypted but its keystore file is not where it should be.
+    MissingKeystore { path: String },
+    /// The store was created with (`stored: true`) or without encryption, and is being
+    /// opened the other way.
+    EncryptionMismatch { stored: bool },
+    /// The entity was erased: its key is gone (and on a live store, its events too).
+    Erased,
+    /// A stored ciphertext did not decrypt (altered bytes, or moved from elsewhere).
+    Decrypt { seq: u64, why: String },
 }
 
 impl Error {
@@ -80,6 +91,14 @@ impl fmt::Display for Error {
             Error::Storage { context, message } => write!(f, "{context}: {message}"),
             Error::Corrupt { seq, why } => write!(f, "corrupt event at seq {seq}: {why}"),
             Error::Panic { message } => write!(f, "internal panic: {message}"),
+            Error::WrongMasterKey => write!(f, "the master key does not open the keystore"),
+            Error::MissingKeystore { path } => write!(f, "keystore {path} is missing"),
+            Error::EncryptionMismatch { stored: true } => write!(f, "the store is encrypted: a master key is required"),
+            Error::EncryptionMismatch { stored: false } => {
+                write!(f, "the store was created without encryption; it cannot be opened encrypted")
+            }
+            Error::Erased => write!(f, "the entity was erased"),
+            Error::Decrypt { seq, why } => write!(f, "event {seq} does not decrypt: {why}"),
         }
     }
 }

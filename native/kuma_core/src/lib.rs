@@ -10,15 +10,19 @@
 //! envelope from [`codec`]. Reads: [`reader`].
 
 pub mod chain;
+pub mod cipher;
 pub mod codec;
 pub mod error;
 pub mod heads;
+pub mod keystore;
+pub mod protection;
 pub mod reader;
 pub mod router;
 pub mod shard;
 pub mod store;
 pub mod writer;
 
+pub use cipher::Key;
 pub use codec::{Expected, NewEvent, StoredEvent};
 pub use error::{Error, Result};
 pub use heads::Head;
@@ -40,6 +44,13 @@ impl Store {
     pub fn save_snapshot_wait(&self, snapshot: SnapshotRequest) -> Result<()> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.save_snapshot(snapshot, Box::new(move |r| drop(tx.send(r))))?;
+        rx.recv().map_err(|_| Error::Closed)?
+    }
+
+    /// `delete` and wait.
+    pub fn delete_wait(&self, entity_id: &[u8]) -> Result<u64> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.delete(entity_id.to_vec(), Box::new(move |r| drop(tx.send(r))))?;
         rx.recv().map_err(|_| Error::Closed)?
     }
 

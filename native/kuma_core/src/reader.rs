@@ -182,6 +182,36 @@ pub fn latest_snapshot(
     .map_err(Error::storage("read snapshot"))
 }
 
+/// Every snapshot of an entity, oldest first (data as stored).
+pub fn list_snapshots(conn: &Connection, heads: &Heads, entity_id: &[u8]) -> Result<Vec<Snapshot>> {
+    let Some(head) = head(conn, heads, entity_id)? else {
+        return Ok(Vec::new());
+    };
+    let mut st = conn
+        .prepare_cached("SELECT seq, version, ts, hash, data FROM snapshots WHERE eid = ?1 ORDER BY seq")
+        .map_err(Error::storage("read snapshots"))?;
+    let rows = st
+        .query_map([head.eid], |r| {
+            Ok(Snapshot {
+                seq: r.get::<_, i64>(0)? as u64,
+                version: r.get(1)?,
+                timestamp_us: r.get(2)?,
+                hash: hash_from(r.get_ref(3)?.as_blob().unwrap_or(&[])),
+                data: r.get(4)?,
+            })
+        })
+        .map_err(Error::storage("read snapshots"))?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(Error::storage("read snapshots"))
+}
+
+/// Whether a tombstone exists for this keyed hash of an entity id.
+pub fn is_erased(conn: &Connection, index: &[u8; 32]) -> Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM tombstones WHERE idx = ?1")
+        .map_err(Error::storage("read tombstone"))?
+        .exists([&index[..]])
+        .map_err(Error::storage("read tombstone"))
+}
+
 /// The seq of the entity's last event with a timestamp `<= ts_us` (0 if none). Timestamps
 /// never decrease within an entity, so this is a prefix search: the skip index narrows it to
 /// at most `SKIP_EVERY` events, which are then read.

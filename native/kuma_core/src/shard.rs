@@ -47,6 +47,11 @@ CREATE TABLE skips (
   ts  INTEGER NOT NULL,
   PRIMARY KEY (eid, seq)
 ) WITHOUT ROWID;
+CREATE TABLE tombstones (
+  idx           BLOB PRIMARY KEY NOT NULL,  -- keyed hash of an erased entity id
+  ts            INTEGER NOT NULL,
+  key_destroyed INTEGER NOT NULL            -- 1 once the keystore no longer has its key
+) WITHOUT ROWID;
 CREATE TABLE snapshots (
   eid     INTEGER NOT NULL,
   seq     INTEGER NOT NULL,
@@ -97,6 +102,8 @@ fn configure(conn: &Connection, sync: SyncMode) -> Result<()> {
     // Readers and checkpoints may briefly hold locks; wait instead of failing.
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("set busy timeout"))?;
     conn.pragma_update(None, "temp_store", "MEMORY").map_err(Error::storage("set temp_store"))?;
+    // Deleted content is overwritten with zeros (erasure must not leave bytes behind).
+    conn.pragma_update(None, "secure_delete", "ON").map_err(Error::storage("set secure_delete"))?;
     Ok(())
 }
 

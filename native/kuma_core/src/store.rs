@@ -8,9 +8,12 @@
 //! <data_dir>/shards/NNN.kuma one SQLite file per shard (+ -wal, -shm)
 //! ```
 
+use crate::cipher::{self, Binding, Key};
 use crate::codec::{validate_append, validate_entity_id, Expected, NewEvent, StoredEvent};
 use crate::error::{Error, Result};
 use crate::heads::{Head, Heads};
+use crate::keystore::Keystore;
+use crate::protection::Protection;
 use crate::reader::{self, EntityVerdict, ShardReport, Snapshot};
 use crate::router::shard_for;
 use crate::shard::{self, ShardIdentity, SyncMode, FORMAT_VERSION};
@@ -35,6 +38,11 @@ pub struct StoreConfig {
     pub writer: WriterConfig,
     /// Most entity heads kept in memory per shard (clean ones beyond it are dropped).
     pub heads_cap: usize,
+    /// The master key: `Some` = an encrypted store (the default in Kuma's Elixir API),
+    /// `None` = a plain store. Fixed when the store is created.
+    pub master_key: Option<Key>,
+    /// Where the keystore is (default `<data_dir>/keystore.kuma`).
+    pub keystore_path: Option<PathBuf>,
     /// Writer threads; shard i is served by thread i % writer_threads. `None` (default):
     /// one per shard. Fewer threads mean fewer OS context switches but also a smaller share
     /// of the CPU against the BEAM's schedulers (docs/benchmarks.md, "Writer threads").
@@ -50,6 +58,8 @@ impl StoreConfig {
             writer: WriterConfig::default(),
             heads_cap: 65_536,
             writer_threads: None,
+            master_key: None,
+            keystore_path: None,
         }
     }
 }
@@ -89,6 +99,7 @@ pub struct Store {
     routes: Vec<(usize, usize)>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
+    protection: Arc<Protection>,
     lock: Mutex<Option<File>>,
 }
 
@@ -96,6 +107,24 @@ struct Manifest {
     format: u32,
     store_id: String,
     shards: u32,
+    encrypted: bool,
+    /// Plain stores only: the key of the tombstones' keyed hash.
+    tombstone_key: Option<[u8; 32]>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn manifest_path(dir: &Path) -> PathBuf {
@@ -114,12 +143,17 @@ fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
     if lines.next() != Some("kuma-store") {
         return Err(foreign("not a Kuma manifest"));
     }
-    let mut m = Manifest { format: 0, store_id: String::new(), shards: 0 };
+    // Stores created before encryption existed have no `encryption` line: they are plain.
+    let mut m = Manifest { format: 0, store_id: String::new(), shards: 0, encrypted: false, tombstone_key: None };
     for line in lines {
         match line.split_once(' ') {
             Some(("format", v)) => m.format = v.parse().map_err(|_| foreign("bad format line"))?,
             Some(("store_id", v)) => m.store_id = v.to_string(),
             Some(("shards", v)) => m.shards = v.parse().map_err(|_| foreign("bad shards line"))?,
+            Some(("encryption", v)) => m.encrypted = v == "on",
+            Some(("tombstone_key", v)) => {
+                m.tombstone_key = Some(unhex32(v).ok_or_else(|| foreign("bad tombstone_key"))?)
+            }
             _ => {}
         }
     }
@@ -131,10 +165,16 @@ fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
 
 fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
     let tmp = dir.join("KUMA.tmp");
-    let text = format!(
-        "kuma-store\n# Kuma store manifest: do not edit. See docs/storage-format.md.\nformat {}\nstore_id {}\nshards {}\n",
-        m.format, m.store_id, m.shards
+    let mut text = format!(
+        "kuma-store\n# Kuma store manifest: do not edit. See docs/storage-format.md.\nformat {}\nstore_id {}\nshards {}\nencryption {}\n",
+        m.format,
+        m.store_id,
+        m.shards,
+        if m.encrypted { "on" } else { "off" }
     );
+    if let Some(k) = &m.tombstone_key {
+        text.push_str(&format!("tombstone_key {}\n", hex(k)));
+    }
     let mut f = File::create(&tmp).map_err(Error::io("write manifest"))?;
     f.write_all(text.as_bytes()).map_err(Error::io("write manifest"))?;
     f.sync_all().map_err(Error::io("write manifest"))?;
@@ -179,6 +219,9 @@ impl Store {
                 if m.shards != config.shards {
                     return Err(Error::ShardCountMismatch { stored: m.shards, given: config.shards });
                 }
+                if m.encrypted != config.master_key.is_some() {
+                    return Err(Error::EncryptionMismatch { stored: m.encrypted });
+                }
                 (m, false)
             }
             None => {
@@ -192,9 +235,33 @@ impl Store {
                     });
                 }
                 std::fs::create_dir_all(&shard_dir).map_err(Error::io("create shard dir"))?;
-                (Manifest { format: FORMAT_VERSION, store_id: new_store_id()?, shards: config.shards }, true)
+                let encrypted = config.master_key.is_some();
+                let tombstone_key = if encrypted { None } else { Some(*Key::random()?.as_bytes()) };
+                (
+                    Manifest {
+                        format: FORMAT_VERSION,
+                        store_id: new_store_id()?,
+                        shards: config.shards,
+                        encrypted,
+                        tombstone_key,
+                    },
+                    true,
+                )
             }
         };
+
+        // Protection before any shard is touched: a wrong master key changes nothing.
+        let keystore_path = config.keystore_path.clone().unwrap_or_else(|| dir.join("keystore.kuma"));
+        let protection = Arc::new(match (&config.master_key, manifest.tombstone_key) {
+            (Some(master), _) if creating => {
+                Protection::Encrypted(Keystore::create(&keystore_path, master.clone(), &manifest.store_id)?)
+            }
+            (Some(master), _) => {
+                Protection::Encrypted(Keystore::open(&keystore_path, master.clone(), &manifest.store_id)?)
+            }
+            (None, Some(tombstone_key)) => Protection::Plain { tombstone_key },
+            (None, None) => Protection::Plain { tombstone_key: *blake3::hash(manifest.store_id.as_bytes()).as_bytes() },
+        });
 
         // Writer threads: shard i is served by thread i % threads. Each thread opens (or
         // creates) and recovers its own shards, so opening is parallel too, then serves them.
@@ -222,6 +289,7 @@ impl Store {
         for (t, shards) in per_thread.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::unbounded::<(usize, Command)>();
             let (ready, cfg, store_id) = (ready_tx.clone(), config.clone(), manifest.store_id.clone());
+            let protection = protection.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("kuma-writer-{t}"))
                 .spawn(move || {
@@ -234,7 +302,7 @@ impl Store {
                             } else {
                                 shard::open(&path, &ident, cfg.sync)?
                             };
-                            ShardWriter::recover(conn, heads, cfg.writer, stats)
+                            ShardWriter::recover(conn, heads, protection.clone(), cfg.writer, stats)
                         })
                         .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
                         match opened {
@@ -271,6 +339,10 @@ impl Store {
             }
             if creating {
                 let _ = std::fs::remove_dir_all(&shard_dir);
+                if protection.is_encrypted() {
+                    drop(protection);
+                    let _ = std::fs::remove_file(&keystore_path);
+                }
             }
             return Err(e);
         }
@@ -285,6 +357,7 @@ impl Store {
             routes,
             threads: Mutex::new(threads),
             closed: AtomicBool::new(false),
+            protection,
             lock: Mutex::new(Some(lock)),
         })
     }
@@ -401,10 +474,20 @@ impl Store {
         self.send(shard, Command::Snapshot { snapshot, reply })
     }
 
-    /// The latest snapshot of an entity with `version`, at or before `max_seq`.
+    /// The latest snapshot of an entity with `version`, at or before `max_seq`, decrypted.
     pub fn latest_snapshot(&self, entity_id: &[u8], version: u32, max_seq: u64) -> Result<Option<Snapshot>> {
         validate_entity_id(entity_id)?;
-        self.with_reader(self.shard_for(entity_id), |c, h| reader::latest_snapshot(c, h, entity_id, version, max_seq))
+        let snap = self.with_reader(self.shard_for(entity_id), |c, h| {
+            reader::latest_snapshot(c, h, entity_id, version, max_seq)
+        })?;
+        match snap {
+            None => Ok(None),
+            Some(mut snap) => {
+                let key = self.protection.data_key(entity_id)?;
+                snap.data = self.protection.open_snapshot(key.as_ref(), entity_id, snap.seq, &snap.data)?;
+                Ok(Some(snap))
+            }
+        }
     }
 
     /// The seq of the entity's last event committed at or before `ts_us` (0 if none).
@@ -454,21 +537,146 @@ impl Store {
         result
     }
 
-    /// The head (last seq, position, timestamp, hash) of an entity, or `None` if it has no events.
+    /// The head (last seq, position, timestamp, hash) of an entity, or `None` if it has no
+    /// events; `Err(Erased)` if it was erased.
     pub fn head(&self, entity_id: &[u8]) -> Result<Option<Head>> {
         validate_entity_id(entity_id)?;
-        self.with_reader(self.shard_for(entity_id), |c, h| reader::head(c, h, entity_id))
+        let index = self.protection.index(entity_id);
+        self.with_reader(self.shard_for(entity_id), |c, h| match reader::head(c, h, entity_id)? {
+            None if reader::is_erased(c, &index)? => Err(Error::Erased),
+            head => Ok(head),
+        })
     }
 
-    /// Up to `max` events of an entity from `from_seq` on, in order.
+    /// Whether the entity was erased (a tombstone exists for it).
+    pub fn is_erased(&self, entity_id: &[u8]) -> Result<bool> {
+        validate_entity_id(entity_id)?;
+        let index = self.protection.index(entity_id);
+        self.with_reader(self.shard_for(entity_id), |c, _| reader::is_erased(c, &index))
+    }
+
+    /// Up to `max` events of an entity from `from_seq` on, in order, decrypted.
+    /// `Err(Erased)` for an erased entity.
     pub fn read_entity(&self, entity_id: &[u8], from_seq: u64, max: usize) -> Result<Vec<StoredEvent>> {
+        let raw = self.read_entity_sealed(entity_id, from_seq, max)?;
+        if raw.is_empty() {
+            // Nothing to decrypt, but an erased entity must say so.
+            self.head(entity_id)?;
+            return Ok(raw);
+        }
+        let key = self.protection.data_key(entity_id)?;
+        raw.into_iter().map(|ev| self.decrypt(key.as_ref(), ev)).collect()
+    }
+
+    /// `read_entity` without decryption: payload and metadata as stored (for export and tests).
+    pub fn read_entity_sealed(&self, entity_id: &[u8], from_seq: u64, max: usize) -> Result<Vec<StoredEvent>> {
         validate_entity_id(entity_id)?;
         self.with_reader(self.shard_for(entity_id), |c, h| reader::read_entity(c, h, entity_id, from_seq, max))
     }
 
-    /// Up to `max` events of a shard with position greater than `after`, in position order.
+    fn decrypt(&self, key: Option<&Key>, mut ev: StoredEvent) -> Result<StoredEvent> {
+        let (metadata, payload) = self.protection.open_event(key, &ev.entity_id, ev.seq, &ev.metadata, &ev.payload)?;
+        ev.metadata = metadata;
+        ev.payload = payload;
+        Ok(ev)
+    }
+
+    /// Up to `max` events of a shard with position greater than `after`, in position
+    /// order, decrypted. Events of an entity whose key is gone (erased, seen in a copy of
+    /// the files taken before the erasure) are left out.
     pub fn read_shard(&self, shard: u32, after: u64, max: usize) -> Result<Vec<StoredEvent>> {
-        self.with_reader(shard, |c, _| reader::read_shard(c, after, max))
+        let raw = self.with_reader(shard, |c, _| reader::read_shard(c, after, max))?;
+        let mut keys: std::collections::HashMap<Vec<u8>, Option<Key>> = std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for ev in raw {
+            let key = match keys.get(&ev.entity_id) {
+                Some(k) => k.clone(),
+                None => {
+                    let k = match self.protection.data_key(&ev.entity_id) {
+                        Ok(k) => k,
+                        Err(Error::Erased) => {
+                            keys.insert(ev.entity_id.clone(), None);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    keys.insert(ev.entity_id.clone(), k.clone());
+                    k
+                }
+            };
+            if key.is_none() && self.protection.is_encrypted() {
+                continue;
+            }
+            out.push(self.decrypt(key.as_ref(), ev)?);
+        }
+        Ok(out)
+    }
+
+    /// Erases an entity: deletes its events, snapshots and head (zeroed by SQLite's
+    /// secure_delete), leaves a tombstone (a keyed hash, not the id), destroys its data key
+    /// and truncates both WALs. `reply` gets the number of events deleted. Appends to the
+    /// id fail with `Erased` from then on.
+    pub fn delete(&self, entity_id: Vec<u8>, reply: Reply<Result<u64>>) -> Result<()> {
+        validate_entity_id(&entity_id)?;
+        let shard = self.shard_for(&entity_id);
+        self.send(shard, Command::Delete { entity_id, reply })
+    }
+
+    /// Seals `plaintext` under `subject_id`'s data key (created if needed), for a value
+    /// about the subject stored in another entity's events. Erasing the subject makes it
+    /// unreadable everywhere.
+    pub fn seal_sensitive(&self, subject_id: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+        validate_entity_id(subject_id)?;
+        let keystore = self.protection.keystore().ok_or_else(|| {
+            Error::invalid("sensitive", "the store was created without encryption; sensitive values need it")
+        })?;
+        if self.is_erased(subject_id)? {
+            return Err(Error::Erased);
+        }
+        keystore.ensure([subject_id])?;
+        let key = keystore.get(subject_id)?.ok_or(Error::Erased)?;
+        Ok(cipher::seal(&key, Binding::Sensitive { subject_id }, plaintext))
+    }
+
+    /// Opens a value sealed by `seal_sensitive`; `Err(Erased)` once the subject is erased.
+    pub fn unseal_sensitive(&self, subject_id: &[u8], sealed: &[u8]) -> Result<Vec<u8>> {
+        validate_entity_id(subject_id)?;
+        let key = self.protection.data_key(subject_id)?.ok_or(Error::Erased)?;
+        cipher::open(&key, Binding::Sensitive { subject_id }, sealed)
+            .map_err(|why| Error::Decrypt { seq: 0, why: format!("sensitive value: {why}") })
+    }
+
+    /// Rewraps every data key with a new master key (one keystore transaction). Returns
+    /// the number of keys rewrapped.
+    pub fn rotate_master_key(&self, new_master: Key) -> Result<u64> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        let keystore = self
+            .protection
+            .keystore()
+            .ok_or_else(|| Error::invalid("master_key", "the store was created without encryption"))?;
+        keystore.rotate(new_master)
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.protection.is_encrypted()
+    }
+
+    /// Every snapshot of an entity (all versions), oldest first, decrypted.
+    pub fn snapshots(&self, entity_id: &[u8]) -> Result<Vec<Snapshot>> {
+        validate_entity_id(entity_id)?;
+        let raw = self.with_reader(self.shard_for(entity_id), |c, h| reader::list_snapshots(c, h, entity_id))?;
+        if raw.is_empty() {
+            return Ok(raw);
+        }
+        let key = self.protection.data_key(entity_id)?;
+        raw.into_iter()
+            .map(|mut snap| {
+                snap.data = self.protection.open_snapshot(key.as_ref(), entity_id, snap.seq, &snap.data)?;
+                Ok(snap)
+            })
+            .collect()
     }
 
     /// Recomputes one entity's hash chain.

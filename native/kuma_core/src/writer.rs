@@ -12,11 +12,16 @@
 //!   and a failing transaction rolls back every append in it.
 //! - Every request gets exactly one answer, also when the transaction fails or a panic is
 //!   caught; the thread itself never unwinds.
+//! - In encrypted stores, the data keys of every entity in a group are durable in the
+//!   keystore before the group's transaction begins; payload, metadata and snapshots are
+//!   sealed here, and the chain hash covers the sealed bytes.
+//! - An erased entity (tombstone) is never written again: its appends get `Erased`.
 
 use crate::chain::{Chainer, GENESIS};
 use crate::codec::{Expected, NewEvent};
 use crate::error::{Error, Result};
 use crate::heads::{hash_from, Head, Heads};
+use crate::protection::Protection;
 use crate::reader::head_on_disk;
 use crate::shard::{meta_get, SKIP_EVERY};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -66,6 +71,9 @@ pub enum Command {
     Snapshot { snapshot: SnapshotRequest, reply: Reply<Result<()>> },
     /// Answered once everything queued before it is committed; also checkpoints heads.
     Barrier { reply: Reply<Result<()>> },
+    /// Erase an entity: its events, snapshots and head go, a tombstone stays, its data key
+    /// is destroyed and the WAL truncated. Answers the number of events deleted.
+    Delete { entity_id: Vec<u8>, reply: Reply<Result<u64>> },
 }
 
 impl Command {
@@ -73,6 +81,7 @@ impl Command {
         match self {
             Command::Append { entries, .. } => entries.iter().map(|e| e.events.len()).sum(),
             Command::Snapshot { .. } | Command::Barrier { .. } => 1,
+            Command::Delete { .. } => 1000,
         }
     }
 
@@ -83,6 +92,7 @@ impl Command {
             Command::Append { entries, reply } => (Job::Append(entries), Answer::Append(reply)),
             Command::Snapshot { snapshot, reply } => (Job::Snapshot(snapshot), Answer::Unit(reply)),
             Command::Barrier { reply } => (Job::Barrier, Answer::Unit(reply)),
+            Command::Delete { entity_id, reply } => (Job::Delete(entity_id), Answer::Count(reply)),
         }
     }
 }
@@ -115,6 +125,7 @@ pub struct WriterStats {
 pub(crate) struct ShardWriter {
     conn: Connection,
     heads: Arc<Heads>,
+    protection: Arc<Protection>,
     config: WriterConfig,
     next_pos: u64,
     /// Heads changed since the last checkpoint, by eid.
@@ -129,16 +140,19 @@ enum Job {
     Append(Vec<AppendEntry>),
     Snapshot(SnapshotRequest),
     Barrier,
+    Delete(Vec<u8>),
 }
 
 enum Answer {
     Append(Reply<Vec<Result<Appended>>>),
     Unit(Reply<Result<()>>),
+    Count(Reply<Result<u64>>),
 }
 
 enum Outcome {
     Append(Vec<Result<Appended>>),
     Unit(Result<()>),
+    Count(Result<u64>),
 }
 
 impl Answer {
@@ -153,9 +167,12 @@ impl Answer {
                 reply((0..parts).map(|_| Err(e.clone())).collect())
             }
             (Answer::Unit(reply), Err(e)) => reply(Err(e.clone())),
+            (Answer::Count(reply), Ok(Outcome::Count(result))) => reply(result),
+            (Answer::Count(reply), Err(e)) => reply(Err(e.clone())),
             // A job's outcome always has its answer's shape (see write_transaction).
-            (Answer::Append(reply), Ok(Outcome::Unit(_))) => reply(Vec::new()),
-            (Answer::Unit(reply), Ok(Outcome::Append(_))) => reply(Ok(())),
+            (Answer::Append(reply), Ok(_)) => reply(Vec::new()),
+            (Answer::Unit(reply), Ok(_)) => reply(Ok(())),
+            (Answer::Count(reply), Ok(_)) => reply(Ok(0)),
         }));
     }
 }
@@ -213,6 +230,7 @@ impl ShardWriter {
     pub(crate) fn recover(
         conn: Connection,
         heads: Arc<Heads>,
+        protection: Arc<Protection>,
         config: WriterConfig,
         stats: Arc<std::sync::Mutex<WriterStats>>,
     ) -> Result<Self> {
@@ -226,6 +244,7 @@ impl ShardWriter {
         let mut writer = ShardWriter {
             conn,
             heads,
+            protection,
             config,
             next_pos: max_pos.max(floor) + 1,
             dirty: HashMap::new(),
@@ -235,6 +254,7 @@ impl ShardWriter {
             stats,
         };
         writer.replay_tail(checkpoint)?;
+        writer.finish_erasures()?;
         Ok(writer)
     }
 
@@ -301,7 +321,24 @@ impl ShardWriter {
     }
 
     fn write_transaction(&mut self, jobs: &[Job]) -> Result<Vec<Outcome>> {
+        // Data keys first, durably, in one keystore transaction for the whole group; never
+        // for an erased id (its appends are refused below, and it must stay keyless).
+        if let Some(keystore) = self.protection.keystore() {
+            let mut fresh: Vec<&[u8]> = Vec::new();
+            for job in jobs {
+                if let Job::Append(entries) = job {
+                    for e in entries {
+                        let id = e.entity_id.as_slice();
+                        if !keystore.is_cached(id) && !self.is_erased(id).unwrap_or(true) {
+                            fresh.push(id);
+                        }
+                    }
+                }
+            }
+            keystore.ensure(fresh)?;
+        }
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("begin transaction"))?;
+        let mut erased: Vec<&[u8]> = Vec::new();
         // Heads changed by this transaction, keyed by entity id. Nothing in memory changes
         // until COMMIT succeeds, so a failed or panicking transaction leaves no trace.
         let mut tentative: HashMap<&[u8], Head> = HashMap::new();
@@ -316,9 +353,9 @@ impl ShardWriter {
                         let r = self.append_entry(&mut tentative, entry);
                         match &r {
                             Ok(a) => written += a.last_seq - a.first_seq + 1,
-                            // A concurrency conflict is this entry's answer; anything else
-                            // (I/O, disk full) aborts the whole transaction.
-                            Err(Error::WrongExpectedSeq { .. }) => {}
+                            // A concurrency conflict or an erased id is this entry's answer;
+                            // anything else (I/O, disk full) aborts the whole transaction.
+                            Err(Error::WrongExpectedSeq { .. } | Error::Erased) => {}
                             Err(e) => return Err(e.clone()),
                         }
                         out.push(r);
@@ -336,6 +373,20 @@ impl ShardWriter {
                     force_checkpoint = true;
                     results.push(Outcome::Unit(Ok(())));
                 }
+                Job::Delete(entity_id) => {
+                    // An entity appended and deleted in one group: the delete must see the
+                    // appends, so its tentative head is used and then dropped.
+                    let head = match tentative.remove(entity_id.as_slice()) {
+                        Some(h) => Some(h),
+                        None => self.lookup_head(entity_id)?,
+                    };
+                    let count = self.delete_rows(entity_id, head)?;
+                    if let Some(h) = head {
+                        self.dirty.remove(&h.eid);
+                    }
+                    erased.push(entity_id);
+                    results.push(Outcome::Count(Ok(count)));
+                }
             }
         }
         let pending = self.dirty.len() + tentative.len();
@@ -350,6 +401,18 @@ impl ShardWriter {
         self.conn.execute_batch("COMMIT").map_err(Error::storage("commit"))?;
 
         self.heads.publish(tentative.iter().map(|(k, v)| (*k, *v)));
+        if !erased.is_empty() {
+            for id in &erased {
+                self.heads.remove(id);
+            }
+            // The rows are gone (zeroed by secure_delete); now the old page images in the
+            // WAL, and the keys. A failure here leaves the tombstone's key_destroyed at 0,
+            // and the next open finishes the job (finish_erasures).
+            crate::keystore::truncate_wal(&self.conn, "checkpoint after erasure")?;
+            for id in &erased {
+                self.destroy_key(id)?;
+            }
+        }
         if checkpoint {
             self.dirty.clear();
             self.events_since_checkpoint = 0;
@@ -398,12 +461,14 @@ impl ShardWriter {
         if s.seq == head.seq && s.hash != head.hash {
             return Err(Error::invalid("snapshot", "hash does not match the entity's event at that seq"));
         }
+        let key = self.protection.data_key(&s.entity_id)?;
+        let sealed = self.protection.seal_snapshot(key.as_ref(), &s.entity_id, s.seq, &s.data);
         self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO snapshots(eid, seq, version, ts, hash, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
             .map_err(Error::storage("save snapshot"))?
-            .execute(params![head.eid, s.seq as i64, s.version, now_us(), &s.hash[..], &s.data])
+            .execute(params![head.eid, s.seq as i64, s.version, now_us(), &s.hash[..], &sealed])
             .map_err(Error::storage("save snapshot"))?;
         Ok(())
     }
@@ -440,6 +505,9 @@ impl ShardWriter {
         let eid = match head {
             Some(h) => h.eid,
             None => {
+                if self.is_erased(id)? {
+                    return Err(Error::Erased);
+                }
                 self.conn
                     .prepare_cached(
                         "INSERT INTO entities(entity_id, head_seq, head_pos, head_ts, head_hash) VALUES (?1, 0, 0, 0, ?2)",
@@ -456,6 +524,7 @@ impl ShardWriter {
         let mut prev_pos = head.map_or(0, |h| h.pos);
         let mut seq = current;
         let first_pos = self.next_pos;
+        let key = self.protection.data_key(id)?;
         let mut insert = self
             .conn
             .prepare_cached(
@@ -475,7 +544,8 @@ impl ShardWriter {
             seq += 1;
             let pos = self.next_pos;
             self.next_pos += 1;
-            let hash = self.chainer.link(&prev_hash, id, seq, ts, &ev.event_type, &ev.metadata, &ev.payload);
+            let (metadata, payload) = self.protection.seal_event(key.as_ref(), id, seq, &ev.metadata, &ev.payload);
+            let hash = self.chainer.link(&prev_hash, id, seq, ts, &ev.event_type, &metadata, &payload);
             insert
                 .execute(params![
                     pos as i64,
@@ -484,8 +554,8 @@ impl ShardWriter {
                     prev_pos as i64,
                     ts,
                     ev.event_type,
-                    ev.metadata,
-                    ev.payload,
+                    metadata,
+                    payload,
                     &hash[..]
                 ])
                 .map_err(Error::storage("insert event"))?;
@@ -504,5 +574,97 @@ impl ShardWriter {
             timestamp_us: ts,
             last_hash: prev_hash,
         })
+    }
+
+    fn is_erased(&self, entity_id: &[u8]) -> Result<bool> {
+        let index = self.protection.index(entity_id);
+        self.conn
+            .prepare_cached("SELECT 1 FROM tombstones WHERE idx = ?1")
+            .map_err(Error::storage("read tombstone"))?
+            .exists([&index[..]])
+            .map_err(Error::storage("read tombstone"))
+    }
+
+    /// Deletes everything of an entity in the open transaction and leaves a tombstone.
+    /// Returns the number of events deleted.
+    fn delete_rows(&mut self, entity_id: &[u8], head: Option<Head>) -> Result<u64> {
+        let index = self.protection.index(entity_id);
+        let mut count = 0u64;
+        if let Some(head) = head {
+            // Follow the back-pointers: the entity's positions, newest first.
+            let mut positions = Vec::with_capacity(head.seq as usize);
+            {
+                let mut prev = self
+                    .conn
+                    .prepare_cached("SELECT prev_pos FROM events WHERE pos = ?1")
+                    .map_err(Error::storage("erase: find events"))?;
+                let mut pos = head.pos;
+                while pos != 0 {
+                    positions.push(pos);
+                    pos = prev
+                        .query_row([pos as i64], |r| r.get::<_, i64>(0))
+                        .map_err(Error::storage("erase: find events"))? as u64;
+                }
+            }
+            let mut delete = self
+                .conn
+                .prepare_cached("DELETE FROM events WHERE pos = ?1")
+                .map_err(Error::storage("erase events"))?;
+            for pos in &positions {
+                count += delete.execute([*pos as i64]).map_err(Error::storage("erase events"))? as u64;
+            }
+            for sql in [
+                "DELETE FROM skips WHERE eid = ?1",
+                "DELETE FROM snapshots WHERE eid = ?1",
+                "DELETE FROM entities WHERE eid = ?1",
+            ] {
+                self.conn.execute(sql, [head.eid]).map_err(Error::storage("erase entity"))?;
+            }
+        }
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO tombstones(idx, ts, key_destroyed) VALUES (?1, ?2, 0)",
+                params![&index[..], now_us()],
+            )
+            .map_err(Error::storage("write tombstone"))?;
+        // The deleted rows may have held the highest positions: never hand them out again.
+        self.conn
+            .execute("UPDATE meta SET value = max(value, ?1) WHERE key = 'pos_floor'", [(self.next_pos - 1) as i64])
+            .map_err(Error::storage("write position floor"))?;
+        Ok(count)
+    }
+
+    /// Destroys an erased entity's data key and records that on its tombstone.
+    fn destroy_key(&self, entity_id: &[u8]) -> Result<()> {
+        if let Some(keystore) = self.protection.keystore() {
+            keystore.destroy(entity_id)?;
+        }
+        let index = self.protection.index(entity_id);
+        self.conn
+            .execute("UPDATE tombstones SET key_destroyed = 1 WHERE idx = ?1", [&index[..]])
+            .map_err(Error::storage("update tombstone"))?;
+        Ok(())
+    }
+
+    /// Finishes erasures interrupted by a crash: keys of tombstoned entities that still
+    /// exist are destroyed (the keystore is found by the tombstone's keyed hash).
+    fn finish_erasures(&mut self) -> Result<()> {
+        let pending: Vec<Vec<u8>> = self
+            .conn
+            .prepare("SELECT idx FROM tombstones WHERE key_destroyed = 0")
+            .map_err(Error::storage("read tombstones"))?
+            .query_map([], |r| r.get(0))
+            .map_err(Error::storage("read tombstones"))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(Error::storage("read tombstones"))?;
+        for idx in pending {
+            if let (Some(keystore), Ok(index)) = (self.protection.keystore(), <[u8; 32]>::try_from(idx.as_slice())) {
+                keystore.destroy_index(&index)?;
+            }
+            self.conn
+                .execute("UPDATE tombstones SET key_destroyed = 1 WHERE idx = ?1", [&idx])
+                .map_err(Error::storage("update tombstone"))?;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,423 @@
+//! The keystore: one random 32-byte data key per entity, stored only wrapped by the master
+//! key, in its own SQLite file (default `<data_dir>/keystore.kuma`, or a path of your
+//! choosing, e.g. on another volume with its own backup policy).
+//!
+//! Layout and invariants
+//! - Keys are found by `index = BLAKE3.keyed_hash(index_key, entity_id)`; the keystore
+//!   never contains an entity id. The 32-byte index key is random and itself stored wrapped
+//!   by the master key, so without the master key the index reveals nothing either.
+//! - Unwrapping the index key is how a master key is checked: a wrong key fails there,
+//!   before anything is read or written.
+//! - The file uses `synchronous=FULL`: a new data key is on disk before any event sealed
+//!   with it can commit (a shard commit after power loss must never outlive its key).
+//! - Destroying a key deletes its row with `secure_delete` on and truncates the WAL, so the
+//!   wrapped key is gone from the file; copies of the shards (backups) then hold ciphertext
+//!   that nothing can decrypt.
+//! - Rotation rewraps every key in one SQLite transaction: a crash leaves the whole file
+//!   under the old master key or the whole file under the new one.
+//! - The file is locked (flock) while open: one running store per keystore.
+
+use crate::cipher::{self, Binding, Key};
+use crate::error::{Error, Result};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+/// `PRAGMA application_id` of a keystore: "KUMK".
+pub const APPLICATION_ID: i64 = 0x4B55_4D4B;
+const FORMAT_VERSION: u32 = 1;
+const CACHE_CAP: usize = 200_000;
+
+const SCHEMA: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value ANY) WITHOUT ROWID;
+CREATE TABLE keys (
+  idx     BLOB PRIMARY KEY NOT NULL,  -- keyed hash of the entity id
+  wrapped BLOB NOT NULL,              -- the data key sealed by the master key
+  created INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+pub struct Keystore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    master: RwLock<Key>,
+    index_key: Key,
+    cache: RwLock<HashMap<[u8; 32], Key>>,
+    _lock: File,
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+fn configure(conn: &Connection) -> Result<()> {
+    conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)).map_err(Error::storage("keystore wal"))?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(Error::storage("keystore synchronous"))?;
+    conn.pragma_update(None, "secure_delete", "ON").map_err(Error::storage("keystore secure_delete"))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("keystore busy timeout"))?;
+    Ok(())
+}
+
+fn lock_file(path: &Path) -> Result<File> {
+    let lock_path = path.with_extension("lock");
+    let f =
+        File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::Storage {
+            context: "open keystore",
+            message: format!("{}: {e}", lock_path.display()),
+        })?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked { path: path.display().to_string() }),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock keystore")(e)),
+    }
+}
+
+impl Keystore {
+    /// Creates a new keystore for `store_id`. Fails if the file exists.
+    pub fn create(path: &Path, master: Key, store_id: &str) -> Result<Keystore> {
+        if path.exists() {
+            return Err(Error::ForeignFile {
+                path: path.display().to_string(),
+                why: "keystore file already exists".into(),
+            });
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(Error::io("create keystore dir"))?;
+        }
+        let lock = lock_file(path)?;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(Error::storage("create keystore"))?;
+        conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create keystore"))?;
+        configure(&conn)?;
+        let index_key = Key::random()?;
+        let wrapped = cipher::seal(&master, Binding::IndexKey, index_key.as_bytes());
+        conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {FORMAT_VERSION};"))
+            .map_err(Error::storage("create keystore"))?;
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('store_id', ?1), ('index_key', ?2)",
+            params![store_id, wrapped],
+        )
+        .map_err(Error::storage("create keystore"))?;
+        conn.execute_batch("COMMIT").map_err(Error::storage("create keystore"))?;
+        Ok(Keystore {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+            master: RwLock::new(master),
+            index_key,
+            cache: RwLock::new(HashMap::new()),
+            _lock: lock,
+        })
+    }
+
+    /// Opens the keystore of `store_id`; fails with `WrongMasterKey` (and reads nothing
+    /// else) if `master` is not the key it was written with.
+    pub fn open(path: &Path, master: Key, store_id: &str) -> Result<Keystore> {
+        let shown = || path.display().to_string();
+        if !path.is_file() {
+            return Err(Error::MissingKeystore { path: shown() });
+        }
+        let lock = lock_file(path)?;
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(|e| Error::ForeignFile { path: shown(), why: e.to_string() })?;
+        let app: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(|e| Error::ForeignFile { path: shown(), why: e.to_string() })?;
+        if app != APPLICATION_ID {
+            return Err(Error::ForeignFile { path: shown(), why: "not a Kuma keystore".into() });
+        }
+        let meta = |key: &str| -> Result<Option<rusqlite::types::Value>> {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+                .map_err(|e| Error::ForeignFile { path: shown(), why: e.to_string() })
+        };
+        match meta("store_id")? {
+            Some(rusqlite::types::Value::Text(id)) if id == store_id => {}
+            _ => return Err(Error::ForeignFile { path: shown(), why: "keystore of another store".into() }),
+        }
+        let Some(rusqlite::types::Value::Blob(wrapped)) = meta("index_key")? else {
+            return Err(Error::ForeignFile { path: shown(), why: "keystore has no index key".into() });
+        };
+        let index_key = cipher::open(&master, Binding::IndexKey, &wrapped).map_err(|_| Error::WrongMasterKey)?;
+        let index_key = Key::from_bytes(&index_key)?;
+        configure(&conn)?;
+        Ok(Keystore {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+            master: RwLock::new(master),
+            index_key,
+            cache: RwLock::new(HashMap::new()),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The keyed hash that stands for an entity id in the keystore and in tombstones.
+    pub fn index(&self, entity_id: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(self.index_key.as_bytes(), entity_id).as_bytes()
+    }
+
+    /// Whether the entity's data key is in memory (no keystore read needed).
+    pub fn is_cached(&self, entity_id: &[u8]) -> bool {
+        self.cached(&self.index(entity_id)).is_some()
+    }
+
+    fn cached(&self, index: &[u8; 32]) -> Option<Key> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner()).get(index).cloned()
+    }
+
+    fn remember(&self, index: [u8; 32], key: Key) {
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_CAP {
+            cache.clear();
+        }
+        cache.insert(index, key);
+    }
+
+    fn unwrap_row(&self, index: &[u8; 32], wrapped: &[u8]) -> Result<Key> {
+        let master = self.master.read().unwrap_or_else(|p| p.into_inner());
+        let bytes = cipher::open(&master, Binding::DataKey { index }, wrapped)
+            .map_err(|why| Error::Corrupt { seq: 0, why: format!("data key in keystore: {why}") })?;
+        Key::from_bytes(&bytes)
+    }
+
+    /// The data key of an entity, or `None` if it has none (never written, or erased).
+    pub fn get(&self, entity_id: &[u8]) -> Result<Option<Key>> {
+        let index = self.index(entity_id);
+        if let Some(k) = self.cached(&index) {
+            return Ok(Some(k));
+        }
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let wrapped: Option<Vec<u8>> = conn
+            .prepare_cached("SELECT wrapped FROM keys WHERE idx = ?1")
+            .map_err(Error::storage("read data key"))?
+            .query_row([&index[..]], |r| r.get(0))
+            .optional()
+            .map_err(Error::storage("read data key"))?;
+        drop(conn);
+        match wrapped {
+            None => Ok(None),
+            Some(w) => {
+                let key = self.unwrap_row(&index, &w)?;
+                self.remember(index, key.clone());
+                Ok(Some(key))
+            }
+        }
+    }
+
+    /// The data keys of `entity_ids`, creating the missing ones in one durable transaction.
+    pub fn ensure<'a>(&self, entity_ids: impl IntoIterator<Item = &'a [u8]>) -> Result<()> {
+        let missing: Vec<[u8; 32]> =
+            entity_ids.into_iter().map(|id| self.index(id)).filter(|i| self.cached(i).is_none()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("create data keys"))?;
+        let mut found = Vec::with_capacity(missing.len());
+        let result = (|| -> Result<()> {
+            let master = self.master.read().unwrap_or_else(|p| p.into_inner());
+            let mut select = conn
+                .prepare_cached("SELECT wrapped FROM keys WHERE idx = ?1")
+                .map_err(Error::storage("create data keys"))?;
+            let mut insert = conn
+                .prepare_cached("INSERT INTO keys(idx, wrapped, created) VALUES (?1, ?2, ?3)")
+                .map_err(Error::storage("create data keys"))?;
+            for index in &missing {
+                let existing: Option<Vec<u8>> = select
+                    .query_row([&index[..]], |r| r.get(0))
+                    .optional()
+                    .map_err(Error::storage("create data keys"))?;
+                let key = match existing {
+                    Some(w) => {
+                        let bytes = cipher::open(&master, Binding::DataKey { index }, &w)
+                            .map_err(|why| Error::Corrupt { seq: 0, why: format!("data key in keystore: {why}") })?;
+                        Key::from_bytes(&bytes)?
+                    }
+                    None => {
+                        let key = Key::random()?;
+                        let wrapped = cipher::seal(&master, Binding::DataKey { index }, key.as_bytes());
+                        insert
+                            .execute(params![&index[..], wrapped, now_us()])
+                            .map_err(Error::storage("create data keys"))?;
+                        key
+                    }
+                };
+                found.push((*index, key));
+            }
+            Ok(())
+        })();
+        match result.and_then(|_| conn.execute_batch("COMMIT").map_err(Error::storage("commit data keys"))) {
+            Ok(()) => {
+                drop(conn);
+                for (index, key) in found {
+                    self.remember(index, key);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Destroys an entity's data key: the row is deleted (zeroed by secure_delete) and the
+    /// WAL truncated. Returns whether a key existed.
+    pub fn destroy(&self, entity_id: &[u8]) -> Result<bool> {
+        self.destroy_index(&self.index(entity_id))
+    }
+
+    /// `destroy` by keyed hash (used to finish erasures after a crash).
+    pub fn destroy_index(&self, index: &[u8; 32]) -> Result<bool> {
+        let index = *index;
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let n = conn
+            .execute("DELETE FROM keys WHERE idx = ?1", [&index[..]])
+            .map_err(Error::storage("destroy data key"))?;
+        self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(&index);
+        truncate_wal(&conn, "keystore checkpoint")?;
+        Ok(n > 0)
+    }
+
+    /// Rewraps every data key (and the index key) with `new_master`, in one transaction.
+    /// Returns the number of data keys.
+    pub fn rotate(&self, new_master: Key) -> Result<u64> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut master = self.master.write().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("rotate master key"))?;
+        let result = (|| -> Result<u64> {
+            let mut count = 0u64;
+            let mut after: Vec<u8> = Vec::new();
+            let mut select = conn
+                .prepare("SELECT idx, wrapped FROM keys WHERE idx > ?1 ORDER BY idx LIMIT 1000")
+                .map_err(Error::storage("rotate master key"))?;
+            let mut update = conn
+                .prepare("UPDATE keys SET wrapped = ?2 WHERE idx = ?1")
+                .map_err(Error::storage("rotate master key"))?;
+            loop {
+                let rows: Vec<(Vec<u8>, Vec<u8>)> = select
+                    .query_map([&after], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(Error::storage("rotate master key"))?
+                    .collect::<rusqlite::Result<_>>()
+                    .map_err(Error::storage("rotate master key"))?;
+                let Some(last) = rows.last() else { break };
+                after = last.0.clone();
+                for (idx, wrapped) in &rows {
+                    let index: [u8; 32] = idx
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| Error::Corrupt { seq: 0, why: "keystore index of wrong length".into() })?;
+                    let key = cipher::open(&master, Binding::DataKey { index: &index }, wrapped)
+                        .map_err(|why| Error::Corrupt { seq: 0, why: format!("data key in keystore: {why}") })?;
+                    let rewrapped = cipher::seal(&new_master, Binding::DataKey { index: &index }, &key);
+                    update.execute(params![idx, rewrapped]).map_err(Error::storage("rotate master key"))?;
+                    count += 1;
+                }
+            }
+            let wrapped_index = cipher::seal(&new_master, Binding::IndexKey, self.index_key.as_bytes());
+            conn.execute("UPDATE meta SET value = ?1 WHERE key = 'index_key'", [wrapped_index])
+                .map_err(Error::storage("rotate master key"))?;
+            Ok(count)
+        })();
+        match result {
+            Ok(count) => {
+                conn.execute_batch("COMMIT").map_err(Error::storage("rotate master key"))?;
+                *master = new_master;
+                // The old wrapped keys must not linger in the WAL.
+                truncate_wal(&conn, "keystore checkpoint")?;
+                Ok(count)
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)`, retried while readers hold old snapshots.
+pub(crate) fn truncate_wal(conn: &Connection, context: &'static str) -> Result<()> {
+    for attempt in 0..50 {
+        let busy: i64 =
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).map_err(Error::storage(context))?;
+        if busy == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2 * (attempt + 1)));
+    }
+    Err(Error::Storage { context, message: "WAL checkpoint stayed busy (a reader holds an old snapshot)".into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_created_once_found_again_and_destroyed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.kuma");
+        let master = Key::random().unwrap();
+        let ks = Keystore::create(&path, master.clone(), "s1").unwrap();
+        assert!(ks.get(b"alice").unwrap().is_none());
+        ks.ensure([&b"alice"[..], &b"bob"[..]]).unwrap();
+        let a = ks.get(b"alice").unwrap().unwrap();
+        ks.ensure([&b"alice"[..]]).unwrap();
+        assert_eq!(ks.get(b"alice").unwrap().unwrap().as_bytes(), a.as_bytes());
+        drop(ks);
+        let ks = Keystore::open(&path, master.clone(), "s1").unwrap();
+        assert_eq!(ks.get(b"alice").unwrap().unwrap().as_bytes(), a.as_bytes());
+        assert!(ks.destroy(b"alice").unwrap());
+        assert!(ks.get(b"alice").unwrap().is_none());
+        assert!(!ks.destroy(b"alice").unwrap());
+        assert!(ks.get(b"bob").unwrap().is_some());
+        // Neither the id nor the data key appears in the file.
+        drop(ks);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!bytes.windows(5).any(|w| w == b"alice"));
+        assert!(!bytes.windows(32).any(|w| w == a.as_bytes()));
+    }
+
+    #[test]
+    fn wrong_master_key_and_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.kuma");
+        let master = Key::random().unwrap();
+        drop(Keystore::create(&path, master.clone(), "s1").unwrap());
+        assert!(matches!(Keystore::open(&path, Key::random().unwrap(), "s1"), Err(Error::WrongMasterKey)));
+        assert!(matches!(Keystore::open(&path, master.clone(), "other"), Err(Error::ForeignFile { .. })));
+        assert!(matches!(
+            Keystore::open(&dir.path().join("none.kuma"), master.clone(), "s1"),
+            Err(Error::MissingKeystore { .. })
+        ));
+        let ks = Keystore::open(&path, master.clone(), "s1").unwrap();
+        assert!(matches!(Keystore::open(&path, master, "s1"), Err(Error::Locked { .. })));
+        drop(ks);
+    }
+
+    #[test]
+    fn rotation_rewraps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.kuma");
+        let old = Key::random().unwrap();
+        let new = Key::random().unwrap();
+        let ks = Keystore::create(&path, old.clone(), "s1").unwrap();
+        let ids: Vec<Vec<u8>> = (0..2500).map(|i| format!("e{i}").into_bytes()).collect();
+        ks.ensure(ids.iter().map(|i| i.as_slice())).unwrap();
+        let before: Vec<[u8; 32]> = ids.iter().map(|i| *ks.get(i).unwrap().unwrap().as_bytes()).collect();
+        assert_eq!(ks.rotate(new.clone()).unwrap(), 2500);
+        drop(ks);
+        assert!(matches!(Keystore::open(&path, old, "s1"), Err(Error::WrongMasterKey)));
+        let ks = Keystore::open(&path, new, "s1").unwrap();
+        let after: Vec<[u8; 32]> = ids.iter().map(|i| *ks.get(i).unwrap().unwrap().as_bytes()).collect();
+        assert_eq!(before, after);
+    }
+}

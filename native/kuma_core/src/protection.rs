@@ -1,0 +1,111 @@
+//! How a store protects what it writes: `Plain` (encryption switched off when the store was
+//! created) or `Encrypted` with a keystore. Shared by the shard writers (which seal) and
+//! the readers (which open).
+//!
+//! In encrypted stores an event's payload and metadata are sealed separately, each bound to
+//! (entity id, seq); the chain hash covers the sealed bytes, so `verify` needs no key.
+//! Empty metadata stays empty (there is nothing to hide, and it saves 40 bytes).
+
+use crate::cipher::{self, Binding, Key};
+use crate::error::{Error, Result};
+use crate::keystore::Keystore;
+
+pub enum Protection {
+    /// No encryption. Tombstones use a keyed hash whose key is stored in the manifest: it
+    /// keeps ids out of the files, but anyone with the data dir can test a guessed id.
+    Plain {
+        tombstone_key: [u8; 32],
+    },
+    Encrypted(Keystore),
+}
+
+impl Protection {
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self, Protection::Encrypted(_))
+    }
+
+    pub fn keystore(&self) -> Option<&Keystore> {
+        match self {
+            Protection::Encrypted(ks) => Some(ks),
+            Protection::Plain { .. } => None,
+        }
+    }
+
+    /// The keyed hash standing for an entity id in tombstones (and in the keystore).
+    pub fn index(&self, entity_id: &[u8]) -> [u8; 32] {
+        match self {
+            Protection::Encrypted(ks) => ks.index(entity_id),
+            Protection::Plain { tombstone_key } => *blake3::keyed_hash(tombstone_key, entity_id).as_bytes(),
+        }
+    }
+
+    /// The entity's data key: `Ok(None)` in plain stores, `Err(Erased)` if an encrypted
+    /// store has no key for it.
+    pub fn data_key(&self, entity_id: &[u8]) -> Result<Option<Key>> {
+        match self {
+            Protection::Plain { .. } => Ok(None),
+            Protection::Encrypted(ks) => ks.get(entity_id)?.map(Some).ok_or(Error::Erased),
+        }
+    }
+
+    /// Seals what is stored of one event: `(metadata, payload)`.
+    pub fn seal_event(
+        &self,
+        key: Option<&Key>,
+        entity_id: &[u8],
+        seq: u64,
+        metadata: &[u8],
+        payload: &[u8],
+    ) -> (Vec<u8>, Vec<u8>) {
+        match key {
+            None => (metadata.to_vec(), payload.to_vec()),
+            Some(key) => {
+                let meta = if metadata.is_empty() {
+                    Vec::new()
+                } else {
+                    cipher::seal(key, Binding::Metadata { entity_id, seq }, metadata)
+                };
+                (meta, cipher::seal(key, Binding::Payload { entity_id, seq }, payload))
+            }
+        }
+    }
+
+    /// Opens what `seal_event` stored.
+    pub fn open_event(
+        &self,
+        key: Option<&Key>,
+        entity_id: &[u8],
+        seq: u64,
+        metadata: &[u8],
+        payload: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        match key {
+            None => Ok((metadata.to_vec(), payload.to_vec())),
+            Some(key) => {
+                let decrypt = |why: &str| Error::Decrypt { seq, why: why.to_string() };
+                let meta = if metadata.is_empty() {
+                    Vec::new()
+                } else {
+                    cipher::open(key, Binding::Metadata { entity_id, seq }, metadata).map_err(decrypt)?
+                };
+                let payload = cipher::open(key, Binding::Payload { entity_id, seq }, payload).map_err(decrypt)?;
+                Ok((meta, payload))
+            }
+        }
+    }
+
+    pub fn seal_snapshot(&self, key: Option<&Key>, entity_id: &[u8], seq: u64, data: &[u8]) -> Vec<u8> {
+        match key {
+            None => data.to_vec(),
+            Some(key) => cipher::seal(key, Binding::Snapshot { entity_id, seq }, data),
+        }
+    }
+
+    pub fn open_snapshot(&self, key: Option<&Key>, entity_id: &[u8], seq: u64, data: &[u8]) -> Result<Vec<u8>> {
+        match key {
+            None => Ok(data.to_vec()),
+            Some(key) => cipher::open(key, Binding::Snapshot { entity_id, seq }, data)
+                .map_err(|why| Error::Decrypt { seq, why: format!("snapshot: {why}") }),
+        }
+    }
+}
