@@ -16,7 +16,7 @@ pub enum Protection {
     Plain {
         tombstone_key: [u8; 32],
     },
-    Encrypted(Keystore),
+    Encrypted(Box<Keystore>),
 }
 
 impl Protection {

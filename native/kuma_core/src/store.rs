@@ -254,10 +254,10 @@ impl Store {
         let keystore_path = config.keystore_path.clone().unwrap_or_else(|| dir.join("keystore.kuma"));
         let protection = Arc::new(match (&config.master_key, manifest.tombstone_key) {
             (Some(master), _) if creating => {
-                Protection::Encrypted(Keystore::create(&keystore_path, master.clone(), &manifest.store_id)?)
+                Protection::Encrypted(Box::new(Keystore::create(&keystore_path, master.clone(), &manifest.store_id)?))
             }
             (Some(master), _) => {
-                Protection::Encrypted(Keystore::open(&keystore_path, master.clone(), &manifest.store_id)?)
+                Protection::Encrypted(Box::new(Keystore::open(&keystore_path, master.clone(), &manifest.store_id)?))
             }
             (None, Some(tombstone_key)) => Protection::Plain { tombstone_key },
             (None, None) => Protection::Plain { tombstone_key: *blake3::hash(manifest.store_id.as_bytes()).as_bytes() },
