@@ -24,7 +24,8 @@ defmodule Kuma.Native do
 
   defp nif_missing, do: :erlang.nif_error(:kuma_nif_not_loaded)
 
-  def store_open(_data_dir, _shards, _sync, _writer_threads), do: nif_missing()
+  def store_open(_data_dir, _shards, _sync, _writer_threads, _master_key, _keystore_path), do: nif_missing()
+  def store_encrypted(_store), do: nif_missing()
   def store_close(_store), do: nif_missing()
   def store_info(_store), do: nif_missing()
   def shard_for(_entity_id, _shards), do: nif_missing()
@@ -36,6 +37,12 @@ defmodule Kuma.Native do
   def save_snapshot_dirty(_store, _ref, _entity_id, _seq, _version, _hash, _data), do: nif_missing()
   def latest_snapshot(_store, _entity_id, _version, _max_seq), do: nif_missing()
   def seq_at(_store, _entity_id, _ts_us), do: nif_missing()
+  def delete(_store, _ref, _entity_id), do: nif_missing()
+  def seal_sensitive(_store, _subject_id, _plaintext), do: nif_missing()
+  def unseal_sensitive(_store, _subject_id, _sealed), do: nif_missing()
+  def rotate_master_key(_store, _new_key), do: nif_missing()
+  def is_erased(_store, _entity_id), do: nif_missing()
+  def snapshots(_store, _entity_id), do: nif_missing()
   def flush(_store), do: nif_missing()
   def read_entity(_store, _entity_id, _from_seq, _max), do: nif_missing()
   def read_shard(_store, _shard, _after, _max), do: nif_missing()

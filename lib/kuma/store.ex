@@ -30,6 +30,8 @@ defmodule Kuma.Store do
                 idle_timeout: :infinity,
                 max_live_entities: :infinity,
                 entities: nil,
+                sensitive_refs: nil,
+                encrypted: true,
                 epoch: nil
               ]
 
@@ -48,6 +50,8 @@ defmodule Kuma.Store do
           idle_timeout: pos_integer() | :infinity,
           max_live_entities: pos_integer() | :infinity,
           entities: :ets.tid() | nil,
+          sensitive_refs: :ets.tid() | nil,
+          encrypted: boolean(),
           epoch: :atomics.atomics_ref() | nil
         }
 

@@ -4,18 +4,20 @@ defmodule Kuma.TamperTest do
 
   @moduletag store: false
 
-  setup %{dir: dir, name: name} do
-    {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 1)
+  setup %{dir: dir, name: name} = ctx do
+    encryption = Map.get(ctx, :encryption, true)
+    {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 1, encryption: encryption)
 
     {:ok, 10} =
       Kuma.append(store, "victim", for(i <- 1..10, do: {:deposited, "MARK-#{i}-#{String.duplicate("v", 40)}"}))
 
     {:ok, 10} = Kuma.append(store, "bystander", for(i <- 1..10, do: {:deposited, i}))
     :ok = Kuma.stop(store)
-    %{shard: Path.join(dir, "shards/000.kuma")}
+    %{shard: Path.join(dir, "shards/000.kuma"), encryption: encryption}
   end
 
-  defp reopen(%{dir: dir, name: name}), do: Kuma.start(name: name, data_dir: dir, shards: 1)
+  defp reopen(%{dir: dir, name: name, encryption: encryption}),
+    do: Kuma.start(name: name, data_dir: dir, shards: 1, encryption: encryption)
 
   @tag :sqlite3_cli
   test "a row altered with the sqlite3 CLI is caught", %{shard: shard} = ctx do
@@ -41,6 +43,7 @@ defmodule Kuma.TamperTest do
     assert {:error, {:tampered, 3, _}} = Kuma.verify(store, "bystander")
   end
 
+  @tag encryption: false
   test "a flipped byte in the file is caught, and the chain names its seq", %{shard: shard} = ctx do
     bytes = File.read!(shard)
     {offset, _} = :binary.match(bytes, "MARK-7-")
@@ -49,5 +52,25 @@ defmodule Kuma.TamperTest do
     {:ok, store} = reopen(ctx)
     assert {:error, {:tampered, 7, _}} = Kuma.verify(store, "victim")
     assert {:ok, %{events: 10}} = Kuma.verify(store, "bystander")
+  end
+
+  @tag :sqlite3_cli
+  test "a flipped ciphertext byte is caught by verify and by reads", %{shard: shard} = ctx do
+    sqlite3 = System.find_executable("sqlite3") || flunk("sqlite3 CLI not installed (bin/setup installs it)")
+    # The plaintext marker is nowhere in the file: payloads are sealed.
+    refute File.read!(shard) =~ "MARK-7-"
+    {hex, 0} = System.cmd(sqlite3, [shard, "SELECT hex(payload) FROM events WHERE eid = 1 AND seq = 7;"])
+    ciphertext = Base.decode16!(String.trim(hex))
+    bytes = File.read!(shard)
+    {offset, _} = :binary.match(bytes, ciphertext)
+    flip = offset + div(byte_size(ciphertext), 2)
+    <<before::binary-size(flip), c, rest::binary>> = bytes
+    File.write!(shard, <<before::binary, Bitwise.bxor(c, 0x01), rest::binary>>)
+    {:ok, store} = reopen(ctx)
+    assert {:error, {:tampered, 7, _}} = Kuma.verify(store, "victim")
+    assert {:ok, %{events: 10}} = Kuma.verify(store, "bystander")
+    assert {:error, {:decrypt_failed, 7, _}} = Kuma.events(store, "victim")
+    assert {:ok, events} = Kuma.events(store, "bystander")
+    assert length(events) == 10
   end
 end

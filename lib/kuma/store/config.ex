@@ -13,7 +13,12 @@ defmodule Kuma.Store.Config do
     snapshot_every: 100,
     idle_timeout: :timer.minutes(15),
     max_live_entities: 100_000,
-    writer_threads: nil
+    writer_threads: nil,
+    encryption: true,
+    master_key: nil,
+    master_key_file: nil,
+    master_key_env: "KUMA_MASTER_KEY",
+    keystore_path: nil
   }
   @known Map.keys(@defaults) ++ [:data_dir]
 
@@ -30,13 +35,76 @@ defmodule Kuma.Store.Config do
          :ok <- check(:snapshot_every, config.snapshot_every),
          :ok <- check(:idle_timeout, config.idle_timeout),
          :ok <- check(:max_live_entities, config.max_live_entities),
-         :ok <- check(:writer_threads, config.writer_threads) do
+         :ok <- check(:writer_threads, config.writer_threads),
+         {:ok, master_key} <- master_key(config) do
       aggregates = Enum.uniq([Kuma.Aggregate.Latest | config.aggregates])
-      {:ok, %{config | data_dir: Path.expand(to_string(config.data_dir)), aggregates: aggregates}}
+      keystore = config.keystore_path && Path.expand(to_string(config.keystore_path))
+
+      {:ok,
+       %{
+         config
+         | data_dir: Path.expand(to_string(config.data_dir)),
+           aggregates: aggregates,
+           master_key: master_key,
+           keystore_path: keystore
+       }}
     end
   end
 
   def validate(_opts), do: {:error, {:invalid, :options, "must be a keyword list"}}
+
+  # The master key, resolved once at start from (in order) :master_key, :master_key_file or
+  # the environment variable :master_key_env. It travels inside a 0-arity function so that
+  # crash reports and :sys.get_state show #Function<...>, never the key's bytes.
+  defp master_key(%{encryption: false}), do: {:ok, nil}
+
+  defp master_key(%{encryption: true} = config) do
+    cond do
+      config.master_key != nil ->
+        wrap(parse_key(config.master_key), :master_key)
+
+      config.master_key_file != nil ->
+        case File.read(to_string(config.master_key_file)) do
+          {:ok, contents} -> wrap(parse_key(String.trim(contents)), :master_key_file)
+          {:error, reason} -> {:error, {:invalid, :master_key_file, "cannot read: #{:file.format_error(reason)}"}}
+        end
+
+      is_binary(config.master_key_env) and System.get_env(config.master_key_env) not in [nil, ""] ->
+        wrap(parse_key(String.trim(System.get_env(config.master_key_env))), :master_key_env)
+
+      true ->
+        {:error,
+         {:missing_master_key,
+          "the store encrypts by default: give :master_key (32 bytes), :master_key_file, or set " <>
+            "#{config.master_key_env || "KUMA_MASTER_KEY"} (64 hex characters); or start with encryption: false"}}
+    end
+  end
+
+  defp master_key(_config), do: {:error, {:invalid, :encryption, "must be true or false"}}
+
+  defp wrap({:ok, key}, _source), do: {:ok, fn -> key end}
+  defp wrap(:error, source), do: {:error, {:invalid, source, "a key must be 32 raw bytes, 64 hex characters or base64"}}
+
+  @doc false
+  # A 32-byte key from raw bytes, hex or base64.
+  @spec parse_key(term()) :: {:ok, <<_::256>>} | :error
+  def parse_key(<<key::binary-size(32)>>), do: {:ok, key}
+
+  def parse_key(text) when is_binary(text) and byte_size(text) == 64 do
+    case Base.decode16(text, case: :mixed) do
+      {:ok, key} -> {:ok, key}
+      :error -> :error
+    end
+  end
+
+  def parse_key(text) when is_binary(text) do
+    case Base.decode64(text) do
+      {:ok, <<key::binary-size(32)>>} -> {:ok, key}
+      _ -> :error
+    end
+  end
+
+  def parse_key(_other), do: :error
 
   @doc false
   # Shared by every function that takes options: unknown keys are errors, not ignored.

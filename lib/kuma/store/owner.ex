@@ -18,7 +18,16 @@ defmodule Kuma.Store.Owner do
     Process.flag(:trap_exit, true)
     close_stale(config.name)
 
-    case Native.store_open(config.data_dir, config.shards, config.sync, config.writer_threads || 0) do
+    master_key = config.master_key && config.master_key.()
+
+    case Native.store_open(
+           config.data_dir,
+           config.shards,
+           config.sync,
+           config.writer_threads || 0,
+           master_key,
+           config.keystore_path
+         ) do
       {:ok, native} ->
         info = Native.store_info(native)
 
@@ -38,6 +47,10 @@ defmodule Kuma.Store.Owner do
           # Live entities publish {id, pid, aggregate, state, seq, last_used_epoch} here;
           # reads are served from it without calling the entity (Kuma.Entity).
           entities: :ets.new(:kuma_entities, [:set, :public, read_concurrency: true, write_concurrency: true]),
+          # {subject_id, entity_id}: entities whose in-memory state holds a revealed
+          # Kuma.Sensitive value of the subject; erasing the subject passivates them.
+          sensitive_refs: :ets.new(:kuma_sensitive_refs, [:bag, :public, write_concurrency: true]),
+          encrypted: Native.store_encrypted(native),
           epoch: :atomics.new(1, signed: false)
         }
 

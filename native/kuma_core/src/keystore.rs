@@ -45,7 +45,9 @@ pub struct Keystore {
     master: RwLock<Key>,
     index_key: Key,
     cache: RwLock<HashMap<[u8; 32], Key>>,
-    _lock: File,
+    /// Held (flock) while open; released by `close`.
+    lock: Mutex<Option<File>>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 fn now_us() -> i64 {
@@ -110,7 +112,8 @@ impl Keystore {
             master: RwLock::new(master),
             index_key,
             cache: RwLock::new(HashMap::new()),
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -152,12 +155,33 @@ impl Keystore {
             master: RwLock::new(master),
             index_key,
             cache: RwLock::new(HashMap::new()),
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Forgets every cached key and releases the file; every later call fails with `Closed`.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.cache.write().unwrap_or_else(|p| p.into_inner()).clear();
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+        drop(conn);
+        if let Some(lock) = self.lock.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = lock.unlock();
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
     }
 
     /// The keyed hash that stands for an entity id in the keystore and in tombstones.
@@ -191,6 +215,7 @@ impl Keystore {
 
     /// The data key of an entity, or `None` if it has none (never written, or erased).
     pub fn get(&self, entity_id: &[u8]) -> Result<Option<Key>> {
+        self.check_open()?;
         let index = self.index(entity_id);
         if let Some(k) = self.cached(&index) {
             return Ok(Some(k));
@@ -215,6 +240,7 @@ impl Keystore {
 
     /// The data keys of `entity_ids`, creating the missing ones in one durable transaction.
     pub fn ensure<'a>(&self, entity_ids: impl IntoIterator<Item = &'a [u8]>) -> Result<()> {
+        self.check_open()?;
         let missing: Vec<[u8; 32]> =
             entity_ids.into_iter().map(|id| self.index(id)).filter(|i| self.cached(i).is_none()).collect();
         if missing.is_empty() {
@@ -278,6 +304,7 @@ impl Keystore {
 
     /// `destroy` by keyed hash (used to finish erasures after a crash).
     pub fn destroy_index(&self, index: &[u8; 32]) -> Result<bool> {
+        self.check_open()?;
         let index = *index;
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let n = conn
@@ -291,6 +318,7 @@ impl Keystore {
     /// Rewraps every data key (and the index key) with `new_master`, in one transaction.
     /// Returns the number of data keys.
     pub fn rotate(&self, new_master: Key) -> Result<u64> {
+        self.check_open()?;
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let mut master = self.master.write().unwrap_or_else(|p| p.into_inner());
         conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("rotate master key"))?;

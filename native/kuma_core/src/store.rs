@@ -709,6 +709,9 @@ impl Store {
         for s in &self.shards {
             s.readers.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
+        if let Some(keystore) = self.protection.keystore() {
+            keystore.close();
+        }
         if let Some(lock) = self.lock.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = lock.unlock();
         }

@@ -10,7 +10,8 @@
 
 use kuma_core::reader::{EntityVerdict, ShardReport, Snapshot};
 use kuma_core::{
-    AppendEntry, Appended, Error, Expected, Head, NewEvent, SnapshotRequest, Store, StoreConfig, StoredEvent, SyncMode,
+    AppendEntry, Appended, Error, Expected, Head, Key, NewEvent, SnapshotRequest, Store, StoreConfig, StoredEvent,
+    SyncMode,
 };
 use rustler::env::OwnedEnv;
 use rustler::types::binary::{Binary, NewBinary};
@@ -57,6 +58,16 @@ mod atoms {
         problems,
         entities,
         snapshot,
+        wrong_master_key,
+        missing_keystore,
+        encryption_mismatch,
+        store_is_encrypted,
+        store_is_plain,
+        entity_erased,
+        decrypt_failed,
+        sensitive,
+        master_key,
+        key,
     }
 }
 
@@ -87,6 +98,9 @@ fn what_atom<'a>(env: Env<'a>, what: &str) -> Term<'a> {
         "sync" => atoms::sync().encode(env),
         "data_dir" => atoms::data_dir().encode(env),
         "snapshot" => atoms::snapshot().encode(env),
+        "sensitive" => atoms::sensitive().encode(env),
+        "master_key" => atoms::master_key().encode(env),
+        "key" => atoms::key().encode(env),
         other => other.encode(env),
     }
 }
@@ -110,6 +124,16 @@ impl Encoder for Reason {
             Error::Storage { context, message } => (atoms::storage(), *context, message.as_str()).encode(env),
             Error::Corrupt { seq, why } => (atoms::corrupt(), *seq, why.as_str()).encode(env),
             Error::Panic { message } => (atoms::panic(), message.as_str()).encode(env),
+            Error::WrongMasterKey => atoms::wrong_master_key().encode(env),
+            Error::MissingKeystore { path } => (atoms::missing_keystore(), path.as_str()).encode(env),
+            Error::EncryptionMismatch { stored: true } => {
+                (atoms::encryption_mismatch(), atoms::store_is_encrypted()).encode(env)
+            }
+            Error::EncryptionMismatch { stored: false } => {
+                (atoms::encryption_mismatch(), atoms::store_is_plain()).encode(env)
+            }
+            Error::Erased => atoms::entity_erased().encode(env),
+            Error::Decrypt { seq, why } => (atoms::decrypt_failed(), *seq, why.as_str()).encode(env),
         }
     }
 }
@@ -213,6 +237,8 @@ fn store_open(
     shards: u32,
     sync: rustler::Atom,
     writer_threads: u32,
+    master_key: Option<Binary>,
+    keystore_path: Option<String>,
 ) -> NifResult<ResourceArc<StoreResource>> {
     guard(|| {
         let sync = if sync == atoms::full() {
@@ -227,6 +253,9 @@ fn store_open(
         config.sync = sync;
         // 0 = one writer thread per shard.
         config.writer_threads = (writer_threads > 0).then_some(writer_threads as usize);
+        // nil = a plain store (created with encryption: false).
+        config.master_key = master_key.map(|k| Key::from_bytes(k.as_slice())).transpose()?;
+        config.keystore_path = keystore_path.map(std::path::PathBuf::from);
         Ok(ResourceArc::new(StoreResource { store: Store::open(config)? }))
     })
 }
@@ -460,6 +489,97 @@ fn seq_at(store: ResourceArc<StoreResource>, entity_id: Term, ts_us: i64) -> Nif
         let id = decode_id(entity_id)?;
         store.store.seq_at(&id, ts_us)
     })
+}
+
+/// Queues the erasure of an entity; answered with `{:kuma_reply, ref, {:ok, events} | {:error, reason}}`.
+#[rustler::nif]
+fn delete<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entity_id: Term<'a>,
+) -> NifResult<rustler::Atom> {
+    guard(|| {
+        let id = decode_id(entity_id)?;
+        let (mut owned, saved, pid) = replier(env, reference)?;
+        store.store.delete(
+            id,
+            Box::new(move |result| {
+                let _ = owned.send_and_clear(&pid, |e| {
+                    let answer = match result {
+                        Ok(n) => (atoms::ok(), n).encode(e),
+                        Err(err) => (atoms::error(), Reason(err)).encode(e),
+                    };
+                    (atoms::kuma_reply(), saved.load(e), answer).encode(e)
+                });
+            }),
+        )?;
+        Ok(atoms::ok())
+    })
+}
+
+/// Seals a value under a subject's data key (creating it durably if needed).
+#[rustler::nif(schedule = "DirtyIo")]
+fn seal_sensitive<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    subject_id: Term<'a>,
+    plaintext: Binary<'a>,
+) -> NifResult<Term<'a>> {
+    guard(|| {
+        let subject = decode_id(subject_id)?;
+        store.store.seal_sensitive(&subject, plaintext.as_slice()).map(|sealed| bin(env, &sealed))
+    })
+}
+
+/// Opens a sealed value; `{:error, :entity_erased}` once the subject is erased.
+#[rustler::nif(schedule = "DirtyIo")]
+fn unseal_sensitive<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    subject_id: Term<'a>,
+    sealed: Binary<'a>,
+) -> NifResult<Term<'a>> {
+    guard(|| {
+        let subject = decode_id(subject_id)?;
+        store.store.unseal_sensitive(&subject, sealed.as_slice()).map(|plain| bin(env, &plain))
+    })
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn rotate_master_key(store: ResourceArc<StoreResource>, new_key: Binary) -> NifResult<u64> {
+    guard(|| store.store.rotate_master_key(Key::from_bytes(new_key.as_slice())?))
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn is_erased(store: ResourceArc<StoreResource>, entity_id: Term) -> NifResult<bool> {
+    guard(|| {
+        let id = decode_id(entity_id)?;
+        store.store.is_erased(&id)
+    })
+}
+
+struct Snapshots(Vec<kuma_core::Snapshot>);
+
+impl Encoder for Snapshots {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let items: Vec<Term<'a>> = self.0.iter().map(|s| SnapshotTerm(Some(s.clone())).encode(env)).collect();
+        items.encode(env)
+    }
+}
+
+/// Every snapshot of an entity, decrypted: `[{seq, version, timestamp_us, hash, data}]`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn snapshots(store: ResourceArc<StoreResource>, entity_id: Term) -> NifResult<Snapshots> {
+    guard(|| {
+        let id = decode_id(entity_id)?;
+        store.store.snapshots(&id).map(Snapshots)
+    })
+}
+
+#[rustler::nif]
+fn store_encrypted(store: ResourceArc<StoreResource>) -> bool {
+    store.store.is_encrypted()
 }
 
 #[rustler::nif(schedule = "DirtyIo")]
