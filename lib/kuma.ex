@@ -35,6 +35,13 @@ defmodule Kuma do
   * `{:corrupt, seq, why}` - stored data failed an integrity check while reading
   * `{:panic, message}` - a bug in Kuma's Rust code was caught; the VM is unaffected
   * `:timeout` - no answer within `:timeout`; the append may still commit
+  * `:entity_erased` - the entity was erased (`delete/3`): it cannot be written or read
+  * `{:subject_erased, id}` - a `Kuma.Sensitive` value names an erased subject
+  * `:wrong_master_key`, `{:missing_master_key, why}`, `{:missing_keystore, path}`,
+    `{:encryption_mismatch, :store_is_encrypted | :store_is_plain}` - see "Encryption" in `start/1`
+  * `{:decrypt_failed, seq, why}` - a stored ciphertext did not decrypt (altered, or copied
+    from another entity or position); never returned as garbage data
+  * `{:forget_unconfirmed, pids}` - `delete/3` erased the data but some listeners did not confirm
 
   ## Limits
 
@@ -86,6 +93,23 @@ defmodule Kuma do
 
   Opening an existing directory with a different `:shards` fails with
   `{:shard_count_mismatch, stored, requested}`.
+
+  ## Encryption
+
+  On by default: every payload, metadata and snapshot is sealed with XChaCha20-Poly1305
+  under the entity's own data key; data keys live in a keystore file, wrapped by a master
+  key that Kuma never writes anywhere. Options:
+
+  * `:master_key` - the 32-byte master key (raw, 64 hex characters or base64)
+  * `:master_key_file` - a file holding it (hex or base64); keep it outside the data dir
+  * `:master_key_env` - environment variable read when neither is given
+    (default `"KUMA_MASTER_KEY"`)
+  * `:keystore_path` - the keystore file (default `<data_dir>/keystore.kuma`)
+  * `:encryption` - `false` creates an unencrypted store (no erasure from backups, no
+    `Kuma.Sensitive`); the choice is recorded in the data dir and cannot change later
+
+  Errors: `{:missing_master_key, why}`, `:wrong_master_key` (nothing is changed),
+  `{:missing_keystore, path}`, `{:encryption_mismatch, ...}`.
   """
   @spec start(keyword()) :: {:ok, Store.t()} | {:error, reason()}
   def start(opts) do
@@ -219,7 +243,7 @@ defmodule Kuma do
   @spec append_direct(Store.t(), entity_id(), [term()], keyword()) :: {:ok, tuple()} | {:error, reason()}
   def append_direct(%Store{} = s, entity_id, events, opts) do
     with {:ok, expected} <- expected_seq(Keyword.get(opts, :expected_seq)),
-         {:ok, encoded, bytes} <- Codec.encode_events(events, Keyword.get(opts, :metadata)) do
+         {:ok, encoded, bytes} <- Codec.encode_events(events, Keyword.get(opts, :metadata), s) do
       ref = make_ref()
 
       queued =
@@ -257,7 +281,7 @@ defmodule Kuma do
   def append_batch(store, entries, opts) when is_list(entries) do
     with {:ok, s} <- Store.lookup(store),
          :ok <- check_options(opts, [:timeout]),
-         {:ok, encoded} <- encode_entries(entries) do
+         {:ok, encoded} <- encode_entries(s, entries) do
       timeout = Keyword.get(opts, :timeout, @default_timeout)
       # Entries of live entities go through their process (the single writer); the rest
       # go to storage in one NIF call.
@@ -317,9 +341,9 @@ defmodule Kuma do
   defp last_seq(error), do: error
 
   # Validates and encodes every entry: [{{id, expected, encoded_events}, event_count, bytes}].
-  defp encode_entries(entries) do
+  defp encode_entries(s, entries) do
     Enum.reduce_while(entries, {:ok, []}, fn entry, {:ok, acc} ->
-      case encode_entry(entry) do
+      case encode_entry(s, entry) do
         {:ok, encoded, count, size} -> {:cont, {:ok, [{encoded, count, size} | acc]}}
         {:error, _} = error -> {:halt, error}
       end
@@ -330,20 +354,20 @@ defmodule Kuma do
     end
   end
 
-  defp encode_entry({id, events}), do: encode_entry({id, events, []})
+  defp encode_entry(s, {id, events}), do: encode_entry(s, {id, events, []})
 
-  defp encode_entry({id, events, opts}) when is_list(opts) do
+  defp encode_entry(s, {id, events, opts}) when is_list(opts) do
     events = if is_list(events), do: events, else: [events]
 
     with :ok <- check_options(opts, [:expected_seq, :metadata]),
          :ok <- check_entity_id(id),
          {:ok, expected} <- expected_seq(Keyword.get(opts, :expected_seq)),
-         {:ok, encoded, bytes} <- Codec.encode_events(events, Keyword.get(opts, :metadata)) do
+         {:ok, encoded, bytes} <- Codec.encode_events(events, Keyword.get(opts, :metadata), s) do
       {:ok, {id, expected, encoded}, length(encoded), bytes}
     end
   end
 
-  defp encode_entry(other),
+  defp encode_entry(_s, other),
     do:
       {:error,
        {:invalid, :entries, "expected {entity_id, events} or {entity_id, events, opts}, got: #{inspect(other)}"}}
@@ -554,6 +578,97 @@ defmodule Kuma do
     end
   end
 
+  # -- data protection ------------------------------------------------------------------
+
+  @doc """
+  Erases an entity (GDPR Art. 17): stops its process, deletes its events and snapshots,
+  destroys its data key, tells forget listeners (read models) to drop it, and leaves no
+  readable trace in the files or in old backups. See `Kuma.Erasure` for the exact steps.
+
+  Accepts an entity handle (`Kuma.delete(entity)`) or a store and an id. Returns
+  `{:ok, %{events_deleted: n}}`. Afterwards appends to the id return
+  `{:error, :entity_erased}`. Idempotent.
+
+  Options: `:timeout` (ms for the storage erasure, default 60,000), `:forget_timeout` (ms to
+  wait for listeners, default 5,000).
+  """
+  @spec delete(store() | Kuma.Entity.t(), entity_id() | keyword(), keyword()) ::
+          {:ok, %{events_deleted: non_neg_integer()}} | {:error, reason()}
+  def delete(store_or_entity, entity_id_or_opts \\ [], opts \\ [])
+
+  def delete(%Kuma.Entity{store: store, id: id}, opts, []) when is_list(opts), do: delete(store, id, opts)
+
+  def delete(store, entity_id, opts) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- check_options(opts, [:timeout, :forget_timeout]),
+         :ok <- check_entity_id(entity_id) do
+      Kuma.Erasure.delete(s, entity_id, opts)
+    end
+  end
+
+  @doc """
+  Whether `entity_id` was erased with `delete/3`.
+  """
+  @spec erased?(store(), entity_id()) :: {:ok, boolean()} | {:error, reason()}
+  def erased?(store, entity_id) do
+    with {:ok, s} <- Store.lookup(store), :ok <- check_entity_id(entity_id) do
+      Native.is_erased(s.native, entity_id)
+    end
+  end
+
+  @doc """
+  Everything stored about an entity, decrypted (GDPR Art. 20): every event with seq,
+  position, type, timestamp, metadata, data and chain hash, every snapshot, and whether the
+  chain verified. See `Kuma.Export` for the shape. Accepts an entity handle or a store and
+  an id. `{:error, :entity_erased}` after `delete/3`.
+  """
+  @spec export(store() | Kuma.Entity.t(), entity_id() | nil) :: {:ok, map()} | {:error, reason()}
+  def export(store_or_entity, entity_id \\ nil)
+  def export(%Kuma.Entity{store: store, id: id}, nil), do: export(store, id)
+
+  def export(store, entity_id) do
+    with {:ok, s} <- Store.lookup(store), :ok <- check_entity_id(entity_id) do
+      Kuma.Export.export(s, entity_id)
+    end
+  end
+
+  @doc """
+  `export/2` rendered as one JSON document (format `"kuma-export-v1"`, documented in
+  `Kuma.Export`): `{:ok, json_string}`.
+  """
+  @spec export_json(store() | Kuma.Entity.t(), entity_id() | nil) :: {:ok, String.t()} | {:error, reason()}
+  def export_json(store_or_entity, entity_id \\ nil) do
+    with {:ok, export} <- export(store_or_entity, entity_id), do: {:ok, Kuma.Export.to_json(export)}
+  end
+
+  @doc """
+  Wraps a value that is personal data of `subject` (an entity id) so that it is encrypted
+  under the subject's key wherever it is stored, and reads back as a placeholder once the
+  subject is erased. Option `:placeholder` (default `:erased`). See `Kuma.Sensitive`.
+  """
+  @spec sensitive(entity_id(), term(), keyword()) :: Kuma.Sensitive.t()
+  defdelegate sensitive(subject, value, opts \\ []), to: Kuma.Sensitive, as: :new
+
+  @doc """
+  Rewraps every entity's data key with `new_key` (32 raw bytes, 64 hex characters or
+  base64) in one keystore transaction; events are not touched. A crash midway leaves every
+  key wrapped by the old master key; after `{:ok, %{keys: n}}` only the new one opens the
+  store. Store the new key where the store reads it from (option, file or environment
+  variable) before the next start; keep the old one until then.
+  """
+  @spec rotate_master_key(store(), binary()) :: {:ok, %{keys: non_neg_integer()}} | {:error, reason()}
+  def rotate_master_key(store, new_key) do
+    with {:ok, s} <- Store.lookup(store) do
+      case Store.Config.parse_key(new_key) do
+        {:ok, key} ->
+          with {:ok, n} <- Native.rotate_master_key(s.native, key), do: {:ok, %{keys: n}}
+
+        :error ->
+          {:error, {:invalid, :master_key, "a key must be 32 raw bytes, 64 hex characters or base64"}}
+      end
+    end
+  end
+
   # -- integrity ------------------------------------------------------------------------
 
   @doc """
@@ -668,6 +783,23 @@ defmodule Kuma do
   def format_error({:entity_down, reason}), do: "the entity's process exited: #{inspect(reason)}"
   def format_error({:entity_start_failed, reason}), do: "the entity's process could not start: #{inspect(reason)}"
   def format_error({:partial, results}), do: "#{Enum.count(results, &match?({:error, _}, &1))} batch entries failed"
+  def format_error(:entity_erased), do: "the entity was erased; its id cannot be written or read again"
+  def format_error({:subject_erased, id}), do: "the subject #{inspect(id)} of a sensitive value was erased"
+  def format_error(:wrong_master_key), do: "the master key does not open this store's keystore; nothing was changed"
+  def format_error({:missing_master_key, why}), do: "no master key: #{why}"
+  def format_error({:missing_keystore, path}), do: "the store is encrypted but its keystore #{path} is missing"
+
+  def format_error({:encryption_mismatch, :store_is_encrypted}),
+    do: "the store was created with encryption; it cannot be opened with encryption: false"
+
+  def format_error({:encryption_mismatch, :store_is_plain}),
+    do: "the store was created with encryption: false; it cannot be opened encrypted"
+
+  def format_error({:decrypt_failed, seq, why}), do: "event #{seq} did not decrypt (altered or misplaced): #{why}"
+
+  def format_error({:forget_unconfirmed, pids}),
+    do: "erased, but #{length(pids)} forget listener(s) did not confirm; call delete again to retry"
+
   def format_error(:timeout), do: "timed out waiting for the commit; the append may still complete"
   def format_error(other), do: inspect(other)
 

@@ -6,6 +6,8 @@ defmodule Kuma.Application do
   def start(_type, _args) do
     children = [
       {Registry, keys: :unique, name: Kuma.Registry, partitions: System.schedulers_online()},
+      # Forget listeners (Kuma.Erasure): read models that must drop an erased entity.
+      {Registry, keys: :duplicate, name: Kuma.Listeners},
       {DynamicSupervisor, name: Kuma.Stores, strategy: :one_for_one}
     ]
 

@@ -56,35 +56,65 @@ defmodule Kuma.Codec do
   end
 
   @doc """
-  Encodes a list of events and the append's metadata for the NIF.
+  Encodes a list of events and the append's metadata for the NIF. `Kuma.Sensitive` values
+  in events or metadata are sealed under their subject's key and stored without their
+  clear value (this needs the store).
 
   Returns `{:ok, [{type, metadata, payload}], total_bytes}`.
   """
-  @spec encode_events([term()], map() | nil) ::
+  @spec encode_events([term()], map() | nil, Kuma.Store.t() | nil) ::
           {:ok, [{binary(), binary(), binary()}], non_neg_integer()} | {:error, term()}
-  def encode_events([], _metadata), do: {:error, {:invalid, :events, "must not be empty"}}
+  def encode_events(events, metadata, store \\ nil)
+  def encode_events([], _metadata, _store), do: {:error, {:invalid, :events, "must not be empty"}}
 
-  def encode_events(events, metadata) when is_list(events) do
-    with {:ok, meta} <- encode_metadata(metadata) do
-      {encoded, bytes} =
-        Enum.map_reduce(events, 0, fn event, acc ->
-          payload = :erlang.term_to_binary(event)
-          type = event_type(event)
-          {{type, meta, payload}, acc + byte_size(payload) + byte_size(type) + byte_size(meta)}
-        end)
+  def encode_events(events, metadata, store) when is_list(events) do
+    with {:ok, meta} <- encode_metadata(metadata, store) do
+      Enum.reduce_while(events, {:ok, [], 0}, fn event, {:ok, acc, bytes} ->
+        case encode_term(event, store) do
+          {:ok, payload} ->
+            type = event_type(event)
 
-      {:ok, encoded, bytes}
+            {:cont,
+             {:ok, [{type, meta, payload} | acc], bytes + byte_size(payload) + byte_size(type) + byte_size(meta)}}
+
+          error ->
+            {:halt, error}
+        end
+      end)
+      |> case do
+        {:ok, encoded, bytes} -> {:ok, Enum.reverse(encoded), bytes}
+        error -> error
+      end
     end
   end
 
-  def encode_events(_events, _metadata), do: {:error, {:invalid, :events, "must be a list"}}
+  def encode_events(_events, _metadata, _store), do: {:error, {:invalid, :events, "must be a list"}}
 
   @doc "Encodes append metadata: `nil` or `%{}` give an empty binary."
-  @spec encode_metadata(map() | nil) :: {:ok, binary()} | {:error, term()}
-  def encode_metadata(nil), do: {:ok, <<>>}
-  def encode_metadata(meta) when is_map(meta) and map_size(meta) == 0, do: {:ok, <<>>}
-  def encode_metadata(meta) when is_map(meta), do: {:ok, :erlang.term_to_binary(meta)}
-  def encode_metadata(_meta), do: {:error, {:invalid, :metadata, "must be a map"}}
+  @spec encode_metadata(map() | nil, Kuma.Store.t() | nil) :: {:ok, binary()} | {:error, term()}
+  def encode_metadata(meta, store \\ nil)
+  def encode_metadata(nil, _store), do: {:ok, <<>>}
+  def encode_metadata(meta, _store) when is_map(meta) and map_size(meta) == 0, do: {:ok, <<>>}
+  def encode_metadata(meta, store) when is_map(meta), do: encode_term(meta, store)
+  def encode_metadata(_meta, _store), do: {:error, {:invalid, :metadata, "must be a map"}}
+
+  @doc false
+  # term_to_binary, with sensitive values sealed and stripped of their clear value.
+  @spec encode_term(term(), Kuma.Store.t() | nil) :: {:ok, binary()} | {:error, term()}
+  def encode_term(term, store) do
+    bytes = :erlang.term_to_binary(term)
+
+    cond do
+      not Kuma.Sensitive.in_binary?(bytes) ->
+        {:ok, bytes}
+
+      store == nil ->
+        {:error, {:invalid, :sensitive, "sensitive values can only be written through a store"}}
+
+      true ->
+        with {:ok, stripped} <- Kuma.Sensitive.strip(store, term), do: {:ok, :erlang.term_to_binary(stripped)}
+    end
+  end
 
   @doc "Decodes stored metadata."
   @spec decode_metadata(binary()) :: map()
@@ -103,8 +133,8 @@ defmodule Kuma.Codec do
       shard: shard,
       type: type,
       timestamp: ts,
-      metadata: if(meta == <<>>, do: %{}, else: decode!(meta, "", entity_id, seq, store.decode)),
-      data: decode!(payload, type, entity_id, seq, store.decode),
+      metadata: if(meta == <<>>, do: %{}, else: decode_stored(meta, "", entity_id, seq, store)),
+      data: decode_stored(payload, type, entity_id, seq, store),
       hash: hash
     }
 
@@ -112,6 +142,12 @@ defmodule Kuma.Codec do
       [] -> envelope
       upcasters -> %{envelope | data: Enum.reduce(upcasters, envelope.data, &upcast(&1, &2, envelope))}
     end
+  end
+
+  # A stored term with its sensitive values opened (or marked erased).
+  defp decode_stored(bytes, type, entity_id, seq, store) do
+    term = decode!(bytes, type, entity_id, seq, store.decode)
+    if Kuma.Sensitive.in_binary?(bytes), do: Kuma.Sensitive.reveal(store, term, entity_id), else: term
   end
 
   defp upcast(fun, data, envelope) when is_function(fun, 2), do: fun.(data, envelope)

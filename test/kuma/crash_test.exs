@@ -107,4 +107,104 @@ defmodule Kuma.CrashTest do
   end
 
   defp record(_line, acks), do: acks
+
+  # Runs in a separate BEAM: creates @rotation_entities entities (one data key each, under
+  # KUMA_MASTER_KEY inherited from the test VM), then rotates the master key.
+  @rotation_entities 20_000
+  @rotate_script ~S"""
+  [dir, new_key, count] = System.argv()
+  {:ok, _} = Application.ensure_all_started(:kuma)
+  {:ok, store} = Kuma.start(name: :rotate, data_dir: dir, shards: 2)
+  IO.puts("PID #{System.pid()}")
+
+  for chunk <- Enum.chunk_every(1..String.to_integer(count), 2000) do
+    {:ok, _} = Kuma.append_batch(store, Enum.map(chunk, &{"e#{&1}", [{:n, &1}]}))
+  end
+
+  :ok = Kuma.flush(store)
+  IO.puts("ROTATING")
+  {:ok, _} = Kuma.rotate_master_key(store, new_key)
+  IO.puts("ROTATED")
+  Process.sleep(:infinity)
+  """
+
+  test "kill -9 during master key rotation: exactly one key opens, every entity reads", %{dir: dir, name: name} do
+    script = Path.join(System.tmp_dir!(), "kuma_rotate_child_#{System.unique_integer([:positive])}.exs")
+    File.write!(script, @rotate_script)
+    on_exit(fn -> File.rm(script) end)
+    new_key = String.duplicate("5a", 32)
+    old_key = System.fetch_env!("KUMA_MASTER_KEY")
+
+    # Kill at two points: early in the rotation and (likely) after it.
+    outcomes =
+      for {delay, round} <- Enum.with_index([25, 1_000]) do
+        round_dir = "#{dir}-#{round}"
+        on_exit(fn -> File.rm_rf!(round_dir) end)
+        port = spawn_child(script, [round_dir, new_key, Integer.to_string(@rotation_entities)])
+        os_pid = read_pid_line(port)
+        wait_line(port, "ROTATING")
+        Process.sleep(delay)
+        {_, 0} = System.cmd("kill", ["-9", os_pid])
+        rotated = drain_for(port, "ROTATED")
+
+        opens =
+          for key <- [old_key, new_key] do
+            case Kuma.start(name: name, data_dir: round_dir, shards: 2, master_key: key) do
+              {:ok, store} ->
+                for i <- 1..@rotation_entities do
+                  assert {:ok, [%{data: {:n, ^i}}]} = Kuma.events(store, "e#{i}")
+                end
+
+                :ok = Kuma.stop(store)
+                :opened
+
+              {:error, :wrong_master_key} ->
+                :refused
+            end
+          end
+
+        assert Enum.sort(opens) == [:opened, :refused], "round #{round}: #{inspect(opens)}"
+        # The new key opens exactly when the child finished rotating (or was about to).
+        {delay, rotated, opens}
+      end
+
+    # The early kill landed before the rotation committed: the old key still opens.
+    assert [{25, false, [:opened, :refused]} | _] = outcomes
+  end
+
+  defp spawn_child(script, args) do
+    ebin = Path.join(Mix.Project.app_path(), "ebin")
+    elixir = System.find_executable("elixir")
+    Port.open({:spawn_executable, elixir}, [:binary, :exit_status, {:line, 4096}, args: ["-pa", ebin, script | args]])
+  end
+
+  defp read_pid_line(port) do
+    receive do
+      {^port, {:data, {:eol, "PID " <> pid}}} -> pid
+      {^port, {:exit_status, status}} -> flunk("child exited early with #{status}")
+    after
+      60_000 -> flunk("child did not start")
+    end
+  end
+
+  defp wait_line(port, line) do
+    receive do
+      {^port, {:data, {:eol, ^line}}} -> :ok
+      {^port, {:data, _other}} -> wait_line(port, line)
+      {^port, {:exit_status, status}} -> flunk("child exited early with #{status}")
+    after
+      120_000 -> flunk("child never printed #{line}")
+    end
+  end
+
+  # Whether `line` arrived before the child died.
+  defp drain_for(port, line, seen \\ false) do
+    receive do
+      {^port, {:data, {:eol, ^line}}} -> drain_for(port, line, true)
+      {^port, {:data, _}} -> drain_for(port, line, seen)
+      {^port, {:exit_status, _}} -> seen
+    after
+      10_000 -> seen
+    end
+  end
 end

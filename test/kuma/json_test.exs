@@ -1,6 +1,7 @@
 defmodule Kuma.JSONTest do
   use ExUnit.Case, async: true
   doctest Kuma.JSON
+  doctest Kuma.Export
 
   alias Kuma.JSON
 

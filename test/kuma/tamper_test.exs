@@ -73,4 +73,24 @@ defmodule Kuma.TamperTest do
     assert {:ok, events} = Kuma.events(store, "bystander")
     assert length(events) == 10
   end
+
+  @tag :sqlite3_cli
+  test "a ciphertext copied to another seq or entity does not decrypt", %{shard: shard} = ctx do
+    sqlite3 = System.find_executable("sqlite3") || flunk("sqlite3 CLI not installed (bin/setup installs it)")
+    # seq 3 of the victim gets the (valid) ciphertext of its seq 2; seq 5 of the bystander
+    # gets the victim's seq 5.
+    {_, 0} =
+      System.cmd(sqlite3, [
+        shard,
+        "UPDATE events SET payload = (SELECT payload FROM events WHERE eid = 1 AND seq = 2) WHERE eid = 1 AND seq = 3;" <>
+          "UPDATE events SET payload = (SELECT payload FROM events WHERE eid = 1 AND seq = 5) WHERE eid = 2 AND seq = 5;"
+      ])
+
+    {:ok, store} = reopen(ctx)
+    assert {:error, {:decrypt_failed, 3, _}} = Kuma.events(store, "victim")
+    assert {:error, {:decrypt_failed, 5, _}} = Kuma.events(store, "bystander")
+    assert {:ok, [%{seq: 1}, %{seq: 2, data: {:deposited, "MARK-2-" <> _}}]} = Kuma.events(store, "victim", limit: 2)
+    assert {:error, {:tampered, 3, _}} = Kuma.verify(store, "victim")
+    assert Kuma.format_error({:decrypt_failed, 3, "x"}) =~ "did not decrypt"
+  end
 end

@@ -67,3 +67,22 @@ defmodule Bank.AccountV2 do
   @impl true
   def snapshot_version, do: 2
 end
+
+defmodule Bank.Payments do
+  @moduledoc "An aggregate whose events and state name other people (Kuma.Sensitive), for tests."
+  @behaviour Kuma.Aggregate
+
+  @impl true
+  def init(_id), do: %{payees: [], total: 0}
+
+  @impl true
+  def handle(_state, {:pay, payee_id, name, amount}),
+    do: {:ok, {:paid, %{to: Kuma.sensitive(payee_id, name, placeholder: "[erased]"), amount: amount}}}
+
+  @impl true
+  def apply(state, {:paid, %{to: to, amount: amount}}),
+    do: %{state | payees: [to | state.payees], total: state.total + amount}
+
+  @doc "The payees' names as the state shows them now."
+  def names(state), do: Enum.map(state.payees, &Kuma.Sensitive.value/1)
+end

@@ -130,6 +130,7 @@ defmodule Kuma.Entity.Server do
          {:ok, decision} <- run_user(fn -> decide.(st.state) end, :handle),
          {:ok, events} <- decision,
          events = List.wrap(events),
+         {:ok, events} <- seal_sensitive(s, st.id, events),
          {:ok, new_state} <- run_user(fn -> Enum.reduce(events, st.state, &st.aggregate.apply(&2, &1)) end, :apply) do
       persist(s, st, events, new_state, decide, opts, retry?)
     else
@@ -175,6 +176,14 @@ defmodule Kuma.Entity.Server do
     end
   end
 
+  # Sensitive values are sealed before `apply` sees them, so the state holds the sealed
+  # bytes next to the clear value and a snapshot can drop the latter without sealing again.
+  defp seal_sensitive(s, id, events) do
+    if Kuma.Sensitive.in_binary?(:erlang.term_to_binary(events)),
+      do: Kuma.Sensitive.seal(s, events, id),
+      else: {:ok, events}
+  end
+
   defp decide(aggregate, state, command) do
     case aggregate.handle(state, command) do
       {:ok, events} ->
@@ -204,11 +213,13 @@ defmodule Kuma.Entity.Server do
   # A snapshot each time the seq crosses a multiple of snapshot_every (fire and forget).
   defp maybe_snapshot(%Store{snapshot_every: every} = s, st, before) when is_integer(every) do
     if div(st.seq, every) > div(before, every) do
-      data = :erlang.term_to_binary(st.state)
-      version = Aggregate.snapshot_version(st.aggregate)
-      save = if byte_size(data) > 64 * 1024, do: &Native.save_snapshot_dirty/7, else: &Native.save_snapshot/7
-
-      case save.(s.native, make_ref(), st.id, st.seq, version, st.hash, data) do
+      # Sensitive values go to disk sealed, never in clear (Kuma.Codec.encode_term/2).
+      with {:ok, data} <- Kuma.Codec.encode_term(st.state, s) do
+        version = Aggregate.snapshot_version(st.aggregate)
+        save = if byte_size(data) > 64 * 1024, do: &Native.save_snapshot_dirty/7, else: &Native.save_snapshot/7
+        save.(s.native, make_ref(), st.id, st.seq, version, st.hash, data)
+      end
+      |> case do
         {:ok, :ok} -> :ok
         {:error, reason} -> Logger.warning("Kuma: snapshot of #{inspect(st.id)} refused: #{Kuma.format_error(reason)}")
       end

@@ -168,8 +168,13 @@ impl Keystore {
     pub fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::Release);
         self.cache.write().unwrap_or_else(|p| p.into_inner()).clear();
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+        // Close the file now (removing -wal and -shm), not whenever the store value is
+        // dropped: a stopped store must leave its data dir quiet for copies and scans.
+        if let Ok(closed) = Connection::open_in_memory() {
+            drop(std::mem::replace(&mut *conn, closed));
+        }
         drop(conn);
         if let Some(lock) = self.lock.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = lock.unlock();
