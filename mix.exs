@@ -86,7 +86,7 @@ defmodule Kuma.MixProject do
 
   def application do
     [
-      extra_applications: [:logger],
+      extra_applications: [:logger, :crypto],
       mod: {Kuma.Application, []}
     ]
   end

@@ -18,6 +18,7 @@ defmodule Kuma.Bench do
     {"W4", Kuma.Bench.W4, "reads of live entities"},
     {"W5", Kuma.Bench.W5, "cold loads of entities with 1,000 events"},
     {"MEM", Kuma.Bench.Memory, "memory per idle live entity"},
+    {"ERASE", Kuma.Bench.Erase, "delete of an entity with 10,000 events, and its effect on the shard"},
     {"NIF", Kuma.Bench.NifCost, "scheduler time of an append NIF call"}
   ]
 

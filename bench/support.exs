@@ -166,7 +166,15 @@ defmodule Kuma.Bench.Stores do
   def with_store(opts, fun) do
     dir = Path.join(System.tmp_dir!(), "kuma_bench_#{System.unique_integer([:positive])}")
     name = :"kuma_bench_#{System.unique_integer([:positive])}"
-    defaults = [name: name, data_dir: dir, shards: 16, aggregates: [Kuma.Bench.Account]]
+
+    defaults = [
+      name: name,
+      data_dir: dir,
+      shards: 16,
+      aggregates: [Kuma.Bench.Account],
+      master_key: :crypto.strong_rand_bytes(32)
+    ]
+
     {:ok, store} = Kuma.start(Keyword.merge(defaults, opts))
 
     try do

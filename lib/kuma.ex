@@ -728,7 +728,7 @@ defmodule Kuma do
     end
   end
 
-  @doc "Facts about a running store: id, shards, data dir, sync mode and per-shard writer counters."
+  @doc "Facts about a running store: id, shards, data dir, sync mode, encryption and per-shard writer counters."
   @spec info(store()) :: {:ok, map()} | {:error, reason()}
   def info(store) do
     with {:ok, s} <- Store.lookup(store) do
@@ -739,6 +739,7 @@ defmodule Kuma do
          data_dir: s.data_dir,
          shards: s.shards,
          sync: s.sync,
+         encrypted: s.encrypted,
          writers: Native.stats(s.native)
        }}
     end

@@ -30,4 +30,14 @@ defmodule Kuma.ReadmeTest do
     assert {:ok, _} = Kuma.Store.Config.validate(name: :readme_bank, data_dir: dir)
     Code.eval_string(code)
   end
+
+  test "the data protection example runs" do
+    readme = File.read!(Path.expand("../README.md", __DIR__))
+    [_, code] = Regex.run(~r/### Export, erasure and sensitive values\s+```elixir\n(.*?)```/s, readme)
+    dir = Path.join(System.tmp_dir!(), "kuma_readme_#{System.unique_integer([:positive])}")
+    on_exit(fn -> File.rm_rf!(dir) end)
+    code = String.replace(code, ~s(data_dir: "data"), ~s(data_dir: #{inspect(dir)}))
+    code = String.replace(code, "name: :shop", "name: :readme_shop")
+    Code.eval_string(code)
+  end
 end

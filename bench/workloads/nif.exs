@@ -9,7 +9,7 @@ defmodule Kuma.Bench.NifCost do
 
   def run(quick) do
     dir = Path.join(System.tmp_dir!(), "kuma_bench_nif_#{System.unique_integer([:positive])}")
-    {:ok, store} = Kuma.start(name: :bench_nif, data_dir: dir, shards: 1)
+    {:ok, store} = Kuma.start(name: :bench_nif, data_dir: dir, shards: 1, master_key: :crypto.strong_rand_bytes(32))
     :ok = Kuma.stop(store)
     event = Payload.event(200)
     reps = if quick, do: 200, else: 1000

@@ -14,14 +14,24 @@ defmodule Kuma.Bench.W1 do
     dir = Path.join(System.tmp_dir!(), "kuma_bench_w1_#{System.unique_integer([:positive])}")
     name = :"bench_w1_#{p.sync}"
 
+    encryption = Map.get(p, :encryption, true)
+
     {:ok, store} =
-      Kuma.start(name: name, data_dir: dir, shards: p.shards, sync: p.sync, writer_threads: Map.get(p, :writer_threads))
+      Kuma.start(
+        name: name,
+        data_dir: dir,
+        shards: p.shards,
+        sync: p.sync,
+        writer_threads: Map.get(p, :writer_threads),
+        encryption: encryption,
+        master_key: if(encryption, do: :crypto.strong_rand_bytes(32))
+      )
 
     event = Payload.event(p.payload)
     batch = List.duplicate(event, p.batch)
     appends = div(p.events, p.batch)
     counter = :counters.new(1, [:write_concurrency])
-    progress = Progress.start("W1 sync=#{p.sync}", p.events, counter)
+    progress = Progress.start("W1 sync=#{p.sync}#{if encryption, do: "", else: " plain"}", p.events, counter)
 
     {micros, _} =
       :timer.tc(fn ->
@@ -133,6 +143,17 @@ defmodule Kuma.Bench.W1 do
         ">= #{@target_ratio} of the ceiling: #{Table.verdict(normal.ratio >= @target_ratio)}\n"
     )
 
+    # The cost of encryption + hashing: the same run on a store created with encryption: false
+    # (hash chain still computed; payloads, metadata and snapshots stored in clear).
+    IO.puts(" Kuma, sync=normal, encryption: false ...")
+    plain = run_kuma(Map.merge(p, %{sync: :normal, encryption: false}))
+    cost = Float.round((1 - normal.kuma.events_per_sec / plain.events_per_sec) * 100, 1)
+
+    IO.puts(
+      "  encrypted #{Progress.fmt(normal.kuma.events_per_sec)} ev/s, plain #{Progress.fmt(plain.events_per_sec)} ev/s: " <>
+        "encryption costs #{cost}% (target <= 15%: #{Table.verdict(cost <= 15)})\n"
+    )
+
     shared =
       if quick do
         nil
@@ -143,6 +164,6 @@ defmodule Kuma.Bench.W1 do
         r
       end
 
-    %{params: p, rows: rows, writer_threads_2: shared}
+    %{params: p, rows: rows, plain: plain, encryption_cost_pct: cost, writer_threads_2: shared}
   end
 end

@@ -2,8 +2,13 @@ defmodule Mix.Tasks.Kuma.Demo do
   @shortdoc "Runs Kuma's demo on ./data and prints what it did"
   @moduledoc """
   Starts a store in `./data` (or `--data-dir DIR`), writes a few bank accounts as event
-  streams, reads them back, verifies their hash chains and prints each step. Run it twice:
-  the second run finds the first run's events and continues their streams.
+  streams, reads them back, verifies their hash chains, exports and erases a customer, and
+  prints each step. Run it twice: the second run finds the first run's events and
+  continues their streams.
+
+  The store is encrypted. Its master key comes from `KUMA_MASTER_KEY` if set; otherwise
+  the demo creates one in `~/.config/kuma/demo-master.key` (mode 0600), outside the data
+  dir, and says so. A real deployment takes the key from a secret manager.
 
       mix kuma.demo
       mix kuma.demo --data-dir /tmp/kuma-demo --shards 4
@@ -27,11 +32,7 @@ defmodule Kuma.Demo do
   def run(data_dir, shards) do
     say("Kuma demo: data dir #{data_dir}, #{shards} shards")
 
-    {:ok, store} =
-      case Kuma.start(name: :kuma_demo, data_dir: data_dir, shards: shards) do
-        {:ok, store} -> {:ok, store}
-        {:error, reason} -> Mix.raise("cannot start the store: " <> Kuma.format_error(reason))
-      end
+    {:ok, store} = start(data_dir, shards)
 
     accounts = ["alice", "bob", "carol"]
 
@@ -66,10 +67,87 @@ defmodule Kuma.Demo do
       )
     end
 
+    protection(store, data_dir)
+
     {:ok, summary} = Kuma.verify_store(store)
     say("Whole store verified: #{summary.events} events of #{summary.entities} entities in #{summary.shards} shards")
     :ok = Kuma.stop(store)
     say("Stopped. Run it again: the streams continue where they ended.")
+  end
+
+  defp start(data_dir, shards) do
+    opts = [name: :kuma_demo, data_dir: data_dir, shards: shards]
+
+    opts =
+      if System.get_env("KUMA_MASTER_KEY") in [nil, ""] do
+        key_file = demo_key_file()
+        say("Master key: #{key_file} (outside the data dir; set KUMA_MASTER_KEY to use your own)")
+        Keyword.put(opts, :master_key_file, key_file)
+      else
+        say("Master key: from KUMA_MASTER_KEY")
+        opts
+      end
+
+    case Kuma.start(opts) do
+      {:ok, store} ->
+        {:ok, store}
+
+      {:error, {:encryption_mismatch, :store_is_plain}} ->
+        say("  #{data_dir} was created without encryption (by an older demo): opening it as it is")
+        Kuma.start(Keyword.put(opts, :encryption, false))
+
+      {:error, reason} ->
+        Mix.raise("cannot start the store: " <> Kuma.format_error(reason))
+    end
+  end
+
+  defp demo_key_file do
+    path = Path.expand("~/.config/kuma/demo-master.key")
+
+    unless File.exists?(path) do
+      File.mkdir_p!(Path.dirname(path))
+      File.write!(path, Base.encode16(:crypto.strong_rand_bytes(32), case: :lower) <> "\n")
+      File.chmod!(path, 0o600)
+    end
+
+    path
+  end
+
+  # Export and erasure of one customer named inside alice's stream.
+  defp protection(store, data_dir) do
+    {:ok, info} = Kuma.info(store)
+
+    if info.encrypted do
+      customer = "customer-#{System.os_time(:millisecond)}"
+      say("Data protection, with #{customer} (every event sealed under the customer's own key):")
+      {:ok, _} = Kuma.append(store, customer, [{:registered, %{email: "#{customer}@example.com"}}, {:logged_in, %{}}])
+
+      {:ok, seq} =
+        Kuma.append(
+          store,
+          "alice",
+          {:paid, %{to: Kuma.sensitive(customer, "Dana Scully", placeholder: "D***"), amount: 5}}
+        )
+
+      {:ok, json} = Kuma.export_json(store, customer)
+      export = Path.join(Path.dirname(data_dir), "#{customer}.export.json")
+      File.write!(export, json)
+      say("  exported #{customer}: #{byte_size(json)} bytes of JSON in #{Path.relative_to_cwd(export)}")
+      say("  alice's payment #{seq} names them: #{payee(store, seq)}")
+      {micros, {:ok, %{events_deleted: n}}} = :timer.tc(fn -> Kuma.delete(store, customer) end)
+      say("  erased #{customer} in #{Float.round(micros / 1000, 1)} ms: #{n} events deleted, key destroyed")
+      say("  an append to it now: #{Kuma.format_error(elem(Kuma.append(store, customer, :again), 1))}")
+      {:ok, %{events: events}} = Kuma.verify(store, "alice")
+      say("  alice's payment #{seq} now shows #{payee(store, seq)}; her #{events}-event chain still verifies")
+      File.rm(export)
+    else
+      say("Data protection: skipped (this data dir was created without encryption)")
+    end
+  end
+
+  defp payee(store, seq) do
+    {:ok, [%{data: {:paid, %{to: to}}}]} = Kuma.events(store, "alice", from: seq, limit: 1)
+    inspect(Kuma.Sensitive.value(to))
   end
 
   defp apply_event(%Kuma.Envelope{data: {:credited, %{amount: a}}}, balance), do: balance + a
