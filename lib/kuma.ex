@@ -619,16 +619,18 @@ defmodule Kuma do
   @doc """
   Everything stored about an entity, decrypted (GDPR Art. 20): every event with seq,
   position, type, timestamp, metadata, data and chain hash, every snapshot, and whether the
-  chain verified. See `Kuma.Export` for the shape. Accepts an entity handle or a store and
-  an id. `{:error, :entity_erased}` after `delete/3`.
+  chain verified. See `Kuma.Export` for the shape. Accepts an entity handle (events are then
+  upcast by the store's and the aggregate's upcasters, as on every read path) or a store and
+  an id (the store's upcasters). `{:error, :entity_erased}` after `delete/3`.
   """
   @spec export(store() | Kuma.Entity.t(), entity_id() | nil) :: {:ok, map()} | {:error, reason()}
   def export(store_or_entity, entity_id \\ nil)
-  def export(%Kuma.Entity{store: store, id: id}, nil), do: export(store, id)
+  def export(%Kuma.Entity{store: store, id: id, aggregate: aggregate}, nil), do: export(store, id, aggregate)
+  def export(store, entity_id), do: export(store, entity_id, nil)
 
-  def export(store, entity_id) do
+  defp export(store, entity_id, aggregate) do
     with {:ok, s} <- Store.lookup(store), :ok <- check_entity_id(entity_id) do
-      Kuma.Export.export(s, entity_id)
+      Kuma.Export.export(s, entity_id, aggregate)
     end
   end
 

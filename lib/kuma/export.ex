@@ -12,12 +12,14 @@ defmodule Kuma.Export do
         exported_at: ~U[...],
         verified: true,                 # the hash chain recomputed intact
         head: %{seq: 3, hash: <<32 bytes>>} | nil,
-        events: [%Kuma.Envelope{}, ...],   # every event, in seq order, data as stored
+        events: [%Kuma.Envelope{}, ...],   # every event, in seq order, data upcast
         snapshots: [%{seq:, version:, timestamp:, hash:, state:}]
       }
 
-  Event data is exactly what was appended (no upcasters run); `Kuma.Sensitive` values are
-  opened (or show their placeholder if their subject was erased).
+  Event data goes through the same upcasters as every other read path: the store's, and
+  the aggregate's when exporting through an entity handle (`Kuma.export(entity)`); in the
+  JSON, `data_etf` holds that upcast term. `Kuma.Sensitive` values are opened (or show
+  their placeholder if their subject was erased).
 
   ## JSON (`Kuma.export_json/2`)
 
@@ -63,10 +65,11 @@ defmodule Kuma.Export do
   @format "kuma-export-v1"
 
   @doc false
-  @spec export(Store.t(), binary()) :: {:ok, map()} | {:error, term()}
-  def export(%Store{} = s, id) do
+  @spec export(Store.t(), binary(), module() | nil) :: {:ok, map()} | {:error, term()}
+  def export(%Store{} = s, id, aggregate \\ nil) do
     with {:ok, head} <- Native.head(s.native, id),
          {:ok, events} <- read_all(s, id, 1, []),
+         events = upcast(events, aggregate),
          {:ok, snapshots} <- Native.snapshots(s.native, id) do
       verified =
         case Native.verify_entity(s.native, id) do
@@ -90,17 +93,17 @@ defmodule Kuma.Export do
     e in [Kuma.Error, Kuma.DecodeError] -> {:error, Map.get(e, :reason)}
   end
 
-  defp read_all(s, id, from, acc) do
-    # Data as stored: the store's upcasters are not applied to an export.
-    raw = %{s | upcasters: []}
+  defp upcast(events, nil), do: events
+  defp upcast(events, aggregate), do: Enum.map(events, &%{&1 | data: Kuma.Entity.Loader.upcast(aggregate, &1)})
 
+  defp read_all(s, id, from, acc) do
     case Native.read_entity(s.native, id, from, 1000) do
       {:ok, []} ->
         {:ok, acc |> Enum.reverse() |> List.flatten()}
 
       {:ok, tuples} ->
         shard = Native.shard_for(id, s.shards)
-        envelopes = Enum.map(tuples, &Codec.envelope(&1, shard, raw))
+        envelopes = Enum.map(tuples, &Codec.envelope(&1, shard, s))
         read_all(s, id, List.last(envelopes).seq + 1, [envelopes | acc])
 
       error ->

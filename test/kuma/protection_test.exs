@@ -278,6 +278,16 @@ defmodule Kuma.ProtectionTest do
       assert Enum.map(parsed["etf"], &:erlang.binary_to_term(Base.decode64!(&1))) == Enum.map(events, & &1.data)
     end
 
+    test "exports through an entity handle are upcast like every read", %{store: store} do
+      # {:credited, n} is the old shape of Bank.Account.Deposited (Bank.Account.upcast/2).
+      {:ok, 1} = Kuma.append(store, "acct-old", {:credited, 7})
+      account = Kuma.entity(store, Bank.Account, "acct-old")
+      assert {:ok, %{events: [%{data: %Bank.Account.Deposited{amount: 7}}]}} = Kuma.export(account)
+      assert {:ok, %{events: [%{data: {:credited, 7}}]}} = Kuma.export(store, "acct-old")
+      {:ok, json} = Kuma.export_json(account)
+      assert json =~ ~s("data":{"$struct":"Bank.Account.Deposited","amount":7})
+    end
+
     test "an unknown entity exports empty; bad input is refused", %{store: store} do
       assert {:ok, %{events: [], snapshots: [], head: nil}} = Kuma.export(store, "nobody")
       assert {:error, {:invalid, :entity_id, _}} = Kuma.export(store, "")
