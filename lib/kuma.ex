@@ -378,7 +378,10 @@ defmodule Kuma do
       else: {:error, {:partial, results}}
   end
 
-  defp await(ref, timeout) do
+  @doc false
+  # The writer thread's answer to a queued request (`{:kuma_reply, ref, result}`).
+  @spec await(reference(), timeout()) :: term()
+  def await(ref, timeout) do
     receive do
       {:kuma_reply, ^ref, result} -> result
     after

@@ -133,8 +133,8 @@ defmodule Kuma.Codec do
       shard: shard,
       type: type,
       timestamp: ts,
-      metadata: if(meta == <<>>, do: %{}, else: decode_stored(meta, "", entity_id, seq, store)),
-      data: decode_stored(payload, type, entity_id, seq, store),
+      metadata: if(meta == <<>>, do: %{}, else: decode_stored(meta, "", entity_id, seq, store, entity_id)),
+      data: decode_stored(payload, type, entity_id, seq, store, entity_id),
       hash: hash
     }
 
@@ -144,10 +144,14 @@ defmodule Kuma.Codec do
     end
   end
 
-  # A stored term with its sensitive values opened (or marked erased).
-  defp decode_stored(bytes, type, entity_id, seq, store) do
+  @doc false
+  # A stored term (event, metadata or snapshot) decoded with the store's :decode mode, its
+  # sensitive values opened (or marked erased). `holder` is recorded as holding the revealed
+  # values (Kuma.Sensitive.reveal/3); nil records nothing.
+  @spec decode_stored(binary(), String.t(), binary(), non_neg_integer(), Kuma.Store.t(), binary() | nil) :: term()
+  def decode_stored(bytes, type, entity_id, seq, store, holder) do
     term = decode!(bytes, type, entity_id, seq, store.decode)
-    if Kuma.Sensitive.in_binary?(bytes), do: Kuma.Sensitive.reveal(store, term, entity_id), else: term
+    if Kuma.Sensitive.in_binary?(bytes), do: Kuma.Sensitive.reveal(store, term, holder), else: term
   end
 
   defp upcast(fun, data, envelope) when is_function(fun, 2), do: fun.(data, envelope)

@@ -80,7 +80,7 @@ defmodule Kuma.Erasure do
     ref = make_ref()
 
     with {:ok, :ok} <- Native.delete(s.native, ref, id),
-         {:ok, count} <- await(ref, timeout) do
+         {:ok, count} <- Kuma.await(ref, timeout) do
       stop_entity(s, id)
       stop_holders(s, id)
       :ets.match_delete(s.sensitive_refs, {:_, id})
@@ -89,14 +89,6 @@ defmodule Kuma.Erasure do
         [] -> {:ok, %{events_deleted: count}}
         silent -> {:error, {:forget_unconfirmed, silent}}
       end
-    end
-  end
-
-  defp await(ref, timeout) do
-    receive do
-      {:kuma_reply, ^ref, result} -> result
-    after
-      timeout -> {:error, :timeout}
     end
   end
 

@@ -112,8 +112,7 @@ defmodule Kuma.Export do
   end
 
   defp snapshot(s, id, {seq, version, ts, hash, data}) do
-    state = Codec.decode!(data, "", id, seq, s.decode)
-    state = if Kuma.Sensitive.in_binary?(data), do: Kuma.Sensitive.reveal(s, state, nil), else: state
+    state = Codec.decode_stored(data, "", id, seq, s, nil)
     %{seq: seq, version: version, timestamp: ts, hash: hash, state: state}
   end
 

@@ -48,7 +48,7 @@ defmodule Kuma.Entity.Loader do
     case Native.latest_snapshot(s.native, id, Aggregate.snapshot_version(aggregate), target) do
       {:ok, {seq, _version, _ts, hash, data}} ->
         with {:ok, [{_, ^seq, _, ts, _, _, _, ^hash}]} <- Native.read_entity(s.native, id, seq, 1),
-             {:ok, state} <- safe(fn -> decode_snapshot(s, id, seq, data) end, :bad_snapshot) do
+             {:ok, state} <- safe(fn -> Codec.decode_stored(data, "", id, seq, s, id) end, :bad_snapshot) do
           {:ok, %{fresh | state: state, seq: seq, hash: hash, timestamp: ts, snapshot_seq: seq}}
         else
           # Stale, foreign or undecodable snapshot: rebuild from the events instead.
@@ -63,11 +63,6 @@ defmodule Kuma.Entity.Loader do
       {:error, reason} ->
         {:error, reason}
     end
-  end
-
-  defp decode_snapshot(s, id, seq, data) do
-    state = Codec.decode!(data, "", id, seq, s.decode)
-    if Kuma.Sensitive.in_binary?(data), do: Kuma.Sensitive.reveal(s, state, id), else: state
   end
 
   defp replay(_s, _aggregate, _id, target, %{seq: seq} = acc) when seq >= target, do: {:ok, acc}

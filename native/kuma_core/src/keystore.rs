@@ -106,7 +106,11 @@ impl Keystore {
         )
         .map_err(Error::storage("create keystore"))?;
         conn.execute_batch("COMMIT").map_err(Error::storage("create keystore"))?;
-        Ok(Keystore {
+        Ok(Keystore::assemble(path, conn, master, index_key, lock))
+    }
+
+    fn assemble(path: &Path, conn: Connection, master: Key, index_key: Key, lock: File) -> Keystore {
+        Keystore {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
             master: RwLock::new(master),
@@ -114,7 +118,7 @@ impl Keystore {
             cache: RwLock::new(HashMap::new()),
             lock: Mutex::new(Some(lock)),
             closed: std::sync::atomic::AtomicBool::new(false),
-        })
+        }
     }
 
     /// Opens the keystore of `store_id`; fails with `WrongMasterKey` (and reads nothing
@@ -149,15 +153,7 @@ impl Keystore {
         let index_key = cipher::open(&master, Binding::IndexKey, &wrapped).map_err(|_| Error::WrongMasterKey)?;
         let index_key = Key::from_bytes(&index_key)?;
         configure(&conn)?;
-        Ok(Keystore {
-            path: path.to_path_buf(),
-            conn: Mutex::new(conn),
-            master: RwLock::new(master),
-            index_key,
-            cache: RwLock::new(HashMap::new()),
-            lock: Mutex::new(Some(lock)),
-            closed: std::sync::atomic::AtomicBool::new(false),
-        })
+        Ok(Keystore::assemble(path, conn, master, index_key, lock))
     }
 
     pub fn path(&self) -> &Path {

@@ -153,6 +153,17 @@ pub struct Snapshot {
     pub data: Vec<u8>,
 }
 
+/// A row of `SELECT seq, version, ts, hash, data FROM snapshots`.
+fn snapshot_row(r: &rusqlite::Row) -> rusqlite::Result<Snapshot> {
+    Ok(Snapshot {
+        seq: r.get::<_, i64>(0)? as u64,
+        version: r.get(1)?,
+        timestamp_us: r.get(2)?,
+        hash: hash_from(r.get_ref(3)?.as_blob().unwrap_or(&[])),
+        data: r.get(4)?,
+    })
+}
+
 /// The latest snapshot of an entity with this `version` and `seq <= max_seq`.
 pub fn latest_snapshot(
     conn: &Connection,
@@ -169,15 +180,7 @@ pub fn latest_snapshot(
          WHERE eid = ?1 AND seq <= ?2 AND version = ?3 ORDER BY seq DESC LIMIT 1",
     )
     .map_err(Error::storage("read snapshot"))?
-    .query_row(params![head.eid, max_seq.min(head.seq) as i64, version], |r| {
-        Ok(Snapshot {
-            seq: r.get::<_, i64>(0)? as u64,
-            version: r.get(1)?,
-            timestamp_us: r.get(2)?,
-            hash: hash_from(r.get_ref(3)?.as_blob().unwrap_or(&[])),
-            data: r.get(4)?,
-        })
-    })
+    .query_row(params![head.eid, max_seq.min(head.seq) as i64, version], snapshot_row)
     .optional()
     .map_err(Error::storage("read snapshot"))
 }
@@ -190,17 +193,7 @@ pub fn list_snapshots(conn: &Connection, heads: &Heads, entity_id: &[u8]) -> Res
     let mut st = conn
         .prepare_cached("SELECT seq, version, ts, hash, data FROM snapshots WHERE eid = ?1 ORDER BY seq")
         .map_err(Error::storage("read snapshots"))?;
-    let rows = st
-        .query_map([head.eid], |r| {
-            Ok(Snapshot {
-                seq: r.get::<_, i64>(0)? as u64,
-                version: r.get(1)?,
-                timestamp_us: r.get(2)?,
-                hash: hash_from(r.get_ref(3)?.as_blob().unwrap_or(&[])),
-                data: r.get(4)?,
-            })
-        })
-        .map_err(Error::storage("read snapshots"))?;
+    let rows = st.query_map([head.eid], snapshot_row).map_err(Error::storage("read snapshots"))?;
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(Error::storage("read snapshots"))
 }
 
