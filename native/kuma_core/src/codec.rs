@@ -23,6 +23,8 @@ use crate::error::{Error, Result};
 pub const MAX_ENTITY_ID_BYTES: usize = 512;
 /// Largest event type, in bytes (UTF-8).
 pub const MAX_TYPE_BYTES: usize = 255;
+/// Largest scope of an event, in bytes (UTF-8).
+pub const MAX_SCOPE_BYTES: usize = 255;
 /// Largest metadata blob of one event.
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 /// Largest payload of one event.
@@ -38,15 +40,24 @@ pub struct NewEvent {
     pub event_type: String,
     pub metadata: Vec<u8>,
     pub payload: Vec<u8>,
+    /// Where the event belongs for queries across entities ("org:acme/team:7"); stored in
+    /// clear in its own indexed column (the metadata, which is sealed and hashed, holds the
+    /// authoritative copy).
+    pub scope: Option<String>,
 }
 
 impl NewEvent {
     pub fn new(event_type: impl Into<String>, metadata: Vec<u8>, payload: Vec<u8>) -> Self {
-        NewEvent { event_type: event_type.into(), metadata, payload }
+        NewEvent { event_type: event_type.into(), metadata, payload, scope: None }
+    }
+
+    /// The same event with a scope.
+    pub fn with_scope(self, scope: impl Into<String>) -> Self {
+        NewEvent { scope: Some(scope.into()), ..self }
     }
 
     fn byte_size(&self) -> usize {
-        self.event_type.len() + self.metadata.len() + self.payload.len()
+        self.event_type.len() + self.metadata.len() + self.payload.len() + self.scope.as_ref().map_or(0, |s| s.len())
     }
 }
 
@@ -100,6 +111,14 @@ pub fn validate_append(id: &[u8], events: &[NewEvent]) -> Result<usize> {
                 size: ev.event_type.len() as u64,
                 max: MAX_TYPE_BYTES as u64,
             });
+        }
+        if let Some(scope) = &ev.scope {
+            if scope.is_empty() {
+                return Err(Error::invalid("scope", "must not be empty"));
+            }
+            if scope.len() > MAX_SCOPE_BYTES {
+                return Err(Error::TooLarge { what: "scope", size: scope.len() as u64, max: MAX_SCOPE_BYTES as u64 });
+            }
         }
         if ev.metadata.len() > MAX_METADATA_BYTES {
             return Err(Error::TooLarge {
@@ -183,6 +202,13 @@ mod tests {
         ));
         let long_type = NewEvent::new("x".repeat(MAX_TYPE_BYTES + 1), vec![], vec![]);
         assert!(matches!(validate_append(b"a", &[long_type]), Err(Error::TooLarge { what: "event_type", .. })));
+        let scoped = |s: &str| NewEvent::new("T", vec![], vec![]).with_scope(s);
+        assert!(validate_append(b"a", &[scoped("org:acme")]).is_ok());
+        assert!(matches!(validate_append(b"a", &[scoped("")]), Err(Error::Invalid { what: "scope", .. })));
+        assert!(matches!(
+            validate_append(b"a", &[scoped(&"s".repeat(MAX_SCOPE_BYTES + 1))]),
+            Err(Error::TooLarge { what: "scope", .. })
+        ));
         let big: Vec<NewEvent> = (0..9).map(|_| ev(MAX_PAYLOAD_BYTES)).collect();
         assert!(matches!(validate_append(b"a", &big), Err(Error::TooLarge { what: "append", .. })));
     }

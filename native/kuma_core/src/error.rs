@@ -41,6 +41,9 @@ pub enum Error {
     Erased,
     /// A stored ciphertext did not decrypt (altered bytes, or moved from elsewhere).
     Decrypt { seq: u64, why: String },
+    /// A statement of a read model failed (`index`: its place in the transaction, if any);
+    /// nothing of the transaction was kept.
+    Sql { index: Option<usize>, message: String },
 }
 
 impl Error {
@@ -99,6 +102,8 @@ impl fmt::Display for Error {
             }
             Error::Erased => write!(f, "the entity was erased"),
             Error::Decrypt { seq, why } => write!(f, "event {seq} does not decrypt: {why}"),
+            Error::Sql { index: Some(i), message } => write!(f, "statement {i} failed: {message}"),
+            Error::Sql { index: None, message } => write!(f, "SQL failed: {message}"),
         }
     }
 }

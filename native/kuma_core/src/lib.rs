@@ -19,6 +19,7 @@ pub mod protection;
 pub mod reader;
 pub mod router;
 pub mod shard;
+pub mod sqldb;
 pub mod store;
 pub mod writer;
 
@@ -26,10 +27,10 @@ pub use cipher::Key;
 pub use codec::{Expected, NewEvent, StoredEvent};
 pub use error::{Error, Result};
 pub use heads::Head;
-pub use reader::{EntityVerdict, ShardProblem, ShardReport, Snapshot};
+pub use reader::{EntityVerdict, ScopeMatch, ShardProblem, ShardQuery, ShardReport, Snapshot};
 pub use shard::SyncMode;
 pub use store::{Store, StoreConfig};
-pub use writer::{AppendEntry, Appended, SnapshotRequest, WriterConfig, WriterStats};
+pub use writer::{AppendEntry, Appended, CommitListener, SnapshotRequest, WriterConfig, WriterStats};
 
 impl Store {
     /// Appends and waits for the commit (for Rust callers and tests; the NIF uses the

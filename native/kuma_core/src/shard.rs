@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// is not ours and is never written to.
 pub const APPLICATION_ID: i64 = 0x4B55_4D41;
 /// `PRAGMA user_version`: the shard format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Every `SKIP_EVERY`-th event of an entity gets a row in `skips`.
 pub const SKIP_EVERY: u64 = 64;
 
@@ -38,7 +38,8 @@ CREATE TABLE events (
   type     TEXT NOT NULL,
   meta     BLOB NOT NULL,
   payload  BLOB NOT NULL,
-  hash     BLOB NOT NULL
+  hash     BLOB NOT NULL,
+  scope    TEXT
 );
 CREATE TABLE skips (
   eid INTEGER NOT NULL,
@@ -61,6 +62,15 @@ CREATE TABLE snapshots (
   data    BLOB NOT NULL,
   PRIMARY KEY (eid, seq)
 ) WITHOUT ROWID;
+";
+
+/// Indexes for queries across entities (format 2). Both are ordered by position after their
+/// key, so "events of type T after position P" is a range scan in commit order. The type
+/// index leaves out untyped events and the scope index events without a scope, so neither
+/// costs an append that cannot be found through it.
+pub const QUERY_INDEXES: &str = "
+CREATE INDEX events_by_type ON events(type, pos) WHERE type <> '';
+CREATE INDEX events_by_scope ON events(scope, pos) WHERE scope IS NOT NULL;
 ";
 
 /// SQLite `synchronous` setting, chosen per store.
@@ -120,7 +130,7 @@ pub fn create(path: &Path, id: &ShardIdentity, sync: SyncMode) -> Result<Connect
     conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create shard"))?;
     configure(&conn, sync)?;
     let init = format!(
-        "BEGIN; {SCHEMA}
+        "BEGIN; {SCHEMA} {QUERY_INDEXES}
          INSERT INTO meta(key, value) VALUES ('store_id', '{}'), ('shard_index', {}), ('shard_count', {}),
            ('checkpoint_pos', 0), ('pos_floor', 0);
          PRAGMA user_version = {FORMAT_VERSION};
@@ -173,7 +183,22 @@ pub fn open(path: &Path, expected: &ShardIdentity, sync: SyncMode) -> Result<Con
         });
     }
     configure(&conn, sync)?;
+    if version < 2 {
+        migrate_to_2(&conn)?;
+    }
     Ok(conn)
+}
+
+/// Format 1 -> 2: events get their `scope` column and the two query indexes. Adding a
+/// nullable column rewrites nothing; building the indexes reads every event once.
+fn migrate_to_2(conn: &Connection) -> Result<()> {
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; ALTER TABLE events ADD COLUMN scope TEXT; {QUERY_INDEXES} PRAGMA user_version = 2; COMMIT;"
+    ))
+    .map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        Error::storage("upgrade shard to format 2")(e)
+    })
 }
 
 fn identity(conn: &Connection) -> rusqlite::Result<ShardIdentity> {
@@ -250,5 +275,33 @@ mod tests {
         c.pragma_update(None, "user_version", 99).unwrap();
         drop(c);
         assert!(matches!(open(&p, &ident(0), SyncMode::Normal), Err(Error::UnsupportedFormat { found: 99, .. })));
+    }
+
+    #[test]
+    fn format_1_shards_are_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = shard_path(dir.path(), 0);
+        drop(create(&p, &ident(0), SyncMode::Normal).unwrap());
+        // Turn it back into a format-1 shard holding one event.
+        let c = Connection::open(&p).unwrap();
+        c.execute_batch(
+            "DROP INDEX events_by_type; DROP INDEX events_by_scope; ALTER TABLE events DROP COLUMN scope;
+             INSERT INTO events(pos, eid, seq, prev_pos, ts, type, meta, payload, hash)
+               VALUES (1, 1, 1, 0, 5, 'a', x'', x'01', x'00');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(c);
+        let c = open(&p, &ident(0), SyncMode::Normal).unwrap();
+        let version: u32 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 2);
+        let scope: Option<String> = c.query_row("SELECT scope FROM events WHERE pos = 1", [], |r| r.get(0)).unwrap();
+        assert_eq!(scope, None);
+        let indexes: i64 = c
+            .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'events_by_%'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(indexes, 2);
     }
 }

@@ -14,11 +14,12 @@ use crate::error::{Error, Result};
 use crate::heads::{Head, Heads};
 use crate::keystore::Keystore;
 use crate::protection::Protection;
-use crate::reader::{self, EntityVerdict, ShardReport, Snapshot};
+use crate::reader::{self, EntityVerdict, ShardQuery, ShardReport, Snapshot};
 use crate::router::shard_for;
 use crate::shard::{self, ShardIdentity, SyncMode, FORMAT_VERSION};
 use crate::writer::{
-    self, AppendEntry, Appended, Command, Reply, ShardWriter, SnapshotRequest, WriterConfig, WriterStats,
+    self, AppendEntry, Appended, Command, CommitListener, Commits, Reply, ShardWriter, SnapshotRequest, WriterConfig,
+    WriterStats,
 };
 use crossbeam_channel::Sender;
 use rusqlite::Connection;
@@ -100,6 +101,7 @@ pub struct Store {
     threads: Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
     protection: Arc<Protection>,
+    commits: Arc<Commits>,
     lock: Mutex<Option<File>>,
 }
 
@@ -285,11 +287,12 @@ impl Store {
         }
         let mut senders = Vec::new();
         let mut threads = Vec::new();
+        let commits = Arc::new(Commits::new(config.shards));
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<(u32, Result<()>)>();
         for (t, shards) in per_thread.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::unbounded::<(usize, Command)>();
             let (ready, cfg, store_id) = (ready_tx.clone(), config.clone(), manifest.store_id.clone());
-            let protection = protection.clone();
+            let (protection, commits) = (protection.clone(), commits.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("kuma-writer-{t}"))
                 .spawn(move || {
@@ -302,7 +305,14 @@ impl Store {
                             } else {
                                 shard::open(&path, &ident, cfg.sync)?
                             };
-                            ShardWriter::recover(conn, heads, protection.clone(), cfg.writer, stats)
+                            ShardWriter::recover(
+                                (index, commits.clone()),
+                                conn,
+                                heads,
+                                protection.clone(),
+                                cfg.writer,
+                                stats,
+                            )
                         })
                         .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
                         match opened {
@@ -358,6 +368,7 @@ impl Store {
             threads: Mutex::new(threads),
             closed: AtomicBool::new(false),
             protection,
+            commits,
             lock: Mutex::new(Some(lock)),
         })
     }
@@ -586,6 +597,32 @@ impl Store {
     /// the files taken before the erasure) are left out.
     pub fn read_shard(&self, shard: u32, after: u64, max: usize) -> Result<Vec<StoredEvent>> {
         let raw = self.with_reader(shard, |c, _| reader::read_shard(c, after, max))?;
+        self.decrypt_all(raw)
+    }
+
+    /// Up to `max` events of a shard matching `query`, in position order, decrypted, and
+    /// the position up to which the shard was searched: the last event returned when `max`
+    /// were found, else the shard's last committed position as of the same read snapshot.
+    /// Reading on from there never skips nor repeats an event. Events whose key is gone are
+    /// left out (see `read_shard`); filters run before decryption.
+    pub fn query_shard(&self, shard: u32, query: &ShardQuery, max: usize) -> Result<(Vec<StoredEvent>, u64)> {
+        query.validate()?;
+        let (raw, searched) = self.with_reader(shard, |c, _| reader::query_shard(c, query, max))?;
+        Ok((self.decrypt_all(raw)?, searched))
+    }
+
+    /// The last committed position of every shard (0 for an empty shard).
+    pub fn commit_positions(&self) -> Vec<u64> {
+        self.commits.positions()
+    }
+
+    /// Sets (or removes) the function told `(shard, last position)` after every commit that
+    /// wrote events. It runs on writer threads: it must return quickly.
+    pub fn set_commit_listener(&self, listener: Option<CommitListener>) {
+        self.commits.set_listener(listener);
+    }
+
+    fn decrypt_all(&self, raw: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
         let mut keys: std::collections::HashMap<Vec<u8>, Option<Key>> = std::collections::HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for ev in raw {

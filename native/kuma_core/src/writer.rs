@@ -28,11 +28,51 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// A callback that answers one request. Called exactly once, on the writer thread.
 pub type Reply<T> = Box<dyn FnOnce(T) + Send>;
+
+/// Called on a writer thread after each commit that wrote events: `(shard, last position)`.
+/// It must be quick and must not block (the NIF's sends a message).
+pub type CommitListener = Arc<dyn Fn(u32, u64) + Send + Sync>;
+
+/// What writers publish about their commits: the last committed position of every shard,
+/// and who to tell. Positions become visible here only after the transaction committed, in
+/// commit order, so a reader that reads up to `last(shard)` never passes over a late commit.
+pub struct Commits {
+    positions: Vec<AtomicU64>,
+    listener: RwLock<Option<CommitListener>>,
+}
+
+impl Commits {
+    pub(crate) fn new(shards: u32) -> Self {
+        Commits { positions: (0..shards).map(|_| AtomicU64::new(0)).collect(), listener: RwLock::new(None) }
+    }
+
+    /// The last committed position of every shard.
+    pub fn positions(&self) -> Vec<u64> {
+        self.positions.iter().map(|p| p.load(Ordering::Acquire)).collect()
+    }
+
+    /// Sets (or with `None` removes) the listener told of every commit.
+    pub fn set_listener(&self, listener: Option<CommitListener>) {
+        *self.listener.write().unwrap_or_else(|p| p.into_inner()) = listener;
+    }
+
+    fn publish(&self, shard: u32, last: u64) {
+        if let Some(p) = self.positions.get(shard as usize) {
+            p.fetch_max(last, Ordering::AcqRel);
+        }
+        let listener = self.listener.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(listener) = listener {
+            // A panicking listener must not take the writer thread down.
+            let _ = catch_unwind(AssertUnwindSafe(|| listener(shard, last)));
+        }
+    }
+}
 
 /// One entity's part of an append.
 #[derive(Debug, Clone)]
@@ -123,6 +163,8 @@ pub struct WriterStats {
 }
 
 pub(crate) struct ShardWriter {
+    index: u32,
+    commits: Arc<Commits>,
     conn: Connection,
     heads: Arc<Heads>,
     protection: Arc<Protection>,
@@ -228,6 +270,7 @@ impl ShardWriter {
     /// Prepares a writer on an opened shard: finds the next position and recovers the heads
     /// changed after the last checkpoint by scanning the events written since then.
     pub(crate) fn recover(
+        (index, commits): (u32, Arc<Commits>),
         conn: Connection,
         heads: Arc<Heads>,
         protection: Arc<Protection>,
@@ -242,6 +285,8 @@ impl ShardWriter {
             .query_row("SELECT coalesce(max(pos), 0) FROM events", [], |r| r.get::<_, i64>(0))
             .map_err(Error::storage("read last position"))? as u64;
         let mut writer = ShardWriter {
+            index,
+            commits,
             conn,
             heads,
             protection,
@@ -255,6 +300,7 @@ impl ShardWriter {
         };
         writer.replay_tail(checkpoint)?;
         writer.finish_erasures()?;
+        writer.commits.publish(index, writer.next_pos - 1);
         Ok(writer)
     }
 
@@ -307,6 +353,9 @@ impl ShardWriter {
             Ok(outcomes) => {
                 for ((answer, job), outcome) in answers.into_iter().zip(&jobs).zip(outcomes) {
                     answer.deliver(job, Ok(outcome));
+                }
+                if self.next_pos != start_pos {
+                    self.commits.publish(self.index, self.next_pos - 1);
                 }
             }
             Err(e) => {
@@ -528,8 +577,8 @@ impl ShardWriter {
         let mut insert = self
             .conn
             .prepare_cached(
-                "INSERT INTO events(pos, eid, seq, prev_pos, ts, type, meta, payload, hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO events(pos, eid, seq, prev_pos, ts, type, meta, payload, hash, scope)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .map_err(Error::storage("insert event"))?;
         let mut skip = self
@@ -556,7 +605,8 @@ impl ShardWriter {
                     ev.event_type,
                     metadata,
                     payload,
-                    &hash[..]
+                    &hash[..],
+                    ev.scope
                 ])
                 .map_err(Error::storage("insert event"))?;
             if seq % SKIP_EVERY == 0 {

@@ -8,7 +8,8 @@
 //!
 //! The Elixir side is `Kuma.Native`, which declares every function here.
 
-use kuma_core::reader::{EntityVerdict, ShardReport, Snapshot};
+use kuma_core::reader::{EntityVerdict, ScopeMatch, ShardQuery, ShardReport, Snapshot};
+use kuma_core::sqldb::{SqlDb, Statement, Value};
 use kuma_core::{
     AppendEntry, Appended, Error, Expected, Head, Key, NewEvent, SnapshotRequest, Store, StoreConfig, StoredEvent,
     SyncMode,
@@ -68,6 +69,16 @@ mod atoms {
         sensitive,
         master_key,
         key,
+        kuma_commit,
+        exact,
+        prefix,
+        blob,
+        sql,
+        rows,
+        scope,
+        types,
+        query,
+        sql_params,
     }
 }
 
@@ -101,6 +112,11 @@ fn what_atom<'a>(env: Env<'a>, what: &str) -> Term<'a> {
         "sensitive" => atoms::sensitive().encode(env),
         "master_key" => atoms::master_key().encode(env),
         "key" => atoms::key().encode(env),
+        "scope" => atoms::scope().encode(env),
+        "types" => atoms::types().encode(env),
+        "query" => atoms::query().encode(env),
+        "rows" => atoms::rows().encode(env),
+        "sql_params" => atoms::sql_params().encode(env),
         other => other.encode(env),
     }
 }
@@ -134,6 +150,7 @@ impl Encoder for Reason {
             }
             Error::Erased => atoms::entity_erased().encode(env),
             Error::Decrypt { seq, why } => (atoms::decrypt_failed(), *seq, why.as_str()).encode(env),
+            Error::Sql { index, message } => (atoms::sql(), *index, message.as_str()).encode(env),
         }
     }
 }
@@ -211,16 +228,28 @@ fn decode_expected(term: Term) -> Result<Expected, Error> {
 }
 
 fn decode_events(term: Term) -> Result<Vec<NewEvent>, Error> {
-    let list: Vec<(Binary, Binary, Binary)> = term.decode().map_err(|_| Error::Invalid {
+    let bad = || Error::Invalid {
         what: "events",
-        why: "must be a list of {type, metadata, payload} binaries".into(),
-    })?;
+        why: "must be a list of {type, metadata, payload} or {type, metadata, payload, scope} tuples".into(),
+    };
+    let list: Vec<Term> = term.decode().map_err(|_| bad())?;
     list.into_iter()
-        .map(|(t, m, p)| {
-            let event_type = std::str::from_utf8(t.as_slice())
-                .map_err(|_| Error::Invalid { what: "event_type", why: "must be valid UTF-8".into() })?
-                .to_string();
-            Ok(NewEvent { event_type, metadata: m.as_slice().to_vec(), payload: p.as_slice().to_vec() })
+        .map(|item| {
+            let (t, m, p, scope): (Binary, Binary, Binary, Option<Binary>) = match item.decode() {
+                Ok((t, m, p)) => (t, m, p, None),
+                Err(_) => item.decode().map_err(|_| bad())?,
+            };
+            let utf8 = |b: Binary, what: &'static str| {
+                std::str::from_utf8(b.as_slice())
+                    .map(str::to_string)
+                    .map_err(|_| Error::Invalid { what, why: "must be valid UTF-8".into() })
+            };
+            Ok(NewEvent {
+                event_type: utf8(t, "event_type")?,
+                metadata: m.as_slice().to_vec(),
+                payload: p.as_slice().to_vec(),
+                scope: scope.map(|s| utf8(s, "scope")).transpose()?,
+            })
         })
         .collect()
 }
@@ -598,6 +627,168 @@ fn read_entity(store: ResourceArc<StoreResource>, entity_id: Term, from_seq: u64
 #[rustler::nif(schedule = "DirtyIo")]
 fn read_shard(store: ResourceArc<StoreResource>, shard: u32, after: u64, max: usize) -> NifResult<Events> {
     guard(|| store.store.read_shard(shard, after, max).map(Events))
+}
+
+/// `{after, types, scope, id_prefix, from_ts, to_ts}` with scope `nil | {:exact, s} |
+/// {:prefix, s}` (see `Kuma.Query`).
+fn decode_query(term: Term) -> Result<ShardQuery, Error> {
+    let bad = |why: &str| Error::Invalid { what: "query", why: why.into() };
+    type Raw<'a> = (u64, Vec<String>, Term<'a>, Option<Binary<'a>>, Option<i64>, Option<i64>);
+    let (after, types, scope, id_prefix, from_ts, to_ts): Raw =
+        term.decode().map_err(|_| bad("must be {after, types, scope, id_prefix, from_ts, to_ts}"))?;
+    let scope = if scope.is_atom() && scope.atom_to_string().is_ok_and(|a| a == "nil") {
+        None
+    } else {
+        let (kind, text): (rustler::Atom, String) =
+            scope.decode().map_err(|_| bad("scope must be nil, {:exact, string} or {:prefix, string}"))?;
+        Some(if kind == atoms::exact() {
+            ScopeMatch::Exact(text)
+        } else if kind == atoms::prefix() {
+            ScopeMatch::Prefix(text)
+        } else {
+            return Err(bad("scope must be nil, {:exact, string} or {:prefix, string}"));
+        })
+    };
+    Ok(ShardQuery { after, types, scope, id_prefix: id_prefix.map(|b| b.as_slice().to_vec()), from_ts, to_ts })
+}
+
+/// Matching events of one shard and the position searched up to: `{events, searched}`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn query_shard<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    shard: u32,
+    query: Term<'a>,
+    max: usize,
+) -> NifResult<Term<'a>> {
+    guard(|| {
+        let q = decode_query(query)?;
+        let (events, searched) = store.store.query_shard(shard, &q, max)?;
+        Ok((Events(events), searched).encode(env))
+    })
+}
+
+/// The last committed position of every shard, as a list indexed by shard.
+#[rustler::nif]
+fn commit_positions(store: ResourceArc<StoreResource>) -> Vec<u64> {
+    store.store.commit_positions()
+}
+
+/// After every commit that wrote events, `pid` receives `{:kuma_commit, shard, last_pos}`
+/// (from the writer thread). `nil` stops it. One listener per store.
+#[rustler::nif]
+fn set_commit_listener(store: ResourceArc<StoreResource>, pid: Option<rustler::LocalPid>) -> rustler::Atom {
+    let listener: Option<kuma_core::CommitListener> = pid.map(|pid| {
+        let f: kuma_core::CommitListener = std::sync::Arc::new(move |shard: u32, pos: u64| {
+            let mut owned = OwnedEnv::new();
+            let _ = owned.send_and_clear(&pid, |e| (atoms::kuma_commit(), shard, pos).encode(e));
+        });
+        f
+    });
+    store.store.set_commit_listener(listener);
+    atoms::ok()
+}
+
+/// A read model's database, as held by Elixir.
+pub struct SqlDbResource {
+    db: SqlDb,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for SqlDbResource {}
+
+/// Parameters: integers, floats, binaries (TEXT when valid UTF-8, else BLOB), `{:blob, b}`,
+/// `nil`, `true`/`false` (1/0).
+fn decode_value(term: Term) -> Result<Value, Error> {
+    let bad = || Error::Invalid {
+        what: "sql_params",
+        why: "a parameter must be an integer (64-bit), float, binary, {:blob, binary}, nil or boolean".into(),
+    };
+    if let Ok(n) = term.decode::<i64>() {
+        return Ok(Value::Integer(n));
+    }
+    if let Ok(x) = term.decode::<f64>() {
+        return Ok(Value::Real(x));
+    }
+    if let Ok(b) = term.decode::<Binary>() {
+        return Ok(match std::str::from_utf8(b.as_slice()) {
+            Ok(text) => Value::Text(text.to_string()),
+            Err(_) => Value::Blob(b.as_slice().to_vec()),
+        });
+    }
+    if term.is_atom() {
+        return match term.atom_to_string().map_err(|_| bad())?.as_str() {
+            "nil" => Ok(Value::Null),
+            "true" => Ok(Value::Integer(1)),
+            "false" => Ok(Value::Integer(0)),
+            _ => Err(bad()),
+        };
+    }
+    if let Ok((tag, b)) = term.decode::<(rustler::Atom, Binary)>() {
+        if tag == atoms::blob() {
+            return Ok(Value::Blob(b.as_slice().to_vec()));
+        }
+    }
+    Err(bad())
+}
+
+fn decode_params(term: Term) -> Result<Vec<Value>, Error> {
+    let list: Vec<Term> =
+        term.decode().map_err(|_| Error::Invalid { what: "sql_params", why: "must be a list".into() })?;
+    list.into_iter().map(decode_value).collect()
+}
+
+fn encode_value<'a>(env: Env<'a>, v: &Value) -> Term<'a> {
+    match v {
+        Value::Null => atoms::nil().encode(env),
+        Value::Integer(n) => n.encode(env),
+        Value::Real(x) => x.encode(env),
+        Value::Text(t) => t.as_str().encode(env),
+        Value::Blob(b) => bin(env, b),
+    }
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn sqldb_open(path: String) -> NifResult<ResourceArc<SqlDbResource>> {
+    guard(|| Ok(ResourceArc::new(SqlDbResource { db: SqlDb::open(std::path::Path::new(&path))? })))
+}
+
+/// Runs `[{sql, params}]` in one transaction: `{:ok, [changed]}` or `{:error, {:sql, index, msg}}`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn sqldb_transaction(db: ResourceArc<SqlDbResource>, statements: Term) -> NifResult<Vec<u64>> {
+    guard(|| {
+        let raw: Vec<(String, Term)> = statements
+            .decode()
+            .map_err(|_| Error::Invalid { what: "sql", why: "statements must be a list of {sql, params}".into() })?;
+        let statements = raw
+            .into_iter()
+            .map(|(sql, params)| Ok(Statement { sql, params: decode_params(params)? }))
+            .collect::<Result<Vec<_>, Error>>()?;
+        db.db.transaction(&statements)
+    })
+}
+
+/// `{:ok, {columns, rows}}`, rows as lists.
+#[rustler::nif(schedule = "DirtyIo")]
+fn sqldb_query<'a>(env: Env<'a>, db: ResourceArc<SqlDbResource>, sql: String, params: Term<'a>) -> NifResult<Term<'a>> {
+    guard(|| {
+        let params = decode_params(params)?;
+        let rows = db.db.query(&sql, &params)?;
+        let encoded: Vec<Term<'a>> =
+            rows.rows.iter().map(|r| r.iter().map(|v| encode_value(env, v)).collect::<Vec<_>>().encode(env)).collect();
+        Ok((rows.columns, encoded).encode(env))
+    })
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn sqldb_truncate_wal(db: ResourceArc<SqlDbResource>) -> NifResult<rustler::Atom> {
+    guard(|| db.db.truncate_wal().map(|_| atoms::ok()))
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn sqldb_close(db: ResourceArc<SqlDbResource>) -> rustler::Atom {
+    db.db.close();
+    atoms::ok()
 }
 
 struct HeadTerm(Option<Head>);

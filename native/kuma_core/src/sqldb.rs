@@ -1,0 +1,216 @@
+//! The SQLite database of a read model: a plain SQLite file in WAL mode whose tables are
+//! written by SQL the projection's author supplies, plus Kuma's own bookkeeping tables.
+//!
+//! One connection writes (the projection process is the only writer) and one reads, so
+//! queries never wait for a projection's transaction and see only committed batches.
+//! A batch of statements runs in one transaction: all of it is kept or none (this is how
+//! a read model's rows and its checkpoint move together, see `Kuma.ReadModel`).
+
+use crate::error::{Error, Result};
+pub use rusqlite::types::Value;
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// One SQL statement and its positional parameters (`?1`, `?2`, ... or `?`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    pub sql: String,
+    pub params: Vec<Value>,
+}
+
+/// The rows a query returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+/// Most rows one query returns; a query that would return more fails (add a LIMIT).
+pub const MAX_QUERY_ROWS: usize = 1_000_000;
+
+/// An open read-model database.
+pub struct SqlDb {
+    path: PathBuf,
+    write: Mutex<Option<Connection>>,
+    read: Mutex<Option<Connection>>,
+}
+
+fn sql_error(index: Option<usize>) -> impl FnOnce(rusqlite::Error) -> Error {
+    move |e| Error::Sql { index, message: e.to_string() }
+}
+
+impl SqlDb {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<SqlDb> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(Error::io("create read model dir"))?;
+        }
+        let write = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(Error::storage("open read model"))?;
+        let mode: String =
+            write.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(Error::storage("open read model"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Storage { context: "open read model", message: format!("journal_mode is {mode}") });
+        }
+        // NORMAL: a commit survives a crash of the VM; rows and checkpoint always agree.
+        for (pragma, value) in [("synchronous", "NORMAL"), ("secure_delete", "ON"), ("foreign_keys", "ON")] {
+            write.pragma_update(None, pragma, value).map_err(Error::storage("open read model"))?;
+        }
+        write.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("open read model"))?;
+        let read =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(Error::storage("open read model"))?;
+        read.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("open read model"))?;
+        read.pragma_update(None, "query_only", true).map_err(Error::storage("open read model"))?;
+        Ok(SqlDb { path: path.to_path_buf(), write: Mutex::new(Some(write)), read: Mutex::new(Some(read)) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(conn: &Mutex<Option<Connection>>, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(guard.as_ref().ok_or(Error::Closed)?)
+    }
+
+    /// Runs `statements` in one transaction; returns the rows each changed. On the first
+    /// failure everything is rolled back and the error names the failing statement.
+    pub fn transaction(&self, statements: &[Statement]) -> Result<Vec<u64>> {
+        Self::with(&self.write, |c| {
+            c.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("begin read model transaction"))?;
+            let run = || -> Result<Vec<u64>> {
+                let mut changed = Vec::with_capacity(statements.len());
+                for (i, s) in statements.iter().enumerate() {
+                    let mut st = c.prepare_cached(&s.sql).map_err(sql_error(Some(i)))?;
+                    if st.parameter_count() != s.params.len() {
+                        return Err(Error::Sql {
+                            index: Some(i),
+                            message: format!(
+                                "the statement takes {} parameters, {} were given",
+                                st.parameter_count(),
+                                s.params.len()
+                            ),
+                        });
+                    }
+                    let mut rows = st.query(rusqlite::params_from_iter(s.params.iter())).map_err(sql_error(Some(i)))?;
+                    // Step through any rows (a RETURNING clause, a SELECT) so the statement completes.
+                    while rows.next().map_err(sql_error(Some(i)))?.is_some() {}
+                    drop(rows);
+                    changed.push(c.changes());
+                }
+                Ok(changed)
+            };
+            match run() {
+                Ok(changed) => {
+                    c.execute_batch("COMMIT").map_err(Error::storage("commit read model transaction"))?;
+                    Ok(changed)
+                }
+                Err(e) => {
+                    let _ = c.execute_batch("ROLLBACK");
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    /// Runs a query on the read connection (which cannot write).
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        Self::with(&self.read, |c| {
+            let mut st = c.prepare_cached(sql).map_err(sql_error(None))?;
+            if st.parameter_count() != params.len() {
+                return Err(Error::Sql {
+                    index: None,
+                    message: format!(
+                        "the query takes {} parameters, {} were given",
+                        st.parameter_count(),
+                        params.len()
+                    ),
+                });
+            }
+            let columns: Vec<String> = st.column_names().map(String::from).collect();
+            let width = columns.len();
+            let mut rows = st.query(rusqlite::params_from_iter(params.iter())).map_err(sql_error(None))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(sql_error(None))? {
+                if out.len() == MAX_QUERY_ROWS {
+                    return Err(Error::TooLarge {
+                        what: "rows",
+                        size: MAX_QUERY_ROWS as u64 + 1,
+                        max: MAX_QUERY_ROWS as u64,
+                    });
+                }
+                let mut row = Vec::with_capacity(width);
+                for i in 0..width {
+                    row.push(match r.get_ref(i).map_err(sql_error(None))? {
+                        ValueRef::Null => Value::Null,
+                        ValueRef::Integer(n) => Value::Integer(n),
+                        ValueRef::Real(x) => Value::Real(x),
+                        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+                    });
+                }
+                out.push(row);
+            }
+            Ok(Rows { columns, rows: out })
+        })
+    }
+
+    /// Moves every committed page into the main file and empties the WAL (after an
+    /// erasure, so no old page image of forgotten rows stays in `-wal`).
+    pub fn truncate_wal(&self) -> Result<()> {
+        Self::with(&self.write, |c| crate::keystore::truncate_wal(c, "read model WAL truncate"))
+    }
+
+    /// Closes both connections; later calls return `Closed`.
+    pub fn close(&self) {
+        for conn in [&self.read, &self.write] {
+            let taken = conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+            drop(taken);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(sql: &str, params: Vec<Value>) -> Statement {
+        Statement { sql: sql.into(), params }
+    }
+
+    #[test]
+    fn a_failing_statement_keeps_nothing_of_its_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqlDb::open(&dir.path().join("rm.sqlite")).unwrap();
+        db.transaction(&[st("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT)", vec![])]).unwrap();
+        let changed = db
+            .transaction(&[
+                st("INSERT INTO t VALUES (?1, ?2)", vec![Value::Integer(1), Value::Text("a".into())]),
+                st("INSERT INTO t VALUES (?, ?)", vec![Value::Integer(2), Value::Null]),
+            ])
+            .unwrap();
+        assert_eq!(changed, vec![1, 1]);
+        let err = db
+            .transaction(&[st("INSERT INTO t VALUES (3, 'c')", vec![]), st("INSERT INTO nowhere VALUES (1)", vec![])])
+            .unwrap_err();
+        assert!(matches!(err, Error::Sql { index: Some(1), ref message } if message.contains("nowhere")), "{err}");
+        let err = db.transaction(&[st("INSERT INTO t VALUES (?1, ?2)", vec![Value::Integer(9)])]).unwrap_err();
+        assert!(matches!(err, Error::Sql { index: Some(0), .. }));
+        let rows = db.query("SELECT id, name FROM t WHERE id > ? ORDER BY id", &[Value::Integer(0)]).unwrap();
+        assert_eq!(rows.columns, vec!["id", "name"]);
+        assert_eq!(
+            rows.rows,
+            vec![vec![Value::Integer(1), Value::Text("a".into())], vec![Value::Integer(2), Value::Null]]
+        );
+        assert!(matches!(db.query("DELETE FROM t", &[]), Err(Error::Sql { .. })), "the read connection cannot write");
+        assert!(matches!(db.query("SELEC 1", &[]), Err(Error::Sql { index: None, .. })));
+        db.close();
+        assert!(matches!(db.query("SELECT 1", &[]), Err(Error::Closed)));
+    }
+}
