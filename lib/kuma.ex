@@ -42,6 +42,10 @@ defmodule Kuma do
   * `{:decrypt_failed, seq, why}` - a stored ciphertext did not decrypt (altered, or copied
     from another entity or position); never returned as garbage data
   * `{:forget_unconfirmed, pids}` - `delete/3` erased the data but some listeners did not confirm
+  * `{:unknown_projection, name}` - no projection or read model of that name is running
+  * `{:sql, index | nil, message}` - a read model's SQL failed (nothing of it was kept)
+  * `{:invalid_schema, module, reason}`, `{:foreign_projection, path, why}` - a read model
+    could not start
 
   ## Limits
 
@@ -201,16 +205,23 @@ defmodule Kuma do
   * `:metadata` - a map stored with every event of this append
   * `:timeout` - milliseconds to wait for the commit (default 30,000); on `{:error, :timeout}`
     the append may still commit later
+  * `:return` - `:seq` (default) or `:token`: then the result is `{:ok, last_seq, token}`,
+    where `token` is the `Kuma.Position` of the events written, for
+    `Kuma.Projection.wait_for/3` (read-your-writes)
+
+  A `:scope` in the metadata makes the events findable by scope (`query/2`, projection and
+  subscription filters); see `Kuma.Codec`.
   """
   @spec append(store() | Kuma.Entity.t(), entity_id() | term(), term(), keyword()) ::
-          {:ok, pos_integer()} | {:error, reason()}
+          {:ok, pos_integer()} | {:ok, pos_integer(), Kuma.Position.t()} | {:error, reason()}
   def append(store_or_entity, entity_id_or_events, events_or_opts \\ [], opts \\ [])
 
   def append(%Kuma.Entity{} = entity, events, opts, []) when is_list(opts), do: Kuma.Entity.append(entity, events, opts)
 
   def append(store, entity_id, events, opts) do
     with {:ok, s} <- Store.lookup(store),
-         :ok <- check_options(opts, [:expected_seq, :metadata, :timeout]),
+         :ok <- check_options(opts, [:expected_seq, :metadata, :timeout, :return]),
+         :ok <- check_return(opts),
          :ok <- check_entity_id(entity_id) do
       events = List.wrap(events)
 
@@ -223,9 +234,27 @@ defmodule Kuma do
 
   defp direct_last_seq(s, entity_id, events, opts) do
     case append_direct(s, entity_id, events, opts) do
-      {:ok, details} -> {:ok, elem(details, 1)}
+      {:ok, details} -> appended(s, entity_id, details, opts)
       error -> error
     end
+  end
+
+  @doc false
+  # The answer to an append: {:ok, last_seq}, or with return: :token also its position.
+  @spec appended(Store.t(), entity_id(), tuple(), keyword()) ::
+          {:ok, pos_integer()} | {:ok, pos_integer(), Kuma.Position.t()}
+  def appended(s, entity_id, {_first, last, _first_pos, last_pos, _ts, _hash}, opts) do
+    case Keyword.get(opts, :return, :seq) do
+      :token -> {:ok, last, %{Native.shard_for(entity_id, s.shards) => last_pos}}
+      :seq -> {:ok, last}
+    end
+  end
+
+  @doc false
+  def check_return(opts) do
+    if Keyword.get(opts, :return, :seq) in [:seq, :token],
+      do: :ok,
+      else: {:error, {:invalid, :return, "must be :seq or :token"}}
   end
 
   # A live entity is the only writer of its stream: let it append (and fold) the events.
@@ -419,7 +448,8 @@ defmodule Kuma do
 
   Options: `:expected_seq`, `:metadata`, `:timeout` (default 30,000 ms).
   """
-  @spec execute(Kuma.Entity.t(), term(), keyword()) :: {:ok, non_neg_integer()} | {:error, reason()}
+  @spec execute(Kuma.Entity.t(), term(), keyword()) ::
+          {:ok, non_neg_integer()} | {:ok, non_neg_integer(), Kuma.Position.t()} | {:error, reason()}
   defdelegate execute(entity, command, opts \\ []), to: Kuma.Entity
 
   @doc "The entity's current state, served from memory; raises `Kuma.Error` if it cannot be loaded."
@@ -552,6 +582,149 @@ defmodule Kuma do
          {:ok, tuples} <- Native.read_shard(s.native, shard, after_position, limit) do
       {:ok, Enum.map(tuples, &Codec.envelope(&1, shard, s))}
     end
+  end
+
+  # -- across entities --------------------------------------------------------------------
+
+  @doc """
+  Subscribes the caller to new events of the store: it receives `{:kuma_event, envelope}`
+  for every matching event, in commit order within each shard, from a process that ends
+  when the caller does (or on `unsubscribe/1`).
+
+  Options (filters as in `Kuma.Projection`):
+  * `:types` (or `:type`) - event types (strings, or struct modules)
+  * `:entity_id` - one entity; `:id_prefix` - entities whose id starts with this
+  * `:scope` - a scope, or a scope prefix ending in `*` (`"org:acme/*"`)
+  * `:from` - `:now` (default: events committed after `subscribe` returns), `:start`
+    (every stored event first), or a `Kuma.Position` to resume after
+  * `:max_queue` - the most messages the subscriber's mailbox may hold (default 10,000)
+
+  ## A slow subscriber
+
+  Events are read from storage, not buffered in memory. When the subscriber's mailbox holds
+  `:max_queue` messages or more, the subscription stops reading and sends
+  `{:kuma_lagged, position}` once (the position delivered so far). It resumes on its own
+  when the mailbox has room again, from where it stopped, so nothing is lost and memory
+  stays bounded by `:max_queue` messages; `position` is also what to pass as `:from` to a
+  new subscription after a restart.
+  """
+  @spec subscribe(store(), keyword()) :: {:ok, pid()} | {:error, reason()}
+  def subscribe(store, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- check_options(opts, [:types, :type, :entity_id, :id_prefix, :scope, :from, :max_queue]),
+         {:ok, filter} <- Kuma.Projection.filter(opts),
+         {:ok, from} <- subscription_from(Keyword.get(opts, :from, :now)),
+         max_queue = Keyword.get(opts, :max_queue, 10_000),
+         :ok <- check_positive(:max_queue, max_queue) do
+      spec = %{
+        name: make_ref(),
+        store: s.name,
+        kind: :subscription,
+        module: nil,
+        args: nil,
+        filter: filter,
+        on_error: :park,
+        max_retries: 0,
+        retry_backoff: 100,
+        batch_size: min(500, max_queue),
+        checkpoint_mode: :memory,
+        path: nil,
+        restart: :temporary,
+        subscriber: self(),
+        from: from,
+        max_queue: max_queue
+      }
+
+      DynamicSupervisor.start_child(Store.via(s.name, :projections), Kuma.Projection.Runner.child_spec(spec))
+    end
+  catch
+    :exit, _ -> {:error, :store_closed}
+  end
+
+  defp subscription_from(:now), do: {:ok, :now}
+  defp subscription_from(:start), do: {:ok, %{}}
+
+  defp subscription_from(position) do
+    if Kuma.Position.valid?(position),
+      do: {:ok, position},
+      else: {:error, {:invalid, :from, "must be :now, :start or a Kuma.Position"}}
+  end
+
+  defp check_positive(_key, n) when is_integer(n) and n > 0, do: :ok
+  defp check_positive(key, _n), do: {:error, {:invalid, key, "must be a positive integer"}}
+
+  @doc "Ends a subscription started with `subscribe/2`."
+  @spec unsubscribe(pid()) :: :ok
+  def unsubscribe(subscription) when is_pid(subscription) do
+    GenServer.stop(subscription, :normal, 30_000)
+  catch
+    :exit, _ -> :ok
+  end
+
+  @doc """
+  Events of many entities, found by type, scope, entity id prefix and time, across all
+  shards. Returns `{:ok, envelopes}`: in position order within each shard, shards merged
+  by timestamp.
+
+  Options:
+  * `:types` (or `:type`) - event types (strings, or struct modules)
+  * `:scope` - a scope, or a prefix ending in `*`: `"org:acme/*"` matches `"org:acme/x"`
+    and `"org:acme/x/y"`, not `"org:acmex"`
+  * `:id_prefix` - entities whose id starts with this
+  * `:from`, `:to` - timestamps (`DateTime` or µs since the epoch), both inclusive
+  * `:after` - a `Kuma.Position`: only events after it (for paging, see below)
+  * `:limit` - at most this many envelopes (default 100, at most 10,000)
+
+  Types and scopes are served by indexes kept by the shards (docs/storage-format.md), so
+  a selective query does not read the whole log; `:from`/`:to` and `:id_prefix` filter
+  what those return. Next page:
+  `after: Kuma.Position.merge(previous_after, Kuma.Position.of(envelopes))`.
+  """
+  @spec query(store(), keyword()) :: {:ok, [Kuma.Envelope.t()]} | {:error, reason()}
+  def query(store, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- check_options(opts, [:types, :type, :scope, :id_prefix, :from, :to, :after, :limit]),
+         {:ok, filter} <- Kuma.Projection.filter(opts),
+         {:ok, from} <- timestamp(:from, Keyword.get(opts, :from)),
+         {:ok, to} <- timestamp(:to, Keyword.get(opts, :to)),
+         after_pos = Keyword.get(opts, :after, %{}),
+         :ok <-
+           if(Kuma.Position.valid?(after_pos), do: :ok, else: {:error, {:invalid, :after, "must be a Kuma.Position"}}),
+         limit = Keyword.get(opts, :limit, 100),
+         :ok <-
+           if(is_integer(limit) and limit in 1..10_000, do: :ok, else: {:error, {:invalid, :limit, "must be 1..10000"}}),
+         {:ok, per_shard} <- query_shards(s, filter, from, to, after_pos, limit) do
+      {:ok, per_shard |> merge_by_time(limit, []) |> Enum.map(fn {shard, tuple} -> Codec.envelope(tuple, shard, s) end)}
+    end
+  end
+
+  defp timestamp(_key, nil), do: {:ok, nil}
+  defp timestamp(_key, %DateTime{} = t), do: {:ok, DateTime.to_unix(t, :microsecond)}
+  defp timestamp(_key, us) when is_integer(us), do: {:ok, us}
+  defp timestamp(key, _other), do: {:error, {:invalid, key, "must be a DateTime or microseconds since the epoch"}}
+
+  defp query_shards(s, filter, from, to, after_pos, limit) do
+    Enum.reduce_while((s.shards - 1)..0//-1, {:ok, []}, fn shard, {:ok, acc} ->
+      query = {Map.get(after_pos, shard, 0), filter.types, filter.scope, filter.id_prefix, from, to}
+
+      case Native.query_shard(s.native, shard, query, limit) do
+        {:ok, {[], _}} -> {:cont, {:ok, acc}}
+        {:ok, {events, _searched}} -> {:cont, {:ok, [{shard, events} | acc]}}
+        {:error, reason} -> {:halt, {:error, reason}}
+      end
+    end)
+  end
+
+  # k-way merge of per-shard lists (each in position order) by {timestamp, shard}: taking
+  # only from list heads keeps what is taken of each shard a prefix, so paging with :after
+  # neither skips nor repeats.
+  defp merge_by_time(_lists, 0, acc), do: Enum.reverse(acc)
+  defp merge_by_time([], _left, acc), do: Enum.reverse(acc)
+
+  defp merge_by_time(lists, left, acc) do
+    {shard, [first | rest]} = Enum.min_by(lists, fn {shard, [event | _]} -> {elem(event, 3), shard} end)
+    lists = if rest == [], do: List.keydelete(lists, shard, 0), else: List.keyreplace(lists, shard, 0, {shard, rest})
+    merge_by_time(lists, left - 1, [{shard, first} | acc])
   end
 
   @doc """
@@ -806,6 +979,16 @@ defmodule Kuma do
   def format_error({:forget_unconfirmed, pids}),
     do: "erased, but #{length(pids)} forget listener(s) did not confirm; call delete again to retry"
 
+  def format_error({:unknown_projection, name}), do: "no projection named #{inspect(name)} is running"
+  def format_error({:sql, nil, message}), do: "SQL failed: #{message}"
+  def format_error({:sql, index, message}), do: "SQL statement #{index} failed: #{message}"
+  def format_error({:foreign_projection, path, why}), do: "#{path} belongs to another store or projection: #{why}"
+
+  def format_error({:invalid_schema, module, reason}),
+    do: "the schema of #{inspect(module)} failed: #{format_error(reason)}"
+
+  def format_error(:nothing_to_skip), do: "the projection is not stuck on an event"
+  def format_error(:projection_stopped), do: "the projection stopped while waiting"
   def format_error(:timeout), do: "timed out waiting for the commit; the append may still complete"
   def format_error(other), do: inspect(other)
 

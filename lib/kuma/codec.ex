@@ -33,6 +33,13 @@ defmodule Kuma.Codec do
   Per append, the `:metadata` option (a map) is stored with every event of the append as
   `term_to_binary(map)`, or as an empty binary when absent or empty. It is read back as a map.
 
+  ## Scope
+
+  A `:scope` key in the metadata (a non-empty string of at most 255 bytes, such as
+  `"org:acme/team:7"`) is also stored in clear in an indexed column, so `Kuma.query/2` and
+  projection filters can find events by scope or scope prefix across entities. Like entity
+  ids and event types, scopes are not encrypted: keep personal data out of them.
+
       iex> Kuma.Codec.event_type({:credited, %{amount: 5}})
       "credited"
       iex> Kuma.Codec.event_type(%URI{})
@@ -60,22 +67,22 @@ defmodule Kuma.Codec do
   in events or metadata are sealed under their subject's key and stored without their
   clear value (this needs the store).
 
-  Returns `{:ok, [{type, metadata, payload}], total_bytes}`.
+  Returns `{:ok, [{type, metadata, payload} | {type, metadata, payload, scope}], total_bytes}`.
   """
   @spec encode_events([term()], map() | nil, Kuma.Store.t() | nil) ::
-          {:ok, [{binary(), binary(), binary()}], non_neg_integer()} | {:error, term()}
+          {:ok, [tuple()], non_neg_integer()} | {:error, term()}
   def encode_events(events, metadata, store \\ nil)
   def encode_events([], _metadata, _store), do: {:error, {:invalid, :events, "must not be empty"}}
 
   def encode_events(events, metadata, store) when is_list(events) do
-    with {:ok, meta} <- encode_metadata(metadata, store) do
+    with {:ok, meta} <- encode_metadata(metadata, store),
+         {:ok, scope} <- scope(metadata) do
       Enum.reduce_while(events, {:ok, [], 0}, fn event, {:ok, acc, bytes} ->
         case encode_term(event, store) do
           {:ok, payload} ->
             type = event_type(event)
-
-            {:cont,
-             {:ok, [{type, meta, payload} | acc], bytes + byte_size(payload) + byte_size(type) + byte_size(meta)}}
+            encoded = if scope, do: {type, meta, payload, scope}, else: {type, meta, payload}
+            {:cont, {:ok, [encoded | acc], bytes + byte_size(payload) + byte_size(type) + byte_size(meta)}}
 
           error ->
             {:halt, error}
@@ -89,6 +96,18 @@ defmodule Kuma.Codec do
   end
 
   def encode_events(_events, _metadata, _store), do: {:error, {:invalid, :events, "must be a list"}}
+
+  @doc "The scope in append metadata (see \"Scope\"), or nil."
+  @spec scope(map() | nil) :: {:ok, String.t() | nil} | {:error, term()}
+  def scope(%{scope: scope}), do: check_scope(scope)
+  def scope(%{"scope" => scope}), do: check_scope(scope)
+  def scope(_metadata), do: {:ok, nil}
+
+  defp check_scope(scope) when is_binary(scope) and scope != "" do
+    if String.valid?(scope), do: {:ok, scope}, else: {:error, {:invalid, :scope, "must be valid UTF-8"}}
+  end
+
+  defp check_scope(_scope), do: {:error, {:invalid, :scope, "must be a non-empty string"}}
 
   @doc "Encodes append metadata: `nil` or `%{}` give an empty binary."
   @spec encode_metadata(map() | nil, Kuma.Store.t() | nil) :: {:ok, binary()} | {:error, term()}

@@ -101,19 +101,23 @@ defmodule Kuma.Entity do
   end
 
   @doc "Runs a command through the aggregate's `handle/2` and appends its events."
-  @spec execute(t(), term(), keyword()) :: {:ok, non_neg_integer()} | {:error, term()}
+  @spec execute(t(), term(), keyword()) ::
+          {:ok, non_neg_integer()} | {:ok, non_neg_integer(), Kuma.Position.t()} | {:error, term()}
   def execute(%__MODULE__{} = e, command, opts \\ []) do
     with {:ok, s} <- store(e),
-         :ok <- Store.Config.check_keys(opts, [:expected_seq, :metadata, :timeout]) do
+         :ok <- Store.Config.check_keys(opts, [:expected_seq, :metadata, :timeout, :return]),
+         :ok <- Kuma.check_return(opts) do
       call(s, e, {:execute, e.aggregate, command, opts}, Keyword.get(opts, :timeout, @default_timeout))
     end
   end
 
   @doc "Appends events through the entity's process, folding them into its state."
-  @spec append(t(), term() | [term()], keyword()) :: {:ok, pos_integer()} | {:error, term()}
+  @spec append(t(), term() | [term()], keyword()) ::
+          {:ok, pos_integer()} | {:ok, pos_integer(), Kuma.Position.t()} | {:error, term()}
   def append(%__MODULE__{} = e, events, opts \\ []) do
     with {:ok, s} <- store(e),
-         :ok <- Store.Config.check_keys(opts, [:expected_seq, :metadata, :timeout]),
+         :ok <- Store.Config.check_keys(opts, [:expected_seq, :metadata, :timeout, :return]),
+         :ok <- Kuma.check_return(opts),
          :ok <- non_empty(events) do
       call(s, e, {:append, e.aggregate, List.wrap(events), opts}, Keyword.get(opts, :timeout, @default_timeout))
     end

@@ -50,5 +50,13 @@ defmodule Kuma.Native do
   def verify_entity(_store, _entity_id), do: nif_missing()
   def verify_shard(_store, _shard, _max_problems), do: nif_missing()
   def stats(_store), do: nif_missing()
+  def query_shard(_store, _shard, _query, _max), do: nif_missing()
+  def commit_positions(_store), do: nif_missing()
+  def set_commit_listener(_store, _pid), do: nif_missing()
+  def sqldb_open(_path), do: nif_missing()
+  def sqldb_transaction(_db, _statements), do: nif_missing()
+  def sqldb_query(_db, _sql, _params), do: nif_missing()
+  def sqldb_truncate_wal(_db), do: nif_missing()
+  def sqldb_close(_db), do: nif_missing()
   def fault_panic, do: nif_missing()
 end

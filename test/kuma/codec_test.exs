@@ -1,6 +1,7 @@
 defmodule Kuma.CodecTest do
   use Kuma.StoreCase, async: true
   doctest Kuma.Codec
+  doctest Kuma.Position
 
   alias Kuma.Codec
 

@@ -172,6 +172,81 @@ defmodule Kuma.CrashTest do
     assert [{25, false, [:opened, :refused]} | _] = outcomes
   end
 
+  # Runs in a separate BEAM: a store with the Counter read model (it increments a count per
+  # event, so an event applied twice would show) while 8 writers append without pause.
+  @projection_script ~S"""
+  [dir] = System.argv()
+  {:ok, _} = Application.ensure_all_started(:kuma)
+  {:ok, store} = Kuma.start(name: :crash_rm, data_dir: dir, shards: 4, projections: [{Kuma.Test.Counter, name: :crash_counter, batch_size: 50}])
+  IO.puts("PID #{System.pid()}")
+
+  for w <- 1..8 do
+    spawn(fn ->
+      Enum.each(Stream.iterate(0, &(&1 + 1)), fn i -> {:ok, _} = Kuma.append(store, "p-#{rem(i * 8 + w, 60)}", {:e, w, i}) end)
+    end)
+  end
+
+  spawn(fn ->
+    Enum.each(Stream.iterate(0, &(&1 + 1)), fn _ ->
+      {:ok, %{handled: n}} = Kuma.Projection.status(:crash_counter)
+      IO.puts("HANDLED #{n}")
+      Process.sleep(50)
+    end)
+  end)
+
+  Process.sleep(:infinity)
+  """
+
+  test "kill -9 while a read model projects: after restart every event counted exactly once", %{dir: dir, name: name} do
+    script = Path.join(System.tmp_dir!(), "kuma_rm_child_#{System.unique_integer([:positive])}.exs")
+    File.write!(script, @projection_script)
+    on_exit(fn -> File.rm(script) end)
+
+    port = spawn_child(script, [dir])
+    os_pid = read_pid_line(port)
+    # Kill once the read model has handled a good number of events, mid-stream.
+    wait_handled(port, 2_000)
+    {_, 0} = System.cmd("kill", ["-9", os_pid])
+    drain_for(port, "never")
+
+    {:ok, store} =
+      Kuma.start(name: name, data_dir: dir, shards: 4, projections: [{Kuma.Test.Counter, name: :crash_counter}])
+
+    on_exit(fn -> Kuma.stop(name) end)
+    {:ok, s} = Kuma.Store.lookup(store)
+    :ok = Kuma.Projection.wait_for(:crash_counter, Kuma.Feed.heads(s), 60_000)
+
+    stored =
+      for n <- 0..59,
+          id = "p-#{n}",
+          {:ok, events} = Kuma.events(store, id),
+          events != [],
+          into: %{},
+          do: {id, length(events)}
+
+    assert map_size(stored) > 0
+    {:ok, %{rows: rows}} = Kuma.ReadModel.query(:crash_counter, "SELECT entity_id, n FROM counts")
+    assert Map.new(rows, fn [id, n] -> {id, n} end) == stored
+    {:ok, %{rows: [[seen]]}} = Kuma.ReadModel.query(:crash_counter, "SELECT count(*) FROM seen")
+    assert seen == Enum.sum(Map.values(stored))
+    :ok = Kuma.stop(store)
+  end
+
+  defp wait_handled(port, min) do
+    receive do
+      {^port, {:data, {:eol, "HANDLED " <> n}}} ->
+        if String.to_integer(n) >= min, do: :ok, else: wait_handled(port, min)
+
+      {^port, {:data, _}} ->
+        wait_handled(port, min)
+
+      {^port, {:exit_status, status}} ->
+        flunk("child exited early with #{status}")
+    after
+      60_000 -> flunk("the child's read model never handled #{min} events")
+    end
+  end
+
   defp spawn_child(script, args) do
     ebin = Path.join(Mix.Project.app_path(), "ebin")
     elixir = System.find_executable("elixir")

@@ -23,6 +23,8 @@ defmodule Kuma.Entity.Server do
 
   # Hibernate (full GC, smallest heap) after this long without messages.
   @hibernate_after 2_000
+  # Reloads and decides again after a conflicting write that did not come through us.
+  @retries 3
 
   def start_link({store_name, aggregate, id}) do
     GenServer.start_link(__MODULE__, {store_name, aggregate, id},
@@ -62,7 +64,7 @@ defmodule Kuma.Entity.Server do
     with :ok <- same_aggregate(st, aggregate),
          :ok <- handles_commands(st),
          :ok <- expected(st, opts) do
-      write(st, fn state -> decide(st.aggregate, state, command) end, opts, _retry = true)
+      write(st, fn state -> decide(st.aggregate, state, command) end, opts, @retries)
     else
       error -> {:reply, error, st}
     end
@@ -72,7 +74,10 @@ defmodule Kuma.Entity.Server do
   # Kuma.append/4 routed here because the entity is live (aggregate :any).
   def handle_call({:append, aggregate, events, opts}, _from, st) do
     with :ok <- same_aggregate(st, aggregate), :ok <- expected(st, opts) do
-      write(st, fn _state -> {:ok, events} end, opts, _retry = false)
+      # Without :expected_seq the caller asked for no version check: a write that slipped in
+      # beside us (a store-level append while we were starting) is no reason to fail.
+      retries = if Keyword.get(opts, :expected_seq) == nil, do: @retries, else: 0
+      write(st, fn _state -> {:ok, events} end, opts, retries)
     else
       error -> {:reply, error, st}
     end
@@ -125,14 +130,14 @@ defmodule Kuma.Entity.Server do
   # -- the write path ----------------------------------------------------------------------
 
   # decide -> evolve -> persist -> publish. `decide` returns {:ok, events} | {:error, reason}.
-  defp write(st, decide, opts, retry?) do
+  defp write(st, decide, opts, retries) do
     with {:ok, s} <- Store.lookup(st.store_name),
          {:ok, decision} <- run_user(fn -> decide.(st.state) end, :handle),
          {:ok, events} <- decision,
          events = List.wrap(events),
          {:ok, events} <- seal_sensitive(s, st.id, events),
          {:ok, new_state} <- run_user(fn -> Enum.reduce(events, st.state, &st.aggregate.apply(&2, &1)) end, :apply) do
-      persist(s, st, events, new_state, decide, opts, retry?)
+      persist(s, st, events, new_state, decide, opts, retries)
     else
       {:error, {:user_code_crashed, _, _} = reason} ->
         # Our state is untouched, but user code failed: start over from storage next time.
@@ -143,26 +148,30 @@ defmodule Kuma.Entity.Server do
     end
   end
 
-  defp persist(_s, st, [], _new_state, _decide, _opts, _retry?), do: {:reply, {:ok, st.seq}, st}
+  defp persist(_s, st, [], _new_state, _decide, opts, _retries) do
+    # Nothing written: the token of no events covers nothing new.
+    reply = if Keyword.get(opts, :return) == :token, do: {:ok, st.seq, %{}}, else: {:ok, st.seq}
+    {:reply, reply, st}
+  end
 
-  defp persist(s, st, events, new_state, decide, opts, retry?) do
+  defp persist(s, st, events, new_state, decide, opts, retries) do
     append_opts = [expected_seq: st.seq, metadata: Keyword.get(opts, :metadata)]
 
     case Kuma.append_direct(s, st.id, events, append_opts) do
-      {:ok, {_first, last, _first_pos, _last_pos, _ts, hash}} ->
+      {:ok, {_first, last, _first_pos, _last_pos, _ts, hash} = details} ->
         st = %{st | state: new_state, seq: last, hash: hash}
         publish(s, st)
         maybe_snapshot(s, st, last - length(events))
-        {:reply, {:ok, last}, st}
+        {:reply, Kuma.appended(s, st.id, details, opts), st}
 
-      {:error, {:wrong_expected_seq, _, _}} when retry? ->
+      {:error, {:wrong_expected_seq, _, _}} when retries > 0 ->
         # Someone wrote to the stream without going through us (store-level API while we
-        # were starting): reload and decide again, once.
+        # were starting): reload and decide again, a few times at most.
         case Loader.load(s, st.aggregate, st.id) do
           {:ok, loaded} ->
             st = %{st | state: loaded.state, seq: loaded.seq, hash: loaded.hash}
             publish(s, st)
-            write(st, decide, opts, false)
+            write(st, decide, opts, retries - 1)
 
           {:error, reason} ->
             {:stop, {:shutdown, {:load_failed, reason}}, {:error, reason}, st}

@@ -18,7 +18,8 @@ defmodule Kuma.Store.Config do
     master_key: nil,
     master_key_file: nil,
     master_key_env: "KUMA_MASTER_KEY",
-    keystore_path: nil
+    keystore_path: nil,
+    projections: []
   }
   @known Map.keys(@defaults) ++ [:data_dir]
 
@@ -36,22 +37,53 @@ defmodule Kuma.Store.Config do
          :ok <- check(:idle_timeout, config.idle_timeout),
          :ok <- check(:max_live_entities, config.max_live_entities),
          :ok <- check(:writer_threads, config.writer_threads),
-         {:ok, master_key} <- master_key(config) do
+         {:ok, master_key} <- master_key(config),
+         data_dir = Path.expand(to_string(config.data_dir)),
+         {:ok, specs} <- projection_specs(config.projections, %{name: config.name, data_dir: data_dir}) do
       aggregates = Enum.uniq([Kuma.Aggregate.Latest | config.aggregates])
       keystore = config.keystore_path && Path.expand(to_string(config.keystore_path))
 
       {:ok,
-       %{
-         config
-         | data_dir: Path.expand(to_string(config.data_dir)),
-           aggregates: aggregates,
-           master_key: master_key,
-           keystore_path: keystore
-       }}
+       config
+       |> Map.merge(%{data_dir: data_dir, aggregates: aggregates, master_key: master_key, keystore_path: keystore})
+       |> Map.put(:projection_specs, specs)}
     end
   end
 
   def validate(_opts), do: {:error, {:invalid, :options, "must be a keyword list"}}
+
+  # `projections: [Module | {Module, opts}]`: projections and read models started with the store.
+  defp projection_specs(list, s) when is_list(list) do
+    Enum.reduce_while(list, {:ok, []}, fn entry, {:ok, acc} ->
+      {module, opts} = if is_tuple(entry), do: entry, else: {entry, []}
+
+      kind =
+        if is_atom(module) and Code.ensure_loaded?(module) and function_exported?(module, :schema, 0),
+          do: :read_model,
+          else: :projection
+
+      case Kuma.Projection.spec(s, kind, module, opts) do
+        {:ok, spec} -> {:cont, {:ok, [spec | acc]}}
+        error -> {:halt, error}
+      end
+    end)
+    |> case do
+      {:ok, specs} ->
+        names = Enum.map(specs, & &1.name)
+
+        if length(Enum.uniq(names)) == length(names),
+          do: {:ok, Enum.reverse(specs)},
+          else: {:error, {:invalid, :projections, "two projections have the same name"}}
+
+      error ->
+        error
+    end
+  rescue
+    e in [ArgumentError, MatchError] -> {:error, {:invalid, :projections, Exception.message(e)}}
+  end
+
+  defp projection_specs(_other, _s),
+    do: {:error, {:invalid, :projections, "must be a list of modules or {module, opts}"}}
 
   # The master key, resolved once at start from (in order) :master_key, :master_key_file or
   # the environment variable :master_key_env. It travels inside a 0-arity function so that

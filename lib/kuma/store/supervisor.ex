@@ -11,8 +11,10 @@ defmodule Kuma.Store.Supervisor do
   def init(config) do
     children = [
       {Kuma.Store.Owner, config},
+      {Kuma.Feed, config.name},
       {PartitionSupervisor, child_spec: DynamicSupervisor, name: Kuma.Store.via(config.name, :entities)},
-      {Kuma.Entity.Reaper, config.name}
+      {Kuma.Entity.Reaper, config.name},
+      {Kuma.Projection.Supervisor, config}
     ]
 
     Supervisor.init(children, strategy: :rest_for_one, max_restarts: 3, max_seconds: 5)

@@ -1,0 +1,154 @@
+defmodule Kuma.ReadModel do
+  @moduledoc """
+  A projection that keeps rows in its own SQLite database, written by SQL you give, and
+  queried with `query/3`. This is where reads across entities come from: Kuma is not a
+  query engine over its event log, but every question you can answer with SQL over rows
+  derived from events is one read model away.
+
+      defmodule MyApp.Balances do
+        use Kuma.ReadModel
+
+        @impl true
+        def schema do
+          ["CREATE TABLE balances (entity_id TEXT PRIMARY KEY, balance INTEGER NOT NULL)"]
+        end
+
+        @impl true
+        def handle_event(%Kuma.Envelope{entity_id: id, data: {:deposited, amount}}) do
+          [{"INSERT INTO balances VALUES (?1, ?2)
+              ON CONFLICT(entity_id) DO UPDATE SET balance = balance + ?2", [id, amount]}]
+        end
+
+        def handle_event(_other), do: []
+      end
+
+      {:ok, _} = Kuma.ReadModel.start(store, MyApp.Balances, name: :balances)
+      {:ok, %{rows: [[120]]}} = Kuma.ReadModel.query(:balances, "SELECT balance FROM balances WHERE entity_id = ?", ["alice"])
+
+  ## Exactly once in effect
+
+  The statements of a batch of events and the read model's checkpoint are committed in
+  one SQLite transaction. After a crash (even `kill -9`), the read model resumes from a
+  checkpoint that matches its rows exactly, so no event is applied twice or lost.
+
+  ## Callbacks
+
+  * `schema/0` - SQL statements run once, when the database is created (and again after
+    `Kuma.Projection.rebuild/1`)
+  * `handle_event/1` - the statements for one event: a list of `{sql, params}` (or one
+    such tuple, or `[]`). Parameters: integers, floats, binaries (stored as TEXT when valid
+    UTF-8, else BLOB; `{:blob, binary}` forces BLOB), `nil`, booleans (1/0)
+  * `forget/1` - the statements that remove an erased entity (see "Erasure")
+  * `filter/0` - default filter options, as for `Kuma.Projection.start/3`
+
+  A statement that fails (bad SQL, a constraint) fails its event: everything before it is
+  committed, nothing of it is, and the event is retried, then parked or the read model
+  stops (`:on_error`), exactly as for projections. `Kuma.Projection.status/1` shows the
+  error. Tables whose names start with `_kuma_` are Kuma's.
+
+  ## Erasure
+
+  `Kuma.delete/2` runs `forget/1` in the read model. The default (from `use
+  Kuma.ReadModel`) deletes, in every table with a column named `entity_id`, the rows whose
+  `entity_id` is the erased id; override it when rows are keyed otherwise. Deleted rows are
+  zeroed (`secure_delete`) and the WAL is truncated, as in the shards.
+
+  ## Queries
+
+  `query/3` runs on a separate read-only connection and never waits for the projection's
+  writes; it sees committed batches only. It runs in the caller, on a dirty IO scheduler.
+  """
+
+  alias Kuma.{Native, Store}
+
+  @doc "SQL statements creating the read model's tables."
+  @callback schema() :: [String.t()] | String.t()
+
+  @doc "The statements one event turns into."
+  @callback handle_event(Kuma.Envelope.t()) :: [statement()] | statement()
+
+  @doc "The statements removing an erased entity, or `:default`."
+  @callback forget(entity_id :: binary()) :: [statement()] | :default
+
+  @doc "Default filter options."
+  @callback filter() :: keyword()
+
+  @optional_callbacks filter: 0
+
+  @type statement :: {String.t(), [term()]}
+
+  defmacro __using__(_opts) do
+    quote do
+      @behaviour Kuma.ReadModel
+
+      @impl Kuma.ReadModel
+      def forget(_entity_id), do: :default
+
+      defoverridable forget: 1
+    end
+  end
+
+  @doc """
+  Starts a read model of `store` (options as `Kuma.Projection.start/3`). Its database is
+  `<data_dir>/projections/<name>.sqlite` unless `:path` says otherwise. An invalid schema
+  gives `{:error, {:invalid_schema, module, reason}}`.
+  """
+  @spec start(Kuma.store(), module(), keyword()) :: {:ok, pid()} | {:error, term()}
+  def start(store, module, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store),
+         {:ok, spec} <- Kuma.Projection.spec(s, :read_model, module, opts) do
+      Kuma.Projection.start_spec(s, spec)
+    end
+  end
+
+  @doc """
+  Runs a query on the read model `name`: `{:ok, %{columns: [...], rows: [[...]]}}`, values as
+  integers, floats, binaries or `nil`. Bad SQL gives `{:error, {:sql, nil, message}}` and
+  changes nothing; the connection is read-only, so a query cannot write.
+  """
+  @spec query(Kuma.Projection.name(), String.t(), [term()]) ::
+          {:ok, %{columns: [String.t()], rows: [list()]}} | {:error, term()}
+  def query(name, sql, params \\ []) when is_binary(sql) and is_list(params) do
+    case Registry.lookup(Kuma.Registry, {:projection, name}) do
+      [{_pid, %{db: db, kind: :read_model}}] ->
+        case Native.sqldb_query(db, sql, params) do
+          {:ok, {columns, rows}} -> {:ok, %{columns: columns, rows: rows}}
+          {:error, :store_closed} -> {:error, {:unknown_projection, name}}
+          {:error, reason} -> {:error, reason}
+        end
+
+      _ ->
+        {:error, {:unknown_projection, name}}
+    end
+  end
+
+  @doc false
+  # Normalises what handle_event/1 or forget/1 returned into a list of {sql, params}.
+  @spec statements(term()) :: {:ok, [statement()]} | :error
+  def statements({sql, params} = one) when is_binary(sql) and is_list(params), do: {:ok, [one]}
+
+  def statements(list) when is_list(list) do
+    if Enum.all?(list, &match?({sql, params} when is_binary(sql) and is_list(params), &1)),
+      do: {:ok, list},
+      else: :error
+  end
+
+  def statements(_other), do: :error
+
+  @doc false
+  # The default forget: DELETE from every table of the read model with an entity_id column.
+  @spec default_forget(reference(), binary()) :: {:ok, [statement()]} | {:error, term()}
+  def default_forget(db, entity_id) do
+    sql = """
+    SELECT m.name FROM sqlite_master m, pragma_table_info(m.name) c
+    WHERE m.type = 'table' AND m.name NOT LIKE '\\_kuma\\_%' ESCAPE '\\' AND c.name = 'entity_id'
+    """
+
+    with {:ok, {_, rows}} <- Native.sqldb_query(db, sql, []) do
+      id = if String.valid?(entity_id), do: entity_id, else: {:blob, entity_id}
+
+      {:ok,
+       for([table] <- rows, do: {"DELETE FROM \"#{String.replace(table, "\"", "\"\"")}\" WHERE entity_id = ?1", [id]})}
+    end
+  end
+end

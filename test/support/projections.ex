@@ -1,0 +1,51 @@
+defmodule Kuma.Test.Counter do
+  @moduledoc """
+  A read model that counts events per entity by incrementing (so an event applied twice
+  shows as an over-count) and records every (entity_id, seq) it saw.
+  """
+  use Kuma.ReadModel
+
+  @impl true
+  def schema do
+    [
+      "CREATE TABLE counts (entity_id TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+      "CREATE TABLE seen (entity_id TEXT NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL, PRIMARY KEY (entity_id, seq))"
+    ]
+  end
+
+  @impl true
+  def handle_event(%Kuma.Envelope{entity_id: id, seq: seq, type: type}) do
+    [
+      {"INSERT INTO counts VALUES (?1, 1) ON CONFLICT(entity_id) DO UPDATE SET n = n + 1", [id]},
+      {"INSERT INTO seen VALUES (?1, ?2, ?3)", [id, seq, type]}
+    ]
+  end
+end
+
+defmodule Kuma.Test.Collector do
+  @moduledoc """
+  A projection that sends every envelope it handles to the pid in its args, and raises on
+  events whose data is `:poison` (to exercise retries, parking and skip).
+  """
+  @behaviour Kuma.Projection
+
+  @impl true
+  def init(pid), do: {:ok, pid}
+
+  @impl true
+  def handle_event(%Kuma.Envelope{data: :poison} = e, pid) do
+    send(pid, {:attempt, e.entity_id, e.seq})
+    raise "poisoned event"
+  end
+
+  def handle_event(envelope, pid) do
+    send(pid, {:projected, envelope})
+    {:ok, pid}
+  end
+
+  @impl true
+  def forget(entity_id, pid) do
+    send(pid, {:forgot, entity_id})
+    {:ok, pid}
+  end
+end
