@@ -15,18 +15,32 @@ defmodule Kuma.Bench do
   @workloads [
     {"W1", Kuma.Bench.W1, "seed workload: 1M events, 200 writers, appends of 100"},
     {"W2", Kuma.Bench.W2, "single-event writes through entity processes"},
+    {"W3", Kuma.Bench.W3, "bulk ingest: append_batch, 500 events per call"},
     {"W4", Kuma.Bench.W4, "reads of live entities"},
     {"W5", Kuma.Bench.W5, "cold loads of entities with 1,000 events"},
+    {"W6", Kuma.Bench.Erase, "GDPR delete of entities with 10,000 events while writes run"},
+    {"W7", Kuma.Bench.W7, "restart: Kuma.start to first served read with many events stored"},
+    {"W8", Kuma.Bench.W8, "scaling: W1 by shard count, W2 by concurrent callers"},
+    {"PROJ", Kuma.Bench.Proj, "projections under W1 load, subscriber, catch-up replay"},
     {"MEM", Kuma.Bench.Memory, "memory per idle live entity"},
-    {"ERASE", Kuma.Bench.Erase, "delete of an entity with 10,000 events, and its effect on the shard"},
+    {"PG", Kuma.Bench.Postgres, "W1 and W2 shapes against PostgreSQL, same machine, same run"},
     {"NIF", Kuma.Bench.NifCost, "scheduler time of an append NIF call"}
   ]
+
+  # `--quick`: a subset that finishes in about two minutes on the 2-core machine.
+  @quick ["W1", "W2", "W4", "W5", "W6"]
 
   def main(args) do
     {opts, names, _} = OptionParser.parse(args, strict: [quick: :boolean])
     quick = Keyword.get(opts, :quick, false)
     known = Enum.map(@workloads, &elem(&1, 0))
-    names = if names == [], do: known, else: Enum.map(names, &String.upcase/1)
+
+    names =
+      cond do
+        names != [] -> Enum.map(names, &String.upcase/1)
+        quick -> @quick
+        true -> known
+      end
 
     for name <- names, name not in known do
       Mix.raise("unknown workload #{name}; known: #{Enum.join(known, ", ")}")
@@ -46,8 +60,30 @@ defmodule Kuma.Bench do
         {name, module.run(quick)}
       end
 
+    side_by_side(results)
     write_results(facts, quick, results)
   end
+
+  # Kuma beside PostgreSQL when both ran in this session.
+  defp side_by_side(%{"PG" => %{rows: pg}} = results) do
+    IO.puts("Side by side (same machine, same run; PostgreSQL synchronous_commit off/on vs Kuma sync normal/full)")
+
+    for %{sync: sync} = row <- pg do
+      w1 = get_in(results, ["W1", :rows]) |> List.wrap() |> Enum.find(&(&1.sync == sync))
+      w2 = get_in(results, ["W2", :rows]) |> List.wrap() |> Enum.find(&(&1.sync == sync and &1.op == :execute))
+      kuma_w1 = if w1, do: Kuma.Bench.Progress.fmt(w1.kuma.events_per_sec), else: "(not run)"
+      kuma_w2 = if w2, do: Kuma.Bench.Progress.fmt(w2.events_per_sec), else: "(not run)"
+
+      IO.puts(
+        "  sync=#{sync}: W1 Kuma #{kuma_w1} vs PostgreSQL #{Kuma.Bench.Progress.fmt(row.w1_events_per_sec)} ev/s; " <>
+          "W2 Kuma #{kuma_w2} vs PostgreSQL #{Kuma.Bench.Progress.fmt(row.w2_events_per_sec)} ev/s"
+      )
+    end
+
+    IO.puts("")
+  end
+
+  defp side_by_side(_results), do: :ok
 
   defp write_results(facts, quick, results) do
     dir = Path.expand("results", __DIR__)

@@ -40,4 +40,23 @@ defmodule Kuma.ReadmeTest do
     code = String.replace(code, "name: :shop", "name: :readme_shop")
     Code.eval_string(code)
   end
+
+  test "the projections example runs" do
+    readme = File.read!(Path.expand("../README.md", __DIR__))
+    [_, code] = Regex.run(~r/### Projections, read models, subscriptions and queries\s+```elixir\n(.*?)```/s, readme)
+    dir = Path.join(System.tmp_dir!(), "kuma_readme_#{System.unique_integer([:positive])}")
+    on_exit(fn -> File.rm_rf!(dir) end)
+
+    code =
+      code
+      |> String.replace(~s(data_dir: "data"), ~s(data_dir: #{inspect(dir)}))
+      |> String.replace("name: :orders", "name: :readme_orders")
+      |> String.replace("Shop.Revenue", "ReadmeShop.Revenue")
+
+    [module, rest] = String.split(code, "\n\n{:ok, store}", parts: 2)
+    Code.eval_string(module)
+    Code.eval_string("{:ok, store}" <> rest)
+    assert_receive {:kuma_event, %Kuma.Envelope{entity_id: "order-1"}}, 5_000
+    assert_receive {:kuma_event, %Kuma.Envelope{entity_id: "order-2"}}, 5_000
+  end
 end

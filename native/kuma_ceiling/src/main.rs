@@ -55,6 +55,7 @@ struct Args {
     full_sync: bool,
     layout: Layout,
     pattern: Pattern,
+    indexes: bool,
     dir: PathBuf,
 }
 
@@ -70,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
         full_sync: false,
         layout: Layout::Plain,
         pattern: Pattern::Entity,
+        indexes: true,
         dir: std::env::temp_dir().join(format!("kuma_ceiling_{}", std::process::id())),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -111,6 +113,7 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--dir" => a.dir = PathBuf::from(val),
+            "--indexes" => a.indexes = val != "0",
             other => return Err(format!("unknown option {other}")),
         }
         i += 2;
@@ -151,7 +154,15 @@ fn open(path: &Path, a: &Args) -> rusqlite::Result<Connection> {
              CREATE TABLE runs(eid INTEGER NOT NULL, first_seq INTEGER NOT NULL, first_pos INTEGER NOT NULL,
                count INTEGER NOT NULL, PRIMARY KEY(eid, first_seq)) WITHOUT ROWID;",
         )?,
-        Layout::EagerHeads | Layout::Kuma => c.execute_batch(kuma_core::shard::SCHEMA)?,
+        Layout::EagerHeads => c.execute_batch(kuma_core::shard::SCHEMA)?,
+        // Kuma's shards also carry the query indexes (format 2); `--indexes 0` leaves them
+        // out, to measure what they cost.
+        Layout::Kuma => {
+            c.execute_batch(kuma_core::shard::SCHEMA)?;
+            if a.indexes {
+                c.execute_batch(kuma_core::shard::QUERY_INDEXES)?;
+            }
+        }
     }
     Ok(c)
 }

