@@ -587,6 +587,17 @@ defmodule Kuma do
   # -- across entities --------------------------------------------------------------------
 
   @doc """
+  The store's position now: the last committed position of every shard, a
+  `Kuma.Position` covering every append acknowledged so far. Pass it to
+  `Kuma.Projection.wait_for/3` to wait until a projection has caught up with everything
+  written before this call, or as `:from` to `subscribe/2`.
+  """
+  @spec position(store()) :: {:ok, Kuma.Position.t()} | {:error, reason()}
+  def position(store) do
+    with {:ok, s} <- Store.lookup(store), do: {:ok, Kuma.Feed.heads(s)}
+  end
+
+  @doc """
   Subscribes the caller to new events of the store: it receives `{:kuma_event, envelope}`
   for every matching event, in commit order within each shard, from a process that ends
   when the caller does (or on `unsubscribe/1`).

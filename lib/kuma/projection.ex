@@ -316,15 +316,29 @@ defmodule Kuma.Projection do
   @spec parked(name()) :: {:ok, [map()]} | {:error, term()}
   def parked(name), do: call(name, :parked, 30_000, & &1)
 
-  @doc "Stops a projection (its checkpoint and output stay)."
+  @doc """
+  Stops a projection (its checkpoint and output stay); start it again with `start/3`. A
+  projection configured with the store (`projections:`) stays stopped until the store
+  restarts.
+  """
   @spec stop(name()) :: :ok | {:error, term()}
   def stop(name) do
-    case whereis(name) do
-      nil -> {:error, {:unknown_projection, name}}
-      pid -> GenServer.stop(pid, :normal, 30_000)
+    case Registry.lookup(Kuma.Registry, {:projection, name}) do
+      [{pid, %{store: store}}] ->
+        # Through its supervisor: a permanent child stopped any other way is restarted.
+        case DynamicSupervisor.terminate_child(Store.via(store, :projections), pid) do
+          :ok ->
+            :ok
+
+          {:error, :not_found} ->
+            Supervisor.terminate_child(Store.via(store, :projection_sup), {Kuma.Projection.Runner, name})
+        end
+
+      _ ->
+        {:error, {:unknown_projection, name}}
     end
   catch
-    :exit, _ -> :ok
+    :exit, _ -> {:error, {:unknown_projection, name}}
   end
 
   @doc false

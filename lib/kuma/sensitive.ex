@@ -81,7 +81,22 @@ defmodule Kuma.Sensitive do
   @doc false
   # Whether an encoded term may hold a sensitive value (a fast scan of the bytes).
   @spec in_binary?(binary()) :: boolean()
-  def in_binary?(bytes), do: :binary.match(bytes, @marker) != :nomatch
+  def in_binary?(bytes), do: :binary.match(bytes, marker_pattern()) != :nomatch
+
+  # :binary.match/2 with a plain binary compiles the pattern on every call (~0.8 µs, more
+  # than decoding a 200-byte event); the compiled pattern is kept in :persistent_term
+  # (~0.07 µs per scan). It is a reference, so it cannot be a module attribute.
+  defp marker_pattern do
+    case :persistent_term.get({__MODULE__, :pattern}, nil) do
+      nil ->
+        pattern = :binary.compile_pattern(@marker)
+        :persistent_term.put({__MODULE__, :pattern}, pattern)
+        pattern
+
+      pattern ->
+        pattern
+    end
+  end
 
   @doc false
   # Seals every not yet sealed value in `term`, keeping the clear value in memory, and

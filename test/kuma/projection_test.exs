@@ -8,8 +8,8 @@ defmodule Kuma.ProjectionTest do
 
   # Everything committed so far, as a token.
   defp heads(store) do
-    {:ok, s} = Kuma.Store.lookup(store)
-    Kuma.Feed.heads(s)
+    {:ok, position} = Kuma.position(store)
+    position
   end
 
   defp rows(name, sql, params \\ []) do
@@ -365,6 +365,21 @@ defmodule Kuma.ProjectionTest do
                ReadModel.query(:q, "SELECT ?, ?, ?, ?, ?", [1, 2.5, "x", nil, <<255>>])
     end
 
+    test "stop, then start again, resumes from the checkpoint", %{store: store} do
+      {:ok, _} = ReadModel.start(store, Counter, name: :paused)
+      {:ok, _} = Kuma.append(store, "p", [{:e, 1}, {:e, 2}])
+      :ok = Projection.wait_for(:paused, heads(store))
+      assert :ok = Projection.stop(:paused)
+      wait_until(fn -> Projection.whereis(:paused) == nil end)
+      {:ok, _} = Kuma.append(store, "p", {:e, 3})
+      Process.sleep(50)
+      assert Projection.whereis(:paused) == nil, "a stopped projection is not restarted"
+      {:ok, _} = ReadModel.start(store, Counter, name: :paused)
+      :ok = Projection.wait_for(:paused, heads(store))
+      assert {:ok, %{handled: 1}} = Projection.status(:paused)
+      assert rows(:paused, "SELECT n FROM counts") == [[3]]
+    end
+
     test "a killed projection restarts from its checkpoint", %{store: store} do
       {:ok, pid} = ReadModel.start(store, Counter, name: :killed)
       {:ok, _} = Kuma.append(store, "k", [{:e, 1}, {:e, 2}])
@@ -384,13 +399,21 @@ defmodule Kuma.ProjectionTest do
     for i <- 1..30, do: {:ok, _} = Kuma.append(store, "c#{rem(i, 3)}", {:e, i})
     :ok = Projection.wait_for(:configured, heads(store))
     :ok = Kuma.stop(store)
-    assert Projection.whereis(:configured) == nil
+    # The registry drops a stopped process's name asynchronously.
+    wait_until(fn -> Projection.whereis(:configured) == nil end)
 
     {:ok, store} = Kuma.start(opts)
     {:ok, _} = Kuma.append(store, "c0", {:e, 31})
     :ok = Projection.wait_for(:configured, heads(store))
     assert {:ok, %{handled: 1}} = Projection.status(:configured)
     assert rows(:configured, "SELECT sum(n) FROM counts") == [[31]]
+
+    # Stopped means stopped: not restarted by its supervisor.
+    assert :ok = Projection.stop(:configured)
+    wait_until(fn -> Projection.whereis(:configured) == nil end)
+    Process.sleep(100)
+    assert Projection.whereis(:configured) == nil
+    assert {:error, {:unknown_projection, :configured}} = Projection.stop(:configured)
     :ok = Kuma.stop(store)
 
     assert {:error, {:invalid, :module, _}} = Kuma.start(Keyword.put(opts, :projections, [Nope]))

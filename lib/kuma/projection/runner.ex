@@ -57,6 +57,7 @@ defmodule Kuma.Projection.Runner do
           pump_scheduled: false,
           last_shard: -1,
           waiters: %{},
+          ahead: %{},
           lagging: false,
           handled: 0
         })
@@ -80,7 +81,7 @@ defmodule Kuma.Projection.Runner do
          :ok <- prepare_file(st, s),
          {:ok, st} <- load_checkpoint(st),
          {:ok, st} <- init_output(st) do
-      Registry.update_value(Kuma.Registry, {:projection, st.name}, fn _ -> %{db: db, kind: st.kind} end)
+      Registry.update_value(Kuma.Registry, {:projection, st.name}, fn _ -> %{db: db, kind: st.kind, store: s.name} end)
       :ok = Kuma.Erasure.listen(s.name)
       {:ok, schedule_pump(st)}
     else
@@ -196,6 +197,7 @@ defmodule Kuma.Projection.Runner do
     end
   end
 
+  def handle_info({ref, result}, st) when is_reference(ref), do: {:noreply, read_ahead_done(st, ref, result)}
   def handle_info({:DOWN, _ref, :process, pid, _reason}, %{subscriber: pid} = st), do: {:stop, :normal, st}
   def handle_info(_other, st), do: {:noreply, st}
 
@@ -287,6 +289,7 @@ defmodule Kuma.Projection.Runner do
 
   defp resume(st) do
     if st.retry_timer, do: Process.cancel_timer(st.retry_timer)
+    st = drop_read_ahead(st)
     schedule_pump(answer_waiters(%{st | status: :running, failure: nil, retry_timer: nil}))
   end
 
@@ -338,12 +341,14 @@ defmodule Kuma.Projection.Runner do
 
   defp read(st, shard, room) do
     {:ok, s} = Store.lookup(st.store_name)
-    query = {Map.fetch!(st.checkpoint, shard), st.filter.types, st.filter.scope, st.filter.id_prefix, nil, nil}
+    after_pos = Map.fetch!(st.checkpoint, shard)
+    {batch, st} = take_read_ahead(st, shard, after_pos, room)
 
-    case Native.query_shard(s.native, shard, query, room) do
-      {:ok, {events, searched}} ->
+    case batch || fetch(s, st.filter, shard, after_pos, room) do
+      {:ok, {events, searched, envelopes}} ->
         st = %{st | heads: Map.update(st.heads, shard, searched, &max(&1, searched))}
-        st = handle_batch(st, s, shard, events, searched)
+        st = read_ahead(st, shard, searched, length(events) == room)
+        st = handle_batch(st, s, shard, events, searched, envelopes)
         {:noreply, schedule_pump(answer_waiters(st))}
 
       {:error, reason} ->
@@ -352,8 +357,82 @@ defmodule Kuma.Projection.Runner do
     end
   end
 
-  defp handle_batch(st, s, shard, events, searched) do
-    {done, failed, st} = run_events(st, s, shard, events)
+  # One batch of a shard, read and decoded. Envelopes are nil when one did not decode: the
+  # caller then decodes event by event and treats the failure as that event's.
+  defp fetch(s, filter, shard, after_pos, room) do
+    query = {after_pos, filter.types, filter.scope, filter.id_prefix, nil, nil}
+
+    with {:ok, {events, searched}} <- Native.query_shard(s.native, shard, query, room) do
+      envelopes =
+        try do
+          Enum.map(events, &Codec.envelope(&1, shard, s))
+        rescue
+          _ -> nil
+        catch
+          _, _ -> nil
+        end
+
+      {:ok, {events, searched, envelopes}}
+    end
+  end
+
+  # Read-ahead: while this process runs user code on one batch, a task reads and decodes
+  # the next batch of the same shard (the NIF runs on a dirty scheduler, decoding on
+  # another core), so catch-up uses both. A read-ahead batch is used only if it starts
+  # exactly at the shard's checkpoint; anything else (reset, rebuild, a failure that kept
+  # the checkpoint back) is dropped. At most one batch per shard is held.
+  defp read_ahead(%{kind: :subscription} = st, _shard, _after, _full?), do: st
+
+  defp read_ahead(st, shard, after_pos, full?) do
+    if full? and not Map.has_key?(st.ahead, shard) do
+      {:ok, s} = Store.lookup(st.store_name)
+      {filter, room} = {st.filter, st.batch_size}
+      task = Task.async(fn -> fetch(s, filter, shard, after_pos, room) end)
+      %{st | ahead: Map.put(st.ahead, shard, {after_pos, room, task})}
+    else
+      st
+    end
+  end
+
+  defp take_read_ahead(st, shard, after_pos, room) do
+    case Map.pop(st.ahead, shard) do
+      {nil, _} ->
+        {nil, st}
+
+      {{^after_pos, ^room, {:done, result}}, ahead} ->
+        {result, %{st | ahead: ahead}}
+
+      {{^after_pos, ^room, %Task{} = task}, ahead} ->
+        {Task.await(task, :infinity), %{st | ahead: ahead}}
+
+      {{_stale, _room, task}, ahead} ->
+        shutdown(task)
+        {nil, %{st | ahead: ahead}}
+    end
+  end
+
+  # A read-ahead finished while this process was busy elsewhere: keep its result.
+  defp read_ahead_done(st, ref, result) do
+    case Enum.find(st.ahead, fn {_shard, {_after, _room, task}} -> match?(%Task{ref: ^ref}, task) end) do
+      {shard, {after_pos, room, _task}} ->
+        Process.demonitor(ref, [:flush])
+        %{st | ahead: Map.put(st.ahead, shard, {after_pos, room, {:done, result}})}
+
+      nil ->
+        st
+    end
+  end
+
+  defp drop_read_ahead(st) do
+    for {_shard, {_after, _room, task}} <- st.ahead, do: shutdown(task)
+    %{st | ahead: %{}}
+  end
+
+  defp shutdown(%Task{} = task), do: Task.shutdown(task, :brutal_kill)
+  defp shutdown({:done, _result}), do: :ok
+
+  defp handle_batch(st, s, shard, events, searched, envelopes) do
+    {done, failed, st} = run_events(st, s, shard, events, envelopes)
 
     position =
       case {failed, done} do
@@ -379,9 +458,11 @@ defmodule Kuma.Projection.Runner do
 
   # Each event through user code, in order, until one fails. `done` holds
   # {pos, statements} for every event handled (statements only for read models).
-  defp run_events(st, s, shard, events) do
-    Enum.reduce_while(events, {[], nil, st}, fn event, {done, nil, st} ->
-      case run_event(st, s, shard, event) do
+  defp run_events(st, s, shard, events, envelopes) do
+    events
+    |> Enum.zip(envelopes || List.duplicate(nil, length(events)))
+    |> Enum.reduce_while({[], nil, st}, fn {event, envelope}, {done, nil, st} ->
+      case run_event(st, s, shard, event, envelope) do
         {:ok, statements, st} -> {:cont, {[{elem(event, 2), statements} | done], nil, st}}
         {:error, error} -> {:halt, {done, {event, error}, st}}
       end
@@ -389,7 +470,9 @@ defmodule Kuma.Projection.Runner do
     |> then(fn {done, failed, st} -> {Enum.reverse(done), failed, st} end)
   end
 
-  defp run_event(st, s, shard, event) do
+  defp run_event(st, _s, _shard, _event, %Kuma.Envelope{} = envelope), do: deliver(st, envelope)
+
+  defp run_event(st, s, shard, event, nil) do
     case user(fn -> Codec.envelope(event, shard, s) end) do
       {:ok, envelope} -> deliver(st, envelope)
       {:error, error} -> {:error, error}

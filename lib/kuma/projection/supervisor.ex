@@ -7,7 +7,8 @@ defmodule Kuma.Projection.Supervisor do
   # from taking the store down with it.
   use Supervisor
 
-  def start_link(config), do: Supervisor.start_link(__MODULE__, config)
+  def start_link(config),
+    do: Supervisor.start_link(__MODULE__, config, name: Kuma.Store.via(config.name, :projection_sup))
 
   @impl true
   def init(config) do

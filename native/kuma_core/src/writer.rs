@@ -351,11 +351,13 @@ impl ShardWriter {
             .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
         match outcome {
             Ok(outcomes) => {
-                for ((answer, job), outcome) in answers.into_iter().zip(&jobs).zip(outcomes) {
-                    answer.deliver(job, Ok(outcome));
-                }
+                // Published before anyone is answered: whatever a caller was told is
+                // committed is already covered by `Commits::positions`.
                 if self.next_pos != start_pos {
                     self.commits.publish(self.index, self.next_pos - 1);
+                }
+                for ((answer, job), outcome) in answers.into_iter().zip(&jobs).zip(outcomes) {
+                    answer.deliver(job, Ok(outcome));
                 }
             }
             Err(e) => {

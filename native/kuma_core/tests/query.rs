@@ -117,7 +117,10 @@ fn the_commit_listener_hears_every_commit_in_order() {
             std::thread::spawn(move || {
                 for i in 0..50 {
                     let id = format!("e{w}-{}", i % 5);
-                    store.append_wait(id.as_bytes(), Expected::Any, vec![typed("T", None, i)]).unwrap();
+                    let a = store.append_wait(id.as_bytes(), Expected::Any, vec![typed("T", None, i)]).unwrap();
+                    // What a caller was told is committed is already in the positions.
+                    let shard = store.shard_for(id.as_bytes()) as usize;
+                    assert!(store.commit_positions()[shard] >= a.last_pos);
                 }
             })
         })
