@@ -5,6 +5,8 @@
 # with the machine's facts. Methodology: docs/benchmarks.md.
 
 Code.require_file("support.exs", __DIR__)
+# W1 and W2 first: other workloads (W8, PROJ) drive their loads.
+for file <- ["workloads/w1.exs", "workloads/w2.exs"], do: Code.require_file(file, __DIR__)
 for file <- Path.wildcard(Path.join(__DIR__, "workloads/*.exs")), do: Code.require_file(file)
 
 defmodule Kuma.Bench do

@@ -97,7 +97,8 @@ end
 
 defmodule Kuma.Bench.Progress do
   @moduledoc false
-  # Prints "<label>: 42% (420,000 events, 310,000 ev/s)" about once a second.
+  # Prints "<label>: 42% (420,000 events, 310,000 ev/s)" about once a second; with
+  # `{:seconds, s}` as the total (time-bound workloads) "<label>: 12 s of 30 (...)".
 
   def start(label, total, counter) do
     parent = self()
@@ -113,11 +114,14 @@ defmodule Kuma.Bench.Progress do
       1000 ->
         done = :counters.get(counter, 1)
         secs = max(System.monotonic_time(:millisecond) - t0, 1) / 1000
-        pct = if total > 0, do: round(done * 100 / total), else: 0
-        IO.puts("  #{label}: #{pct}% (#{fmt(done)} events, #{fmt(round(done / secs))} ev/s)")
+        IO.puts("  #{label}: #{done_part(total, done, secs)} (#{fmt(done)} events, #{fmt(round(done / secs))} ev/s)")
         loop(parent, label, total, counter, t0)
     end
   end
+
+  defp done_part({:seconds, s}, _done, secs), do: "#{round(secs)} s of #{s}"
+  defp done_part(total, done, _secs) when total > 0, do: "#{round(done * 100 / total)}%"
+  defp done_part(_total, _done, _secs), do: "0%"
 
   def stop(pid), do: send(pid, :stop)
 
@@ -126,6 +130,39 @@ defmodule Kuma.Bench.Progress do
   end
 
   def fmt(n) when is_float(n), do: :erlang.float_to_binary(n, decimals: 1)
+end
+
+defmodule Kuma.Bench.Writers do
+  @moduledoc false
+  # `writers` concurrent processes share `calls` calls of `call.()`, each writing
+  # `per_call` events, with a progress line. Writer w makes calls w, w+W, w+2W, ... and
+  # seeds :rand with its number, so runs are repeatable. Returns elapsed microseconds.
+
+  alias Kuma.Bench.Progress
+
+  def run(label, writers, calls, per_call, call) do
+    counter = :counters.new(1, [:write_concurrency])
+    progress = Progress.start(label, calls * per_call, counter)
+
+    {micros, _} =
+      :timer.tc(fn ->
+        1..writers
+        |> Enum.map(fn w ->
+          Task.async(fn ->
+            :rand.seed(:exsss, {w, 17, 31})
+
+            for _ <- 1..Range.size(w..calls//writers)//1 do
+              call.()
+              :counters.add(counter, 1, per_call)
+            end
+          end)
+        end)
+        |> Task.await_many(:infinity)
+      end)
+
+    Progress.stop(progress)
+    micros
+  end
 end
 
 defmodule Kuma.Bench.Table do

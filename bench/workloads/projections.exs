@@ -43,7 +43,7 @@ end
 
 defmodule Kuma.Bench.Proj do
   @moduledoc false
-  alias Kuma.Bench.{Payload, Progress, Table}
+  alias Kuma.Bench.{Progress, Table}
   alias Kuma.Bench.Proj.{LagProbe, Noop, Totals}
 
   @lag_target_ms 1_000
@@ -169,30 +169,7 @@ defmodule Kuma.Bench.Proj do
   defp ms(us), do: Float.round(us / 1000, 1)
 
   defp w1(store, p, label) do
-    batch = List.duplicate(Payload.event(p.payload), p.batch)
-    appends = div(p.events, p.batch)
-    counter = :counters.new(1, [:write_concurrency])
-    progress = Progress.start(label, p.events, counter)
-
-    {micros, _} =
-      :timer.tc(fn ->
-        1..p.writers
-        |> Enum.map(fn w ->
-          mine = length(Enum.to_list(w..appends//p.writers))
-
-          Task.async(fn ->
-            :rand.seed(:exsss, {w, 17, 31})
-
-            for _ <- 1..mine//1 do
-              {:ok, _} = Kuma.append(store, "user_#{:rand.uniform(p.entities)}", batch)
-              :counters.add(counter, 1, p.batch)
-            end
-          end)
-        end)
-        |> Task.await_many(:infinity)
-      end)
-
-    Progress.stop(progress)
+    micros = Kuma.Bench.W1.drive(store, p, label)
 
     %{
       events: p.events,

@@ -5,7 +5,7 @@ defmodule Kuma.Bench.W1 do
   # The seed workload: N events, E entities, W concurrent writers each appending batches of
   # B events to one random entity, 16 shards, 200-byte payloads.
 
-  alias Kuma.Bench.{Ceiling, Payload, Progress, Table}
+  alias Kuma.Bench.{Ceiling, Payload, Progress, Table, Writers}
 
   @target_normal 300_000
   @target_ratio 0.5
@@ -27,39 +27,24 @@ defmodule Kuma.Bench.W1 do
         master_key: if(encryption, do: :crypto.strong_rand_bytes(32))
       )
 
-    event = Payload.event(p.payload)
-    batch = List.duplicate(event, p.batch)
-    appends = div(p.events, p.batch)
-    counter = :counters.new(1, [:write_concurrency])
-    progress = Progress.start("W1 sync=#{p.sync}#{if encryption, do: "", else: " plain"}", p.events, counter)
-
-    {micros, _} =
-      :timer.tc(fn ->
-        1..p.writers
-        |> Enum.map(fn w ->
-          # Writer w does appends w, w+W, w+2W, ...: the appends are split evenly.
-          mine = length(Enum.to_list(w..appends//p.writers))
-
-          Task.async(fn ->
-            :rand.seed(:exsss, {w, 17, 31})
-
-            for _ <- 1..mine//1 do
-              id = "user_#{:rand.uniform(p.entities)}"
-              {:ok, _} = Kuma.append(store, id, batch)
-              :counters.add(counter, 1, p.batch)
-            end
-          end)
-        end)
-        |> Task.await_many(:infinity)
-      end)
-
-    Progress.stop(progress)
+    micros = drive(store, p, "W1 sync=#{p.sync}#{if encryption, do: "", else: " plain"}")
     {:ok, info} = Kuma.info(store)
     txns = info.writers |> Enum.map(& &1.transactions) |> Enum.sum()
     :ok = Kuma.stop(store)
     File.rm_rf!(dir)
     secs = micros / 1_000_000
     %{events: p.events, seconds: Float.round(secs, 3), events_per_sec: round(p.events / secs), transactions: txns}
+  end
+
+  @doc false
+  # The W1 load on a running store: p.events in appends of p.batch to random entities from
+  # p.writers processes. Returns elapsed microseconds.
+  def drive(store, p, label) do
+    batch = List.duplicate(Payload.event(p.payload), p.batch)
+
+    Writers.run(label, p.writers, div(p.events, p.batch), p.batch, fn ->
+      {:ok, _} = Kuma.append(store, "user_#{:rand.uniform(p.entities)}", batch)
+    end)
   end
 
   def run(quick) do

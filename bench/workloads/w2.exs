@@ -45,7 +45,7 @@ defmodule Kuma.Bench.W2 do
     Stores.with_store([sync: sync] ++ store_opts, fn store ->
       event = Payload.event(200)
       counter = :counters.new(1, [:write_concurrency])
-      progress = Progress.start("W2 sync=#{sync} #{op}", 0, counter)
+      progress = Progress.start("W2 sync=#{sync} #{op}", {:seconds, seconds}, counter)
       deadline = System.monotonic_time(:millisecond) + seconds * 1000
 
       latencies =

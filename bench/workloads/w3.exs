@@ -2,7 +2,7 @@
 
 defmodule Kuma.Bench.W3 do
   @moduledoc false
-  alias Kuma.Bench.{Payload, Progress, Stores, Table}
+  alias Kuma.Bench.{Payload, Progress, Stores, Table, Writers}
 
   @target 500_000
   @per_call 500
@@ -31,30 +31,14 @@ defmodule Kuma.Bench.W3 do
 
   defp measure(sync, events, writers) do
     Stores.with_store([sync: sync], fn store ->
-      event = Payload.event(200)
-      per_entity = List.duplicate(event, div(@per_call, @entities_per_call))
-      calls = div(events, @per_call)
-      counter = :counters.new(1, [:write_concurrency])
-      progress = Progress.start("W3 sync=#{sync}", events, counter)
+      per_entity = List.duplicate(Payload.event(200), div(@per_call, @entities_per_call))
 
-      {micros, _} =
-        :timer.tc(fn ->
-          1..writers
-          |> Enum.map(fn w ->
-            Task.async(fn ->
-              :rand.seed(:exsss, {w, 3, 5})
-
-              for _ <- 1..length(Enum.to_list(w..calls//writers))//1 do
-                entries = for _ <- 1..@entities_per_call, do: {"user_#{:rand.uniform(10_000)}", per_entity}
-                {:ok, _} = Kuma.append_batch(store, entries)
-                :counters.add(counter, 1, @per_call)
-              end
-            end)
-          end)
-          |> Task.await_many(:infinity)
+      micros =
+        Writers.run("W3 sync=#{sync}", writers, div(events, @per_call), @per_call, fn ->
+          entries = for _ <- 1..@entities_per_call, do: {"user_#{:rand.uniform(10_000)}", per_entity}
+          {:ok, _} = Kuma.append_batch(store, entries)
         end)
 
-      Progress.stop(progress)
       %{sync: sync, seconds: Float.round(micros / 1_000_000, 2), events_per_sec: round(events * 1_000_000 / micros)}
     end)
   end

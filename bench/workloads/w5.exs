@@ -24,8 +24,13 @@ defmodule Kuma.Bench.W5 do
         r
       end
 
-    with_snap = hd(rows)
-    IO.puts("target: p50 <= #{@target_us} us with snapshots: #{Table.verdict(with_snap.p50_us <= @target_us)}\n")
+    [best, worst, _] = rows
+
+    IO.puts(
+      "target: p50 <= #{@target_us} us with snapshots: #{Table.verdict(best.p50_us <= @target_us)} " <>
+        "(0 replayed), #{Table.verdict(worst.p50_us <= @target_us)} (99 replayed)\n"
+    )
+
     %{rows: rows}
   end
 
@@ -39,8 +44,10 @@ defmodule Kuma.Bench.W5 do
       handles
       |> Task.async_stream(
         fn e ->
-          for _ <- 1..events, do: {:ok, _} = Kuma.execute(e, {:deposit, event})
-          :counters.add(counter, 1, events)
+          for _ <- 1..events do
+            {:ok, _} = Kuma.execute(e, {:deposit, event})
+            :counters.add(counter, 1, 1)
+          end
         end,
         max_concurrency: 64,
         timeout: :infinity

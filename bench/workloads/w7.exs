@@ -4,7 +4,7 @@
 
 defmodule Kuma.Bench.W7 do
   @moduledoc false
-  alias Kuma.Bench.{Payload, Progress, Table}
+  alias Kuma.Bench.{Payload, Progress, Table, Writers}
 
   @target_ms 2_000
 
@@ -46,24 +46,10 @@ defmodule Kuma.Bench.W7 do
 
   defp fill(store, events) do
     batch = List.duplicate(Payload.event(200), 100)
-    counter = :counters.new(1, [:write_concurrency])
-    progress = Progress.start("W7 writing", events, counter)
 
-    1..8
-    |> Enum.map(fn w ->
-      Task.async(fn ->
-        for _ <- 1..div(events, 100 * 8 * 5)//1 do
-          entries = for _ <- 1..5, do: {"user_#{:rand.uniform(10_000)}", batch}
-          {:ok, _} = Kuma.append_batch(store, entries)
-          :counters.add(counter, 1, 500)
-        end
-
-        w
-      end)
+    Writers.run("W7 writing", 8, div(events, 500), 500, fn ->
+      {:ok, _} = Kuma.append_batch(store, for(_ <- 1..5, do: {"user_#{:rand.uniform(10_000)}", batch}))
     end)
-    |> Task.await_many(:infinity)
-
-    Progress.stop(progress)
   end
 
   defp restart(opts) do

@@ -230,32 +230,6 @@ pub fn seq_at(conn: &Connection, heads: &Heads, entity_id: &[u8], ts_us: i64) ->
     Ok(events.iter().take_while(|e| e.timestamp_us <= ts_us).last().map_or(below, |e| e.seq))
 }
 
-/// Reads up to `max` events of a shard with position > `after`, in position order.
-pub fn read_shard(conn: &Connection, after: u64, max: usize) -> Result<Vec<StoredEvent>> {
-    let mut st = conn
-        .prepare_cached(
-            "SELECT e.pos, e.seq, e.ts, e.type, e.meta, e.payload, e.hash, n.entity_id
-             FROM events e JOIN entities n ON n.eid = e.eid
-             WHERE e.pos > ?1 ORDER BY e.pos LIMIT ?2",
-        )
-        .map_err(Error::storage("read shard"))?;
-    let rows = st
-        .query_map(params![after as i64, max as i64], |r| {
-            Ok(StoredEvent {
-                position: r.get::<_, i64>(0)? as u64,
-                seq: r.get::<_, i64>(1)? as u64,
-                timestamp_us: r.get(2)?,
-                event_type: r.get(3)?,
-                metadata: r.get(4)?,
-                payload: r.get(5)?,
-                hash: hash_from(r.get_ref(6)?.as_blob().unwrap_or(&[])),
-                entity_id: r.get(7)?,
-            })
-        })
-        .map_err(Error::storage("read shard"))?;
-    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(Error::storage("read shard"))
-}
-
 /// Which of a shard's events a query wants. Every filter is applied in SQL, before any
 /// payload is decrypted; an empty filter matches every event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

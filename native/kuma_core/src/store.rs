@@ -596,8 +596,7 @@ impl Store {
     /// order, decrypted. Events of an entity whose key is gone (erased, seen in a copy of
     /// the files taken before the erasure) are left out.
     pub fn read_shard(&self, shard: u32, after: u64, max: usize) -> Result<Vec<StoredEvent>> {
-        let raw = self.with_reader(shard, |c, _| reader::read_shard(c, after, max))?;
-        self.decrypt_all(raw)
+        Ok(self.query_shard(shard, &ShardQuery { after, ..Default::default() }, max)?.0)
     }
 
     /// Up to `max` events of a shard matching `query`, in position order, decrypted, and
