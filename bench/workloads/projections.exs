@@ -91,7 +91,8 @@ defmodule Kuma.Bench.Proj do
       probe_done_ms = System.monotonic_time(:millisecond) - t_end
       :ok = Kuma.Projection.wait_for(:bench_totals, Kuma.Feed.heads(s), 600_000)
       totals_done_ms = System.monotonic_time(:millisecond) - t_end
-      received = subscriber_count(subscriber)
+      {received, lagged} = subscriber_count(subscriber, p.events, 120_000)
+      subscriber_done_ms = System.monotonic_time(:millisecond) - t_end
       lag_values = :ets.tab2list(lags) |> Enum.map(&elem(&1, 1))
       lag = Table.percentiles(lag_values, [0.5, 0.99, 1.0])
       Kuma.Projection.stop(:bench_lag)
@@ -134,7 +135,8 @@ defmodule Kuma.Bench.Proj do
       )
 
       IO.puts(
-        "  caught up after the writes ended: probe #{probe_done_ms} ms, read model #{totals_done_ms} ms; subscriber got #{Progress.fmt(received)} events"
+        "  caught up after the writes ended: probe #{probe_done_ms} ms, read model #{totals_done_ms} ms, " <>
+          "subscriber #{subscriber_done_ms} ms (#{Progress.fmt(received)} of #{Progress.fmt(p.events)} events, #{lagged} :kuma_lagged notices)"
       )
 
       IO.puts("  raw catch-up (NIF reads, decrypted, not decoded): #{Progress.fmt(raw_nif)} ev/s")
@@ -153,8 +155,9 @@ defmodule Kuma.Bench.Proj do
         w1_attached: attached,
         drop_pct: drop,
         lag_ms: %{p50: ms(lag[0.5]), p99: ms(lag[0.99]), max: ms(lag[1.0])},
-        caught_up_after_writes_ms: %{probe: probe_done_ms, read_model: totals_done_ms},
+        caught_up_after_writes_ms: %{probe: probe_done_ms, read_model: totals_done_ms, subscriber: subscriber_done_ms},
         subscriber_events: received,
+        subscriber_lagged_notices: lagged,
         raw_nif_events_per_sec: raw_nif,
         raw_projection_events_per_sec: noop,
         read_model_replay_events_per_sec: rm
@@ -184,30 +187,38 @@ defmodule Kuma.Bench.Proj do
     spawn(fn ->
       {:ok, _} = Kuma.subscribe(store)
       send(parent, :subscribed)
-      count_loop(0)
+      count_loop(0, 0)
     end)
     |> tap(fn _ -> receive do: (:subscribed -> :ok) end)
   end
 
-  defp count_loop(n) do
+  defp count_loop(n, lagged) do
     receive do
-      {:kuma_event, _} -> count_loop(n + 1)
-      {:kuma_lagged, _} -> count_loop(n)
-      {:count, from} -> send(from, {:count, n})
-    after
-      2_000 -> count_loop(n)
+      {:kuma_event, _} ->
+        count_loop(n + 1, lagged)
+
+      {:kuma_lagged, _} ->
+        count_loop(n, lagged + 1)
+
+      {:count, from} ->
+        send(from, {:count, n, lagged})
+        count_loop(n, lagged)
     end
   end
 
-  defp subscriber_count(pid) do
-    # Let it drain what is queued first.
-    Process.sleep(500)
+  # Waits (up to `timeout` ms) until the subscriber has received `expected` events, then
+  # stops it: a lagging subscription catches up from storage on its own, so it gets every
+  # event, later. Returns {events received, :kuma_lagged notices}.
+  defp subscriber_count(pid, expected, timeout) do
     send(pid, {:count, self()})
+    {n, lagged} = receive do: ({:count, n, lagged} -> {n, lagged})
 
-    receive do
-      {:count, n} -> n
-    after
-      30_000 -> 0
+    if n >= expected or timeout <= 0 do
+      Process.exit(pid, :kill)
+      {n, lagged}
+    else
+      Process.sleep(100)
+      subscriber_count(pid, expected, timeout - 100)
     end
   end
 

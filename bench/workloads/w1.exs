@@ -115,7 +115,8 @@ defmodule Kuma.Bench.W1 do
           Table.pad(Progress.fmt(r.events_per_txn)) <>
           Table.pad(Progress.fmt(r.ceiling_1_append_per_txn)) <>
           Table.pad(Progress.fmt(r.ceiling_grouped)) <>
-          Table.pad(Progress.fmt(r.plain_table_1_append_per_txn)) <> Table.pad(Progress.fmt(r.ratio))
+          Table.pad(Progress.fmt(r.plain_table_1_append_per_txn)) <>
+          Table.pad(:erlang.float_to_binary(r.ratio, decimals: 2))
       )
     end
 
