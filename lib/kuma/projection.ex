@@ -61,7 +61,11 @@ defmodule Kuma.Projection do
   ## Erasure
 
   `Kuma.delete/2` calls `forget/2` (if defined) on every projection of the store and waits
-  for it; parked records of the entity are deleted too.
+  for it; parked records of the entity are deleted too. Every projection whose process runs
+  at that moment is told, also one halted on an error (status `:stopped`). One that was
+  stopped with `stop/1`, or not started yet, is not: its output keeps the entity's rows
+  until `rebuild/1`, which replays without them (the erased events are gone from the
+  shards). Rebuild such a projection when you start it again.
 
   ## Options of `start/3`
 

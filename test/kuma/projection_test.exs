@@ -4,7 +4,7 @@ defmodule Kuma.ProjectionTest do
   import ExUnit.CaptureLog
 
   alias Kuma.{Position, Projection, ReadModel}
-  alias Kuma.Test.{Collector, Counter}
+  alias Kuma.Test.{Collector, Counter, SlowCounter}
 
   # Everything committed so far, as a token.
   defp heads(store) do
@@ -282,6 +282,32 @@ defmodule Kuma.ProjectionTest do
     end
   end
 
+  # Catch-up reads the next batch ahead while it handles the current one; an erasure that
+  # lands in between must not let the batch read ahead put the entity's rows back.
+  @tag store_opts: [shards: 1]
+  test "an erasure during catch-up leaves no rows, also from batches read ahead", %{store: store} do
+    victims = for r <- 1..5, do: "erase-mid-catch-up-#{r}"
+
+    # One shard: every victim's events are spread over the whole backlog.
+    for i <- 1..40 do
+      for v <- victims, do: {:ok, _} = Kuma.append(store, v, {:e, i})
+      {:ok, _} = Kuma.append(store, "other-#{rem(i, 7)}", for(j <- 1..5, do: {:e, j}))
+    end
+
+    for {victim, round} <- Enum.with_index(victims, 1) do
+      name = :"erase_mid_catch_up_#{round}"
+      {:ok, _} = ReadModel.start(store, SlowCounter, name: name, batch_size: 10)
+      wait_until(fn -> match?({:ok, %{handled: h}} when h >= 30, Projection.status(name)) end)
+      {:ok, %{events_deleted: 40}} = Kuma.delete(store, victim)
+      :ok = Projection.wait_for(name, heads(store), 30_000)
+
+      assert rows(name, "SELECT count(*) FROM seen WHERE entity_id = ?", [victim]) == [[0]]
+      assert rows(name, "SELECT count(*) FROM counts WHERE entity_id = ?", [victim]) == [[0]]
+      assert rows(name, "SELECT count(*) FROM seen") == [[40 * 5 + 40 * (5 - round)]]
+      :ok = Projection.stop(name)
+    end
+  end
+
   test "query by type and scope across shards, in order, with paging", %{store: store} do
     for i <- 1..200 do
       scope = Enum.at(["org:acme/a", "org:acme/b", "org:other", nil], rem(i, 4))
@@ -420,11 +446,11 @@ defmodule Kuma.ProjectionTest do
     assert {:error, {:invalid, :projections, _}} = Kuma.start(Keyword.put(opts, :projections, [Counter, Counter]))
   end
 
-  defp wait_until(fun, tries \\ 200) do
+  defp wait_until(fun, tries \\ 1_000) do
     cond do
       fun.() -> :ok
       tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
+      true -> Process.sleep(5) && wait_until(fun, tries - 1)
     end
   end
 end

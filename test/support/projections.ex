@@ -49,3 +49,20 @@ defmodule Kuma.Test.Collector do
     {:ok, pid}
   end
 end
+
+defmodule Kuma.Test.SlowCounter do
+  @moduledoc """
+  `Kuma.Test.Counter`, taking a millisecond per event: widens the time a batch is being
+  handled while the next one has already been read ahead.
+  """
+  use Kuma.ReadModel
+
+  @impl true
+  def schema, do: Kuma.Test.Counter.schema()
+
+  @impl true
+  def handle_event(envelope) do
+    Process.sleep(1)
+    Kuma.Test.Counter.handle_event(envelope)
+  end
+end
