@@ -19,12 +19,15 @@ defmodule Kuma.Entity.Server do
 
   require Logger
 
-  defstruct [:store_name, :aggregate, :id, :state, :hash, seq: 0, snapshot_seq: 0, replayed: 0]
+  defstruct [:store_name, :aggregate, :id, :state, :hash, :failed, seq: 0, snapshot_seq: 0, replayed: 0]
 
   # Hibernate (full GC, smallest heap) after this long without messages.
   @hibernate_after 2_000
   # Reloads and decides again after a conflicting write that did not come through us.
   @retries 3
+  # A failed load is kept this long so the callers already on their way (the one that
+  # started us first) get its reason instead of a process that is gone.
+  @failed_linger 100
 
   def start_link({store_name, aggregate, id}) do
     GenServer.start_link(__MODULE__, {store_name, aggregate, id},
@@ -51,11 +54,17 @@ defmodule Kuma.Entity.Server do
       publish(s, st)
       {:noreply, st}
     else
-      {:error, reason} -> {:stop, {:shutdown, {:load_failed, reason}}, st}
+      {:error, reason} -> {:noreply, %{st | failed: reason}, @failed_linger}
     end
   end
 
   @impl true
+  def handle_call(:info, _from, %{failed: reason} = st) when reason != nil,
+    do: {:reply, {:ok, %{live: false}}, st, @failed_linger}
+
+  def handle_call(_request, _from, %{failed: reason} = st) when reason != nil,
+    do: {:stop, {:shutdown, {:load_failed, reason}}, {:error, reason}, st}
+
   def handle_call({:read, aggregate}, _from, st) do
     with :ok <- same_aggregate(st, aggregate), do: {:reply, {:ok, st.state}, st}, else: (e -> {:reply, e, st})
   end
@@ -99,6 +108,11 @@ defmodule Kuma.Entity.Server do
   # {:passivate, threshold}: stop unless a read touched us at or after `threshold` (the
   # reaper's view may be a tick old). :infinity forces it.
   @impl true
+  def handle_info(:timeout, %{failed: reason} = st) when reason != nil,
+    do: {:stop, {:shutdown, {:load_failed, reason}}, st}
+
+  def handle_info(_other, %{failed: reason} = st) when reason != nil, do: {:noreply, st, @failed_linger}
+
   def handle_info({:passivate, threshold}, st) do
     with {:ok, s} <- Store.lookup(st.store_name),
          [{_, pid, _, _, _, epoch}] when pid == self() <- :ets.lookup(s.entities, st.id),
