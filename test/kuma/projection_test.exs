@@ -103,6 +103,27 @@ defmodule Kuma.ProjectionTest do
       assert error =~ "poisoned event"
     end
 
+    test "erasing the entity a stopped projection is stuck on lets go of its event", %{store: store} do
+      {:ok, _} = Projection.start(store, Collector, name: :stuck, args: self(), on_error: :stop, max_retries: 0)
+
+      capture_log(fn ->
+        {:ok, _} = Kuma.append(store, "stuck-on", [:one, :poison])
+        assert {:error, :timeout} = Projection.wait_for(:stuck, heads(store), 300)
+      end)
+
+      assert {:ok, %{status: :stopped, failure: %{entity_id: "stuck-on", seq: 2}}} = Projection.status(:stuck)
+      {:ok, _} = Kuma.delete(store, "stuck-on")
+      assert_received {:forgot, "stuck-on"}
+      assert {:ok, %{failure: %{entity_id: nil, error: :entity_erased}}} = Projection.status(:stuck)
+      refute inspect(:sys.get_state(Projection.whereis(:stuck)), limit: :infinity) =~ "stuck-on"
+
+      assert {:ok, %{entity_id: nil, seq: 2}} = Projection.skip(:stuck)
+      {:ok, _} = Kuma.append(store, "next", [:after])
+      assert :ok = Projection.wait_for(:stuck, heads(store), 5_000)
+      assert {:ok, []} = Projection.parked(:stuck)
+      assert {:ok, %{status: :live, failure: nil}} = Projection.status(:stuck)
+    end
+
     test "stop the projection with on_error: :stop until skipped; reset replays", %{store: store} do
       {:ok, _} = Projection.start(store, Collector, name: :stopper, args: self(), on_error: :stop, max_retries: 0)
 

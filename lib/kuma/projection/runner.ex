@@ -181,7 +181,7 @@ defmodule Kuma.Projection.Runner do
     case forget(drop_read_ahead(st), entity_id) do
       {:ok, st} ->
         Kuma.Erasure.forgotten(reply_to)
-        {:noreply, st}
+        {:noreply, forget_failure(st, entity_id)}
 
       {:error, error, st} ->
         Logger.error("Kuma projection #{inspect(st.name)} could not forget an erased entity: #{format(error)}")
@@ -226,7 +226,12 @@ defmodule Kuma.Projection.Runner do
     end
   end
 
-  def handle_call(:skip, _from, %{failure: %{event: event} = failure} = st) do
+  # The event it was stuck on was erased: nothing to park (and nothing of it may be kept).
+  def handle_call(:skip, _from, %{failure: %{event: nil, position: pos} = failure} = st) when is_integer(pos) do
+    {:reply, {:ok, %{shard: failure.shard, position: pos, entity_id: nil, seq: failure.seq}}, resume(st)}
+  end
+
+  def handle_call(:skip, _from, %{failure: %{event: event} = failure} = st) when event != nil do
     case park(st, failure.shard, event, {:skipped, failure.error}, failure.attempts) do
       {:ok, st} ->
         {_id, seq, pos, _ts, _type, _meta, _payload, _hash} = event
@@ -598,6 +603,14 @@ defmodule Kuma.Projection.Runner do
         stop_with(st, failure, error)
     end
   end
+
+  # A projection stuck on an event of an entity being erased lets go of the event (which
+  # would otherwise live on in memory, and be parked by skip): retries read storage again,
+  # where it is gone, and skip moves on without parking it.
+  defp forget_failure(%{failure: %{entity_id: id} = failure} = st, id),
+    do: %{st | failure: %{failure | event: nil, entity_id: nil, error: :entity_erased}}
+
+  defp forget_failure(st, _entity_id), do: st
 
   defp stop_with(st, failure, error), do: %{st | status: :stopped, failure: failure || %{error: error}}
 
