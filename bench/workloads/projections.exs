@@ -51,14 +51,7 @@ defmodule Kuma.Bench.Proj do
   @raw_target 500_000
 
   def run(quick) do
-    p = %{
-      events: if(quick, do: 200_000, else: 1_000_000),
-      entities: 10_000,
-      writers: 200,
-      batch: 100,
-      shards: 16,
-      payload: 200
-    }
+    p = Kuma.Bench.W1.params(quick)
 
     IO.puts(
       "PROJ: W1 (#{Progress.fmt(p.events)} events, #{p.writers} writers, appends of #{p.batch}, #{p.shards} shards, " <>

@@ -47,8 +47,9 @@ defmodule Kuma.Bench.W1 do
     end)
   end
 
-  def run(quick) do
-    p = %{
+  # The seed workload's shape (PROJ drives the same load).
+  def params(quick) do
+    %{
       events: if(quick, do: 200_000, else: 1_000_000),
       entities: 10_000,
       writers: 200,
@@ -56,6 +57,10 @@ defmodule Kuma.Bench.W1 do
       shards: 16,
       payload: 200
     }
+  end
+
+  def run(quick) do
+    p = params(quick)
 
     IO.puts(
       "W1: #{Progress.fmt(p.events)} events, #{Progress.fmt(p.entities)} entities, #{p.writers} writers, " <>
