@@ -53,8 +53,9 @@ struct Row {
 
 const FETCH_SQL: &str = "SELECT eid, seq, prev_pos, ts, type, meta, payload, hash FROM events WHERE pos = ?1";
 
-fn fetch(stmt: &mut rusqlite::CachedStatement<'_>, pos: u64) -> Result<Option<Row>> {
-    stmt.query_row([pos as i64], |r| {
+impl Row {
+    /// Reads the first eight columns of `r`, in `FETCH_SQL`'s order.
+    fn read(r: &rusqlite::Row) -> rusqlite::Result<Row> {
         Ok(Row {
             eid: r.get(0)?,
             seq: r.get::<_, i64>(1)? as u64,
@@ -65,9 +66,24 @@ fn fetch(stmt: &mut rusqlite::CachedStatement<'_>, pos: u64) -> Result<Option<Ro
             payload: r.get(6)?,
             hash: hash_from(r.get_ref(7)?.as_blob().unwrap_or(&[])),
         })
-    })
-    .optional()
-    .map_err(Error::storage("read event"))
+    }
+
+    fn into_event(self, entity_id: Vec<u8>, position: u64) -> StoredEvent {
+        StoredEvent {
+            entity_id,
+            seq: self.seq,
+            position,
+            timestamp_us: self.ts,
+            event_type: self.event_type,
+            metadata: self.metadata,
+            payload: self.payload,
+            hash: self.hash,
+        }
+    }
+}
+
+fn fetch(stmt: &mut rusqlite::CachedStatement<'_>, pos: u64) -> Result<Option<Row>> {
+    stmt.query_row([pos as i64], Row::read).optional().map_err(Error::storage("read event"))
 }
 
 /// Reads up to `max` events of one entity starting at `from_seq` (1-based), in order.
@@ -118,25 +134,17 @@ fn walk(conn: &Connection, entity_id: &[u8], head: &Head, from_seq: u64, to_seq:
                 ),
             });
         }
+        let prev_pos = row.prev_pos;
         if seq <= to_seq {
-            out.push(StoredEvent {
-                entity_id: entity_id.to_vec(),
-                seq,
-                position: pos,
-                timestamp_us: row.ts,
-                event_type: row.event_type,
-                metadata: row.metadata,
-                payload: row.payload,
-                hash: row.hash,
-            });
+            out.push(row.into_event(entity_id.to_vec(), pos));
         }
         if seq == from_seq {
             break;
         }
-        if row.prev_pos == 0 || row.prev_pos >= pos {
-            return Err(Error::Corrupt { seq, why: format!("bad back-pointer {} at position {pos}", row.prev_pos) });
+        if prev_pos == 0 || prev_pos >= pos {
+            return Err(Error::Corrupt { seq, why: format!("bad back-pointer {prev_pos} at position {pos}") });
         }
-        pos = row.prev_pos;
+        pos = prev_pos;
         seq -= 1;
     }
     out.reverse();
@@ -306,9 +314,10 @@ fn bytes_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
 /// read transaction, so both come from one snapshot.
 pub fn query_shard(conn: &Connection, q: &ShardQuery, max: usize) -> Result<(Vec<StoredEvent>, u64)> {
     use rusqlite::types::Value;
-    // Entity ids are looked up per distinct entity rather than joined per row (a catch-up
-    // batch holds many events of few entities: 2.8 -> x us/event measured, see below).
-    let mut sql = String::from("SELECT e.pos, e.seq, e.ts, e.type, e.meta, e.payload, e.hash, e.eid FROM events e");
+    // Entity ids are looked up once per distinct entity rather than joined per row: a
+    // catch-up batch holds many events of few entities.
+    let mut sql =
+        String::from("SELECT e.eid, e.seq, e.prev_pos, e.ts, e.type, e.meta, e.payload, e.hash, e.pos FROM events e");
     if q.id_prefix.is_some() {
         sql.push_str(" JOIN entities n ON n.eid = e.eid");
     }
@@ -361,31 +370,17 @@ pub fn query_shard(conn: &Connection, q: &ShardQuery, max: usize) -> Result<(Vec
     let mut events = Vec::new();
     let mut rows = st.query(rusqlite::params_from_iter(args)).map_err(Error::storage("query shard"))?;
     while let Some(r) = rows.next().map_err(Error::storage("query shard"))? {
-        let read = |r: &rusqlite::Row| -> rusqlite::Result<(StoredEvent, i64)> {
-            Ok((
-                StoredEvent {
-                    position: r.get::<_, i64>(0)? as u64,
-                    seq: r.get::<_, i64>(1)? as u64,
-                    timestamp_us: r.get(2)?,
-                    event_type: r.get(3)?,
-                    metadata: r.get(4)?,
-                    payload: r.get(5)?,
-                    hash: hash_from(r.get_ref(6)?.as_blob().unwrap_or(&[])),
-                    entity_id: Vec::new(),
-                },
-                r.get(7)?,
-            ))
-        };
-        let (mut event, eid) = read(r).map_err(Error::storage("query shard"))?;
-        event.entity_id = match ids.get(&eid) {
+        let row = Row::read(r).map_err(Error::storage("query shard"))?;
+        let pos = r.get::<_, i64>(8).map_err(Error::storage("query shard"))? as u64;
+        let entity_id = match ids.get(&row.eid) {
             Some(id) => id.clone(),
             None => {
-                let id: Vec<u8> = id_of.query_row([eid], |r| r.get(0)).map_err(Error::storage("query shard"))?;
-                ids.insert(eid, id.clone());
+                let id: Vec<u8> = id_of.query_row([row.eid], |r| r.get(0)).map_err(Error::storage("query shard"))?;
+                ids.insert(row.eid, id.clone());
                 id
             }
         };
-        events.push(event);
+        events.push(row.into_event(entity_id, pos));
     }
     drop(rows);
     let searched = match events.last() {
