@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 pub use rusqlite::types::Value;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 /// One SQL statement and its positional parameters (`?1`, `?2`, ... or `?`).
@@ -32,13 +32,23 @@ pub const MAX_QUERY_ROWS: usize = 1_000_000;
 
 /// An open read-model database.
 pub struct SqlDb {
-    path: PathBuf,
     write: Mutex<Option<Connection>>,
     read: Mutex<Option<Connection>>,
 }
 
 fn sql_error(index: Option<usize>) -> impl FnOnce(rusqlite::Error) -> Error {
     move |e| Error::Sql { index, message: e.to_string() }
+}
+
+/// A wrong number of parameters, reported with both counts. `what`: "statement" or "query".
+fn check_params(st: &rusqlite::Statement, given: usize, index: Option<usize>, what: &str) -> Result<()> {
+    if st.parameter_count() == given {
+        return Ok(());
+    }
+    Err(Error::Sql {
+        index,
+        message: format!("the {what} takes {} parameters, {given} were given", st.parameter_count()),
+    })
 }
 
 impl SqlDb {
@@ -67,11 +77,7 @@ impl SqlDb {
                 .map_err(Error::storage("open read model"))?;
         read.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("open read model"))?;
         read.pragma_update(None, "query_only", true).map_err(Error::storage("open read model"))?;
-        Ok(SqlDb { path: path.to_path_buf(), write: Mutex::new(Some(write)), read: Mutex::new(Some(read)) })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(SqlDb { write: Mutex::new(Some(write)), read: Mutex::new(Some(read)) })
     }
 
     fn with<T>(conn: &Mutex<Option<Connection>>, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
@@ -88,16 +94,7 @@ impl SqlDb {
                 let mut changed = Vec::with_capacity(statements.len());
                 for (i, s) in statements.iter().enumerate() {
                     let mut st = c.prepare_cached(&s.sql).map_err(sql_error(Some(i)))?;
-                    if st.parameter_count() != s.params.len() {
-                        return Err(Error::Sql {
-                            index: Some(i),
-                            message: format!(
-                                "the statement takes {} parameters, {} were given",
-                                st.parameter_count(),
-                                s.params.len()
-                            ),
-                        });
-                    }
+                    check_params(&st, s.params.len(), Some(i), "statement")?;
                     let mut rows = st.query(rusqlite::params_from_iter(s.params.iter())).map_err(sql_error(Some(i)))?;
                     // Step through any rows (a RETURNING clause, a SELECT) so the statement completes.
                     while rows.next().map_err(sql_error(Some(i)))?.is_some() {}
@@ -123,16 +120,7 @@ impl SqlDb {
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         Self::with(&self.read, |c| {
             let mut st = c.prepare_cached(sql).map_err(sql_error(None))?;
-            if st.parameter_count() != params.len() {
-                return Err(Error::Sql {
-                    index: None,
-                    message: format!(
-                        "the query takes {} parameters, {} were given",
-                        st.parameter_count(),
-                        params.len()
-                    ),
-                });
-            }
+            check_params(&st, params.len(), None, "query")?;
             let columns: Vec<String> = st.column_names().map(String::from).collect();
             let width = columns.len();
             let mut rows = st.query(rusqlite::params_from_iter(params.iter())).map_err(sql_error(None))?;
