@@ -48,7 +48,7 @@ defmodule Kuma.Projection.Runner do
           store_name: s.name,
           shards: s.shards,
           heads: heads,
-          checkpoint: Map.new(0..(s.shards - 1), &{&1, 0}),
+          checkpoint: zero(s.shards),
           db: nil,
           user: nil,
           status: :running,
@@ -218,7 +218,7 @@ defmodule Kuma.Projection.Runner do
   end
 
   def handle_call({:reset, position}, _from, st) do
-    checkpoint = Map.merge(Map.new(Map.keys(st.checkpoint), &{&1, 0}), position)
+    checkpoint = Map.merge(zero(st.shards), position)
 
     case save_checkpoint(st, checkpoint, []) do
       :ok -> {:reply, :ok, resume(%{st | checkpoint: checkpoint})}
@@ -355,7 +355,7 @@ defmodule Kuma.Projection.Runner do
     case batch || fetch(s, st.filter, shard, after_pos, room) do
       {:ok, {events, searched, envelopes}} ->
         st = %{st | heads: Map.update(st.heads, shard, searched, &max(&1, searched))}
-        st = read_ahead(st, shard, searched, length(events) == room)
+        st = read_ahead(st, s, shard, searched, length(events) == room)
         st = handle_batch(st, s, shard, events, searched, envelopes)
         {:noreply, schedule_pump(answer_waiters(st))}
 
@@ -374,8 +374,6 @@ defmodule Kuma.Projection.Runner do
       envelopes =
         try do
           Enum.map(events, &Codec.envelope(&1, shard, s))
-        rescue
-          _ -> nil
         catch
           _, _ -> nil
         end
@@ -389,11 +387,10 @@ defmodule Kuma.Projection.Runner do
   # another core), so catch-up uses both. A read-ahead batch is used only if it starts
   # exactly at the shard's checkpoint; anything else (reset, rebuild, a failure that kept
   # the checkpoint back) is dropped. At most one batch per shard is held.
-  defp read_ahead(%{kind: :subscription} = st, _shard, _after, _full?), do: st
+  defp read_ahead(%{kind: :subscription} = st, _s, _shard, _after, _full?), do: st
 
-  defp read_ahead(st, shard, after_pos, full?) do
+  defp read_ahead(st, s, shard, after_pos, full?) do
     if full? and not Map.has_key?(st.ahead, shard) do
-      {:ok, s} = Store.lookup(st.store_name)
       {filter, room} = {st.filter, st.batch_size}
       task = Task.async(fn -> fetch(s, filter, shard, after_pos, room) end)
       %{st | ahead: Map.put(st.ahead, shard, {after_pos, room, task})}
@@ -685,16 +682,15 @@ defmodule Kuma.Projection.Runner do
     Kuma.Erasure.unlisten(s.name)
     Native.sqldb_close(st.db)
     for suffix <- ["", "-wal", "-shm"], do: File.rm(st.path <> suffix)
-    zero = Map.new(Map.keys(st.checkpoint), &{&1, 0})
 
-    case init_durable(%{st | db: nil, checkpoint: zero, failure: nil}, s) do
+    case init_durable(%{st | db: nil, checkpoint: zero(st.shards), failure: nil}, s) do
       {:ok, st} -> {:ok, st}
       {:stop, reason} -> {:error, reason}
     end
   end
 
   defp rebuild(%{kind: :projection} = st) do
-    zero = Map.new(Map.keys(st.checkpoint), &{&1, 0})
+    zero = zero(st.shards)
 
     with {:ok, _} <- Native.sqldb_transaction(st.db, [{"DELETE FROM _kuma_parked", []}]),
          :ok <- save_checkpoint(st, zero, []),
@@ -702,6 +698,9 @@ defmodule Kuma.Projection.Runner do
       {:ok, st}
     end
   end
+
+  # Position 0 in every shard: before the first event.
+  defp zero(shards), do: Map.new(0..(shards - 1), &{&1, 0})
 
   defp status(st) do
     lag = Position.behind(st.checkpoint, st.heads)
@@ -749,11 +748,9 @@ defmodule Kuma.Projection.Runner do
 
   # -- user code -----------------------------------------------------------------------------
 
-  # Runs user code; an exception, exit or throw becomes {:error, {kind, message}}.
+  # Runs user code; an exception, exit or throw becomes {:error, {:raised, message}}.
   defp user(fun) do
     {:ok, fun.()}
-  rescue
-    e -> {:error, {:raised, Exception.format(:error, e, __STACKTRACE__)}}
   catch
     kind, reason -> {:error, {:raised, Exception.format(kind, reason, __STACKTRACE__)}}
   end
@@ -761,6 +758,5 @@ defmodule Kuma.Projection.Runner do
   defp format({:raised, text}), do: text
   defp format({:bad_return, callback, value}), do: "#{callback} returned #{inspect(value, limit: 20)}"
   defp format({:skipped, error}), do: "skipped by an operator after: " <> format(error)
-  defp format({:sql, index, message}), do: "SQL statement #{index} failed: #{message}"
   defp format(other), do: Kuma.format_error(other)
 end
