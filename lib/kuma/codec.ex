@@ -50,12 +50,15 @@ defmodule Kuma.Codec do
 
   @doc "The type string of an event (see the table in the moduledoc)."
   @spec event_type(term()) :: String.t()
-  def event_type(%module{}), do: module_name(module)
+  def event_type(%module{}), do: module_type(module)
   def event_type({type, _data}) when is_atom(type) and type not in [nil, true, false], do: Atom.to_string(type)
   def event_type({type, _data}) when is_binary(type), do: type
   def event_type(_event), do: ""
 
-  defp module_name(module) do
+  @doc false
+  # The type of a struct module's events: its name without "Elixir.".
+  @spec module_type(atom()) :: String.t()
+  def module_type(module) do
     case Atom.to_string(module) do
       "Elixir." <> name -> name
       name -> name

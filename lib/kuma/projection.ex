@@ -231,12 +231,15 @@ defmodule Kuma.Projection do
 
   defp type(t) when is_binary(t) and t != "", do: {:ok, t}
 
-  defp type(t) when is_atom(t) and t not in [nil, true, false],
-    do: {:ok, t |> Atom.to_string() |> String.replace_prefix("Elixir.", "")}
+  defp type(t) when is_atom(t) and t not in [nil, true, false], do: {:ok, Kuma.Codec.module_type(t)}
 
   defp type(t), do: {:error, {:invalid, :types, "a type is a non-empty string or an atom, got: #{inspect(t)}"}}
 
-  defp collect(list, fun) do
+  @doc false
+  # Maps `fun` (returning {:ok, value} or an error) over `list`: {:ok, values} in order, or
+  # the first error.
+  @spec collect(list(), (term() -> {:ok, term()} | term())) :: {:ok, list()} | term()
+  def collect(list, fun) do
     Enum.reduce_while(list, {:ok, []}, fn x, {:ok, acc} ->
       case fun.(x) do
         {:ok, v} -> {:cont, {:ok, [v | acc]}}

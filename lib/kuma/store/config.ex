@@ -54,7 +54,7 @@ defmodule Kuma.Store.Config do
 
   # `projections: [Module | {Module, opts}]`: projections and read models started with the store.
   defp projection_specs(list, s) when is_list(list) do
-    Enum.reduce_while(list, {:ok, []}, fn entry, {:ok, acc} ->
+    Kuma.Projection.collect(list, fn entry ->
       {module, opts} = if is_tuple(entry), do: entry, else: {entry, []}
 
       kind =
@@ -62,17 +62,14 @@ defmodule Kuma.Store.Config do
           do: :read_model,
           else: :projection
 
-      case Kuma.Projection.spec(s, kind, module, opts) do
-        {:ok, spec} -> {:cont, {:ok, [spec | acc]}}
-        error -> {:halt, error}
-      end
+      Kuma.Projection.spec(s, kind, module, opts)
     end)
     |> case do
       {:ok, specs} ->
         names = Enum.map(specs, & &1.name)
 
         if length(Enum.uniq(names)) == length(names),
-          do: {:ok, Enum.reverse(specs)},
+          do: {:ok, specs},
           else: {:error, {:invalid, :projections, "two projections have the same name"}}
 
       error ->
