@@ -101,7 +101,6 @@ defmodule Kuma.Bench.Proj do
 
       noop =
         replay(
-          store,
           s,
           fn -> Kuma.Projection.start(store, Noop, name: :bench_noop, checkpoint: :memory, batch_size: 2_000) end,
           :bench_noop
@@ -112,7 +111,6 @@ defmodule Kuma.Bench.Proj do
 
       rm =
         replay(
-          store,
           s,
           fn -> Kuma.ReadModel.start(store, Totals, name: :bench_replay, path: path, batch_size: 2_000) end,
           :bench_replay
@@ -231,7 +229,7 @@ defmodule Kuma.Bench.Proj do
     end
   end
 
-  defp replay(_store, s, start, name) do
+  defp replay(s, start, name) do
     heads = Kuma.Feed.heads(s)
     total = Enum.sum(Map.values(heads))
     t0 = System.monotonic_time(:microsecond)
