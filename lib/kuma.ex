@@ -17,35 +17,10 @@ defmodule Kuma do
   ## Errors
 
   Functions return `{:error, reason}` for bad input and failures and change nothing then.
-  `format_error/1` turns any reason into a sentence. The reasons:
-
-  * `{:invalid, what, why}` - bad argument (`what`: `:entity_id`, `:events`, `:metadata`,
-    `:event_type`, `:expected_seq`, `:data_dir`, `:shards`, `:sync`, `:name`, `:store`, ...)
-  * `{:too_large, what, size, max}` - a documented size limit was exceeded (see below)
-  * `{:unknown_option, key}` - a misspelled or unsupported option
-  * `{:wrong_expected_seq, expected, actual}` - optimistic concurrency conflict
-  * `:store_closed`, `{:no_store, name}` - the store was stopped / never started
-  * `{:already_started, name}` - a store with this name is running
-  * `{:data_dir_locked, path}` - another store (this VM or another OS process) has the data dir open
-  * `{:shard_count_mismatch, stored, requested}` - the data dir was created with another shard count
-  * `{:foreign_file, path, why}` - a file where a shard should be is not a shard of this store
-  * `{:missing_shard, path}` - a shard file is missing (Kuma never silently recreates one)
-  * `{:unsupported_format, found, supported}` - written by a newer Kuma
-  * `{:storage, context, message}` - SQLite or the file system failed
-  * `{:corrupt, seq, why}` - stored data failed an integrity check while reading
-  * `{:panic, message}` - a bug in Kuma's Rust code was caught; the VM is unaffected
-  * `:timeout` - no answer within `:timeout`; the append may still commit
-  * `:entity_erased` - the entity was erased (`delete/3`): it cannot be written or read
-  * `{:subject_erased, id}` - a `Kuma.Sensitive` value names an erased subject
-  * `:wrong_master_key`, `{:missing_master_key, why}`, `{:missing_keystore, path}`,
-    `{:encryption_mismatch, :store_is_encrypted | :store_is_plain}` - see "Encryption" in `start/1`
-  * `{:decrypt_failed, seq, why}` - a stored ciphertext did not decrypt (altered, or copied
-    from another entity or position); never returned as garbage data
-  * `{:forget_unconfirmed, pids}` - `delete/3` erased the data but some listeners did not confirm
-  * `{:unknown_projection, name}` - no projection or read model of that name is running
-  * `{:sql, index | nil, message}` - a read model's SQL failed (nothing of it was kept)
-  * `{:invalid_schema, module, reason}`, `{:foreign_projection, path, why}` - a read model
-    could not start
+  `Kuma.Error` lists every reason with its meaning; `format_error/1` turns any reason into
+  a sentence. The most common: `{:invalid, what, why}`, `{:unknown_option, key}`,
+  `{:wrong_expected_seq, expected, actual}`, `:store_closed`, `{:no_store, name}`,
+  `:entity_erased`, `{:storage, context, message}` and `:timeout`.
 
   ## Limits
 
@@ -54,14 +29,10 @@ defmodule Kuma do
   100,000 events and 64 MiB.
   """
 
-  alias Kuma.{Codec, Native, Store}
+  # The public API: every function documents what it does and delegates to the module
+  # that does it (docs/architecture.md maps them). Nothing below calls back into Kuma.
 
-  @default_timeout 30_000
-  # Above these, an append is decoded on a dirty CPU scheduler: decoding and copying cost
-  # ~0.25 µs per event and ~1 µs per 4 KiB on this machine (docs/benchmarks.md, "NIF call
-  # cost"), so these keep a normal scheduler near 20 µs (p50) and under 100 µs (p99).
-  @dirty_events 100
-  @dirty_bytes 64 * 1024
+  alias Kuma.{EventLog, Native, Query, Router, Store, Validate}
 
   @type store :: Store.t() | Store.name()
   @type entity_id :: binary()
@@ -116,35 +87,14 @@ defmodule Kuma do
   `{:missing_keystore, path}`, `{:encryption_mismatch, ...}`.
   """
   @spec start(keyword()) :: {:ok, Store.t()} | {:error, reason()}
-  def start(opts) do
-    with {:ok, config} <- Store.Config.validate(opts) do
-      spec = %{
-        id: {Kuma, config.name},
-        start: {Store.Supervisor, :start_link, [config]},
-        type: :supervisor,
-        restart: :transient
-      }
-
-      case DynamicSupervisor.start_child(Kuma.Stores, spec) do
-        {:ok, _pid} -> Store.lookup(config.name)
-        {:error, reason} -> {:error, start_error(reason, config.name)}
-      end
-    end
-  end
+  def start(opts), do: Store.Supervisor.start(opts)
 
   @doc """
   Starts a store linked to the caller; see `start/1` for options. Use it through
   `{Kuma, opts}` in your supervision tree and address the store by its `:name`.
   """
   @spec start_link(keyword()) :: Supervisor.on_start()
-  def start_link(opts) do
-    with {:ok, config} <- Store.Config.validate(opts) do
-      case Store.Supervisor.start_link(config) do
-        {:ok, pid} -> {:ok, pid}
-        {:error, reason} -> {:error, start_error(reason, config.name)}
-      end
-    end
-  end
+  def start_link(opts), do: Store.Supervisor.start_opts(opts)
 
   @doc "A child spec for `{Kuma, opts}`: the store restarts if it crashes, not after `stop/1`."
   @spec child_spec(keyword()) :: Supervisor.child_spec()
@@ -157,38 +107,13 @@ defmodule Kuma do
     }
   end
 
-  defp start_error({:already_started, _pid}, name), do: {:already_started, name}
-  defp start_error({:shutdown, {:failed_to_start_child, _child, reason}}, name), do: start_error(reason, name)
-  defp start_error({:shutdown, reason}, name), do: start_error(reason, name)
-  defp start_error(reason, _name), do: reason
-
   @doc """
   Stops a store: every queued append is committed, entity heads are checkpointed, files are
   closed and the data directory is unlocked. Returns `{:error, {:no_store, name}}` if it is
   not running.
   """
   @spec stop(store()) :: :ok | {:error, reason()}
-  def stop(store) do
-    name =
-      case store do
-        %Store{name: name} -> name
-        name -> name
-      end
-
-    case is_atom(name) && Store.whereis(name, :supervisor) do
-      pid when is_pid(pid) ->
-        # Stop as the parent would: :normal is not restarted (restart: :transient).
-        case DynamicSupervisor.terminate_child(Kuma.Stores, pid) do
-          :ok -> :ok
-          {:error, :not_found} -> Supervisor.stop(pid, :normal)
-        end
-
-      _ ->
-        {:error, {:no_store, name}}
-    end
-  catch
-    :exit, _ -> {:error, {:no_store, store}}
-  end
+  def stop(store), do: Store.Supervisor.stop(store)
 
   # -- writing --------------------------------------------------------------------------
 
@@ -219,72 +144,7 @@ defmodule Kuma do
   def append(%Kuma.Entity{} = entity, events, opts, []) when is_list(opts), do: Kuma.Entity.append(entity, events, opts)
 
   def append(store, entity_id, events, opts) do
-    with {:ok, s} <- Store.lookup(store),
-         :ok <- check_options(opts, [:expected_seq, :metadata, :timeout, :return]),
-         :ok <- check_return(opts),
-         :ok <- check_entity_id(entity_id) do
-      events = List.wrap(events)
-
-      case Kuma.Entity.whereis(s, entity_id) do
-        nil -> direct_last_seq(s, entity_id, events, opts)
-        pid -> append_via(pid, s, entity_id, events, opts)
-      end
-    end
-  end
-
-  defp direct_last_seq(s, entity_id, events, opts) do
-    case append_direct(s, entity_id, events, opts) do
-      {:ok, details} -> appended(s, entity_id, details, opts)
-      error -> error
-    end
-  end
-
-  @doc false
-  # The answer to an append: {:ok, last_seq}, or with return: :token also its position.
-  @spec appended(Store.t(), entity_id(), tuple(), keyword()) ::
-          {:ok, pos_integer()} | {:ok, pos_integer(), Kuma.Position.t()}
-  def appended(s, entity_id, {_first, last, _first_pos, last_pos, _ts, _hash}, opts) do
-    case Keyword.get(opts, :return, :seq) do
-      :token -> {:ok, last, %{Native.shard_for(entity_id, s.shards) => last_pos}}
-      :seq -> {:ok, last}
-    end
-  end
-
-  @doc false
-  def check_return(opts) do
-    if Keyword.get(opts, :return, :seq) in [:seq, :token],
-      do: :ok,
-      else: {:error, {:invalid, :return, "must be :seq or :token"}}
-  end
-
-  # A live entity is the only writer of its stream: let it append (and fold) the events.
-  # If it stops meanwhile, it is no longer live and storage can be written directly.
-  defp append_via(pid, s, entity_id, events, opts) do
-    GenServer.call(pid, {:append, :any, events, opts}, Keyword.get(opts, :timeout, @default_timeout))
-  catch
-    :exit, {:timeout, _} -> {:error, :timeout}
-    :exit, _ -> direct_last_seq(s, entity_id, events, opts)
-  end
-
-  @doc false
-  # Writes to storage without looking for a live entity (used by the entity itself and for
-  # cold entities). Returns {first_seq, last_seq, first_pos, last_pos, timestamp_us, last_hash}.
-  @spec append_direct(Store.t(), entity_id(), [term()], keyword()) :: {:ok, tuple()} | {:error, reason()}
-  def append_direct(%Store{} = s, entity_id, events, opts) do
-    with {:ok, expected} <- expected_seq(Keyword.get(opts, :expected_seq)),
-         {:ok, encoded, bytes} <- Codec.encode_events(events, Keyword.get(opts, :metadata), s) do
-      ref = make_ref()
-
-      queued =
-        if length(encoded) > @dirty_events or bytes > @dirty_bytes,
-          do: Native.append_dirty(s.native, ref, entity_id, expected, encoded),
-          else: Native.append(s.native, ref, entity_id, expected, encoded)
-
-      case queued do
-        {:ok, :ok} -> await(ref, Keyword.get(opts, :timeout, @default_timeout))
-        {:error, reason} -> {:error, reason}
-      end
-    end
+    with {:ok, s} <- Store.lookup(store), do: Router.append(s, entity_id, events, opts)
   end
 
   @doc """
@@ -303,125 +163,14 @@ defmodule Kuma do
   """
   @spec append_batch(store(), [{entity_id(), term()} | {entity_id(), term(), keyword()}], keyword()) ::
           {:ok, [pos_integer()]} | {:error, reason()}
-  def append_batch(store, entries, opts \\ [])
-
-  def append_batch(_store, [], _opts), do: {:error, {:invalid, :entries, "must not be empty"}}
-
-  def append_batch(store, entries, opts) when is_list(entries) do
-    with {:ok, s} <- Store.lookup(store),
-         :ok <- check_options(opts, [:timeout]),
-         {:ok, encoded} <- encode_entries(s, entries) do
-      timeout = Keyword.get(opts, :timeout, @default_timeout)
-      # Entries of live entities go through their process (the single writer); the rest
-      # go to storage in one NIF call.
-      {live, cold} =
-        entries
-        |> Enum.zip(encoded)
-        |> Enum.with_index()
-        |> Enum.split_with(fn {{_raw, {{id, _, _}, _, _}}, _i} -> Kuma.Entity.whereis(s, id) != nil end)
-
-      with {:ok, cold_results} <- append_cold(s, cold, timeout) do
-        live_results =
-          Enum.map(live, fn {{raw, {{id, _, _}, _, _}}, i} ->
-            {events, entry_opts} = raw_entry(raw)
-            {i, append(s, id, events, Keyword.put(entry_opts, :timeout, timeout))}
-          end)
-
-        (cold_results ++ live_results)
-        |> Enum.sort_by(&elem(&1, 0))
-        |> Enum.map(&elem(&1, 1))
-        |> batch_result()
-      end
-    end
-  end
-
-  def append_batch(_store, _entries, _opts), do: {:error, {:invalid, :entries, "must be a list"}}
-
-  defp raw_entry({_id, events}), do: {List.wrap(events), []}
-  defp raw_entry({_id, events, opts}), do: {List.wrap(events), opts}
-
-  defp append_cold(_s, [], _timeout), do: {:ok, []}
-
-  defp append_cold(s, cold, timeout) do
-    sized = Enum.map(cold, fn {{_raw, sized}, _i} -> sized end)
-    encoded = Enum.map(sized, &elem(&1, 0))
-    events = sized |> Enum.map(&elem(&1, 1)) |> Enum.sum()
-    bytes = sized |> Enum.map(&elem(&1, 2)) |> Enum.sum()
-    ref = make_ref()
-
-    queued =
-      if events > @dirty_events or bytes > @dirty_bytes,
-        do: Native.append_batch_dirty(s.native, ref, encoded),
-        else: Native.append_batch(s.native, ref, encoded)
-
-    with {:ok, :ok} <- queued do
-      case await(ref, timeout) do
-        results when is_list(results) ->
-          indexes = Enum.map(cold, &elem(&1, 1))
-          {:ok, Enum.zip(indexes, Enum.map(results, &last_seq/1))}
-
-        {:error, reason} ->
-          {:error, reason}
-      end
-    end
-  end
-
-  defp last_seq({:ok, details}), do: {:ok, elem(details, 1)}
-  defp last_seq(error), do: error
-
-  # Validates and encodes every entry: [{{id, expected, encoded_events}, event_count, bytes}].
-  defp encode_entries(s, entries) do
-    Enum.reduce_while(entries, {:ok, []}, fn entry, {:ok, acc} ->
-      case encode_entry(s, entry) do
-        {:ok, encoded, count, size} -> {:cont, {:ok, [{encoded, count, size} | acc]}}
-        {:error, _} = error -> {:halt, error}
-      end
-    end)
-    |> case do
-      {:ok, acc} -> {:ok, Enum.reverse(acc)}
-      error -> error
-    end
-  end
-
-  defp encode_entry(s, {id, events}), do: encode_entry(s, {id, events, []})
-
-  defp encode_entry(s, {id, events, opts}) when is_list(opts) do
-    events = if is_list(events), do: events, else: [events]
-
-    with :ok <- check_options(opts, [:expected_seq, :metadata]),
-         :ok <- check_entity_id(id),
-         {:ok, expected} <- expected_seq(Keyword.get(opts, :expected_seq)),
-         {:ok, encoded, bytes} <- Codec.encode_events(events, Keyword.get(opts, :metadata), s) do
-      {:ok, {id, expected, encoded}, length(encoded), bytes}
-    end
-  end
-
-  defp encode_entry(_s, other),
-    do:
-      {:error,
-       {:invalid, :entries, "expected {entity_id, events} or {entity_id, events, opts}, got: #{inspect(other)}"}}
-
-  defp batch_result(results) do
-    if Enum.all?(results, &match?({:ok, _}, &1)),
-      do: {:ok, Enum.map(results, fn {:ok, seq} -> seq end)},
-      else: {:error, {:partial, results}}
-  end
-
-  @doc false
-  # The writer thread's answer to a queued request (`{:kuma_reply, ref, result}`).
-  @spec await(reference(), timeout()) :: term()
-  def await(ref, timeout) do
-    receive do
-      {:kuma_reply, ^ref, result} -> result
-    after
-      timeout -> {:error, :timeout}
-    end
+  def append_batch(store, entries, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store), do: Router.append_batch(s, entries, opts)
   end
 
   @doc "Waits until every append queued before this call is committed, and checkpoints entity heads."
   @spec flush(store()) :: :ok | {:error, reason()}
   def flush(store) do
-    with {:ok, s} <- Store.lookup(store), {:ok, :ok} <- Native.flush(s.native), do: :ok
+    with {:ok, s} <- Store.lookup(store), do: EventLog.flush(s)
   end
 
   # -- entities -------------------------------------------------------------------------
@@ -499,31 +248,12 @@ defmodule Kuma do
   """
   @spec stream(store(), entity_id(), keyword()) :: Enumerable.t()
   def stream(store, entity_id, opts \\ []) do
-    if not (is_binary(entity_id) and entity_id != ""),
-      do: raise(ArgumentError, "entity id must be a non-empty binary, got: #{inspect(entity_id)}")
-
+    Validate.entity_id!(entity_id)
     from = Keyword.get(opts, :from, 1)
     chunk = Keyword.get(opts, :chunk, 500)
-
     if not (is_integer(from) and from >= 1), do: raise(ArgumentError, ":from must be a positive integer")
     if not (is_integer(chunk) and chunk >= 1), do: raise(ArgumentError, ":chunk must be a positive integer")
-
-    Stream.resource(
-      fn -> from end,
-      fn
-        :done ->
-          {:halt, :done}
-
-        seq ->
-          case read_chunk(store, entity_id, seq, chunk) do
-            {:ok, []} -> {:halt, :done}
-            {:ok, events} when length(events) < chunk -> {events, :done}
-            {:ok, events} -> {events, List.last(events).seq + 1}
-            {:error, reason} -> raise Kuma.Error, reason: reason
-          end
-      end,
-      fn _ -> :ok end
-    )
+    EventLog.stream(store, entity_id, from, chunk)
   end
 
   @doc """
@@ -532,39 +262,7 @@ defmodule Kuma do
   """
   @spec events(store(), entity_id(), keyword()) :: {:ok, [Kuma.Envelope.t()]} | {:error, reason()}
   def events(store, entity_id, opts \\ []) do
-    with :ok <- check_options(opts, [:from, :limit]),
-         :ok <- check_entity_id(entity_id) do
-      from = Keyword.get(opts, :from, 1)
-      limit = Keyword.get(opts, :limit, :infinity)
-      collect(store, entity_id, from, limit, [])
-    end
-  end
-
-  defp collect(_store, _id, _from, 0, acc), do: {:ok, acc |> Enum.reverse() |> List.flatten()}
-
-  defp collect(store, id, from, limit, acc) do
-    chunk = if limit == :infinity, do: 1000, else: min(limit, 1000)
-
-    case read_chunk(store, id, from, chunk) do
-      {:ok, []} ->
-        collect(store, id, from, 0, acc)
-
-      {:ok, events} ->
-        left = if limit == :infinity, do: :infinity, else: limit - length(events)
-        left = if length(events) < chunk, do: 0, else: left
-        collect(store, id, List.last(events).seq + 1, left, [events | acc])
-
-      error ->
-        error
-    end
-  end
-
-  defp read_chunk(store, entity_id, from, max) do
-    with {:ok, s} <- Store.lookup(store),
-         {:ok, tuples} <- Native.read_entity(s.native, entity_id, from, max) do
-      shard = Native.shard_for(entity_id, s.shards)
-      {:ok, Enum.map(tuples, &Codec.envelope(&1, shard, s))}
-    end
+    with {:ok, s} <- Store.lookup(store), do: EventLog.events(s, entity_id, opts)
   end
 
   @doc """
@@ -576,11 +274,11 @@ defmodule Kuma do
           {:ok, [Kuma.Envelope.t()]} | {:error, reason()}
   def read_shard(store, shard, after_position, limit \\ 1000) do
     with {:ok, s} <- Store.lookup(store),
-         :ok <- check_non_neg(:shard, shard),
-         :ok <- check_non_neg(:after, after_position),
-         :ok <- check_non_neg(:limit, limit),
-         {:ok, tuples} <- Native.read_shard(s.native, shard, after_position, limit) do
-      {:ok, Enum.map(tuples, &Codec.envelope(&1, shard, s))}
+         :ok <- Validate.non_neg(:shard, shard),
+         :ok <- Validate.non_neg(:after, after_position),
+         :ok <- Validate.non_neg(:limit, limit),
+         {:ok, {events, _searched}} <- Query.read_shard(s, shard, after_position, %Query{}, limit) do
+      {:ok, Enum.map(events, &Kuma.Codec.envelope(&1, s))}
     end
   end
 
@@ -622,47 +320,10 @@ defmodule Kuma do
   @spec subscribe(store(), keyword()) :: {:ok, pid()} | {:error, reason()}
   def subscribe(store, opts \\ []) do
     with {:ok, s} <- Store.lookup(store),
-         :ok <- check_options(opts, [:types, :type, :entity_id, :id_prefix, :scope, :from, :max_queue]),
-         {:ok, filter} <- Kuma.Projection.filter(opts),
-         {:ok, from} <- subscription_from(Keyword.get(opts, :from, :now)),
-         max_queue = Keyword.get(opts, :max_queue, 10_000),
-         :ok <- check_positive(:max_queue, max_queue) do
-      spec = %{
-        name: make_ref(),
-        store: s.name,
-        kind: :subscription,
-        module: nil,
-        args: nil,
-        filter: filter,
-        on_error: :park,
-        max_retries: 0,
-        retry_backoff: 100,
-        batch_size: min(500, max_queue),
-        checkpoint_mode: :memory,
-        path: nil,
-        restart: :temporary,
-        subscriber: self(),
-        from: from,
-        max_queue: max_queue
-      }
-
-      DynamicSupervisor.start_child(Store.via(s.name, :projections), Kuma.Projection.Runner.child_spec(spec))
+         {:ok, spec} <- Kuma.Projection.Spec.subscription(s, opts) do
+      Kuma.Projection.Supervisor.start_runner(s, spec)
     end
-  catch
-    :exit, _ -> {:error, :store_closed}
   end
-
-  defp subscription_from(:now), do: {:ok, :now}
-  defp subscription_from(:start), do: {:ok, %{}}
-
-  defp subscription_from(position) do
-    if Kuma.Position.valid?(position),
-      do: {:ok, position},
-      else: {:error, {:invalid, :from, "must be :now, :start or a Kuma.Position"}}
-  end
-
-  defp check_positive(_key, n) when is_integer(n) and n > 0, do: :ok
-  defp check_positive(key, _n), do: {:error, {:invalid, key, "must be a positive integer"}}
 
   @doc "Ends a subscription started with `subscribe/2`."
   @spec unsubscribe(pid()) :: :ok
@@ -693,49 +354,7 @@ defmodule Kuma do
   """
   @spec query(store(), keyword()) :: {:ok, [Kuma.Envelope.t()]} | {:error, reason()}
   def query(store, opts \\ []) do
-    with {:ok, s} <- Store.lookup(store),
-         :ok <- check_options(opts, [:types, :type, :scope, :id_prefix, :from, :to, :after, :limit]),
-         {:ok, filter} <- Kuma.Projection.filter(opts),
-         {:ok, from} <- timestamp(:from, Keyword.get(opts, :from)),
-         {:ok, to} <- timestamp(:to, Keyword.get(opts, :to)),
-         after_pos = Keyword.get(opts, :after, %{}),
-         :ok <-
-           if(Kuma.Position.valid?(after_pos), do: :ok, else: {:error, {:invalid, :after, "must be a Kuma.Position"}}),
-         limit = Keyword.get(opts, :limit, 100),
-         :ok <-
-           if(is_integer(limit) and limit in 1..10_000, do: :ok, else: {:error, {:invalid, :limit, "must be 1..10000"}}),
-         {:ok, per_shard} <- query_shards(s, filter, from, to, after_pos, limit) do
-      {:ok, per_shard |> merge_by_time(limit, []) |> Enum.map(fn {shard, tuple} -> Codec.envelope(tuple, shard, s) end)}
-    end
-  end
-
-  defp timestamp(_key, nil), do: {:ok, nil}
-  defp timestamp(_key, %DateTime{} = t), do: {:ok, DateTime.to_unix(t, :microsecond)}
-  defp timestamp(_key, us) when is_integer(us), do: {:ok, us}
-  defp timestamp(key, _other), do: {:error, {:invalid, key, "must be a DateTime or microseconds since the epoch"}}
-
-  defp query_shards(s, filter, from, to, after_pos, limit) do
-    Enum.reduce_while((s.shards - 1)..0//-1, {:ok, []}, fn shard, {:ok, acc} ->
-      query = {Map.get(after_pos, shard, 0), filter.types, filter.scope, filter.id_prefix, from, to}
-
-      case Native.query_shard(s.native, shard, query, limit) do
-        {:ok, {[], _}} -> {:cont, {:ok, acc}}
-        {:ok, {events, _searched}} -> {:cont, {:ok, [{shard, events} | acc]}}
-        {:error, reason} -> {:halt, {:error, reason}}
-      end
-    end)
-  end
-
-  # k-way merge of per-shard lists (each in position order) by {timestamp, shard}: taking
-  # only from list heads keeps what is taken of each shard a prefix, so paging with :after
-  # neither skips nor repeats.
-  defp merge_by_time(_lists, 0, acc), do: Enum.reverse(acc)
-  defp merge_by_time([], _left, acc), do: Enum.reverse(acc)
-
-  defp merge_by_time(lists, left, acc) do
-    {shard, [first | rest]} = Enum.min_by(lists, fn {shard, [event | _]} -> {elem(event, 3), shard} end)
-    lists = if rest == [], do: List.keydelete(lists, shard, 0), else: List.keyreplace(lists, shard, 0, {shard, rest})
-    merge_by_time(lists, left - 1, [{shard, first} | acc])
+    with {:ok, s} <- Store.lookup(store), do: Query.run(s, opts)
   end
 
   @doc """
@@ -747,21 +366,14 @@ defmodule Kuma do
           {:ok, nil | %{seq: pos_integer(), position: pos_integer(), timestamp: integer(), hash: binary()}}
           | {:error, reason()}
   def head(store, entity_id) do
-    with {:ok, s} <- Store.lookup(store),
-         :ok <- check_entity_id(entity_id),
-         {:ok, head} <- Native.head(s.native, entity_id) do
-      case head do
-        nil -> {:ok, nil}
-        {seq, pos, ts, hash} -> {:ok, %{seq: seq, position: pos, timestamp: ts, hash: hash}}
-      end
-    end
+    with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id), do: EventLog.head(s, entity_id)
   end
 
   @doc "The shard that stores `entity_id` (see docs/storage-format.md for the function)."
   @spec shard_for(store(), entity_id()) :: {:ok, non_neg_integer()} | {:error, reason()}
   def shard_for(store, entity_id) do
-    with {:ok, s} <- Store.lookup(store), :ok <- check_entity_id(entity_id) do
-      {:ok, Native.shard_for(entity_id, s.shards)}
+    with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id) do
+      {:ok, Native.store_shard_for(s.native, entity_id)}
     end
   end
 
@@ -787,8 +399,8 @@ defmodule Kuma do
 
   def delete(store, entity_id, opts) do
     with {:ok, s} <- Store.lookup(store),
-         :ok <- check_options(opts, [:timeout, :forget_timeout]),
-         :ok <- check_entity_id(entity_id) do
+         :ok <- Validate.keys(opts, [:timeout, :forget_timeout]),
+         :ok <- Validate.entity_id(entity_id) do
       Kuma.Erasure.delete(s, entity_id, opts)
     end
   end
@@ -798,8 +410,8 @@ defmodule Kuma do
   """
   @spec erased?(store(), entity_id()) :: {:ok, boolean()} | {:error, reason()}
   def erased?(store, entity_id) do
-    with {:ok, s} <- Store.lookup(store), :ok <- check_entity_id(entity_id) do
-      Native.is_erased(s.native, entity_id)
+    with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id) do
+      Native.read_erased(s.native, entity_id)
     end
   end
 
@@ -816,7 +428,7 @@ defmodule Kuma do
   def export(store, entity_id), do: export(store, entity_id, nil)
 
   defp export(store, entity_id, aggregate) do
-    with {:ok, s} <- Store.lookup(store), :ok <- check_entity_id(entity_id) do
+    with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id) do
       Kuma.Export.export(s, entity_id, aggregate)
     end
   end
@@ -847,15 +459,7 @@ defmodule Kuma do
   """
   @spec rotate_master_key(store(), binary()) :: {:ok, %{keys: non_neg_integer()}} | {:error, reason()}
   def rotate_master_key(store, new_key) do
-    with {:ok, s} <- Store.lookup(store) do
-      case Store.Config.parse_key(new_key) do
-        {:ok, key} ->
-          with {:ok, n} <- Native.rotate_master_key(s.native, key), do: {:ok, %{keys: n}}
-
-        :error ->
-          {:error, {:invalid, :master_key, "a key must be 32 raw bytes, 64 hex characters or base64"}}
-      end
-    end
+    with {:ok, s} <- Store.lookup(store), do: Kuma.Keys.rotate(s, new_key)
   end
 
   # -- integrity ------------------------------------------------------------------------
@@ -868,14 +472,7 @@ defmodule Kuma do
   """
   @spec verify(store(), entity_id()) :: {:ok, %{events: non_neg_integer(), hash: binary()}} | {:error, reason()}
   def verify(store, entity_id) do
-    with {:ok, s} <- Store.lookup(store),
-         :ok <- check_entity_id(entity_id) do
-      case Native.verify_entity(s.native, entity_id) do
-        {:ok, {:intact, n, hash}} -> {:ok, %{events: n, hash: hash}}
-        {:ok, {:broken, seq, why}} -> {:error, {:tampered, seq, why}}
-        error -> error
-      end
-    end
+    with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id), do: EventLog.verify(s, entity_id)
   end
 
   @doc """
@@ -889,132 +486,21 @@ defmodule Kuma do
   """
   @spec verify_store(store(), keyword()) :: {:ok, map()} | {:error, reason()}
   def verify_store(store, opts \\ []) do
-    progress = Keyword.get(opts, :on_progress, fn _, _, _ -> :ok end)
-
-    with {:ok, s} <- Store.lookup(store) do
-      Enum.reduce_while(0..(s.shards - 1), {:ok, %{shards: s.shards, entities: 0, events: 0}, []}, fn shard,
-                                                                                                      {:ok, acc,
-                                                                                                       problems} ->
-        case Native.verify_shard(s.native, shard, 100) do
-          {:ok, report} ->
-            progress.(shard, s.shards, report)
-
-            found =
-              Enum.map(report.problems, fn {id, seq, why} -> %{shard: shard, entity_id: id, seq: seq, why: why} end)
-
-            acc = %{acc | entities: acc.entities + report.entities, events: acc.events + report.events}
-            {:cont, {:ok, acc, problems ++ found}}
-
-          {:error, reason} ->
-            {:halt, {:error, reason}}
-        end
-      end)
-      |> case do
-        {:ok, summary, []} -> {:ok, summary}
-        {:ok, _summary, problems} -> {:error, {:tampered, problems}}
-        error -> error
-      end
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- Validate.keys(opts, [:on_progress]) do
+      EventLog.verify_store(s, Keyword.get(opts, :on_progress, fn _, _, _ -> :ok end))
     end
   end
 
   @doc "Facts about a running store: id, shards, data dir, sync mode, encryption and per-shard writer counters."
   @spec info(store()) :: {:ok, map()} | {:error, reason()}
   def info(store) do
-    with {:ok, s} <- Store.lookup(store) do
-      {:ok,
-       %{
-         name: s.name,
-         store_id: s.store_id,
-         data_dir: s.data_dir,
-         shards: s.shards,
-         sync: s.sync,
-         encrypted: s.encrypted,
-         writers: Native.stats(s.native)
-       }}
-    end
+    with {:ok, s} <- Store.lookup(store), do: {:ok, Store.info(s)}
   end
 
   # -- errors ---------------------------------------------------------------------------
 
-  @doc "A human-readable sentence for any error reason Kuma returns."
+  @doc "A human-readable sentence for any error reason Kuma returns (see `Kuma.Error`)."
   @spec format_error(reason()) :: String.t()
-  def format_error({:invalid, what, why}), do: "invalid #{what}: #{why}"
-  def format_error({:too_large, what, size, max}), do: "#{what} too large: #{size} bytes or items, limit #{max}"
-  def format_error({:unknown_option, key}), do: "unknown option #{inspect(key)}"
-
-  def format_error({:wrong_expected_seq, expected, actual}),
-    do: "expected the entity to be at seq #{expected}, but it is at #{actual}; nothing was written"
-
-  def format_error(:store_closed), do: "the store has been stopped"
-  def format_error({:no_store, name}), do: "no store named #{inspect(name)} is running"
-  def format_error({:already_started, name}), do: "a store named #{inspect(name)} is already running"
-  def format_error({:data_dir_locked, path}), do: "data dir #{path} is in use by another store or OS process"
-
-  def format_error({:shard_count_mismatch, stored, given}),
-    do: "the data dir was created with #{stored} shards, but #{given} were requested"
-
-  def format_error({:foreign_file, path, why}), do: "#{path} is not a shard of this store: #{why}"
-  def format_error({:missing_shard, path}), do: "shard file #{path} is missing"
-  def format_error({:unsupported_format, found, supported}), do: "format #{found} is newer than supported #{supported}"
-  def format_error({:storage, context, message}), do: "storage error (#{context}): #{message}"
-  def format_error({:corrupt, seq, why}), do: "corrupt event at seq #{seq}: #{why}"
-  def format_error({:tampered, seq, why}) when is_integer(seq), do: "chain broken at seq #{seq}: #{why}"
-  def format_error({:tampered, problems}) when is_list(problems), do: "#{length(problems)} broken entity chain(s)"
-  def format_error({:panic, message}), do: "internal error in Kuma's native code (the VM is unaffected): #{message}"
-  def format_error({:unknown_aggregate, module}), do: "#{inspect(module)} is not an aggregate of this store"
-
-  def format_error({:aggregate_mismatch, live}),
-    do: "the entity is live as a #{inspect(live)}; entity ids name one stream, whatever the aggregate"
-
-  def format_error({:no_handle, module}), do: "#{inspect(module)} has no handle/2, so it takes no commands"
-  def format_error({:user_code_crashed, where, message}), do: "#{where} raised (nothing was written): #{message}"
-  def format_error({:replay_failed, seq, message}), do: "replaying event #{seq} failed: #{message}"
-  def format_error({:init_failed, _, message}), do: "init/1 failed: #{message}"
-  def format_error({:entity_down, reason}), do: "the entity's process exited: #{inspect(reason)}"
-  def format_error({:entity_start_failed, reason}), do: "the entity's process could not start: #{inspect(reason)}"
-  def format_error({:partial, results}), do: "#{Enum.count(results, &match?({:error, _}, &1))} batch entries failed"
-  def format_error(:entity_erased), do: "the entity was erased; its id cannot be written or read again"
-  def format_error({:subject_erased, id}), do: "the subject #{inspect(id)} of a sensitive value was erased"
-  def format_error(:wrong_master_key), do: "the master key does not open this store's keystore; nothing was changed"
-  def format_error({:missing_master_key, why}), do: "no master key: #{why}"
-  def format_error({:missing_keystore, path}), do: "the store is encrypted but its keystore #{path} is missing"
-
-  def format_error({:encryption_mismatch, :store_is_encrypted}),
-    do: "the store was created with encryption; it cannot be opened with encryption: false"
-
-  def format_error({:encryption_mismatch, :store_is_plain}),
-    do: "the store was created with encryption: false; it cannot be opened encrypted"
-
-  def format_error({:decrypt_failed, seq, why}), do: "event #{seq} did not decrypt (altered or misplaced): #{why}"
-
-  def format_error({:forget_unconfirmed, pids}),
-    do: "erased, but #{length(pids)} forget listener(s) did not confirm; call delete again to retry"
-
-  def format_error({:unknown_projection, name}), do: "no projection named #{inspect(name)} is running"
-  def format_error({:sql, nil, message}), do: "SQL failed: #{message}"
-  def format_error({:sql, index, message}), do: "SQL statement #{index} failed: #{message}"
-  def format_error({:foreign_projection, path, why}), do: "#{path} belongs to another store or projection: #{why}"
-
-  def format_error({:invalid_schema, module, reason}),
-    do: "the schema of #{inspect(module)} failed: #{format_error(reason)}"
-
-  def format_error(:nothing_to_skip), do: "the projection is not stuck on an event"
-  def format_error(:projection_stopped), do: "the projection stopped while waiting"
-  def format_error(:timeout), do: "timed out waiting for the commit; the append may still complete"
-  def format_error(other), do: inspect(other)
-
-  # -- argument checks ------------------------------------------------------------------
-
-  defp check_entity_id(id) when is_binary(id) and id != "", do: :ok
-  defp check_entity_id(""), do: {:error, {:invalid, :entity_id, "must not be empty"}}
-  defp check_entity_id(_), do: {:error, {:invalid, :entity_id, "must be a binary"}}
-
-  defp expected_seq(nil), do: {:ok, nil}
-  defp expected_seq(n) when is_integer(n) and n >= 0, do: {:ok, n}
-  defp expected_seq(_), do: {:error, {:invalid, :expected_seq, "must be a non-negative integer"}}
-
-  defp check_non_neg(_what, n) when is_integer(n) and n >= 0, do: :ok
-  defp check_non_neg(what, _), do: {:error, {:invalid, what, "must be a non-negative integer"}}
-
-  defp check_options(opts, allowed), do: Store.Config.check_keys(opts, allowed)
+  defdelegate format_error(reason), to: Kuma.Error, as: :format
 end

@@ -248,7 +248,7 @@ defmodule KumaTest do
       Process.exit(owner, :kill)
       # The supervisor restarts the owner, which closes the old handle and reopens the shards.
       assert eventually(fn -> match?({:ok, %{native: n}} when n != old_native, Kuma.Store.lookup(name)) end)
-      assert {:error, :store_closed} = Kuma.Native.flush(old_native)
+      assert {:error, :store_closed} = Kuma.Native.write_flush(old_native)
       assert {:ok, 2} = Kuma.append(name, "c", :two)
       assert seqs(name, "c") == [1, 2]
       Supervisor.stop(sup)

@@ -16,9 +16,9 @@ defmodule Kuma.Bench.NifCost do
 
     rows =
       for n <- [1, 10, 100, 200, 500, 1000] do
-        {:ok, encoded, bytes} = Kuma.Codec.encode_events(List.duplicate(event, n), nil)
-        normal = time(reps, fn ref -> Kuma.Native.append(store.native, ref, "e", nil, encoded) end)
-        dirty = time(reps, fn ref -> Kuma.Native.append_dirty(store.native, ref, "e", nil, encoded) end)
+        {:ok, %{encoded: encoded, bytes: bytes}} = Kuma.Codec.encode_events(List.duplicate(event, n), nil)
+        normal = time(reps, fn ref -> Kuma.Native.write_append(store.native, ref, "e", nil, encoded) end)
+        dirty = time(reps, fn ref -> Kuma.Native.write_append_dirty(store.native, ref, "e", nil, encoded) end)
 
         IO.puts(
           "  #{n} events (#{bytes} B): normal p50 #{normal.p50} us p99 #{normal.p99} us, dirty p50 #{dirty.p50} us"

@@ -223,7 +223,7 @@ defmodule Kuma.Bench.Proj do
   end
 
   defp read_all(s, shard, after_pos, n) do
-    case Kuma.Native.query_shard(s.native, shard, {after_pos, [], nil, nil, nil, nil}, 2_000) do
+    case Kuma.Query.read_shard(s, shard, after_pos, %Kuma.Query{}, 2_000) do
       {:ok, {[], _}} -> n
       {:ok, {events, searched}} -> read_all(s, shard, searched, n + length(events))
     end

@@ -73,7 +73,7 @@ defmodule Kuma.Bench.W1 do
         kuma = run_kuma(Map.put(p, :sync, sync))
         # Kuma's writers merge queued appends into one transaction; give the ceiling the same
         # advantage (appends per transaction = Kuma's measured average) as well as the
-        # BASELINES setting (one append of 100 per transaction), and compare with the better.
+        # baseline setting (docs/baselines.md) (one append of 100 per transaction), and compare with the better.
         group = max(round(p.events / kuma.transactions / p.batch), 1)
 
         base = [

@@ -48,6 +48,8 @@ defmodule Kuma.Codec do
       ""
   """
 
+  require Kuma.Native
+
   @doc "The type string of an event (see the table in the moduledoc)."
   @spec event_type(term()) :: String.t()
   def event_type(%module{}), do: module_type(module)
@@ -66,39 +68,64 @@ defmodule Kuma.Codec do
   end
 
   @doc """
-  Encodes a list of events and the append's metadata for the NIF. `Kuma.Sensitive` values
-  in events or metadata are sealed under their subject's key and stored without their
-  clear value (this needs the store).
+  Encodes the events of one append and its metadata for storage, each event once.
 
-  Returns `{:ok, [{type, metadata, payload} | {type, metadata, payload, scope}], total_bytes}`.
+  `Kuma.Sensitive` values in events or metadata are sealed under their subject's key and
+  stored without their clear value (this needs the store). `holder`, an entity id or
+  `nil`, is recorded as holding the revealed values (its process keeps them in its state;
+  see `Kuma.Sensitive`).
+
+  Returns `{:ok, %{encoded: [{type, metadata, payload, scope | nil}], bytes: total,
+  events: events}}`, where `events` are the events as the entity folds them (sensitive
+  values sealed, clear values kept in memory).
   """
-  @spec encode_events([term()], map() | nil, Kuma.Store.t() | nil) ::
-          {:ok, [tuple()], non_neg_integer()} | {:error, term()}
-  def encode_events(events, metadata, store \\ nil)
-  def encode_events([], _metadata, _store), do: {:error, {:invalid, :events, "must not be empty"}}
+  @spec encode_events([term()], map() | nil, Kuma.Store.t() | nil, binary() | nil) ::
+          {:ok, %{encoded: [tuple()], bytes: non_neg_integer(), events: [term()]}} | {:error, term()}
+  def encode_events(events, metadata, store \\ nil, holder \\ nil)
+  def encode_events([], _metadata, _store, _holder), do: {:error, {:invalid, :events, "must not be empty"}}
 
-  def encode_events(events, metadata, store) when is_list(events) do
+  def encode_events(events, metadata, store, holder) when is_list(events) do
     with {:ok, meta} <- encode_metadata(metadata, store),
          {:ok, scope} <- scope(metadata) do
-      Enum.reduce_while(events, {:ok, [], 0}, fn event, {:ok, acc, bytes} ->
-        case encode_term(event, store) do
-          {:ok, payload} ->
+      Enum.reduce_while(events, {[], [], 0}, fn event, {encoded, kept, bytes} ->
+        case encode_event(event, store, holder) do
+          {:ok, event, payload} ->
             type = event_type(event)
-            encoded = if scope, do: {type, meta, payload, scope}, else: {type, meta, payload}
-            {:cont, {:ok, [encoded | acc], bytes + byte_size(payload) + byte_size(type) + byte_size(meta)}}
+            size = bytes + byte_size(payload) + byte_size(type) + byte_size(meta)
+            {:cont, {[{type, meta, payload, scope} | encoded], [event | kept], size}}
 
           error ->
             {:halt, error}
         end
       end)
       |> case do
-        {:ok, encoded, bytes} -> {:ok, Enum.reverse(encoded), bytes}
+        {encoded, kept, bytes} -> {:ok, %{encoded: Enum.reverse(encoded), bytes: bytes, events: Enum.reverse(kept)}}
         error -> error
       end
     end
   end
 
-  def encode_events(_events, _metadata, _store), do: {:error, {:invalid, :events, "must be a list"}}
+  def encode_events(_events, _metadata, _store, _holder), do: {:error, {:invalid, :events, "must be a list"}}
+
+  # One event, encoded once; an event holding sensitive values is sealed (clear values kept
+  # for the caller's state) and encoded again without them.
+  defp encode_event(event, store, holder) do
+    bytes = :erlang.term_to_binary(event)
+
+    cond do
+      not Kuma.Sensitive.in_binary?(bytes) ->
+        {:ok, event, bytes}
+
+      store == nil ->
+        {:error, {:invalid, :sensitive, "sensitive values can only be written through a store"}}
+
+      true ->
+        with {:ok, sealed} <- Kuma.Sensitive.seal(store, event, holder),
+             {:ok, stripped} <- Kuma.Sensitive.strip(store, sealed) do
+          {:ok, sealed, :erlang.term_to_binary(stripped)}
+        end
+    end
+  end
 
   @doc "The scope in append metadata (see \"Scope\"), or nil."
   @spec scope(map() | nil) :: {:ok, String.t() | nil} | {:error, term()}
@@ -106,11 +133,14 @@ defmodule Kuma.Codec do
   def scope(%{"scope" => scope}), do: check_scope(scope)
   def scope(_metadata), do: {:ok, nil}
 
-  defp check_scope(scope) when is_binary(scope) and scope != "" do
+  @doc false
+  # A scope (or scope prefix): a non-empty UTF-8 string.
+  @spec check_scope(term()) :: {:ok, String.t()} | {:error, term()}
+  def check_scope(scope) when is_binary(scope) and scope != "" do
     if String.valid?(scope), do: {:ok, scope}, else: {:error, {:invalid, :scope, "must be valid UTF-8"}}
   end
 
-  defp check_scope(_scope), do: {:error, {:invalid, :scope, "must be a non-empty string"}}
+  def check_scope(_scope), do: {:error, {:invalid, :scope, "must be a non-empty string"}}
 
   @doc "Encodes append metadata: `nil` or `%{}` give an empty binary."
   @spec encode_metadata(map() | nil, Kuma.Store.t() | nil) :: {:ok, binary()} | {:error, term()}
@@ -144,19 +174,32 @@ defmodule Kuma.Codec do
   def decode_metadata(bytes), do: decode!(bytes, "", nil, nil, :trusted)
 
   @doc false
-  # Builds an envelope from the NIF's event tuple, decoding with the store's :decode mode
-  # and running the store's upcasters on the data.
-  @spec envelope(tuple(), non_neg_integer(), Kuma.Store.t()) :: Kuma.Envelope.t()
-  def envelope({entity_id, seq, position, ts, type, meta, payload, hash}, shard, store) do
+  # Builds an envelope from a stored event (`Kuma.Native`'s event record), decoding with
+  # the store's :decode mode and running the store's upcasters on the data.
+  @spec envelope(Kuma.Native.event(), Kuma.Store.t()) :: Kuma.Envelope.t()
+  def envelope(
+        Kuma.Native.event(
+          entity_id: id,
+          seq: seq,
+          position: position,
+          shard: shard,
+          timestamp: ts,
+          type: type,
+          metadata: meta,
+          payload: payload,
+          hash: hash
+        ),
+        store
+      ) do
     envelope = %Kuma.Envelope{
-      entity_id: entity_id,
+      entity_id: id,
       seq: seq,
       position: position,
       shard: shard,
       type: type,
       timestamp: ts,
-      metadata: if(meta == <<>>, do: %{}, else: decode_stored(meta, "", entity_id, seq, store, entity_id)),
-      data: decode_stored(payload, type, entity_id, seq, store, entity_id),
+      metadata: if(meta == <<>>, do: %{}, else: decode_stored(meta, "", id, seq, store, id)),
+      data: decode_stored(payload, type, id, seq, store, id),
       hash: hash
     }
 

@@ -37,14 +37,15 @@ defmodule Kuma.Entity do
   reloads the entity transparently.
   """
 
-  alias Kuma.{Store, Entity.Loader, Entity.Server}
+  alias Kuma.{EventLog, Native, Store, Validate}
+  alias Kuma.Entity.{Loader, Server}
 
   @enforce_keys [:store, :aggregate, :id]
   defstruct @enforce_keys
 
   @type t :: %__MODULE__{store: Store.name(), aggregate: module(), id: binary()}
 
-  @default_timeout 30_000
+  @write_keys [:expected_seq, :metadata, :timeout, :return]
 
   @doc """
   A handle; starts nothing. Raises `ArgumentError` if the id is not a non-empty binary or
@@ -60,9 +61,7 @@ defmodule Kuma.Entity do
         other -> raise ArgumentError, "expected a Kuma.Store or a store name, got: #{inspect(other)}"
       end
 
-    if not (is_binary(id) and id != "" and byte_size(id) <= 512),
-      do: raise(ArgumentError, "entity id must be a non-empty binary of at most 512 bytes, got: #{inspect(id)}")
-
+    Validate.entity_id!(id)
     if not is_atom(aggregate), do: raise(ArgumentError, "aggregate must be a module, got: #{inspect(aggregate)}")
     %__MODULE__{store: name, aggregate: aggregate, id: id}
   end
@@ -105,9 +104,9 @@ defmodule Kuma.Entity do
           {:ok, non_neg_integer()} | {:ok, non_neg_integer(), Kuma.Position.t()} | {:error, term()}
   def execute(%__MODULE__{} = e, command, opts \\ []) do
     with {:ok, s} <- store(e),
-         :ok <- Store.Config.check_keys(opts, [:expected_seq, :metadata, :timeout, :return]),
-         :ok <- Kuma.check_return(opts) do
-      call(s, e, {:execute, e.aggregate, command, opts}, Keyword.get(opts, :timeout, @default_timeout))
+         :ok <- Validate.keys(opts, @write_keys),
+         :ok <- Validate.return(opts) do
+      call(s, e, {:execute, e.aggregate, command, opts}, Keyword.get(opts, :timeout, EventLog.default_timeout()))
     end
   end
 
@@ -116,10 +115,15 @@ defmodule Kuma.Entity do
           {:ok, pos_integer()} | {:ok, pos_integer(), Kuma.Position.t()} | {:error, term()}
   def append(%__MODULE__{} = e, events, opts \\ []) do
     with {:ok, s} <- store(e),
-         :ok <- Store.Config.check_keys(opts, [:expected_seq, :metadata, :timeout, :return]),
-         :ok <- Kuma.check_return(opts),
+         :ok <- Validate.keys(opts, @write_keys),
+         :ok <- Validate.return(opts),
          :ok <- non_empty(events) do
-      call(s, e, {:append, e.aggregate, List.wrap(events), opts}, Keyword.get(opts, :timeout, @default_timeout))
+      call(
+        s,
+        e,
+        {:append, e.aggregate, List.wrap(events), opts},
+        Keyword.get(opts, :timeout, EventLog.default_timeout())
+      )
     end
   end
 
@@ -134,7 +138,7 @@ defmodule Kuma.Entity do
   @spec read_at(t(), keyword()) :: {:ok, term()} | {:error, term()}
   def read_at(%__MODULE__{} = e, opts) do
     with {:ok, s} <- store(e),
-         :ok <- Store.Config.check_keys(opts, [:seq, :at]),
+         :ok <- Validate.keys(opts, [:seq, :at]),
          {:ok, seq} <- target_seq(s, e, opts),
          {:ok, loaded} <- Loader.load(s, e.aggregate, e.id, seq) do
       {:ok, loaded.state}
@@ -144,7 +148,7 @@ defmodule Kuma.Entity do
   defp target_seq(_s, _e, seq: n) when is_integer(n) and n >= 0, do: {:ok, n}
 
   defp target_seq(s, e, at: %DateTime{} = at) do
-    Kuma.Native.seq_at(s.native, e.id, DateTime.to_unix(at, :microsecond))
+    Native.read_seq_at(s.native, e.id, DateTime.to_unix(at, :microsecond))
   end
 
   defp target_seq(_s, _e, _opts), do: {:error, {:invalid, :read_at, "give exactly one of seq: n or at: %DateTime{}"}}
@@ -155,8 +159,8 @@ defmodule Kuma.Entity do
   """
   @spec history(t(), keyword()) :: {:ok, [Kuma.Envelope.t()]} | {:error, term()}
   def history(%__MODULE__{} = e, opts \\ []) do
-    with {:ok, _s} <- store(e),
-         {:ok, events} <- Kuma.events(e.store, e.id, opts) do
+    with {:ok, s} <- store(e),
+         {:ok, events} <- EventLog.events(s, e.id, opts) do
       {:ok, Enum.map(events, &%{&1 | data: Loader.upcast(e.aggregate, &1)})}
     end
   end
@@ -176,7 +180,7 @@ defmodule Kuma.Entity do
           receive do
             {:DOWN, ^ref, :process, _, _} -> :ok
           after
-            @default_timeout -> {:error, :timeout}
+            EventLog.default_timeout() -> {:error, :timeout}
           end
       end
     end
@@ -212,7 +216,7 @@ defmodule Kuma.Entity do
 
   # Calls the entity's process, starting it if needed. A process that stops between the
   # lookup and the call (passivated, or stopped to reload) is restarted and called again.
-  defp call(s, e, message, timeout \\ @default_timeout, attempts \\ 3) do
+  defp call(s, e, message, timeout \\ EventLog.default_timeout(), attempts \\ 3) do
     with {:ok, pid} <- ensure_started(s, e) do
       try do
         GenServer.call(pid, message, timeout)

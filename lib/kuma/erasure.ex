@@ -42,7 +42,7 @@ defmodule Kuma.Erasure do
   (the storage erasure is complete; call delete again to retry the notifications).
   """
 
-  alias Kuma.{Native, Store}
+  alias Kuma.{EventLog, Store}
 
   @default_timeout 60_000
   @default_forget_timeout 5_000
@@ -77,10 +77,8 @@ defmodule Kuma.Erasure do
   def delete(%Store{} = s, id, opts) do
     timeout = Keyword.get(opts, :timeout, @default_timeout)
     stop_entity(s, id)
-    ref = make_ref()
 
-    with {:ok, :ok} <- Native.delete(s.native, ref, id),
-         {:ok, count} <- Kuma.await(ref, timeout) do
+    with {:ok, count} <- EventLog.erase(s, id, timeout) do
       stop_entity(s, id)
       stop_holders(s, id)
       :ets.match_delete(s.sensitive_refs, {:_, id})

@@ -1,10 +1,142 @@
 defmodule Kuma.Error do
   @moduledoc """
-  Raised by the few functions that cannot return an error tuple (enumerating
-  `Kuma.stream/3`). `reason` is the same term the tuple-returning functions give.
+  Every reason Kuma returns in `{:error, reason}`, and its text.
+
+  Functions return `{:error, reason}` for bad input and failures, and change nothing then
+  (the exceptions are said where they occur: `:timeout`, `{:forget_unconfirmed, pids}`).
+  `message/1` (also `Kuma.format_error/1`) turns any reason into a sentence. The few
+  functions that cannot return a tuple (enumerating `Kuma.stream/3`, `Kuma.read/1`) raise
+  this exception with the same `reason`.
+
+  ## Bad input
+
+  * `{:invalid, what, why}` - a bad argument (`what`: `:entity_id`, `:events`, `:metadata`,
+    `:event_type`, `:scope`, `:expected_seq`, `:timeout`, `:data_dir`, `:shards`, `:sync`,
+    `:name`, `:store`, `:options`, ...)
+  * `{:too_large, what, size, max}` - a documented size limit was exceeded (see `Kuma`)
+  * `{:unknown_option, key}` - a misspelled or unsupported option
+
+  ## Stores
+
+  * `:store_closed`, `{:no_store, name}` - the store was stopped / never started
+  * `{:already_started, name}` - a store (or projection) with this name is running
+  * `{:data_dir_locked, path}` - another store (this VM or another OS process) has the data dir open
+  * `{:shard_count_mismatch, stored, requested}` - the data dir was created with another shard count
+  * `{:foreign_file, path, why}` - a file where a shard should be is not a shard of this store
+  * `{:missing_shard, path}` - a shard file is missing (Kuma never silently recreates one)
+  * `{:unsupported_format, found, supported}` - written by a newer Kuma
+  * `{:storage, context, message}` - SQLite or the file system failed
+  * `{:panic, message}` - a bug in Kuma's Rust code was caught; the VM is unaffected
+  * `:timeout` - no answer within `:timeout`; the write may still commit
+
+  ## Writes and reads
+
+  * `{:wrong_expected_seq, expected, actual}` - optimistic concurrency conflict
+  * `{:partial, results}` - `Kuma.append_batch/3`: some entries were refused (the others committed)
+  * `{:corrupt, seq, why}` - stored data failed an integrity check while reading
+  * `{:tampered, seq, why}` - `Kuma.verify/2`: the first bad event of a chain
+  * `{:tampered, problems}` - `Kuma.verify_store/2`: the first bad event of every broken chain
+
+  ## Entities and aggregates
+
+  * `{:unknown_aggregate, module}` - the store was not started with this aggregate
+  * `{:aggregate_mismatch, live}` - the entity is live as another aggregate
+  * `{:no_handle, module}` - the aggregate has no `handle/2`
+  * `{:user_code_crashed, :handle | :apply, message}` - the aggregate raised; nothing was written
+  * `{:replay_failed, seq, message}`, `{:init_failed, 0, message}` - loading the entity failed
+  * `{:entity_down, reason}`, `{:entity_start_failed, reason}` - its process exited or could not start
+
+  ## Encryption and erasure
+
+  * `:entity_erased` - the entity was erased (`Kuma.delete/3`): it cannot be written or read
+  * `{:subject_erased, id}` - a `Kuma.Sensitive` value names an erased subject
+  * `:wrong_master_key`, `{:missing_master_key, why}`, `{:missing_keystore, path}`,
+    `{:encryption_mismatch, :store_is_encrypted | :store_is_plain}` - see "Encryption" in `Kuma.start/1`
+  * `{:decrypt_failed, seq, why}` - a stored ciphertext did not decrypt (altered, or copied
+    from another entity or position); never returned as garbage data
+  * `{:forget_unconfirmed, pids}` - `Kuma.delete/3` erased the data but some listeners did not confirm
+
+  ## Projections and read models
+
+  * `{:unknown_projection, name}` - no projection or read model of that name is running
+  * `{:sql, index | nil, message}` - a read model's SQL failed (nothing of it was kept)
+  * `{:invalid_schema, module, reason}`, `{:foreign_projection, path, why}` - a read model
+    could not start
+  * `:nothing_to_skip`, `:projection_stopped` - `Kuma.Projection.skip/1`, `Kuma.Projection.wait_for/3`
+  * `{:raised, text}`, `{:bad_return, callback, value}`, `{:skipped, reason}` - why a
+    projection's event failed (in `Kuma.Projection.status/1` and parked events)
   """
   defexception [:reason]
 
+  @type t :: %__MODULE__{reason: term()}
+
   @impl true
-  def message(%{reason: reason}), do: Kuma.format_error(reason)
+  def message(%{reason: reason}), do: format(reason)
+
+  @doc "A human-readable sentence for any reason Kuma returns (see the moduledoc)."
+  @spec format(term()) :: String.t()
+  def format({:invalid, what, why}), do: "invalid #{what}: #{why}"
+  def format({:too_large, what, size, max}), do: "#{what} too large: #{size} bytes or items, limit #{max}"
+  def format({:unknown_option, key}), do: "unknown option #{inspect(key)}"
+
+  def format({:wrong_expected_seq, expected, actual}),
+    do: "expected the entity to be at seq #{expected}, but it is at #{actual}; nothing was written"
+
+  def format(:store_closed), do: "the store has been stopped"
+  def format({:no_store, name}), do: "no store named #{inspect(name)} is running"
+  def format({:already_started, name}), do: "#{inspect(name)} is already running"
+  def format({:data_dir_locked, path}), do: "data dir #{path} is in use by another store or OS process"
+
+  def format({:shard_count_mismatch, stored, given}),
+    do: "the data dir was created with #{stored} shards, but #{given} were requested"
+
+  def format({:foreign_file, path, why}), do: "#{path} is not a shard of this store: #{why}"
+  def format({:missing_shard, path}), do: "shard file #{path} is missing"
+  def format({:unsupported_format, found, supported}), do: "format #{found} is newer than supported #{supported}"
+  def format({:storage, context, message}), do: "storage error (#{context}): #{message}"
+  def format({:corrupt, seq, why}), do: "corrupt event at seq #{seq}: #{why}"
+  def format({:tampered, seq, why}) when is_integer(seq), do: "chain broken at seq #{seq}: #{why}"
+  def format({:tampered, problems}) when is_list(problems), do: "#{length(problems)} broken entity chain(s)"
+  def format({:panic, message}), do: "internal error in Kuma's native code (the VM is unaffected): #{message}"
+  def format({:unknown_aggregate, module}), do: "#{inspect(module)} is not an aggregate of this store"
+
+  def format({:aggregate_mismatch, live}),
+    do: "the entity is live as a #{inspect(live)}; entity ids name one stream, whatever the aggregate"
+
+  def format({:no_handle, module}), do: "#{inspect(module)} has no handle/2, so it takes no commands"
+  def format({:user_code_crashed, where, message}), do: "#{where} raised (nothing was written): #{message}"
+  def format({:replay_failed, seq, message}), do: "replaying event #{seq} failed: #{message}"
+  def format({:init_failed, _, message}), do: "init/1 failed: #{message}"
+  def format({:entity_down, reason}), do: "the entity's process exited: #{inspect(reason)}"
+  def format({:entity_start_failed, reason}), do: "the entity's process could not start: #{inspect(reason)}"
+  def format({:partial, results}), do: "#{Enum.count(results, &match?({:error, _}, &1))} batch entries failed"
+  def format(:entity_erased), do: "the entity was erased; its id cannot be written or read again"
+  def format({:subject_erased, id}), do: "the subject #{inspect(id)} of a sensitive value was erased"
+  def format(:wrong_master_key), do: "the master key does not open this store's keystore; nothing was changed"
+  def format({:missing_master_key, why}), do: "no master key: #{why}"
+  def format({:missing_keystore, path}), do: "the store is encrypted but its keystore #{path} is missing"
+
+  def format({:encryption_mismatch, :store_is_encrypted}),
+    do: "the store was created with encryption; it cannot be opened with encryption: false"
+
+  def format({:encryption_mismatch, :store_is_plain}),
+    do: "the store was created with encryption: false; it cannot be opened encrypted"
+
+  def format({:decrypt_failed, seq, why}), do: "event #{seq} did not decrypt (altered or misplaced): #{why}"
+
+  def format({:forget_unconfirmed, pids}),
+    do: "erased, but #{length(pids)} forget listener(s) did not confirm; call delete again to retry"
+
+  def format({:unknown_projection, name}), do: "no projection named #{inspect(name)} is running"
+  def format({:sql, nil, message}), do: "SQL failed: #{message}"
+  def format({:sql, index, message}), do: "SQL statement #{index} failed: #{message}"
+  def format({:foreign_projection, path, why}), do: "#{path} belongs to another store or projection: #{why}"
+  def format({:invalid_schema, module, reason}), do: "the schema of #{inspect(module)} failed: #{format(reason)}"
+  def format(:nothing_to_skip), do: "the projection is not stuck on an event"
+  def format(:projection_stopped), do: "the projection stopped while waiting"
+  def format(:timeout), do: "timed out waiting for the commit; the write may still complete"
+  def format({:raised, text}), do: text
+  def format({:bad_return, callback, value}), do: "#{callback} returned #{inspect(value, limit: 20)}"
+  def format({:skipped, reason}), do: "skipped by an operator after: " <> format(reason)
+  def format(other), do: inspect(other)
 end

@@ -60,32 +60,25 @@ defmodule Kuma.Export do
   lowercase hex.
   """
 
-  alias Kuma.{Codec, Native, Store}
+  alias Kuma.{Codec, EventLog, Native, Store}
 
   @format "kuma-export-v1"
 
   @doc false
   @spec export(Store.t(), binary(), module() | nil) :: {:ok, map()} | {:error, term()}
   def export(%Store{} = s, id, aggregate \\ nil) do
-    with {:ok, head} <- Native.head(s.native, id),
-         {:ok, events} <- read_all(s, id, 1, []),
-         events = upcast(events, aggregate),
-         {:ok, snapshots} <- Native.snapshots(s.native, id) do
-      verified =
-        case Native.verify_entity(s.native, id) do
-          {:ok, {:intact, _, _}} -> true
-          _ -> false
-        end
-
+    with {:ok, head} <- EventLog.head(s, id),
+         {:ok, events} <- EventLog.events(s, id, []),
+         {:ok, snapshots} <- Native.read_snapshots(s.native, id) do
       {:ok,
        %{
          format: @format,
          store_id: s.store_id,
          entity_id: id,
          exported_at: DateTime.utc_now(),
-         verified: verified,
-         head: head && %{seq: elem(head, 0), hash: elem(head, 3)},
-         events: events,
+         verified: match?({:ok, {:intact, _}}, Native.read_verify_entity(s.native, id)),
+         head: head && Map.take(head, [:seq, :hash]),
+         events: upcast(events, aggregate),
          snapshots: Enum.map(snapshots, &snapshot(s, id, &1))
        }}
     end
@@ -96,24 +89,8 @@ defmodule Kuma.Export do
   defp upcast(events, nil), do: events
   defp upcast(events, aggregate), do: Enum.map(events, &%{&1 | data: Kuma.Entity.Loader.upcast(aggregate, &1)})
 
-  defp read_all(s, id, from, acc) do
-    case Native.read_entity(s.native, id, from, 1000) do
-      {:ok, []} ->
-        {:ok, acc |> Enum.reverse() |> List.flatten()}
-
-      {:ok, tuples} ->
-        shard = Native.shard_for(id, s.shards)
-        envelopes = Enum.map(tuples, &Codec.envelope(&1, shard, s))
-        read_all(s, id, List.last(envelopes).seq + 1, [envelopes | acc])
-
-      error ->
-        error
-    end
-  end
-
-  defp snapshot(s, id, {seq, version, ts, hash, data}) do
-    state = Codec.decode_stored(data, "", id, seq, s, nil)
-    %{seq: seq, version: version, timestamp: ts, hash: hash, state: state}
+  defp snapshot(s, id, %{seq: seq, data: data} = snap) do
+    snap |> Map.delete(:data) |> Map.put(:state, Codec.decode_stored(data, "", id, seq, s, nil))
   end
 
   @doc false
@@ -197,8 +174,9 @@ defmodule Kuma.Export do
 
   def value(%module{} = v) do
     fields = v |> Map.from_struct() |> Enum.sort_by(fn {k, _} -> Atom.to_string(k) end)
-    name = module |> Atom.to_string() |> String.replace_prefix("Elixir.", "")
-    {:object, [{"$struct", name} | Enum.map(fields, fn {k, val} -> {Atom.to_string(k), value(val)} end)]}
+
+    {:object,
+     [{"$struct", Codec.module_type(module)} | Enum.map(fields, fn {k, val} -> {Atom.to_string(k), value(val)} end)]}
   end
 
   def value(v) when is_map(v) do

@@ -26,14 +26,14 @@ defmodule Kuma.Feed do
   @doc "The last committed position of every shard."
   @spec heads(Store.t()) :: Kuma.Position.t()
   def heads(%Store{native: native}) do
-    native |> Native.commit_positions() |> Enum.with_index() |> Map.new(fn {pos, shard} -> {shard, pos} end)
+    native |> Native.store_commit_positions() |> Enum.with_index() |> Map.new(fn {pos, shard} -> {shard, pos} end)
   end
 
   @impl true
   def init(name) do
     Process.flag(:trap_exit, true)
     {:ok, s} = Store.lookup(name)
-    Native.set_commit_listener(s.native, self())
+    Native.store_follow_commits(s.native, self())
     {:ok, s}
   end
 
@@ -52,7 +52,7 @@ defmodule Kuma.Feed do
 
   @impl true
   def terminate(_reason, s) do
-    Native.set_commit_listener(s.native, nil)
+    Native.store_follow_commits(s.native, nil)
     :ok
   end
 end

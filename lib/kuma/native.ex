@@ -1,13 +1,46 @@
 defmodule Kuma.Native do
   @moduledoc false
-  # Every NIF of kuma_nif, declared in one place (native/kuma_nif/src/lib.rs has the other
-  # side). Nothing outside Kuma's own modules calls these. Conventions:
+  # Every NIF of kuma_nif, declared in one place, with the shapes that cross the boundary
+  # (native/kuma_nif/src has the other side, one file per domain). Nothing outside Kuma's
+  # own modules calls these. Conventions:
   #
   # * Functions returning `{:ok, value} | {:error, reason}` never raise for bad input; a Rust
-  #   panic comes back as `{:error, {:panic, message}}`.
-  # * `append*` return `{:ok, :ok}` once the request is queued; the commit is answered later
-  #   with `{:kuma_reply, ref, result}` sent to the caller by the shard's writer thread.
-  # * `*_dirty` and everything that touches disk run on dirty schedulers.
+  #   panic comes back as `{:error, {:panic, message}}`. Reasons are `Kuma.Error`'s.
+  # * `write_*` return `{:ok, :ok}` once the work is queued; the commit is answered later
+  #   with `{:kuma_reply, ref, {:ok, value} | {:error, reason}}`, sent to the caller by the
+  #   shard's writer thread. `*_dirty` twins take large inputs on a dirty CPU scheduler.
+  # * `read_*`, `keys_*`, `sqldb_*` and anything else that touches disk run on dirty IO
+  #   schedulers.
+
+  require Record
+
+  # A stored event, as `read_entity/4` and `read_query/5` return it (a record, because
+  # catch-up reads return thousands per call; kuma_nif's term.rs says why).
+  Record.defrecord(:event, :kuma_event, [
+    :entity_id,
+    :seq,
+    :position,
+    :shard,
+    :timestamp,
+    :type,
+    :metadata,
+    :payload,
+    :hash
+  ])
+
+  # What a committed append reports (the value of a `write_append` reply).
+  Record.defrecord(:appended, :kuma_appended, [
+    :shard,
+    :first_seq,
+    :last_seq,
+    :first_pos,
+    :last_pos,
+    :timestamp,
+    :hash
+  ])
+
+  @type event :: record(:event)
+  @type appended :: record(:appended)
 
   @on_load :load_nif
 
@@ -24,39 +57,48 @@ defmodule Kuma.Native do
 
   defp nif_missing, do: :erlang.nif_error(:kuma_nif_not_loaded)
 
+  # store: open, close, facts (store.rs)
   def store_open(_data_dir, _shards, _sync, _writer_threads, _master_key, _keystore_path), do: nif_missing()
-  def store_encrypted(_store), do: nif_missing()
   def store_close(_store), do: nif_missing()
   def store_info(_store), do: nif_missing()
-  def shard_for(_entity_id, _shards), do: nif_missing()
-  def append(_store, _ref, _entity_id, _expected, _events), do: nif_missing()
-  def append_dirty(_store, _ref, _entity_id, _expected, _events), do: nif_missing()
-  def append_batch(_store, _ref, _entries), do: nif_missing()
-  def append_batch_dirty(_store, _ref, _entries), do: nif_missing()
-  def save_snapshot(_store, _ref, _entity_id, _seq, _version, _hash, _data), do: nif_missing()
-  def save_snapshot_dirty(_store, _ref, _entity_id, _seq, _version, _hash, _data), do: nif_missing()
-  def latest_snapshot(_store, _entity_id, _version, _max_seq), do: nif_missing()
-  def seq_at(_store, _entity_id, _ts_us), do: nif_missing()
-  def delete(_store, _ref, _entity_id), do: nif_missing()
-  def seal_sensitive(_store, _subject_id, _plaintext), do: nif_missing()
-  def unseal_sensitive(_store, _subject_id, _sealed), do: nif_missing()
-  def rotate_master_key(_store, _new_key), do: nif_missing()
-  def is_erased(_store, _entity_id), do: nif_missing()
-  def snapshots(_store, _entity_id), do: nif_missing()
-  def flush(_store), do: nif_missing()
+  def store_shard_for(_store, _entity_id), do: nif_missing()
+  def store_stats(_store), do: nif_missing()
+  def store_commit_positions(_store), do: nif_missing()
+  def store_follow_commits(_store, _pid), do: nif_missing()
+
+  # write: queued to the shard's writer thread, answered later (write.rs)
+  def write_append(_store, _ref, _entity_id, _expected, _events), do: nif_missing()
+  def write_append_dirty(_store, _ref, _entity_id, _expected, _events), do: nif_missing()
+  def write_batch(_store, _ref, _entries), do: nif_missing()
+  def write_batch_dirty(_store, _ref, _entries), do: nif_missing()
+  def write_snapshot(_store, _ref, _entity_id, _seq, _version, _hash, _data), do: nif_missing()
+  def write_snapshot_dirty(_store, _ref, _entity_id, _seq, _version, _hash, _data), do: nif_missing()
+  def write_erase(_store, _ref, _entity_id), do: nif_missing()
+  def write_flush(_store), do: nif_missing()
+
+  # read (read.rs)
   def read_entity(_store, _entity_id, _from_seq, _max), do: nif_missing()
-  def read_shard(_store, _shard, _after, _max), do: nif_missing()
-  def head(_store, _entity_id), do: nif_missing()
-  def verify_entity(_store, _entity_id), do: nif_missing()
-  def verify_shard(_store, _shard, _max_problems), do: nif_missing()
-  def stats(_store), do: nif_missing()
-  def query_shard(_store, _shard, _query, _max), do: nif_missing()
-  def commit_positions(_store), do: nif_missing()
-  def set_commit_listener(_store, _pid), do: nif_missing()
+  def read_head(_store, _entity_id), do: nif_missing()
+  def read_query(_store, _shard, _after, _query, _max), do: nif_missing()
+  def read_snapshot(_store, _entity_id, _version, _max_seq), do: nif_missing()
+  def read_snapshots(_store, _entity_id), do: nif_missing()
+  def read_seq_at(_store, _entity_id, _ts_us), do: nif_missing()
+  def read_erased(_store, _entity_id), do: nif_missing()
+  def read_verify_entity(_store, _entity_id), do: nif_missing()
+  def read_verify_shard(_store, _shard, _max_problems), do: nif_missing()
+
+  # keys (keys.rs)
+  def keys_seal(_store, _subject_id, _plaintext), do: nif_missing()
+  def keys_unseal(_store, _subject_id, _sealed), do: nif_missing()
+  def keys_rotate(_store, _new_key), do: nif_missing()
+
+  # read-model databases (sqldb.rs)
   def sqldb_open(_path), do: nif_missing()
   def sqldb_transaction(_db, _statements), do: nif_missing()
   def sqldb_query(_db, _sql, _params), do: nif_missing()
   def sqldb_truncate_wal(_db), do: nif_missing()
   def sqldb_close(_db), do: nif_missing()
+
+  # test builds only (lib.rs)
   def fault_panic, do: nif_missing()
 end

@@ -84,6 +84,7 @@ defmodule Kuma.Projection do
   """
 
   alias Kuma.{Position, Store}
+  alias Kuma.Projection.Spec
 
   @doc "Called when the projection starts (and on `rebuild/1`); returns its initial state."
   @callback init(args :: term()) :: {:ok, state :: term()}
@@ -101,20 +102,6 @@ defmodule Kuma.Projection do
 
   @type name :: atom()
 
-  @start_keys [
-    :name,
-    :args,
-    :types,
-    :scope,
-    :id_prefix,
-    :on_error,
-    :max_retries,
-    :retry_backoff,
-    :batch_size,
-    :checkpoint,
-    :path
-  ]
-
   @doc """
   Starts a projection of `store` under the store's supervisor (see the moduledoc for the
   options). Returns `{:error, {:already_started, name}}` if one with that name runs.
@@ -122,151 +109,20 @@ defmodule Kuma.Projection do
   @spec start(Kuma.store(), module(), keyword()) :: {:ok, pid()} | {:error, term()}
   def start(store, module, opts \\ []) do
     with {:ok, s} <- Store.lookup(store),
-         {:ok, spec} <- spec(s, :projection, module, opts) do
+         {:ok, spec} <- Spec.new(s, :projection, module, opts) do
       start_spec(s, spec)
     end
   end
 
   @doc false
-  @spec start_spec(Store.t(), map()) :: {:ok, pid()} | {:error, term()}
+  # Starts a projection or read model from its spec (one name runs once in the VM).
+  @spec start_spec(Store.t(), Spec.t()) :: {:ok, pid()} | {:error, term()}
   def start_spec(s, spec) do
     case whereis(spec.name) do
-      nil ->
-        sup = Store.via(s.name, :projections)
-
-        case DynamicSupervisor.start_child(sup, Kuma.Projection.Runner.child_spec(spec)) do
-          {:ok, pid} -> {:ok, pid}
-          {:error, {:already_started, _}} -> {:error, {:already_started, spec.name}}
-          {:error, {reason, {:child, _, _, _, _, _, _, _}}} -> {:error, reason}
-          {:error, reason} -> {:error, reason}
-        end
-
-      _pid ->
-        {:error, {:already_started, spec.name}}
-    end
-  catch
-    :exit, _ -> {:error, {:no_store, s.name}}
-  end
-
-  @doc false
-  # Validates options into the runner's spec.
-  @spec spec(Store.t() | map(), :projection | :read_model, module(), keyword()) :: {:ok, map()} | {:error, term()}
-  def spec(s, kind, module, opts) do
-    with :ok <- Store.Config.check_keys(opts, @start_keys),
-         :ok <- check_module(kind, module),
-         defaults = if(function_exported?(module, :filter, 0), do: module.filter(), else: []),
-         {:ok, filter} <- filter(Keyword.merge(defaults, Keyword.take(opts, [:types, :scope, :id_prefix]))),
-         name = Keyword.get(opts, :name, module),
-         :ok <- check(:name, name, is_atom(name) and name not in [nil, true, false]),
-         on_error = Keyword.get(opts, :on_error, :park),
-         :ok <- check(:on_error, on_error, on_error in [:park, :stop]),
-         max_retries = Keyword.get(opts, :max_retries, 3),
-         :ok <- check(:max_retries, max_retries, is_integer(max_retries) and max_retries >= 0),
-         backoff = Keyword.get(opts, :retry_backoff, 100),
-         :ok <- check(:retry_backoff, backoff, is_integer(backoff) and backoff > 0),
-         batch = Keyword.get(opts, :batch_size, 500),
-         :ok <- check(:batch_size, batch, is_integer(batch) and batch in 1..100_000),
-         checkpoint = Keyword.get(opts, :checkpoint, :durable),
-         :ok <- check(:checkpoint, checkpoint, checkpoint in [:durable, :memory]) do
-      path = Keyword.get(opts, :path) || Path.join([s.data_dir, "projections", file_name(name) <> ".sqlite"])
-
-      {:ok,
-       %{
-         name: name,
-         store: s.name,
-         kind: kind,
-         module: module,
-         args: Keyword.get(opts, :args, []),
-         filter: filter,
-         on_error: on_error,
-         max_retries: max_retries,
-         retry_backoff: backoff,
-         batch_size: batch,
-         checkpoint_mode: checkpoint,
-         path: Path.expand(to_string(path)),
-         restart: :permanent
-       }}
+      nil -> Kuma.Projection.Supervisor.start_runner(s, spec)
+      _pid -> {:error, {:already_started, spec.name}}
     end
   end
-
-  defp check_module(kind, module) do
-    needed = if kind == :read_model, do: [schema: 0, handle_event: 1], else: [init: 1, handle_event: 2]
-
-    cond do
-      not is_atom(module) or not Code.ensure_loaded?(module) ->
-        {:error, {:invalid, :module, "#{inspect(module)} is not a loaded module"}}
-
-      missing = Enum.find(needed, fn {f, a} -> not function_exported?(module, f, a) end) ->
-        {f, a} = missing
-        {:error, {:invalid, :module, "#{inspect(module)} does not define #{f}/#{a}"}}
-
-      true ->
-        :ok
-    end
-  end
-
-  defp check(_key, _value, true), do: :ok
-  defp check(key, value, false), do: {:error, {:invalid, key, "not a valid value: #{inspect(value)}"}}
-
-  defp file_name(name) do
-    name |> Atom.to_string() |> String.replace_prefix("Elixir.", "") |> String.replace(~r/[^A-Za-z0-9_.-]/, "_")
-  end
-
-  @doc false
-  # Filter options -> %{types, scope, id_prefix, entity_id} in the form Kuma.Native.query_shard takes.
-  @spec filter(keyword()) :: {:ok, map()} | {:error, term()}
-  def filter(opts) do
-    with {:ok, types} <- types(Keyword.get(opts, :types, Keyword.get(opts, :type))),
-         {:ok, scope} <- scope(Keyword.get(opts, :scope)),
-         {:ok, id_prefix} <- binary_opt(:id_prefix, Keyword.get(opts, :id_prefix)),
-         {:ok, entity_id} <- binary_opt(:entity_id, Keyword.get(opts, :entity_id)) do
-      {:ok, %{types: types, scope: scope, id_prefix: entity_id || id_prefix, entity_id: entity_id}}
-    end
-  end
-
-  defp types(nil), do: {:ok, []}
-  defp types(list) when is_list(list) and length(list) <= 64, do: collect(list, &type/1)
-  defp types(list) when is_list(list), do: {:error, {:too_large, :types, length(list), 64}}
-  defp types(one), do: types([one])
-
-  defp type(t) when is_binary(t) and t != "", do: {:ok, t}
-
-  defp type(t) when is_atom(t) and t not in [nil, true, false], do: {:ok, Kuma.Codec.module_type(t)}
-
-  defp type(t), do: {:error, {:invalid, :types, "a type is a non-empty string or an atom, got: #{inspect(t)}"}}
-
-  @doc false
-  # Maps `fun` (returning {:ok, value} or an error) over `list`: {:ok, values} in order, or
-  # the first error.
-  @spec collect(list(), (term() -> {:ok, term()} | term())) :: {:ok, list()} | term()
-  def collect(list, fun) do
-    Enum.reduce_while(list, {:ok, []}, fn x, {:ok, acc} ->
-      case fun.(x) do
-        {:ok, v} -> {:cont, {:ok, [v | acc]}}
-        error -> {:halt, error}
-      end
-    end)
-    |> case do
-      {:ok, acc} -> {:ok, Enum.reverse(acc)}
-      error -> error
-    end
-  end
-
-  defp scope(nil), do: {:ok, nil}
-
-  defp scope(scope) when is_binary(scope) and scope != "" do
-    case String.split_at(scope, -1) do
-      {prefix, "*"} -> {:ok, {:prefix, prefix}}
-      _ -> {:ok, {:exact, scope}}
-    end
-  end
-
-  defp scope(other),
-    do: {:error, {:invalid, :scope, "must be a non-empty string (\"org:acme/*\" for a prefix), got: #{inspect(other)}"}}
-
-  defp binary_opt(_key, nil), do: {:ok, nil}
-  defp binary_opt(_key, b) when is_binary(b) and b != "", do: {:ok, b}
-  defp binary_opt(key, other), do: {:error, {:invalid, key, "must be a non-empty binary, got: #{inspect(other)}"}}
 
   # -- operating -------------------------------------------------------------------------------
 
@@ -331,18 +187,8 @@ defmodule Kuma.Projection do
   @spec stop(name()) :: :ok | {:error, term()}
   def stop(name) do
     case Registry.lookup(Kuma.Registry, {:projection, name}) do
-      [{pid, %{store: store}}] ->
-        # Through its supervisor: a permanent child stopped any other way is restarted.
-        case DynamicSupervisor.terminate_child(Store.via(store, :projections), pid) do
-          :ok ->
-            :ok
-
-          {:error, :not_found} ->
-            Supervisor.terminate_child(Store.via(store, :projection_sup), {Kuma.Projection.Runner, name})
-        end
-
-      _ ->
-        {:error, {:unknown_projection, name}}
+      [{pid, %{store: store}}] -> Kuma.Projection.Supervisor.stop_runner(store, name, pid)
+      _ -> {:error, {:unknown_projection, name}}
     end
   catch
     :exit, _ -> {:error, {:unknown_projection, name}}

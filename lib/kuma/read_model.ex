@@ -96,7 +96,7 @@ defmodule Kuma.ReadModel do
   @spec start(Kuma.store(), module(), keyword()) :: {:ok, pid()} | {:error, term()}
   def start(store, module, opts \\ []) do
     with {:ok, s} <- Store.lookup(store),
-         {:ok, spec} <- Kuma.Projection.spec(s, :read_model, module, opts) do
+         {:ok, spec} <- Kuma.Projection.Spec.new(s, :read_model, module, opts) do
       Kuma.Projection.start_spec(s, spec)
     end
   end
@@ -119,36 +119,6 @@ defmodule Kuma.ReadModel do
 
       _ ->
         {:error, {:unknown_projection, name}}
-    end
-  end
-
-  @doc false
-  # Normalises what handle_event/1 or forget/1 returned into a list of {sql, params}.
-  @spec statements(term()) :: {:ok, [statement()]} | :error
-  def statements({sql, params} = one) when is_binary(sql) and is_list(params), do: {:ok, [one]}
-
-  def statements(list) when is_list(list) do
-    if Enum.all?(list, &match?({sql, params} when is_binary(sql) and is_list(params), &1)),
-      do: {:ok, list},
-      else: :error
-  end
-
-  def statements(_other), do: :error
-
-  @doc false
-  # The default forget: DELETE from every table of the read model with an entity_id column.
-  @spec default_forget(reference(), binary()) :: {:ok, [statement()]} | {:error, term()}
-  def default_forget(db, entity_id) do
-    sql = """
-    SELECT m.name FROM sqlite_master m, pragma_table_info(m.name) c
-    WHERE m.type = 'table' AND m.name NOT LIKE '\\_kuma\\_%' ESCAPE '\\' AND c.name = 'entity_id'
-    """
-
-    with {:ok, {_, rows}} <- Native.sqldb_query(db, sql, []) do
-      id = if String.valid?(entity_id), do: entity_id, else: {:blob, entity_id}
-
-      {:ok,
-       for([table] <- rows, do: {"DELETE FROM \"#{String.replace(table, "\"", "\"\"")}\" WHERE entity_id = ?1", [id]})}
     end
   end
 end

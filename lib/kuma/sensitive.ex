@@ -57,7 +57,7 @@ defmodule Kuma.Sensitive do
   @doc "Wraps `value` as personal data of `subject` (see the moduledoc); raises `ArgumentError` for a bad subject."
   @spec new(binary(), term(), keyword()) :: t()
   def new(subject, value, opts \\ []) do
-    unless is_binary(subject) and subject != "" and byte_size(subject) <= 512 do
+    with {:error, _} <- Kuma.Validate.entity_id(subject) do
       raise ArgumentError, "a sensitive value's subject must be an entity id (1..512 bytes), got: #{inspect(subject)}"
     end
 
@@ -134,7 +134,7 @@ defmodule Kuma.Sensitive do
   defp seal_one(_s, %__MODULE__{sealed: sealed} = v) when is_binary(sealed), do: v
 
   defp seal_one(s, %__MODULE__{subject: subject, value: value} = v) when is_binary(subject) do
-    case Native.seal_sensitive(s.native, subject, :erlang.term_to_binary(value)) do
+    case Native.keys_seal(s.native, subject, :erlang.term_to_binary(value)) do
       {:ok, sealed} -> %{v | sealed: sealed, erased: false}
       {:error, :entity_erased} -> throw({:kuma_sensitive_error, {:subject_erased, subject}})
       {:error, reason} -> throw({:kuma_sensitive_error, reason})
@@ -145,7 +145,7 @@ defmodule Kuma.Sensitive do
     do: throw({:kuma_sensitive_error, {:invalid, :sensitive, "malformed Kuma.Sensitive: #{inspect(other)}"}})
 
   defp reveal_one(s, %__MODULE__{subject: subject, sealed: sealed} = v, holder) when is_binary(sealed) do
-    case Native.unseal_sensitive(s.native, subject, sealed) do
+    case Native.keys_unseal(s.native, subject, sealed) do
       {:ok, plain} ->
         if holder && s.sensitive_refs, do: :ets.insert(s.sensitive_refs, {subject, holder})
         %{v | value: :erlang.binary_to_term(plain), erased: false}

@@ -8,32 +8,45 @@ defmodule Kuma.Store do
   `{:error, :store_closed}` and calls by name `{:error, {:no_store, name}}`.
 
   Process layout of one store (all under `Kuma.Stores` when started with `Kuma.start/1`,
-  or under your supervisor when started from `{Kuma, opts}`):
+  or under your supervisor when started from `{Kuma, opts}`; docs/architecture.md draws
+  the whole tree):
 
       Kuma.Store.Supervisor (rest_for_one)
-      ├── Kuma.Store.Owner        opens the shards, owns the native handle and the entity
-      │                           state table; closes the handle on stop
-      ├── PartitionSupervisor     one DynamicSupervisor per scheduler, for entity processes
-      │   └── Kuma.Entity.Server  one per live entity (started on first use)
-      └── Kuma.Entity.Reaper      passivates idle entities and enforces max_live_entities
+      ├── Kuma.Store.Owner            opens the shards, owns the native handle and the entity
+      │                               state table; closes the handle on stop
+      ├── Kuma.Feed                   tells projections and subscriptions of every commit
+      ├── PartitionSupervisor         one DynamicSupervisor per scheduler, for entity processes
+      │   └── Kuma.Entity.Server      one per live entity (started on first use)
+      ├── Kuma.Entity.Reaper          passivates idle entities and enforces max_live_entities
+      └── Kuma.Projection.Supervisor  projections configured with the store, and a
+          └── DynamicSupervisor       for projections, read models and subscriptions started later
+              └── Kuma.Projection.Runner  one per projection, read model or subscription
 
-  `rest_for_one`: if the owner restarts, every entity restarts (lazily, on next use) against
-  the new handle.
+  `rest_for_one`: if the owner restarts, everything after it restarts against the new
+  handle (entities lazily, on next use).
   """
 
-  @enforce_keys [:name, :native, :data_dir, :shards, :sync, :decode, :store_id]
-  defstruct @enforce_keys ++
-              [
-                aggregates: [],
-                upcasters: [],
-                snapshot_every: 100,
-                idle_timeout: :infinity,
-                max_live_entities: :infinity,
-                entities: nil,
-                sensitive_refs: nil,
-                encrypted: true,
-                epoch: nil
-              ]
+  # Every field is set by Kuma.Store.Owner from the validated options (Kuma.Store.Config
+  # holds the defaults), so none has a default here.
+  @enforce_keys [
+    :name,
+    :native,
+    :data_dir,
+    :shards,
+    :sync,
+    :decode,
+    :store_id,
+    :aggregates,
+    :upcasters,
+    :snapshot_every,
+    :idle_timeout,
+    :max_live_entities,
+    :entities,
+    :sensitive_refs,
+    :encrypted,
+    :epoch
+  ]
+  defstruct @enforce_keys
 
   @type name :: atom()
   @type t :: %__MODULE__{
@@ -80,5 +93,20 @@ defmodule Kuma.Store do
       [{pid, _}] -> pid
       [] -> nil
     end
+  end
+
+  @doc false
+  # Facts about a running store (`Kuma.info/1`).
+  @spec info(t()) :: map()
+  def info(%__MODULE__{} = s) do
+    %{
+      name: s.name,
+      store_id: s.store_id,
+      data_dir: s.data_dir,
+      shards: s.shards,
+      sync: s.sync,
+      encrypted: s.encrypted,
+      writers: Kuma.Native.store_stats(s.native)
+    }
   end
 end

@@ -50,7 +50,7 @@ defmodule Kuma.CodecTest do
       {:ok, store} = Kuma.start(name: name, data_dir: Path.join(dir, "#{i}"), shards: 1, decode: mode)
       # Queue the crafted payload through the NIF, as if another VM had written it.
       ref = make_ref()
-      {:ok, :ok} = Kuma.Native.append(store.native, ref, "e", nil, [{"", <<>>, unknown_atom_term()}])
+      {:ok, :ok} = Kuma.Native.write_append(store.native, ref, "e", nil, [{"", <<>>, unknown_atom_term(), nil}])
       assert_receive {:kuma_reply, ^ref, {:ok, _}}
 
       case mode do

@@ -145,7 +145,7 @@ defmodule Kuma.EntityTest do
       {:ok, 1} = Kuma.execute(alice, {:deposit, 10})
       # Write behind the entity's back (what a store-level write racing activation does).
       {:ok, s} = Kuma.Store.lookup(store)
-      {:ok, _} = Kuma.append_direct(s, "account:alice", [%Deposited{amount: 100}], expected_seq: 1)
+      {:ok, _} = Kuma.EventLog.append(s, "account:alice", [%Deposited{amount: 100}], expected_seq: 1)
       # Decided against the stale state (balance 10), the write meets seq 2 instead of 1:
       # the entity reloads (balance 110) and decides again.
       assert {:ok, 3} = Kuma.execute(alice, {:withdraw, 5})

@@ -165,7 +165,7 @@ defmodule Kuma.ProtectionTest do
       assert Bank.Payments.names(Kuma.read(payments)) == ["Carol Danvers", "Alice Liddell"]
 
       # The snapshot at seq 2 holds sealed bytes, not names.
-      {:ok, [{2, _, _, _, data}]} = wait_for_snapshot(store, "bob")
+      {:ok, [%{seq: 2, data: data}]} = wait_for_snapshot(store, "bob")
       refute data =~ "Alice Liddell"
       refute data =~ "Carol Danvers"
 
@@ -188,7 +188,7 @@ defmodule Kuma.ProtectionTest do
     end
 
     defp wait_for_snapshot(store, id, tries \\ 50) do
-      case Kuma.Native.snapshots(store.native, id) do
+      case Kuma.Native.read_snapshots(store.native, id) do
         {:ok, []} when tries > 0 ->
           Process.sleep(10)
           wait_for_snapshot(store, id, tries - 1)

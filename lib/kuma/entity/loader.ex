@@ -9,9 +9,8 @@ defmodule Kuma.Entity.Loader do
   # snapshot can never describe a history other than the one in the shard). An invalid
   # snapshot is ignored and the state is rebuilt from seq 1.
 
-  alias Kuma.{Aggregate, Codec, Native, Store}
-
-  @chunk 1000
+  alias Kuma.{Aggregate, Codec, EventLog, Native, Store}
+  require Native
 
   @type loaded :: %{
           state: term(),
@@ -25,12 +24,12 @@ defmodule Kuma.Entity.Loader do
   @doc "Loads the entity up to `upto` (a seq, or `:head`)."
   @spec load(Store.t(), module(), binary(), non_neg_integer() | :head) :: {:ok, loaded()} | {:error, term()}
   def load(%Store{} = s, aggregate, id, upto \\ :head) do
-    with {:ok, head} <- Native.head(s.native, id) do
+    with {:ok, head} <- EventLog.head(s, id) do
       target =
         case {head, upto} do
           {nil, _} -> 0
-          {{seq, _pos, _ts, _hash}, :head} -> seq
-          {{seq, _pos, _ts, _hash}, n} -> min(seq, n)
+          {%{seq: seq}, :head} -> seq
+          {%{seq: seq}, n} -> min(seq, n)
         end
 
       fresh = %{state: nil, seq: 0, hash: nil, timestamp: nil, snapshot_seq: 0, replayed: 0}
@@ -45,9 +44,9 @@ defmodule Kuma.Entity.Loader do
   defp start_point(_s, _aggregate, _id, 0, fresh), do: {:ok, fresh}
 
   defp start_point(s, aggregate, id, target, fresh) do
-    case Native.latest_snapshot(s.native, id, Aggregate.snapshot_version(aggregate), target) do
-      {:ok, {seq, _version, _ts, hash, data}} ->
-        with {:ok, [{_, ^seq, _, ts, _, _, _, ^hash}]} <- Native.read_entity(s.native, id, seq, 1),
+    case Native.read_snapshot(s.native, id, Aggregate.snapshot_version(aggregate), target) do
+      {:ok, %{seq: seq, timestamp: ts, hash: hash, data: data}} ->
+        with {:ok, [Native.event(seq: ^seq, hash: ^hash)]} <- Native.read_entity(s.native, id, seq, 1),
              {:ok, state} <- safe(fn -> Codec.decode_stored(data, "", id, seq, s, id) end, :bad_snapshot) do
           {:ok, %{fresh | state: state, seq: seq, hash: hash, timestamp: ts, snapshot_seq: seq}}
         else
@@ -65,49 +64,33 @@ defmodule Kuma.Entity.Loader do
     end
   end
 
+  # Folds the events after the start point up to `target`, each decoded, upcast (store,
+  # then aggregate) and applied; a failure names the event's seq.
   defp replay(_s, _aggregate, _id, target, %{seq: seq} = acc) when seq >= target, do: {:ok, acc}
 
   defp replay(s, aggregate, id, target, acc) do
-    max = min(@chunk, target - acc.seq)
+    step = fn event, acc ->
+      seq = Native.event(event, :seq)
 
-    with {:ok, tuples} when tuples != [] <- Native.read_entity(s.native, id, acc.seq + 1, max),
-         {:ok, acc} <- fold(s, aggregate, tuples, acc) do
-      replay(s, aggregate, id, target, acc)
-    else
-      {:ok, []} -> {:error, {:replay_failed, acc.seq + 1, :missing_events}}
-      {:error, _} = error -> error
-    end
-  end
-
-  defp fold(s, aggregate, tuples, acc) do
-    shard = Native.shard_for(elem(hd(tuples), 0), s.shards)
-
-    Enum.reduce_while(tuples, {:ok, acc}, fn tuple, {:ok, acc} ->
-      seq = elem(tuple, 1)
-
-      step = fn ->
-        envelope = Codec.envelope(tuple, shard, s)
-        event = upcast(aggregate, envelope)
-        {aggregate.apply(acc.state, event), envelope}
+      apply_one = fn ->
+        envelope = Codec.envelope(event, s)
+        {aggregate.apply(acc.state, upcast(aggregate, envelope)), envelope}
       end
 
-      case safe(step, {:replay_failed, seq}) do
-        {:ok, {state, envelope}} ->
-          {:cont,
-           {:ok,
-            %{
-              acc
-              | state: state,
-                seq: seq,
-                hash: envelope.hash,
-                timestamp: envelope.timestamp,
-                replayed: acc.replayed + 1
-            }}}
+      case safe(apply_one, {:replay_failed, seq}) do
+        {:ok, {state, e}} ->
+          {:cont, %{acc | state: state, seq: seq, hash: e.hash, timestamp: e.timestamp, replayed: acc.replayed + 1}}
 
         error ->
           {:halt, error}
       end
-    end)
+    end
+
+    case EventLog.reduce(s, id, acc.seq + 1, target - acc.seq, acc, step) do
+      {:ok, %{seq: ^target} = acc} -> {:ok, acc}
+      {:ok, acc} -> {:error, {:replay_failed, acc.seq + 1, :missing_events}}
+      {:error, _} = error -> error
+    end
   end
 
   @doc "An event's data after the aggregate's own upcaster (the store's already ran)."

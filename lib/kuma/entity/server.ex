@@ -14,8 +14,9 @@ defmodule Kuma.Entity.Server do
 
   use GenServer, restart: :temporary
 
-  alias Kuma.{Aggregate, Native, Store}
+  alias Kuma.{Aggregate, Codec, EventLog, Native, Store}
   alias Kuma.Entity.Loader
+  require Native
 
   require Logger
 
@@ -124,10 +125,10 @@ defmodule Kuma.Entity.Server do
   end
 
   # Answers to our fire-and-forget snapshot writes.
-  def handle_info({:kuma_reply, _ref, :ok}, st), do: {:noreply, st}
+  def handle_info({:kuma_reply, _ref, {:ok, :ok}}, st), do: {:noreply, st}
 
   def handle_info({:kuma_reply, _ref, {:error, reason}}, st) do
-    Logger.warning("Kuma: snapshot of entity #{inspect(st.id)} failed: #{Kuma.format_error(reason)}")
+    Logger.warning("Kuma: snapshot of entity #{inspect(st.id)} failed: #{Kuma.Error.format(reason)}")
     {:noreply, st}
   end
 
@@ -144,14 +145,17 @@ defmodule Kuma.Entity.Server do
   # -- the write path ----------------------------------------------------------------------
 
   # decide -> evolve -> persist -> publish. `decide` returns {:ok, events} | {:error, reason}.
+  # Each event is encoded once, here (sensitive values sealed under their subjects' keys,
+  # their clear values kept for the state), and the bytes go down to storage as they are.
   defp write(st, decide, opts, retries) do
     with {:ok, s} <- Store.lookup(st.store_name),
          {:ok, decision} <- run_user(fn -> decide.(st.state) end, :handle),
          {:ok, events} <- decision,
          events = List.wrap(events),
-         {:ok, events} <- seal_sensitive(s, st.id, events),
-         {:ok, new_state} <- run_user(fn -> Enum.reduce(events, st.state, &st.aggregate.apply(&2, &1)) end, :apply) do
-      persist(s, st, events, new_state, decide, opts, retries)
+         {:ok, encoded} <- encode(events, opts, s, st.id),
+         {:ok, new_state} <-
+           run_user(fn -> Enum.reduce(encoded.events, st.state, &st.aggregate.apply(&2, &1)) end, :apply) do
+      persist(s, st, encoded, new_state, decide, opts, retries)
     else
       {:error, {:user_code_crashed, _, _} = reason} ->
         # Our state is untouched, but user code failed: start over from storage next time.
@@ -162,21 +166,25 @@ defmodule Kuma.Entity.Server do
     end
   end
 
-  defp persist(_s, st, [], _new_state, _decide, opts, _retries) do
+  defp encode([], _opts, _s, _id), do: {:ok, %{events: [], encoded: [], bytes: 0}}
+  defp encode(events, opts, s, id), do: Codec.encode_events(events, Keyword.get(opts, :metadata), s, id)
+
+  defp persist(_s, st, %{encoded: []}, _new_state, _decide, opts, _retries) do
     # Nothing written: the token of no events covers nothing new.
     reply = if Keyword.get(opts, :return) == :token, do: {:ok, st.seq, %{}}, else: {:ok, st.seq}
     {:reply, reply, st}
   end
 
-  defp persist(s, st, events, new_state, decide, opts, retries) do
-    append_opts = [expected_seq: st.seq, metadata: Keyword.get(opts, :metadata)]
+  defp persist(s, st, encoded, new_state, decide, opts, retries) do
+    timeout = Keyword.get(opts, :timeout, EventLog.default_timeout())
 
-    case Kuma.append_direct(s, st.id, events, append_opts) do
-      {:ok, {_first, last, _first_pos, _last_pos, _ts, hash} = details} ->
+    case EventLog.append_encoded(s, st.id, st.seq, encoded, timeout) do
+      {:ok, Native.appended(last_seq: last, hash: hash) = appended} ->
+        before = st.seq
         st = %{st | state: new_state, seq: last, hash: hash}
         publish(s, st)
-        maybe_snapshot(s, st, last - length(events))
-        {:reply, Kuma.appended(s, st.id, details, opts), st}
+        maybe_snapshot(s, st, before)
+        {:reply, EventLog.answer(appended, opts), st}
 
       {:error, {:wrong_expected_seq, _, _}} when retries > 0 ->
         # Someone wrote to the stream without going through us (store-level API while we
@@ -197,14 +205,6 @@ defmodule Kuma.Entity.Server do
       {:error, reason} ->
         {:reply, {:error, reason}, st}
     end
-  end
-
-  # Sensitive values are sealed before `apply` sees them, so the state holds the sealed
-  # bytes next to the clear value and a snapshot can drop the latter without sealing again.
-  defp seal_sensitive(s, id, events) do
-    if Kuma.Sensitive.in_binary?(:erlang.term_to_binary(events)),
-      do: Kuma.Sensitive.seal(s, events, id),
-      else: {:ok, events}
   end
 
   defp decide(aggregate, state, command) do
@@ -237,14 +237,11 @@ defmodule Kuma.Entity.Server do
   defp maybe_snapshot(%Store{snapshot_every: every} = s, st, before) when is_integer(every) do
     if div(st.seq, every) > div(before, every) do
       # Sensitive values go to disk sealed, never in clear (Kuma.Codec.encode_term/2).
-      with {:ok, data} <- Kuma.Codec.encode_term(st.state, s) do
-        version = Aggregate.snapshot_version(st.aggregate)
-        save = if byte_size(data) > 64 * 1024, do: &Native.save_snapshot_dirty/7, else: &Native.save_snapshot/7
-        save.(s.native, make_ref(), st.id, st.seq, version, st.hash, data)
-      end
-      |> case do
-        {:ok, :ok} -> :ok
-        {:error, reason} -> Logger.warning("Kuma: snapshot of #{inspect(st.id)} refused: #{Kuma.format_error(reason)}")
+      with {:ok, data} <- Codec.encode_term(st.state, s),
+           :ok <- EventLog.snapshot(s, st.id, st.seq, Aggregate.snapshot_version(st.aggregate), st.hash, data) do
+        :ok
+      else
+        {:error, reason} -> Logger.warning("Kuma: snapshot of #{inspect(st.id)} refused: #{Kuma.Error.format(reason)}")
       end
     end
   end

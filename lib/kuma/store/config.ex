@@ -1,7 +1,8 @@
 defmodule Kuma.Store.Config do
   @moduledoc false
   # Validates `Kuma.start/1` options into a map. Unknown keys are refused so a typo
-  # (`shard: 8`) is an error instead of a silently ignored option.
+  # (`shard: 8`) is an error instead of a silently ignored option. The defaults here are
+  # the only ones: `Kuma.Store` is built from this map.
 
   @defaults %{
     name: :kuma,
@@ -24,7 +25,7 @@ defmodule Kuma.Store.Config do
   @known Map.keys(@defaults) ++ [:data_dir]
 
   def validate(opts) when is_list(opts) do
-    with :ok <- check_keys(opts, @known),
+    with :ok <- Kuma.Validate.keys(opts, @known),
          config = Map.merge(@defaults, Map.new(opts)),
          :ok <- check(:name, config.name),
          :ok <- check(:data_dir, Map.get(config, :data_dir)),
@@ -39,7 +40,7 @@ defmodule Kuma.Store.Config do
          :ok <- check(:writer_threads, config.writer_threads),
          {:ok, master_key} <- master_key(config),
          data_dir = Path.expand(to_string(config.data_dir)),
-         {:ok, specs} <- projection_specs(config.projections, %{name: config.name, data_dir: data_dir}) do
+         {:ok, specs} <- Kuma.Projection.Spec.configured(config.projections, %{name: config.name, data_dir: data_dir}) do
       aggregates = Enum.uniq([Kuma.Aggregate.Latest | config.aggregates])
       keystore = config.keystore_path && Path.expand(to_string(config.keystore_path))
 
@@ -52,36 +53,6 @@ defmodule Kuma.Store.Config do
 
   def validate(_opts), do: {:error, {:invalid, :options, "must be a keyword list"}}
 
-  # `projections: [Module | {Module, opts}]`: projections and read models started with the store.
-  defp projection_specs(list, s) when is_list(list) do
-    Kuma.Projection.collect(list, fn entry ->
-      {module, opts} = if is_tuple(entry), do: entry, else: {entry, []}
-
-      kind =
-        if is_atom(module) and Code.ensure_loaded?(module) and function_exported?(module, :schema, 0),
-          do: :read_model,
-          else: :projection
-
-      Kuma.Projection.spec(s, kind, module, opts)
-    end)
-    |> case do
-      {:ok, specs} ->
-        names = Enum.map(specs, & &1.name)
-
-        if length(Enum.uniq(names)) == length(names),
-          do: {:ok, specs},
-          else: {:error, {:invalid, :projections, "two projections have the same name"}}
-
-      error ->
-        error
-    end
-  rescue
-    e in [ArgumentError, MatchError] -> {:error, {:invalid, :projections, Exception.message(e)}}
-  end
-
-  defp projection_specs(_other, _s),
-    do: {:error, {:invalid, :projections, "must be a list of modules or {module, opts}"}}
-
   # The master key, resolved once at start from (in order) :master_key, :master_key_file or
   # the environment variable :master_key_env. It travels inside a 0-arity function so that
   # crash reports and :sys.get_state show #Function<...>, never the key's bytes.
@@ -90,16 +61,16 @@ defmodule Kuma.Store.Config do
   defp master_key(%{encryption: true} = config) do
     cond do
       config.master_key != nil ->
-        wrap(parse_key(config.master_key), :master_key)
+        wrap(Kuma.Keys.parse(config.master_key), :master_key)
 
       config.master_key_file != nil ->
         case File.read(to_string(config.master_key_file)) do
-          {:ok, contents} -> wrap(parse_key(String.trim(contents)), :master_key_file)
+          {:ok, contents} -> wrap(Kuma.Keys.parse(String.trim(contents)), :master_key_file)
           {:error, reason} -> {:error, {:invalid, :master_key_file, "cannot read: #{:file.format_error(reason)}"}}
         end
 
       is_binary(config.master_key_env) and System.get_env(config.master_key_env) not in [nil, ""] ->
-        wrap(parse_key(String.trim(System.get_env(config.master_key_env))), :master_key_env)
+        wrap(Kuma.Keys.parse(String.trim(System.get_env(config.master_key_env))), :master_key_env)
 
       true ->
         {:error,
@@ -113,39 +84,6 @@ defmodule Kuma.Store.Config do
 
   defp wrap({:ok, key}, _source), do: {:ok, fn -> key end}
   defp wrap(:error, source), do: {:error, {:invalid, source, "a key must be 32 raw bytes, 64 hex characters or base64"}}
-
-  @doc false
-  # A 32-byte key from raw bytes, hex or base64.
-  @spec parse_key(term()) :: {:ok, <<_::256>>} | :error
-  def parse_key(<<key::binary-size(32)>>), do: {:ok, key}
-
-  def parse_key(text) when is_binary(text) and byte_size(text) == 64 do
-    case Base.decode16(text, case: :mixed) do
-      {:ok, key} -> {:ok, key}
-      :error -> :error
-    end
-  end
-
-  def parse_key(text) when is_binary(text) do
-    case Base.decode64(text) do
-      {:ok, <<key::binary-size(32)>>} -> {:ok, key}
-      _ -> :error
-    end
-  end
-
-  def parse_key(_other), do: :error
-
-  @doc false
-  # Shared by every function that takes options: unknown keys are errors, not ignored.
-  def check_keys(opts, allowed) when is_list(opts) do
-    case Enum.find(opts, fn item -> not (is_tuple(item) and tuple_size(item) == 2 and elem(item, 0) in allowed) end) do
-      nil -> :ok
-      {key, _} when is_atom(key) -> {:error, {:unknown_option, key}}
-      other -> {:error, {:invalid, :options, "not a keyword pair: #{inspect(other)}"}}
-    end
-  end
-
-  def check_keys(_opts, _allowed), do: {:error, {:invalid, :options, "must be a keyword list"}}
 
   defp check(:name, name) when is_atom(name) and name not in [nil, true, false], do: :ok
   defp check(:name, _), do: {:error, {:invalid, :name, "must be an atom"}}

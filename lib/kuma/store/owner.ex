@@ -50,7 +50,7 @@ defmodule Kuma.Store.Owner do
           # {subject_id, entity_id}: entities whose in-memory state holds a revealed
           # Kuma.Sensitive value of the subject; erasing the subject passivates them.
           sensitive_refs: :ets.new(:kuma_sensitive_refs, [:bag, :public, write_concurrency: true]),
-          encrypted: Native.store_encrypted(native),
+          encrypted: info.encrypted,
           epoch: :atomics.new(1, signed: false)
         }
 

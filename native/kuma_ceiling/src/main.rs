@@ -6,7 +6,7 @@
 //! alone achieves on this machine, and Kuma reports its own throughput as a ratio of it.
 //!
 //! Layouts (`--layout`):
-//! - `plain`: one append-only table keyed by position, no secondary index (the BASELINES ceiling).
+//! - `plain`: one append-only table keyed by position, no secondary index (the baseline ceiling (docs/baselines.md)).
 //! - `naive`: the same plus `UNIQUE(entity TEXT, seq)`, the obvious per-entity index.
 //! - `runs`: interned integer entity ids and a `runs` index with one row per (entity,
 //!   transaction) instead of one per event.

@@ -64,6 +64,8 @@ impl NewEvent {
 /// An event as stored, with everything a reader needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
+    /// The shard that stores the entity.
+    pub shard: u32,
     pub entity_id: Vec<u8>,
     pub seq: u64,
     pub position: u64,

@@ -66,7 +66,6 @@ impl Heads {
     }
 
     /// Writer only: forget an entity (used when its events are deleted).
-    #[allow(dead_code)]
     pub(crate) fn remove(&self, entity_id: &[u8]) {
         self.map.write().unwrap_or_else(|p| p.into_inner()).remove(entity_id);
     }

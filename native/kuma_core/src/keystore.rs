@@ -18,7 +18,9 @@
 //! - The file is locked (flock) while open: one running store per keystore.
 
 use crate::cipher::{self, Binding, Key};
+use crate::clock;
 use crate::error::{Error, Result};
+use crate::sqlite::{self, SyncMode};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::collections::HashMap;
 use std::fs::File;
@@ -50,30 +52,8 @@ pub struct Keystore {
     closed: std::sync::atomic::AtomicBool,
 }
 
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
-}
-
-fn configure(conn: &Connection) -> Result<()> {
-    conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)).map_err(Error::storage("keystore wal"))?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(Error::storage("keystore synchronous"))?;
-    conn.pragma_update(None, "secure_delete", "ON").map_err(Error::storage("keystore secure_delete"))?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("keystore busy timeout"))?;
-    Ok(())
-}
-
 fn lock_file(path: &Path) -> Result<File> {
-    let lock_path = path.with_extension("lock");
-    let f =
-        File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::Storage {
-            context: "open keystore",
-            message: format!("{}: {e}", lock_path.display()),
-        })?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked { path: path.display().to_string() }),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock keystore")(e)),
-    }
+    sqlite::lock(&path.with_extension("lock"), path, "lock keystore")
 }
 
 impl Keystore {
@@ -89,13 +69,9 @@ impl Keystore {
             std::fs::create_dir_all(dir).map_err(Error::io("create keystore dir"))?;
         }
         let lock = lock_file(path)?;
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(Error::storage("create keystore"))?;
+        let conn = sqlite::open_writer(path, true, "create keystore")?;
         conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create keystore"))?;
-        configure(&conn)?;
+        sqlite::configure(&conn, SyncMode::Full)?;
         let index_key = Key::random()?;
         let wrapped = cipher::seal(&master, Binding::IndexKey, index_key.as_bytes());
         conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {FORMAT_VERSION};"))
@@ -152,7 +128,7 @@ impl Keystore {
         };
         let index_key = cipher::open(&master, Binding::IndexKey, &wrapped).map_err(|_| Error::WrongMasterKey)?;
         let index_key = Key::from_bytes(&index_key)?;
-        configure(&conn)?;
+        sqlite::configure(&conn, SyncMode::Full)?;
         Ok(Keystore::assemble(path, conn, master, index_key, lock))
     }
 
@@ -273,7 +249,7 @@ impl Keystore {
                         let key = Key::random()?;
                         let wrapped = cipher::seal(&master, Binding::DataKey { index }, key.as_bytes());
                         insert
-                            .execute(params![&index[..], wrapped, now_us()])
+                            .execute(params![&index[..], wrapped, clock::now_us()])
                             .map_err(Error::storage("create data keys"))?;
                         key
                     }
@@ -312,7 +288,7 @@ impl Keystore {
             .execute("DELETE FROM keys WHERE idx = ?1", [&index[..]])
             .map_err(Error::storage("destroy data key"))?;
         self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(&index);
-        truncate_wal(&conn, "keystore checkpoint")?;
+        sqlite::truncate_wal(&conn, "keystore checkpoint")?;
         Ok(n > 0)
     }
 
@@ -362,7 +338,7 @@ impl Keystore {
                 conn.execute_batch("COMMIT").map_err(Error::storage("rotate master key"))?;
                 *master = new_master;
                 // The old wrapped keys must not linger in the WAL.
-                truncate_wal(&conn, "keystore checkpoint")?;
+                sqlite::truncate_wal(&conn, "keystore checkpoint")?;
                 Ok(count)
             }
             Err(e) => {
@@ -371,19 +347,6 @@ impl Keystore {
             }
         }
     }
-}
-
-/// `PRAGMA wal_checkpoint(TRUNCATE)`, retried while readers hold old snapshots.
-pub(crate) fn truncate_wal(conn: &Connection, context: &'static str) -> Result<()> {
-    for attempt in 0..50 {
-        let busy: i64 =
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).map_err(Error::storage(context))?;
-        if busy == 0 {
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2 * (attempt + 1)));
-    }
-    Err(Error::Storage { context, message: "WAL checkpoint stayed busy (a reader holds an old snapshot)".into() })
 }
 
 #[cfg(test)]

@@ -7,29 +7,40 @@
 //!
 //! Where a write goes: [`store::Store::append`] -> [`router`] picks the shard ->
 //! [`writer`] thread of that shard -> [`shard`] file, chained by [`chain`] over the
-//! envelope from [`codec`]. Reads: [`reader`].
+//! envelope from [`codec`], sealed by [`protection`] with keys from [`keystore`].
+//! Reads: [`reader`] (one entity), [`query`] (across entities), [`verify`] (chains), on
+//! connections from [`readers`]. Every SQLite file is set up by [`sqlite`]; the data
+//! directory is described by its [`manifest`].
 
 pub mod chain;
 pub mod cipher;
+pub mod clock;
 pub mod codec;
 pub mod error;
 pub mod heads;
 pub mod keystore;
+mod manifest;
 pub mod protection;
+pub mod query;
 pub mod reader;
+mod readers;
 pub mod router;
 pub mod shard;
 pub mod sqldb;
+pub mod sqlite;
 pub mod store;
+pub mod verify;
 pub mod writer;
 
 pub use cipher::Key;
 pub use codec::{Expected, NewEvent, StoredEvent};
 pub use error::{Error, Result};
 pub use heads::Head;
-pub use reader::{EntityVerdict, ScopeMatch, ShardProblem, ShardQuery, ShardReport, Snapshot};
-pub use shard::SyncMode;
+pub use query::{ScopeMatch, ShardQuery};
+pub use reader::Snapshot;
+pub use sqlite::SyncMode;
 pub use store::{Store, StoreConfig};
+pub use verify::{EntityVerdict, ShardProblem, ShardReport};
 pub use writer::{AppendEntry, Appended, CommitListener, SnapshotRequest, WriterConfig, WriterStats};
 
 impl Store {

@@ -7,8 +7,10 @@
 //! Empty metadata stays empty (there is nothing to hide, and it saves 40 bytes).
 
 use crate::cipher::{self, Binding, Key};
+use crate::codec::StoredEvent;
 use crate::error::{Error, Result};
 use crate::keystore::Keystore;
+use std::collections::HashMap;
 
 pub enum Protection {
     /// No encryption. Tombstones use a keyed hash whose key is stored in the manifest: it
@@ -92,6 +94,41 @@ impl Protection {
                 Ok((meta, payload))
             }
         }
+    }
+
+    /// Opens a stored event (metadata and payload) with its entity's key.
+    pub fn open_stored(&self, key: Option<&Key>, mut ev: StoredEvent) -> Result<StoredEvent> {
+        let (metadata, payload) = self.open_event(key, &ev.entity_id, ev.seq, &ev.metadata, &ev.payload)?;
+        ev.metadata = metadata;
+        ev.payload = payload;
+        Ok(ev)
+    }
+
+    /// Opens stored events of any entities, looking each entity's key up once. Events of an
+    /// entity whose key is gone (erased, seen in a copy of the files taken before the
+    /// erasure) are left out.
+    pub fn open_events(&self, raw: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
+        let mut keys: HashMap<Vec<u8>, Option<Key>> = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for ev in raw {
+            let key = match keys.get(&ev.entity_id) {
+                Some(k) => k.clone(),
+                None => {
+                    let k = match self.data_key(&ev.entity_id) {
+                        Ok(k) => k,
+                        Err(Error::Erased) => None,
+                        Err(e) => return Err(e),
+                    };
+                    keys.insert(ev.entity_id.clone(), k.clone());
+                    k
+                }
+            };
+            if key.is_none() && self.is_encrypted() {
+                continue;
+            }
+            out.push(self.open_stored(key.as_ref(), ev)?);
+        }
+        Ok(out)
     }
 
     pub fn seal_snapshot(&self, key: Option<&Key>, entity_id: &[u8], seq: u64, data: &[u8]) -> Vec<u8> {

@@ -1,7 +1,8 @@
-//! One shard = one SQLite file in WAL mode. This module owns its schema, the checks made when
-//! it is opened, and the connection settings. Layout and reasoning: docs/storage-format.md.
+//! One shard = one SQLite file in WAL mode. This module owns its schema and the checks made
+//! when it is opened (connection settings: `sqlite.rs`). Layout and reasoning: docs/storage-format.md.
 
 use crate::error::{Error, Result};
+use crate::sqlite::{self, SyncMode};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
 
@@ -73,18 +74,6 @@ CREATE INDEX events_by_type ON events(type, pos) WHERE type <> '';
 CREATE INDEX events_by_scope ON events(scope, pos) WHERE scope IS NOT NULL;
 ";
 
-/// SQLite `synchronous` setting, chosen per store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncMode {
-    /// `synchronous=NORMAL`: a commit reaches the OS before it is acknowledged (survives a
-    /// crash of the VM); the WAL is fsynced at checkpoints only, so power loss may undo the
-    /// last commits (never corrupt the file).
-    Normal,
-    /// `synchronous=FULL`: the WAL is fsynced before every commit is acknowledged (survives
-    /// power loss).
-    Full,
-}
-
 /// Identity of a shard, checked against the `meta` table on every open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardIdentity {
@@ -98,37 +87,14 @@ pub fn shard_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(format!("{index:03}.kuma"))
 }
 
-fn configure(conn: &Connection, sync: SyncMode) -> Result<()> {
-    let mode: String =
-        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(Error::storage("set WAL mode"))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Error::Storage { context: "set WAL mode", message: format!("journal_mode is {mode}") });
-    }
-    let sync = match sync {
-        SyncMode::Normal => "NORMAL",
-        SyncMode::Full => "FULL",
-    };
-    conn.pragma_update(None, "synchronous", sync).map_err(Error::storage("set synchronous"))?;
-    // Readers and checkpoints may briefly hold locks; wait instead of failing.
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("set busy timeout"))?;
-    conn.pragma_update(None, "temp_store", "MEMORY").map_err(Error::storage("set temp_store"))?;
-    // Deleted content is overwritten with zeros (erasure must not leave bytes behind).
-    conn.pragma_update(None, "secure_delete", "ON").map_err(Error::storage("set secure_delete"))?;
-    Ok(())
-}
-
 /// Creates a new, empty shard file. Fails if the file already exists.
 pub fn create(path: &Path, id: &ShardIdentity, sync: SyncMode) -> Result<Connection> {
     if path.exists() {
         return Err(Error::ForeignFile { path: path.display().to_string(), why: "file already exists".into() });
     }
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(Error::storage("create shard"))?;
+    let conn = sqlite::open_writer(path, true, "create shard")?;
     conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create shard"))?;
-    configure(&conn, sync)?;
+    sqlite::configure(&conn, sync)?;
     let init = format!(
         "BEGIN; {SCHEMA} {QUERY_INDEXES}
          INSERT INTO meta(key, value) VALUES ('store_id', '{}'), ('shard_index', {}), ('shard_count', {}),
@@ -182,7 +148,7 @@ pub fn open(path: &Path, expected: &ShardIdentity, sync: SyncMode) -> Result<Con
             why: format!("is shard {}, expected shard {}", found.index, expected.index),
         });
     }
-    configure(&conn, sync)?;
+    sqlite::configure(&conn, sync)?;
     if version < 2 {
         migrate_to_2(&conn)?;
     }
@@ -212,15 +178,6 @@ fn identity(conn: &Connection) -> rusqlite::Result<ShardIdentity> {
 /// Reads one `meta` value.
 pub fn meta_get<T: rusqlite::types::FromSql>(conn: &Connection, key: &str) -> rusqlite::Result<Option<T>> {
     conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()
-}
-
-/// Opens an extra connection for readers (never writes).
-pub fn open_reader(path: &Path) -> Result<Connection> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(Error::storage("open reader"))?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("open reader"))?;
-    conn.pragma_update(None, "query_only", true).map_err(Error::storage("open reader"))?;
-    Ok(conn)
 }
 
 #[cfg(test)]

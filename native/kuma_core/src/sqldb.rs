@@ -7,9 +7,10 @@
 //! a read model's rows and its checkpoint move together, see `Kuma.ReadModel`).
 
 use crate::error::{Error, Result};
+use crate::sqlite::{self, SyncMode};
 pub use rusqlite::types::Value;
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -57,26 +58,11 @@ impl SqlDb {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(Error::io("create read model dir"))?;
         }
-        let write = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(Error::storage("open read model"))?;
-        let mode: String =
-            write.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(Error::storage("open read model"))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::Storage { context: "open read model", message: format!("journal_mode is {mode}") });
-        }
         // NORMAL: a commit survives a crash of the VM; rows and checkpoint always agree.
-        for (pragma, value) in [("synchronous", "NORMAL"), ("secure_delete", "ON"), ("foreign_keys", "ON")] {
-            write.pragma_update(None, pragma, value).map_err(Error::storage("open read model"))?;
-        }
-        write.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("open read model"))?;
-        let read =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(Error::storage("open read model"))?;
-        read.busy_timeout(std::time::Duration::from_secs(10)).map_err(Error::storage("open read model"))?;
-        read.pragma_update(None, "query_only", true).map_err(Error::storage("open read model"))?;
+        let write = sqlite::open_writer(path, true, "open read model")?;
+        sqlite::configure(&write, SyncMode::Normal)?;
+        write.pragma_update(None, "foreign_keys", "ON").map_err(Error::storage("open read model"))?;
+        let read = sqlite::open_reader(path)?;
         Ok(SqlDb { write: Mutex::new(Some(write)), read: Mutex::new(Some(read)) })
     }
 
@@ -152,7 +138,7 @@ impl SqlDb {
     /// Moves every committed page into the main file and empties the WAL (after an
     /// erasure, so no old page image of forgotten rows stays in `-wal`).
     pub fn truncate_wal(&self) -> Result<()> {
-        Self::with(&self.write, |c| crate::keystore::truncate_wal(c, "read model WAL truncate"))
+        Self::with(&self.write, |c| sqlite::truncate_wal(c, "read model WAL truncate"))
     }
 
     /// Closes both connections; later calls return `Closed`.

@@ -13,22 +13,24 @@ use crate::codec::{validate_append, validate_entity_id, Expected, NewEvent, Stor
 use crate::error::{Error, Result};
 use crate::heads::{Head, Heads};
 use crate::keystore::Keystore;
+use crate::manifest::Manifest;
 use crate::protection::Protection;
-use crate::reader::{self, EntityVerdict, ShardQuery, ShardReport, Snapshot};
+use crate::query::{self, ShardQuery};
+use crate::reader::{self, Snapshot};
+use crate::readers::Readers;
 use crate::router::shard_for;
-use crate::shard::{self, ShardIdentity, SyncMode, FORMAT_VERSION};
+use crate::shard::{self, ShardIdentity, FORMAT_VERSION};
+use crate::sqlite::{self, SyncMode};
+use crate::verify::{self, EntityVerdict, ShardReport};
 use crate::writer::{
-    self, AppendEntry, Appended, Command, CommitListener, Commits, Reply, ShardWriter, SnapshotRequest, WriterConfig,
-    WriterStats,
+    AppendEntry, Appended, Command, CommitListener, Commits, Reply, ShardSpec, Shared, SnapshotRequest, WriterConfig,
+    WriterStats, Writers,
 };
-use crossbeam_channel::Sender;
 use rusqlite::Connection;
 use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 
 /// How to open a store.
 #[derive(Debug, Clone)]
@@ -70,23 +72,11 @@ pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 
 /// Most shards a store may have.
 pub const MAX_SHARDS: u32 = 1024;
-const MAX_IDLE_READERS: usize = 4;
 
+/// What readers share about one shard: its heads (kept by its writer) and its connections.
 struct ShardHandle {
-    path: PathBuf,
     heads: Arc<Heads>,
-    readers: Mutex<Vec<Connection>>,
-    stats: Arc<Mutex<WriterStats>>,
-}
-
-/// Sends `(slot of the shard in its writer thread, command)` to one writer thread.
-type WriterSender = Sender<(usize, Command)>;
-
-/// What a writer thread needs to open one of its shards.
-struct ShardToOpen {
-    index: u32,
-    path: PathBuf,
-    heads: Arc<Heads>,
+    readers: Readers,
     stats: Arc<Mutex<WriterStats>>,
 }
 
@@ -95,100 +85,11 @@ pub struct Store {
     data_dir: PathBuf,
     store_id: String,
     shards: Vec<ShardHandle>,
-    /// One sender per writer thread; `routes[shard]` = (thread, the shard's slot in it).
-    senders: RwLock<Option<Vec<WriterSender>>>,
-    routes: Vec<(usize, usize)>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    writers: Writers,
     closed: AtomicBool,
     protection: Arc<Protection>,
     commits: Arc<Commits>,
     lock: Mutex<Option<File>>,
-}
-
-struct Manifest {
-    format: u32,
-    store_id: String,
-    shards: u32,
-    encrypted: bool,
-    /// Plain stores only: the key of the tombstones' keyed hash.
-    tombstone_key: Option<[u8; 32]>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-fn manifest_path(dir: &Path) -> PathBuf {
-    dir.join("KUMA")
-}
-
-fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
-    let path = manifest_path(dir);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("read manifest")(e)),
-    };
-    let foreign = |why: &str| Error::ForeignFile { path: path.display().to_string(), why: why.to_string() };
-    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
-    if lines.next() != Some("kuma-store") {
-        return Err(foreign("not a Kuma manifest"));
-    }
-    // Stores created before encryption existed have no `encryption` line: they are plain.
-    let mut m = Manifest { format: 0, store_id: String::new(), shards: 0, encrypted: false, tombstone_key: None };
-    for line in lines {
-        match line.split_once(' ') {
-            Some(("format", v)) => m.format = v.parse().map_err(|_| foreign("bad format line"))?,
-            Some(("store_id", v)) => m.store_id = v.to_string(),
-            Some(("shards", v)) => m.shards = v.parse().map_err(|_| foreign("bad shards line"))?,
-            Some(("encryption", v)) => m.encrypted = v == "on",
-            Some(("tombstone_key", v)) => {
-                m.tombstone_key = Some(unhex32(v).ok_or_else(|| foreign("bad tombstone_key"))?)
-            }
-            _ => {}
-        }
-    }
-    if m.format == 0 || m.store_id.is_empty() || m.shards == 0 {
-        return Err(foreign("incomplete manifest"));
-    }
-    Ok(Some(m))
-}
-
-fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
-    let tmp = dir.join("KUMA.tmp");
-    let mut text = format!(
-        "kuma-store\n# Kuma store manifest: do not edit. See docs/storage-format.md.\nformat {}\nstore_id {}\nshards {}\nencryption {}\n",
-        m.format,
-        m.store_id,
-        m.shards,
-        if m.encrypted { "on" } else { "off" }
-    );
-    if let Some(k) = &m.tombstone_key {
-        text.push_str(&format!("tombstone_key {}\n", hex(k)));
-    }
-    let mut f = File::create(&tmp).map_err(Error::io("write manifest"))?;
-    f.write_all(text.as_bytes()).map_err(Error::io("write manifest"))?;
-    f.sync_all().map_err(Error::io("write manifest"))?;
-    std::fs::rename(&tmp, manifest_path(dir)).map_err(Error::io("write manifest"))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io("write manifest"))?;
-    Ok(())
-}
-
-fn new_store_id() -> Result<String> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| Error::Storage { context: "generate store id", message: e.to_string() })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl Store {
@@ -200,20 +101,11 @@ impl Store {
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::Storage { context: "create data dir", message: format!("{}: {e}", dir.display()) })?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("LOCK"))
-            .map_err(|e| Error::Storage { context: "open data dir", message: format!("{}: {e}", dir.display()) })?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: dir.display().to_string() }),
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock data dir")(e)),
-        }
+        let lock = sqlite::lock(&dir.join("LOCK"), &dir, "lock data dir")?;
 
         let shard_dir = dir.join("shards");
-        let (manifest, creating) = match read_manifest(&dir)? {
+        let encrypted = config.master_key.is_some();
+        let (manifest, creating) = match Manifest::read(&dir)? {
             Some(m) => {
                 if m.format > FORMAT_VERSION {
                     return Err(Error::UnsupportedFormat { found: m.format, supported: FORMAT_VERSION });
@@ -221,7 +113,7 @@ impl Store {
                 if m.shards != config.shards {
                     return Err(Error::ShardCountMismatch { stored: m.shards, given: config.shards });
                 }
-                if m.encrypted != config.master_key.is_some() {
+                if m.encrypted != encrypted {
                     return Err(Error::EncryptionMismatch { stored: m.encrypted });
                 }
                 (m, false)
@@ -237,18 +129,7 @@ impl Store {
                     });
                 }
                 std::fs::create_dir_all(&shard_dir).map_err(Error::io("create shard dir"))?;
-                let encrypted = config.master_key.is_some();
-                let tombstone_key = if encrypted { None } else { Some(*Key::random()?.as_bytes()) };
-                (
-                    Manifest {
-                        format: FORMAT_VERSION,
-                        store_id: new_store_id()?,
-                        shards: config.shards,
-                        encrypted,
-                        tombstone_key,
-                    },
-                    true,
-                )
+                (Manifest::new(FORMAT_VERSION, config.shards, encrypted)?, true)
             }
         };
 
@@ -265,107 +146,46 @@ impl Store {
             (None, None) => Protection::Plain { tombstone_key: *blake3::hash(manifest.store_id.as_bytes()).as_bytes() },
         });
 
-        // Writer threads: shard i is served by thread i % threads. Each thread opens (or
-        // creates) and recovers its own shards, so opening is parallel too, then serves them.
-        let threads_wanted = config.writer_threads.unwrap_or(config.shards as usize).clamp(1, config.shards as usize);
-        let mut handles = Vec::new();
-        let mut routes = Vec::new();
-        let mut per_thread: Vec<Vec<ShardToOpen>> = (0..threads_wanted).map(|_| Vec::new()).collect();
+        let mut handles = Vec::with_capacity(config.shards as usize);
+        let mut specs = Vec::with_capacity(config.shards as usize);
         for index in 0..config.shards {
             let path = shard::shard_path(&shard_dir, index);
             let heads = Arc::new(Heads::new(config.heads_cap));
             let stats = Arc::new(Mutex::new(WriterStats::default()));
-            let thread = index as usize % threads_wanted;
-            routes.push((thread, per_thread[thread].len()));
-            per_thread[thread].push(ShardToOpen {
-                index,
-                path: path.clone(),
-                heads: heads.clone(),
-                stats: stats.clone(),
-            });
-            handles.push(ShardHandle { path, heads, readers: Mutex::new(Vec::new()), stats });
+            specs.push(ShardSpec { index, path: path.clone(), heads: heads.clone(), stats: stats.clone() });
+            handles.push(ShardHandle { heads, readers: Readers::new(&path), stats });
         }
-        let mut senders = Vec::new();
-        let mut threads = Vec::new();
         let commits = Arc::new(Commits::new(config.shards));
-        let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<(u32, Result<()>)>();
-        for (t, shards) in per_thread.into_iter().enumerate() {
-            let (tx, rx) = crossbeam_channel::unbounded::<(usize, Command)>();
-            let (ready, cfg, store_id) = (ready_tx.clone(), config.clone(), manifest.store_id.clone());
-            let (protection, commits) = (protection.clone(), commits.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("kuma-writer-{t}"))
-                .spawn(move || {
-                    let mut writers = Vec::new();
-                    for ShardToOpen { index, path, heads, stats } in shards {
-                        let ident = ShardIdentity { store_id: store_id.clone(), index, count: cfg.shards };
-                        let opened = std::panic::catch_unwind(|| {
-                            let conn = if creating {
-                                shard::create(&path, &ident, cfg.sync)?
-                            } else {
-                                shard::open(&path, &ident, cfg.sync)?
-                            };
-                            ShardWriter::recover(
-                                (index, commits.clone()),
-                                conn,
-                                heads,
-                                protection.clone(),
-                                cfg.writer,
-                                stats,
-                            )
-                        })
-                        .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
-                        match opened {
-                            Ok(writer) => {
-                                writers.push(writer);
-                                let _ = ready.send((index, Ok(())));
-                            }
-                            Err(e) => {
-                                let _ = ready.send((index, Err(e)));
-                                return;
-                            }
-                        }
+        let shared = Shared {
+            creating,
+            identity: ShardIdentity { store_id: manifest.store_id.clone(), index: 0, count: config.shards },
+            sync: config.sync,
+            config: config.writer,
+            protection: protection.clone(),
+            commits: commits.clone(),
+        };
+        let threads = config.writer_threads.unwrap_or(config.shards as usize);
+        let writers = match Writers::start(specs, threads, shared) {
+            Ok(w) => w,
+            Err(e) => {
+                if creating {
+                    let _ = std::fs::remove_dir_all(&shard_dir);
+                    if protection.is_encrypted() {
+                        drop(protection);
+                        let _ = std::fs::remove_file(&keystore_path);
                     }
-                    drop(ready);
-                    writer::serve(writers, rx);
-                })
-                .map_err(Error::io("start shard writer"))?;
-            senders.push(tx);
-            threads.push(thread);
-        }
-        drop(ready_tx);
-        let mut first_error: Option<(u32, Error)> = None;
-        for (index, result) in ready_rx.iter() {
-            if let Err(e) = result {
-                if first_error.as_ref().is_none_or(|(i, _)| index < *i) {
-                    first_error = Some((index, e));
                 }
+                return Err(e);
             }
-        }
-        if let Some((_, e)) = first_error {
-            drop(senders);
-            for t in threads {
-                let _ = t.join();
-            }
-            if creating {
-                let _ = std::fs::remove_dir_all(&shard_dir);
-                if protection.is_encrypted() {
-                    drop(protection);
-                    let _ = std::fs::remove_file(&keystore_path);
-                }
-            }
-            return Err(e);
-        }
+        };
         if creating {
-            write_manifest(&dir, &manifest)?;
+            manifest.write(&dir)?;
         }
         Ok(Store {
             data_dir: dir,
             store_id: manifest.store_id,
             shards: handles,
-            senders: RwLock::new(Some(senders)),
-            routes,
-            threads: Mutex::new(threads),
+            writers,
             closed: AtomicBool::new(false),
             protection,
             commits,
@@ -373,7 +193,7 @@ impl Store {
         })
     }
 
-    pub fn data_dir(&self) -> &Path {
+    pub fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
     }
 
@@ -390,22 +210,8 @@ impl Store {
         shard_for(entity_id, self.shard_count())
     }
 
-    /// The file of shard `index`.
-    pub fn shard_path(&self, index: u32) -> Option<&Path> {
-        self.shards.get(index as usize).map(|s| s.path.as_path())
-    }
-
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
-    }
-
-    fn send(&self, shard: u32, cmd: Command) -> Result<()> {
-        let guard = self.senders.read().unwrap_or_else(|p| p.into_inner());
-        let senders = guard.as_ref().ok_or(Error::Closed)?;
-        // A writer thread never exits while its sender exists (it catches every panic), so
-        // this only fails after close.
-        let (thread, slot) = self.routes[shard as usize];
-        senders[thread].send((slot, cmd)).map_err(|_| Error::Closed)
     }
 
     /// Queues an append of `events` to one entity. Returns an error (and never calls
@@ -423,7 +229,7 @@ impl Store {
         let entries = vec![AppendEntry { entity_id, expected, events }];
         let reply: Reply<Vec<Result<Appended>>> =
             Box::new(move |mut results| reply(results.pop().unwrap_or(Err(Error::Closed))));
-        self.send(shard, Command::Append { entries, reply })
+        self.writers.send(shard, Command::append(entries, reply))
     }
 
     /// Queues appends to many entities. All entries are validated first (nothing is queued if
@@ -457,17 +263,11 @@ impl Store {
                 reply: Some(reply),
             }),
         });
-        // Hold the read lock across all sends so close() cannot interleave: either every part
-        // is queued or none is.
-        let guard = self.senders.read().unwrap_or_else(|p| p.into_inner());
-        let senders = guard.as_ref().ok_or(Error::Closed)?;
-        for (shard, indexes, entries) in parts {
+        self.writers.send_each(parts.into_iter().map(|(shard, indexes, entries)| {
             let fan = fan_in.clone();
             let reply: Reply<Vec<Result<Appended>>> = Box::new(move |results| fan.deliver(&indexes, results));
-            let (thread, slot) = self.routes[shard as usize];
-            senders[thread].send((slot, Command::Append { entries, reply })).map_err(|_| Error::Closed)?;
-        }
-        Ok(())
+            (shard, Command::append(entries, reply))
+        }))
     }
 
     /// Queues a snapshot of an entity's state as of `snapshot.seq`. `reply` is called once,
@@ -482,7 +282,7 @@ impl Store {
             });
         }
         let shard = self.shard_for(&snapshot.entity_id);
-        self.send(shard, Command::Snapshot { snapshot, reply })
+        self.writers.send(shard, Command::snapshot(snapshot, reply))
     }
 
     /// The latest snapshot of an entity with `version`, at or before `max_seq`, decrypted.
@@ -512,7 +312,7 @@ impl Store {
         let mut waits = Vec::new();
         for shard in 0..self.shard_count() {
             let (tx, rx) = crossbeam_channel::bounded(1);
-            self.send(shard, Command::Barrier { reply: Box::new(move |r| drop(tx.send(r))) })?;
+            self.writers.send(shard, Command::barrier(Box::new(move |r| drop(tx.send(r)))))?;
             waits.push(rx);
         }
         for rx in waits {
@@ -529,23 +329,7 @@ impl Store {
             .shards
             .get(shard as usize)
             .ok_or_else(|| Error::invalid("shard", format!("no shard {shard} (store has {})", self.shards.len())))?;
-        let pooled = handle.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let conn = match pooled {
-            Some(c) => c,
-            None => shard::open_reader(&handle.path)?,
-        };
-        // One read transaction per operation: one snapshot for the whole walk, and one
-        // WAL read-lock acquisition instead of one per statement (a 1,000-event walk went
-        // from ~7.7 ms to ~4.5 ms cold). BEGIN is deferred: the snapshot is taken at the
-        // first SELECT, after any lookup in `Heads` (the order heads.rs relies on).
-        conn.execute_batch("BEGIN").map_err(Error::storage("begin read"))?;
-        let result = f(&conn, &handle.heads);
-        let _ = conn.execute_batch("COMMIT");
-        let mut pool = handle.readers.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < MAX_IDLE_READERS && !self.is_closed() {
-            pool.push(conn);
-        }
-        result
+        handle.readers.with(|conn| f(conn, &handle.heads))
     }
 
     /// The head (last seq, position, timestamp, hash) of an entity, or `None` if it has no
@@ -576,20 +360,14 @@ impl Store {
             return Ok(raw);
         }
         let key = self.protection.data_key(entity_id)?;
-        raw.into_iter().map(|ev| self.decrypt(key.as_ref(), ev)).collect()
+        raw.into_iter().map(|ev| self.protection.open_stored(key.as_ref(), ev)).collect()
     }
 
     /// `read_entity` without decryption: payload and metadata as stored (for export and tests).
     pub fn read_entity_sealed(&self, entity_id: &[u8], from_seq: u64, max: usize) -> Result<Vec<StoredEvent>> {
         validate_entity_id(entity_id)?;
-        self.with_reader(self.shard_for(entity_id), |c, h| reader::read_entity(c, h, entity_id, from_seq, max))
-    }
-
-    fn decrypt(&self, key: Option<&Key>, mut ev: StoredEvent) -> Result<StoredEvent> {
-        let (metadata, payload) = self.protection.open_event(key, &ev.entity_id, ev.seq, &ev.metadata, &ev.payload)?;
-        ev.metadata = metadata;
-        ev.payload = payload;
-        Ok(ev)
+        let shard = self.shard_for(entity_id);
+        self.with_reader(shard, |c, h| reader::read_entity(c, h, shard, entity_id, from_seq, max))
     }
 
     /// Up to `max` events of a shard with position greater than `after`, in position
@@ -606,8 +384,8 @@ impl Store {
     /// left out (see `read_shard`); filters run before decryption.
     pub fn query_shard(&self, shard: u32, query: &ShardQuery, max: usize) -> Result<(Vec<StoredEvent>, u64)> {
         query.validate()?;
-        let (raw, searched) = self.with_reader(shard, |c, _| reader::query_shard(c, query, max))?;
-        Ok((self.decrypt_all(raw)?, searched))
+        let (raw, searched) = self.with_reader(shard, |c, _| query::query_shard(c, shard, query, max))?;
+        Ok((self.protection.open_events(raw)?, searched))
     }
 
     /// The last committed position of every shard (0 for an empty shard).
@@ -621,33 +399,6 @@ impl Store {
         self.commits.set_listener(listener);
     }
 
-    fn decrypt_all(&self, raw: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
-        let mut keys: std::collections::HashMap<Vec<u8>, Option<Key>> = std::collections::HashMap::new();
-        let mut out = Vec::with_capacity(raw.len());
-        for ev in raw {
-            let key = match keys.get(&ev.entity_id) {
-                Some(k) => k.clone(),
-                None => {
-                    let k = match self.protection.data_key(&ev.entity_id) {
-                        Ok(k) => k,
-                        Err(Error::Erased) => {
-                            keys.insert(ev.entity_id.clone(), None);
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    keys.insert(ev.entity_id.clone(), k.clone());
-                    k
-                }
-            };
-            if key.is_none() && self.protection.is_encrypted() {
-                continue;
-            }
-            out.push(self.decrypt(key.as_ref(), ev)?);
-        }
-        Ok(out)
-    }
-
     /// Erases an entity: deletes its events, snapshots and head (zeroed by SQLite's
     /// secure_delete), leaves a tombstone (a keyed hash, not the id), destroys its data key
     /// and truncates both WALs. `reply` gets the number of events deleted. Appends to the
@@ -655,7 +406,7 @@ impl Store {
     pub fn delete(&self, entity_id: Vec<u8>, reply: Reply<Result<u64>>) -> Result<()> {
         validate_entity_id(&entity_id)?;
         let shard = self.shard_for(&entity_id);
-        self.send(shard, Command::Delete { entity_id, reply })
+        self.writers.send(shard, Command::erase(entity_id, reply))
     }
 
     /// Seals `plaintext` under `subject_id`'s data key (created if needed), for a value
@@ -718,12 +469,13 @@ impl Store {
     /// Recomputes one entity's hash chain.
     pub fn verify_entity(&self, entity_id: &[u8]) -> Result<EntityVerdict> {
         validate_entity_id(entity_id)?;
-        self.with_reader(self.shard_for(entity_id), |c, h| reader::verify_entity(c, h, entity_id))
+        let shard = self.shard_for(entity_id);
+        self.with_reader(shard, |c, h| verify::verify_entity(c, h, shard, entity_id))
     }
 
     /// Recomputes every chain in one shard.
     pub fn verify_shard(&self, shard: u32, max_problems: usize) -> Result<ShardReport> {
-        self.with_reader(shard, |c, h| reader::verify_shard(c, h, max_problems))
+        self.with_reader(shard, |c, h| verify::verify_shard(c, h, max_problems))
     }
 
     /// Per-shard writer statistics.
@@ -735,16 +487,10 @@ impl Store {
     /// waits for them, and releases the data directory. Idempotent.
     pub fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
-        let senders = self.senders.write().unwrap_or_else(|p| p.into_inner()).take();
-        drop(senders);
-        let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut panicked = false;
-        for t in threads {
-            panicked |= t.join().is_err();
-        }
         for s in &self.shards {
-            s.readers.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            s.readers.close();
         }
+        let panicked = self.writers.stop();
         if let Some(keystore) = self.protection.keystore() {
             keystore.close();
         }

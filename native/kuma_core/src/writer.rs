@@ -18,18 +18,22 @@
 //! - An erased entity (tombstone) is never written again: its appends get `Erased`.
 
 use crate::chain::{Chainer, GENESIS};
+use crate::clock;
 use crate::codec::{Expected, NewEvent};
 use crate::error::{Error, Result};
 use crate::heads::{hash_from, Head, Heads};
 use crate::protection::Protection;
 use crate::reader::head_on_disk;
-use crate::shard::{meta_get, SKIP_EVERY};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crate::shard::{self, meta_get, ShardIdentity, SKIP_EVERY};
+use crate::sqlite::{self, SyncMode};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// A callback that answers one request. Called exactly once, on the writer thread.
@@ -85,6 +89,8 @@ pub struct AppendEntry {
 /// What a successful append reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
+    /// The shard the events went to.
+    pub shard: u32,
     pub first_seq: u64,
     pub last_seq: u64,
     pub first_pos: u64,
@@ -103,37 +109,83 @@ pub struct SnapshotRequest {
     pub data: Vec<u8>,
 }
 
-/// What a writer thread can be asked to do.
+/// A request to a shard writer. Each kind carries its work and the callback that answers
+/// it; the transaction stores its outcome in the request, and `answer` sends it once the
+/// transaction committed (or the failure, for every part, when it did not).
 pub enum Command {
-    /// Append entries; the reply gets one result per entry, in order.
-    Append { entries: Vec<AppendEntry>, reply: Reply<Vec<Result<Appended>>> },
-    /// Store a snapshot (refused if the entity does not have that seq yet).
-    Snapshot { snapshot: SnapshotRequest, reply: Reply<Result<()>> },
-    /// Answered once everything queued before it is committed; also checkpoints heads.
-    Barrier { reply: Reply<Result<()>> },
-    /// Erase an entity: its events, snapshots and head go, a tombstone stays, its data key
-    /// is destroyed and the WAL truncated. Answers the number of events deleted.
-    Delete { entity_id: Vec<u8>, reply: Reply<Result<u64>> },
+    Append(Append),
+    Snapshot(Snapshot),
+    Barrier(Barrier),
+    Erase(Erase),
+}
+
+/// Append entries; the reply gets one result per entry, in order.
+pub struct Append {
+    entries: Vec<AppendEntry>,
+    reply: Reply<Vec<Result<Appended>>>,
+    results: Vec<Result<Appended>>,
+}
+
+/// Store a snapshot (refused if the entity does not have that seq yet).
+pub struct Snapshot {
+    snapshot: SnapshotRequest,
+    reply: Reply<Result<()>>,
+    result: Option<Result<()>>,
+}
+
+/// Answered once everything queued before it is committed; also checkpoints heads.
+pub struct Barrier {
+    reply: Reply<Result<()>>,
+}
+
+/// Erase an entity: its events, snapshots and head go, a tombstone stays, its data key is
+/// destroyed and the WAL truncated. Answers the number of events deleted.
+pub struct Erase {
+    entity_id: Vec<u8>,
+    reply: Reply<Result<u64>>,
+    result: Option<Result<u64>>,
 }
 
 impl Command {
+    pub fn append(entries: Vec<AppendEntry>, reply: Reply<Vec<Result<Appended>>>) -> Command {
+        Command::Append(Append { entries, reply, results: Vec::new() })
+    }
+
+    pub fn snapshot(snapshot: SnapshotRequest, reply: Reply<Result<()>>) -> Command {
+        Command::Snapshot(Snapshot { snapshot, reply, result: None })
+    }
+
+    pub fn barrier(reply: Reply<Result<()>>) -> Command {
+        Command::Barrier(Barrier { reply })
+    }
+
+    pub fn erase(entity_id: Vec<u8>, reply: Reply<Result<u64>>) -> Command {
+        Command::Erase(Erase { entity_id, reply, result: None })
+    }
+
+    /// How much of a transaction's budget (`max_txn_events`) the request uses.
     fn weight(&self) -> usize {
         match self {
-            Command::Append { entries, .. } => entries.iter().map(|e| e.events.len()).sum(),
-            Command::Snapshot { .. } | Command::Barrier { .. } => 1,
-            Command::Delete { .. } => 1000,
+            Command::Append(a) => a.entries.iter().map(|e| e.events.len()).sum(),
+            Command::Snapshot(_) | Command::Barrier(_) => 1,
+            Command::Erase(_) => 1000,
         }
     }
 
-    /// Separates the work from the callback that answers it, so the callback can be called
-    /// whatever happens to the work (failed transaction, caught panic).
-    fn split(self) -> (Job, Answer) {
-        match self {
-            Command::Append { entries, reply } => (Job::Append(entries), Answer::Append(reply)),
-            Command::Snapshot { snapshot, reply } => (Job::Snapshot(snapshot), Answer::Unit(reply)),
-            Command::Barrier { reply } => (Job::Barrier, Answer::Unit(reply)),
-            Command::Delete { entity_id, reply } => (Job::Delete(entity_id), Answer::Count(reply)),
-        }
+    /// Answers with the outcome the transaction stored, or with `failure` for every part.
+    /// A panicking callback must not take the writer thread down, so it is contained here.
+    fn answer(self, failure: Option<&Error>) {
+        let _ = catch_unwind(AssertUnwindSafe(|| match (self, failure) {
+            (Command::Append(a), None) => (a.reply)(a.results),
+            (Command::Append(a), Some(e)) => (a.reply)(a.entries.iter().map(|_| Err(e.clone())).collect()),
+            (Command::Snapshot(s), None) => (s.reply)(s.result.unwrap_or(Ok(()))),
+            (Command::Barrier(b), None) => (b.reply)(Ok(())),
+            (Command::Erase(d), None) => (d.reply)(d.result.unwrap_or(Ok(0))),
+            (Command::Snapshot(Snapshot { reply, .. }) | Command::Barrier(Barrier { reply }), Some(e)) => {
+                reply(Err(e.clone()))
+            }
+            (Command::Erase(d), Some(e)) => (d.reply)(Err(e.clone())),
+        }));
     }
 }
 
@@ -178,44 +230,133 @@ pub(crate) struct ShardWriter {
     stats: Arc<std::sync::Mutex<WriterStats>>,
 }
 
-enum Job {
-    Append(Vec<AppendEntry>),
-    Snapshot(SnapshotRequest),
-    Barrier,
-    Delete(Vec<u8>),
+/// A shard a writer thread opens (or creates) and then serves.
+pub(crate) struct ShardSpec {
+    pub index: u32,
+    pub path: PathBuf,
+    pub heads: Arc<Heads>,
+    pub stats: Arc<std::sync::Mutex<WriterStats>>,
 }
 
-enum Answer {
-    Append(Reply<Vec<Result<Appended>>>),
-    Unit(Reply<Result<()>>),
-    Count(Reply<Result<u64>>),
+/// What every writer thread of a store shares.
+pub(crate) struct Shared {
+    pub creating: bool,
+    pub identity: ShardIdentity,
+    pub sync: SyncMode,
+    pub config: WriterConfig,
+    pub protection: Arc<Protection>,
+    pub commits: Arc<Commits>,
 }
 
-enum Outcome {
-    Append(Vec<Result<Appended>>),
-    Unit(Result<()>),
-    Count(Result<u64>),
+/// Sends `(slot of the shard in its writer thread, command)` to one writer thread.
+type WriterSender = Sender<(usize, Command)>;
+
+/// The writer threads of a store and the channels to them. Shard `i` is served by thread
+/// `i % threads`; `routes[shard]` is (thread, the shard's slot in that thread).
+pub(crate) struct Writers {
+    senders: RwLock<Option<Vec<WriterSender>>>,
+    routes: Vec<(usize, usize)>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl Answer {
-    /// Answers with the job's outcome, or with `error` for each of its parts. A panicking
-    /// callback must not take the writer thread down, so it is contained here.
-    fn deliver(self, job: &Job, outcome: Result<Outcome, &Error>) {
-        let _ = catch_unwind(AssertUnwindSafe(|| match (self, outcome) {
-            (Answer::Append(reply), Ok(Outcome::Append(results))) => reply(results),
-            (Answer::Unit(reply), Ok(Outcome::Unit(result))) => reply(result),
-            (Answer::Append(reply), Err(e)) => {
-                let parts = if let Job::Append(entries) = job { entries.len() } else { 0 };
-                reply((0..parts).map(|_| Err(e.clone())).collect())
+impl Writers {
+    /// Starts `threads` writer threads. Each opens (or creates) and recovers its own shards,
+    /// so opening is parallel too, then serves them. If any shard fails to open, every
+    /// thread is stopped and the error of the lowest failing shard is returned.
+    pub fn start(shards: Vec<ShardSpec>, threads: usize, shared: Shared) -> Result<Writers> {
+        let threads = threads.clamp(1, shards.len().max(1));
+        let mut routes = Vec::with_capacity(shards.len());
+        let mut per_thread: Vec<Vec<ShardSpec>> = (0..threads).map(|_| Vec::new()).collect();
+        for spec in shards {
+            let thread = spec.index as usize % threads;
+            routes.push((thread, per_thread[thread].len()));
+            per_thread[thread].push(spec);
+        }
+        let shared = Arc::new(shared);
+        let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<(u32, Result<()>)>();
+        let mut senders = Vec::new();
+        let mut handles = Vec::new();
+        for (t, specs) in per_thread.into_iter().enumerate() {
+            let (tx, rx) = crossbeam_channel::unbounded::<(usize, Command)>();
+            let (ready, shared) = (ready_tx.clone(), shared.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("kuma-writer-{t}"))
+                .spawn(move || {
+                    let mut writers = Vec::new();
+                    for spec in specs {
+                        let index = spec.index;
+                        let opened = catch_unwind(AssertUnwindSafe(|| ShardWriter::open(spec, &shared)))
+                            .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
+                        match opened {
+                            Ok(writer) => {
+                                writers.push(writer);
+                                let _ = ready.send((index, Ok(())));
+                            }
+                            Err(e) => {
+                                let _ = ready.send((index, Err(e)));
+                                return;
+                            }
+                        }
+                    }
+                    drop(ready);
+                    serve(writers, rx);
+                })
+                .map_err(Error::io("start shard writer"));
+            match spawned {
+                Ok(handle) => {
+                    senders.push(tx);
+                    handles.push(handle);
+                }
+                Err(e) => {
+                    drop(senders);
+                    handles.into_iter().for_each(|h| drop(h.join()));
+                    return Err(e);
+                }
             }
-            (Answer::Unit(reply), Err(e)) => reply(Err(e.clone())),
-            (Answer::Count(reply), Ok(Outcome::Count(result))) => reply(result),
-            (Answer::Count(reply), Err(e)) => reply(Err(e.clone())),
-            // A job's outcome always has its answer's shape (see write_transaction).
-            (Answer::Append(reply), Ok(_)) => reply(Vec::new()),
-            (Answer::Unit(reply), Ok(_)) => reply(Ok(())),
-            (Answer::Count(reply), Ok(_)) => reply(Ok(0)),
-        }));
+        }
+        drop(ready_tx);
+        let mut first_error: Option<(u32, Error)> = None;
+        for (index, result) in ready_rx.iter() {
+            if let Err(e) = result {
+                if first_error.as_ref().is_none_or(|(i, _)| index < *i) {
+                    first_error = Some((index, e));
+                }
+            }
+        }
+        let writers = Writers { senders: RwLock::new(Some(senders)), routes, threads: std::sync::Mutex::new(handles) };
+        match first_error {
+            None => Ok(writers),
+            Some((_, e)) => {
+                writers.stop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues a command for the writer of `shard`. Fails only after `stop`: a writer thread
+    /// never exits while its sender exists (it catches every panic).
+    pub fn send(&self, shard: u32, command: Command) -> Result<()> {
+        self.send_each([(shard, command)])
+    }
+
+    /// Queues several commands under one lock, so `stop` cannot interleave: either every
+    /// command is queued or none is.
+    pub fn send_each(&self, commands: impl IntoIterator<Item = (u32, Command)>) -> Result<()> {
+        let guard = self.senders.read().unwrap_or_else(|p| p.into_inner());
+        let senders = guard.as_ref().ok_or(Error::Closed)?;
+        for (shard, command) in commands {
+            let (thread, slot) = *self.routes.get(shard as usize).ok_or(Error::Closed)?;
+            senders[thread].send((slot, command)).map_err(|_| Error::Closed)?;
+        }
+        Ok(())
+    }
+
+    /// Stops accepting commands, lets every writer commit what is queued and checkpoint,
+    /// and waits for the threads. Returns whether one of them had panicked. Idempotent.
+    pub fn stop(&self) -> bool {
+        drop(self.senders.write().unwrap_or_else(|p| p.into_inner()).take());
+        let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        threads.into_iter().fold(false, |panicked, t| panicked | t.join().is_err())
     }
 }
 
@@ -225,7 +366,7 @@ impl Answer {
 /// By default every shard has its own thread; serving several shards per thread trades
 /// fewer context switches for a smaller CPU share (measured in docs/benchmarks.md). Ends,
 /// after a final checkpoint of every shard, when all senders are gone.
-pub(crate) fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
+fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
     let Some(config) = shards.first().map(|w| w.config) else { return };
     loop {
         let (first_shard, first) = match rx.recv_timeout(config.checkpoint_interval) {
@@ -258,25 +399,27 @@ pub(crate) fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>
     }
     // Clean shutdown: persist every head so the next open replays nothing.
     for w in shards.iter_mut().filter(|w| !w.dirty.is_empty()) {
-        w.group_commit(vec![Command::Barrier { reply: Box::new(|_| {}) }]);
+        w.group_commit(vec![Command::barrier(Box::new(|_| {}))]);
     }
 }
 
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
-}
-
 impl ShardWriter {
+    /// Opens (or creates) a shard and recovers its writer.
+    fn open(spec: ShardSpec, shared: &Shared) -> Result<Self> {
+        let identity = ShardIdentity { index: spec.index, ..shared.identity.clone() };
+        let conn = if shared.creating {
+            shard::create(&spec.path, &identity, shared.sync)?
+        } else {
+            shard::open(&spec.path, &identity, shared.sync)?
+        };
+        ShardWriter::recover(spec, conn, shared)
+    }
+
     /// Prepares a writer on an opened shard: finds the next position and recovers the heads
     /// changed after the last checkpoint by scanning the events written since then.
-    pub(crate) fn recover(
-        (index, commits): (u32, Arc<Commits>),
-        conn: Connection,
-        heads: Arc<Heads>,
-        protection: Arc<Protection>,
-        config: WriterConfig,
-        stats: Arc<std::sync::Mutex<WriterStats>>,
-    ) -> Result<Self> {
+    fn recover(spec: ShardSpec, conn: Connection, shared: &Shared) -> Result<Self> {
+        let ShardSpec { index, heads, stats, .. } = spec;
+        let (commits, protection, config) = (shared.commits.clone(), shared.protection.clone(), shared.config);
         let checkpoint: u64 =
             meta_get::<i64>(&conn, "checkpoint_pos").map_err(Error::storage("read checkpoint"))?.unwrap_or(0) as u64;
         let floor: u64 =
@@ -344,41 +487,42 @@ impl ShardWriter {
     }
 
     /// Writes a batch in one transaction and answers every request in it.
-    fn group_commit(&mut self, batch: Vec<Command>) {
-        let (jobs, answers): (Vec<Job>, Vec<Answer>) = batch.into_iter().map(Command::split).unzip();
+    fn group_commit(&mut self, mut batch: Vec<Command>) {
         let start_pos = self.next_pos;
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.write_transaction(&jobs)))
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.write_transaction(&mut batch)))
             .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
         match outcome {
-            Ok(outcomes) => {
+            Ok(()) => {
                 // Published before anyone is answered: whatever a caller was told is
                 // committed is already covered by `Commits::positions`.
                 if self.next_pos != start_pos {
                     self.commits.publish(self.index, self.next_pos - 1);
                 }
-                for ((answer, job), outcome) in answers.into_iter().zip(&jobs).zip(outcomes) {
-                    answer.deliver(job, Ok(outcome));
+                for command in batch {
+                    command.answer(None);
                 }
             }
             Err(e) => {
                 // Nothing of this transaction is on disk: undo our in-memory view too.
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.next_pos = start_pos;
-                for (answer, job) in answers.into_iter().zip(&jobs) {
-                    answer.deliver(job, Err(&e));
+                for command in batch {
+                    command.answer(Some(&e));
                 }
             }
         }
     }
 
-    fn write_transaction(&mut self, jobs: &[Job]) -> Result<Vec<Outcome>> {
+    /// Runs every request of the batch in one transaction, storing each one's outcome in
+    /// it. An error means nothing of the batch was kept.
+    fn write_transaction(&mut self, batch: &mut [Command]) -> Result<()> {
         // Data keys first, durably, in one keystore transaction for the whole group; never
         // for an erased id (its appends are refused below, and it must stay keyless).
         if let Some(keystore) = self.protection.keystore() {
             let mut fresh: Vec<&[u8]> = Vec::new();
-            for job in jobs {
-                if let Job::Append(entries) = job {
-                    for e in entries {
+            for command in batch.iter() {
+                if let Command::Append(a) = command {
+                    for e in &a.entries {
                         let id = e.entity_id.as_slice();
                         if !keystore.is_cached(id) && !self.is_erased(id).unwrap_or(true) {
                             fresh.push(id);
@@ -393,13 +537,12 @@ impl ShardWriter {
         // Heads changed by this transaction, keyed by entity id. Nothing in memory changes
         // until COMMIT succeeds, so a failed or panicking transaction leaves no trace.
         let mut tentative: HashMap<&[u8], Head> = HashMap::new();
-        let mut results = Vec::with_capacity(jobs.len());
         let mut force_checkpoint = false;
         let mut written = 0u64;
-        for job in jobs {
-            match job {
-                Job::Append(entries) => {
-                    let mut out = Vec::with_capacity(entries.len());
+        for command in batch {
+            match command {
+                Command::Append(Append { entries, results, .. }) => {
+                    let entries: &[AppendEntry] = entries;
                     for entry in entries {
                         let r = self.append_entry(&mut tentative, entry);
                         match &r {
@@ -409,25 +552,22 @@ impl ShardWriter {
                             Err(Error::WrongExpectedSeq { .. } | Error::Erased) => {}
                             Err(e) => return Err(e.clone()),
                         }
-                        out.push(r);
+                        results.push(r);
                     }
-                    results.push(Outcome::Append(out));
                 }
-                Job::Snapshot(snapshot) => {
+                Command::Snapshot(Snapshot { snapshot, result, .. }) => {
                     let r = self.save_snapshot(&tentative, snapshot);
                     if let Err(e @ Error::Storage { .. }) = &r {
                         return Err(e.clone());
                     }
-                    results.push(Outcome::Unit(r));
+                    *result = Some(r);
                 }
-                Job::Barrier => {
-                    force_checkpoint = true;
-                    results.push(Outcome::Unit(Ok(())));
-                }
-                Job::Delete(entity_id) => {
+                Command::Barrier(_) => force_checkpoint = true,
+                Command::Erase(Erase { entity_id, result, .. }) => {
+                    let entity_id: &[u8] = entity_id;
                     // An entity appended and deleted in one group: the delete must see the
                     // appends, so its tentative head is used and then dropped.
-                    let head = match tentative.remove(entity_id.as_slice()) {
+                    let head = match tentative.remove(entity_id) {
                         Some(h) => Some(h),
                         None => self.lookup_head(entity_id)?,
                     };
@@ -436,7 +576,7 @@ impl ShardWriter {
                         self.dirty.remove(&h.eid);
                     }
                     erased.push(entity_id);
-                    results.push(Outcome::Count(Ok(count)));
+                    *result = Some(Ok(count));
                 }
             }
         }
@@ -459,7 +599,7 @@ impl ShardWriter {
             // The rows are gone (zeroed by secure_delete); now the old page images in the
             // WAL, and the keys. A failure here leaves the tombstone's key_destroyed at 0,
             // and the next open finishes the job (finish_erasures).
-            crate::keystore::truncate_wal(&self.conn, "checkpoint after erasure")?;
+            sqlite::truncate_wal(&self.conn, "checkpoint after erasure")?;
             for id in &erased {
                 self.destroy_key(id)?;
             }
@@ -478,7 +618,7 @@ impl ShardWriter {
         stats.transactions += 1;
         stats.events += written;
         stats.checkpoints += u64::from(checkpoint);
-        Ok(results)
+        Ok(())
     }
 
     /// Persists heads (later entries for the same eid win) and the checkpoint position.
@@ -519,7 +659,7 @@ impl ShardWriter {
                 "INSERT OR REPLACE INTO snapshots(eid, seq, version, ts, hash, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
             .map_err(Error::storage("save snapshot"))?
-            .execute(params![head.eid, s.seq as i64, s.version, now_us(), &s.hash[..], &sealed])
+            .execute(params![head.eid, s.seq as i64, s.version, clock::now_us(), &s.hash[..], &sealed])
             .map_err(Error::storage("save snapshot"))?;
         Ok(())
     }
@@ -570,7 +710,7 @@ impl ShardWriter {
             }
         };
         // Timestamps never go backwards within an entity, even if the clock does.
-        let ts = now_us().max(head.map_or(i64::MIN, |h| h.ts));
+        let ts = clock::now_us().max(head.map_or(i64::MIN, |h| h.ts));
         let mut prev_hash = head.map_or(GENESIS, |h| h.hash);
         let mut prev_pos = head.map_or(0, |h| h.pos);
         let mut seq = current;
@@ -619,6 +759,7 @@ impl ShardWriter {
         }
         tentative.insert(id, Head { eid, seq, pos: prev_pos, ts, hash: prev_hash });
         Ok(Appended {
+            shard: self.index,
             first_seq: current + 1,
             last_seq: seq,
             first_pos,
@@ -676,7 +817,7 @@ impl ShardWriter {
         self.conn
             .execute(
                 "INSERT OR IGNORE INTO tombstones(idx, ts, key_destroyed) VALUES (?1, ?2, 0)",
-                params![&index[..], now_us()],
+                params![&index[..], clock::now_us()],
             )
             .map_err(Error::storage("write tombstone"))?;
         // The deleted rows may have held the highest positions: never hand them out again.

@@ -1,0 +1,100 @@
+//! What every SQLite file Kuma writes has in common: how a writing connection is set up
+//! (WAL, `synchronous`, `secure_delete`, a busy timeout), how read-only connections are
+//! opened, how a WAL is emptied after an erasure, and the file lock that admits one writer.
+//! Shards, the keystore and read-model databases all go through here, so a setting is
+//! decided once.
+
+use crate::error::{Error, Result};
+use rusqlite::{Connection, OpenFlags};
+use std::fs::File;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long a connection waits for a lock held by a reader or a checkpoint before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// SQLite `synchronous` setting of a writing connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// `synchronous=NORMAL`: a commit reaches the OS before it is acknowledged (survives a
+    /// crash of the VM); the WAL is fsynced at checkpoints only, so power loss may undo the
+    /// last commits (never corrupt the file).
+    Normal,
+    /// `synchronous=FULL`: the WAL is fsynced before every commit is acknowledged (survives
+    /// power loss).
+    Full,
+}
+
+impl SyncMode {
+    fn pragma(self) -> &'static str {
+        match self {
+            SyncMode::Normal => "NORMAL",
+            SyncMode::Full => "FULL",
+        }
+    }
+}
+
+/// Opens a writing connection (`create`: the file may be created).
+pub(crate) fn open_writer(path: &Path, create: bool, context: &'static str) -> Result<Connection> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    Connection::open_with_flags(path, flags).map_err(Error::storage(context))
+}
+
+/// Sets up a writing connection: WAL mode, the `synchronous` level, a busy timeout,
+/// temporary tables in memory, and `secure_delete` (deleted content is overwritten with
+/// zeros, which erasure relies on).
+pub(crate) fn configure(conn: &Connection, sync: SyncMode) -> Result<()> {
+    let mode: String =
+        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(Error::storage("set WAL mode"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Storage { context: "set WAL mode", message: format!("journal_mode is {mode}") });
+    }
+    conn.pragma_update(None, "synchronous", sync.pragma()).map_err(Error::storage("set synchronous"))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(Error::storage("set busy timeout"))?;
+    conn.pragma_update(None, "temp_store", "MEMORY").map_err(Error::storage("set temp_store"))?;
+    conn.pragma_update(None, "secure_delete", "ON").map_err(Error::storage("set secure_delete"))?;
+    Ok(())
+}
+
+/// Opens a connection that only reads (`query_only`), for readers beside the one writer.
+pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(Error::storage("open reader"))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(Error::storage("open reader"))?;
+    conn.pragma_update(None, "query_only", true).map_err(Error::storage("open reader"))?;
+    Ok(conn)
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)`, retried while readers hold old snapshots: moves every
+/// committed page into the main file and empties the WAL, so no old page image (of rows
+/// just deleted) survives in `-wal`.
+pub(crate) fn truncate_wal(conn: &Connection, context: &'static str) -> Result<()> {
+    for attempt in 0..50 {
+        let busy: i64 =
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).map_err(Error::storage(context))?;
+        if busy == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(2 * (attempt + 1)));
+    }
+    Err(Error::Storage { context, message: "WAL checkpoint stayed busy (a reader holds an old snapshot)".into() })
+}
+
+/// Takes an exclusive lock (flock) on `lock_path`, created if missing. `Locked { path:
+/// shown }` if another open file description holds it (this VM or another process).
+pub(crate) fn lock(lock_path: &Path, shown: &Path, context: &'static str) -> Result<File> {
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path)
+        .map_err(|e| Error::Storage { context, message: format!("{}: {e}", lock_path.display()) })?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked { path: shown.display().to_string() }),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(context)(e)),
+    }
+}

@@ -1,0 +1,167 @@
+//! Integrity checks: recomputing an entity's hash chain from its first event to its head,
+//! or every chain of a shard in one scan.
+
+use crate::chain::{Chainer, GENESIS};
+use crate::error::{Error, Result};
+use crate::heads::{hash_from, Heads};
+use crate::reader::{head, walk};
+use rusqlite::Connection;
+use std::collections::HashMap;
+
+/// The outcome of verifying one entity's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntityVerdict {
+    /// Every event from 1 to the head is present and hashes correctly.
+    Intact { events: u64, head_hash: [u8; 32] },
+    /// The first event that is missing, out of place, or does not hash to its stored hash.
+    Broken { seq: u64, why: String },
+}
+
+/// Recomputes an entity's chain from seq 1 to its head.
+pub fn verify_entity(conn: &Connection, heads: &Heads, shard: u32, entity_id: &[u8]) -> Result<EntityVerdict> {
+    let Some(head) = head(conn, heads, entity_id)? else {
+        return Ok(EntityVerdict::Intact { events: 0, head_hash: GENESIS });
+    };
+    let mut chainer = Chainer::new();
+    let mut prev = GENESIS;
+    let mut next = 1u64;
+    const CHUNK: u64 = 1024;
+    while next <= head.seq {
+        let to = head.seq.min(next + CHUNK - 1);
+        let events = match walk(conn, shard, entity_id, &head, next, to) {
+            Ok(evs) => evs,
+            Err(Error::Corrupt { seq, why }) => return Ok(EntityVerdict::Broken { seq, why }),
+            Err(e) => return Err(e),
+        };
+        for ev in events {
+            let want =
+                chainer.link(&prev, entity_id, ev.seq, ev.timestamp_us, &ev.event_type, &ev.metadata, &ev.payload);
+            if want != ev.hash {
+                return Ok(EntityVerdict::Broken {
+                    seq: ev.seq,
+                    why: "stored hash does not match the recomputed chain".into(),
+                });
+            }
+            prev = want;
+        }
+        next = to + 1;
+    }
+    if prev != head.hash {
+        return Ok(EntityVerdict::Broken { seq: head.seq, why: "last event does not match the entity head".into() });
+    }
+    Ok(EntityVerdict::Intact { events: head.seq, head_hash: prev })
+}
+
+/// A problem found by a shard scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardProblem {
+    pub entity_id: Vec<u8>,
+    pub seq: u64,
+    pub why: String,
+}
+
+/// The outcome of verifying a whole shard.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShardReport {
+    pub entities: u64,
+    pub events: u64,
+    /// First problem of each broken entity (at most `max_problems`).
+    pub problems: Vec<ShardProblem>,
+}
+
+/// Scans a shard in position order, recomputing every entity's chain, and checks each
+/// entity's last event against its head. Memory is proportional to the number of entities.
+pub fn verify_shard(conn: &Connection, heads: &Heads, max_problems: usize) -> Result<ShardReport> {
+    struct State {
+        id: Vec<u8>,
+        seq: u64,
+        pos: u64,
+        hash: [u8; 32],
+        broken: bool,
+    }
+    let mut entities: HashMap<i64, State> = HashMap::new();
+    {
+        let mut st = conn.prepare("SELECT eid, entity_id FROM entities").map_err(Error::storage("verify shard"))?;
+        let mut rows = st.query([]).map_err(Error::storage("verify shard"))?;
+        while let Some(r) = rows.next().map_err(Error::storage("verify shard"))? {
+            let eid: i64 = r.get(0).map_err(Error::storage("verify shard"))?;
+            let id: Vec<u8> = r.get(1).map_err(Error::storage("verify shard"))?;
+            entities.insert(eid, State { id, seq: 0, pos: 0, hash: GENESIS, broken: false });
+        }
+    }
+    let mut report = ShardReport { entities: entities.len() as u64, ..Default::default() };
+    let mut chainer = Chainer::new();
+    let problem = |report: &mut ShardReport, id: &[u8], seq: u64, why: String| {
+        if report.problems.len() < max_problems {
+            report.problems.push(ShardProblem { entity_id: id.to_vec(), seq, why });
+        }
+    };
+    let mut st = conn
+        .prepare("SELECT pos, eid, seq, prev_pos, ts, type, meta, payload, hash FROM events ORDER BY pos")
+        .map_err(Error::storage("verify shard"))?;
+    let mut rows = st.query([]).map_err(Error::storage("verify shard"))?;
+    while let Some(r) = rows.next().map_err(Error::storage("verify shard"))? {
+        report.events += 1;
+        let get_err = Error::storage("verify shard");
+        let (pos, eid, seq, prev_pos, ts) = (|| -> rusqlite::Result<_> {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? as u64,
+                r.get::<_, i64>(4)?,
+            ))
+        })()
+        .map_err(get_err)?;
+        let Some(state) = entities.get_mut(&eid) else {
+            problem(
+                &mut report,
+                format!("#{eid}").as_bytes(),
+                seq,
+                format!("event at position {pos} names unknown entity #{eid}"),
+            );
+            continue;
+        };
+        if state.broken {
+            continue;
+        }
+        let event_type: String = r.get(5).unwrap_or_default();
+        let meta = r.get_ref(6).ok().and_then(|v| v.as_blob().ok()).unwrap_or(&[]);
+        let payload = r.get_ref(7).ok().and_then(|v| v.as_blob().ok()).unwrap_or(&[]);
+        let stored = hash_from(r.get_ref(8).ok().and_then(|v| v.as_blob().ok()).unwrap_or(&[]));
+        let why = if seq != state.seq + 1 {
+            Some((state.seq + 1, format!("expected seq {} at position {pos}, found {seq}", state.seq + 1)))
+        } else if prev_pos != state.pos {
+            Some((seq, format!("back-pointer {prev_pos} at position {pos}, expected {}", state.pos)))
+        } else {
+            let want = chainer.link(&state.hash, &state.id, seq, ts, &event_type, meta, payload);
+            if want != stored {
+                Some((seq, "stored hash does not match the recomputed chain".to_string()))
+            } else {
+                state.seq = seq;
+                state.pos = pos;
+                state.hash = want;
+                None
+            }
+        };
+        if let Some((bad_seq, why)) = why {
+            state.broken = true;
+            let id = state.id.clone();
+            problem(&mut report, &id, bad_seq, why);
+        }
+    }
+    drop(rows);
+    drop(st);
+    for state in entities.values().filter(|s| !s.broken) {
+        match head(conn, heads, &state.id)? {
+            Some(h) if h.seq == state.seq && h.hash == state.hash => {}
+            None if state.seq == 0 => {}
+            Some(h) => {
+                let why = format!("head says seq {}, stored events end at seq {}", h.seq, state.seq);
+                problem(&mut report, &state.id, state.seq + 1, why);
+            }
+            None => problem(&mut report, &state.id, state.seq, "events stored but no head".into()),
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,111 @@
+//! Opening and closing a store, and what it tells about itself.
+
+use crate::atoms;
+use crate::error::{guard, NifResult};
+use kuma_core::{CommitListener, Error, Key, Store, StoreConfig, SyncMode};
+use rustler::env::OwnedEnv;
+use rustler::types::binary::Binary;
+use rustler::{Atom, Encoder, LocalPid, NifMap, ResourceArc};
+use std::sync::Arc;
+
+/// An open store, as held by Elixir.
+pub struct StoreResource {
+    pub store: Store,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for StoreResource {}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn store_open(
+    data_dir: String,
+    shards: u32,
+    sync: Atom,
+    writer_threads: u32,
+    master_key: Option<Binary>,
+    keystore_path: Option<String>,
+) -> NifResult<ResourceArc<StoreResource>> {
+    guard(|| {
+        let sync = if sync == atoms::full() {
+            SyncMode::Full
+        } else if sync == atoms::normal() {
+            SyncMode::Normal
+        } else {
+            return Err(Error::Invalid { what: "sync", why: "must be :normal or :full".into() });
+        };
+        let mut config = StoreConfig::new(data_dir);
+        config.shards = shards;
+        config.sync = sync;
+        // 0 = one writer thread per shard.
+        config.writer_threads = (writer_threads > 0).then_some(writer_threads as usize);
+        // nil = a plain store (created with encryption: false).
+        config.master_key = master_key.map(|k| Key::from_bytes(k.as_slice())).transpose()?;
+        config.keystore_path = keystore_path.map(std::path::PathBuf::from);
+        Ok(ResourceArc::new(StoreResource { store: Store::open(config)? }))
+    })
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn store_close(store: ResourceArc<StoreResource>) -> NifResult<Atom> {
+    guard(|| store.store.close().map(|_| atoms::ok()))
+}
+
+/// `%{store_id, shards, encrypted}`.
+#[derive(NifMap)]
+#[rustler(encode)]
+struct InfoTerm {
+    store_id: String,
+    shards: u32,
+    encrypted: bool,
+}
+
+#[rustler::nif]
+fn store_info(store: ResourceArc<StoreResource>) -> InfoTerm {
+    let s = &store.store;
+    InfoTerm { store_id: s.store_id().to_string(), shards: s.shard_count(), encrypted: s.is_encrypted() }
+}
+
+/// The shard that stores `entity_id` (pure; see kuma_core's router).
+#[rustler::nif]
+fn store_shard_for(store: ResourceArc<StoreResource>, entity_id: Binary) -> u32 {
+    store.store.shard_for(entity_id.as_slice())
+}
+
+/// Per-shard writer counters: `[%{transactions, events, checkpoints}]`.
+#[derive(NifMap)]
+#[rustler(encode)]
+struct StatsTerm {
+    transactions: u64,
+    events: u64,
+    checkpoints: u64,
+}
+
+#[rustler::nif]
+fn store_stats(store: ResourceArc<StoreResource>) -> Vec<StatsTerm> {
+    store
+        .store
+        .stats()
+        .iter()
+        .map(|s| StatsTerm { transactions: s.transactions, events: s.events, checkpoints: s.checkpoints })
+        .collect()
+}
+
+/// The last committed position of every shard, as a list indexed by shard.
+#[rustler::nif]
+fn store_commit_positions(store: ResourceArc<StoreResource>) -> Vec<u64> {
+    store.store.commit_positions()
+}
+
+/// After every commit that wrote events, `pid` receives `{:kuma_commit, shard, last_pos}`
+/// (from the writer thread). `nil` stops it. One follower per store (`Kuma.Feed`).
+#[rustler::nif]
+fn store_follow_commits(store: ResourceArc<StoreResource>, pid: Option<LocalPid>) -> Atom {
+    let listener = pid.map(|pid| -> CommitListener {
+        Arc::new(move |shard: u32, pos: u64| {
+            let mut owned = OwnedEnv::new();
+            let _ = owned.send_and_clear(&pid, |e| (atoms::kuma_commit(), shard, pos).encode(e));
+        })
+    });
+    store.store.set_commit_listener(listener);
+    atoms::ok()
+}
