@@ -1,0 +1,148 @@
+# Kuma's demo: starts a store in ./data (or --data-dir DIR), writes a few bank accounts as
+# event streams, reads them back, verifies their hash chains, exports and erases a
+# customer, and prints each step. Run it twice: the second run finds the first run's
+# events and continues their streams.
+#
+#     mix run examples/demo.exs
+#     mix run examples/demo.exs --data-dir /tmp/kuma-demo --shards 4
+#
+# The store is encrypted. Its master key comes from KUMA_MASTER_KEY if set; otherwise the
+# demo creates one in ~/.config/kuma/demo-master.key (mode 0600), outside the data dir,
+# and says so. A real deployment takes the key from a secret manager.
+# (bin/demo runs this; test/examples_test.exs runs it too, so it keeps working.)
+
+defmodule Kuma.Examples.Demo do
+  def main(args) do
+    {opts, _, _} = OptionParser.parse(args, strict: [data_dir: :string, shards: :integer])
+    run(Path.expand(Keyword.get(opts, :data_dir, "data")), Keyword.get(opts, :shards, 16))
+  end
+
+  def run(data_dir, shards) do
+    say("Kuma demo: data dir #{data_dir}, #{shards} shards")
+
+    {:ok, store} = start(data_dir, shards)
+
+    accounts = ["alice", "bob", "carol"]
+
+    for id <- accounts do
+      {:ok, head} = Kuma.head(store, id)
+      before = if head, do: head.seq, else: 0
+      events = if before == 0, do: [{:opened, %{owner: id}}], else: []
+      events = events ++ [{:credited, %{amount: 100}}, {:debited, %{amount: 30}}]
+      {:ok, last} = Kuma.append(store, id, events, expected_seq: before, metadata: %{source: "demo"})
+      {:ok, shard} = Kuma.shard_for(store, id)
+      say("  appended #{length(events)} events to #{id} (shard #{shard}): seq #{before + 1}..#{last}")
+    end
+
+    say("A stale write is refused and changes nothing:")
+    {:error, reason} = Kuma.append(store, "alice", {:debited, %{amount: 1}}, expected_seq: 0)
+    say("  " <> Kuma.format_error(reason))
+
+    say("Bulk ingest of 10,000 events over 100 sensors in one call:")
+    entries = for s <- 1..100, do: {"sensor-#{s}", Enum.map(1..100, &{:reading, %{value: &1}})}
+    {micros, {:ok, _}} = :timer.tc(fn -> Kuma.append_batch(store, entries) end)
+    say("  committed in #{div(micros, 1000)} ms")
+
+    say("Reading back (balance = credits - debits, folded from the events):")
+
+    for id <- accounts do
+      events = Kuma.stream(store, id) |> Enum.to_list()
+      balance = Enum.reduce(events, 0, &apply_event/2)
+      {:ok, %{events: n, hash: hash}} = Kuma.verify(store, id)
+
+      say(
+        "  #{id}: #{n} events, balance #{balance}, chain verified, head #{Base.encode16(hash, case: :lower) |> binary_part(0, 16)}..."
+      )
+    end
+
+    protection(store, data_dir)
+
+    {:ok, summary} = Kuma.verify_store(store)
+    say("Whole store verified: #{summary.events} events of #{summary.entities} entities in #{summary.shards} shards")
+    :ok = Kuma.stop(store)
+    say("Stopped. Run it again: the streams continue where they ended.")
+  end
+
+  defp start(data_dir, shards) do
+    opts = [name: :kuma_demo, data_dir: data_dir, shards: shards]
+
+    opts =
+      if System.get_env("KUMA_MASTER_KEY") in [nil, ""] do
+        key_file = demo_key_file()
+        say("Master key: #{key_file} (outside the data dir; set KUMA_MASTER_KEY to use your own)")
+        Keyword.put(opts, :master_key_file, key_file)
+      else
+        say("Master key: from KUMA_MASTER_KEY")
+        opts
+      end
+
+    case Kuma.start(opts) do
+      {:ok, store} ->
+        {:ok, store}
+
+      {:error, {:encryption_mismatch, :store_is_plain}} ->
+        say("  #{data_dir} was created without encryption (by an older demo): opening it as it is")
+        Kuma.start(Keyword.put(opts, :encryption, false))
+
+      {:error, reason} ->
+        raise "cannot start the store: " <> Kuma.format_error(reason)
+    end
+  end
+
+  defp demo_key_file do
+    path = Path.expand("~/.config/kuma/demo-master.key")
+
+    unless File.exists?(path) do
+      File.mkdir_p!(Path.dirname(path))
+      File.write!(path, Base.encode16(:crypto.strong_rand_bytes(32), case: :lower) <> "\n")
+      File.chmod!(path, 0o600)
+    end
+
+    path
+  end
+
+  # Export and erasure of one customer named inside alice's stream.
+  defp protection(store, data_dir) do
+    {:ok, info} = Kuma.info(store)
+
+    if info.encrypted do
+      customer = "customer-#{System.os_time(:millisecond)}"
+      say("Data protection, with #{customer} (every event sealed under the customer's own key):")
+      {:ok, _} = Kuma.append(store, customer, [{:registered, %{email: "#{customer}@example.com"}}, {:logged_in, %{}}])
+
+      {:ok, seq} =
+        Kuma.append(
+          store,
+          "alice",
+          {:paid, %{to: Kuma.sensitive(customer, "Dana Scully", placeholder: "D***"), amount: 5}}
+        )
+
+      {:ok, json} = Kuma.export_json(store, customer)
+      export = Path.join(Path.dirname(data_dir), "#{customer}.export.json")
+      File.write!(export, json)
+      say("  exported #{customer}: #{byte_size(json)} bytes of JSON in #{Path.relative_to_cwd(export)}")
+      say("  alice's payment #{seq} names them: #{payee(store, seq)}")
+      {micros, {:ok, %{events_deleted: n}}} = :timer.tc(fn -> Kuma.delete(store, customer) end)
+      say("  erased #{customer} in #{Float.round(micros / 1000, 1)} ms: #{n} events deleted, key destroyed")
+      say("  an append to it now: #{Kuma.format_error(elem(Kuma.append(store, customer, :again), 1))}")
+      {:ok, %{events: events}} = Kuma.verify(store, "alice")
+      say("  alice's payment #{seq} now shows #{payee(store, seq)}; her #{events}-event chain still verifies")
+      File.rm(export)
+    else
+      say("Data protection: skipped (this data dir was created without encryption)")
+    end
+  end
+
+  defp payee(store, seq) do
+    {:ok, [%{data: {:paid, %{to: to}}}]} = Kuma.events(store, "alice", from: seq, limit: 1)
+    inspect(Kuma.Sensitive.value(to))
+  end
+
+  defp apply_event(%Kuma.Envelope{data: {:credited, %{amount: a}}}, balance), do: balance + a
+  defp apply_event(%Kuma.Envelope{data: {:debited, %{amount: a}}}, balance), do: balance - a
+  defp apply_event(_event, balance), do: balance
+
+  defp say(line), do: IO.puts(line)
+end
+
+Kuma.Examples.Demo.main(System.argv())
