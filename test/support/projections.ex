@@ -66,3 +66,50 @@ defmodule Kuma.Test.SlowCounter do
     Kuma.Test.Counter.handle_event(envelope)
   end
 end
+
+defmodule Kuma.Test.ProjectionHelpers do
+  @moduledoc "Helpers shared by the projection, read model, subscription and query tests."
+  import ExUnit.Assertions
+
+  @doc "Everything committed so far, as a token."
+  def heads(store) do
+    {:ok, position} = Kuma.position(store)
+    position
+  end
+
+  @doc "The rows of a read-model query."
+  def rows(name, sql, params \\ []) do
+    {:ok, %{rows: rows}} = Kuma.ReadModel.query(name, sql, params)
+    rows
+  end
+
+  @doc "Every `{tag, value}` message already in the mailbox, in order."
+  def drain(tag, acc \\ []) do
+    receive do
+      {^tag, value} -> drain(tag, [value | acc])
+    after
+      0 -> Enum.reverse(acc)
+    end
+  end
+
+  @doc "Polls `fun` every 5 ms until it returns true (fails after ~5 s)."
+  def wait_until(fun, tries \\ 1_000) do
+    cond do
+      fun.() -> :ok
+      tries == 0 -> flunk("condition never became true")
+      true -> Process.sleep(5) && wait_until(fun, tries - 1)
+    end
+  end
+
+  @doc "Up to `n` `{:kuma_event, e}` messages (skipping lag notices), waiting at most 5 s for each."
+  def receive_events(0, acc), do: Enum.reverse(acc)
+
+  def receive_events(n, acc) do
+    receive do
+      {:kuma_event, e} -> receive_events(n - 1, [e | acc])
+      {:kuma_lagged, _} -> receive_events(n, acc)
+    after
+      5_000 -> Enum.reverse(acc)
+    end
+  end
+end
