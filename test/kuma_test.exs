@@ -255,12 +255,4 @@ defmodule KumaTest do
       assert {:error, {:no_store, ^name}} = Kuma.append(name, "c", :three)
     end
   end
-
-  defp eventually(fun, tries \\ 100) do
-    cond do
-      fun.() -> true
-      tries == 0 -> false
-      true -> Process.sleep(20) && eventually(fun, tries - 1)
-    end
-  end
 end

@@ -200,55 +200,6 @@ defmodule Kuma.EntityTest do
     end
   end
 
-  describe "passivation" do
-    @describetag store: false
-
-    test "idle entities stop and come back with their state", %{dir: dir, name: name} do
-      {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 2, aggregates: [Account], idle_timeout: 100)
-      alice = account(store)
-      {:ok, 1} = Kuma.execute(alice, {:deposit, 42})
-      {:ok, %{live: true, pid: pid}} = Kuma.entity_info(alice)
-      ref = Process.monitor(pid)
-      assert_receive {:DOWN, ^ref, :process, ^pid, {:shutdown, :passivated}}, 2_000
-      assert {:ok, %{live: false}} = Kuma.entity_info(alice)
-      assert %Account{balance: 42} = Kuma.read(alice)
-      assert {:ok, 2} = Kuma.execute(alice, {:deposit, 1})
-    end
-
-    test "reads keep an entity alive", %{dir: dir, name: name} do
-      {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 2, aggregates: [Account], idle_timeout: 200)
-      alice = account(store)
-      {:ok, 1} = Kuma.execute(alice, {:deposit, 1})
-      {:ok, %{pid: pid}} = Kuma.entity_info(alice)
-
-      for _ <- 1..20 do
-        Process.sleep(30)
-        %Account{} = Kuma.read(alice)
-      end
-
-      assert Process.alive?(pid)
-    end
-
-    test "max_live_entities passivates the least recently used", %{dir: dir, name: name} do
-      {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 2, aggregates: [Account], max_live_entities: 5)
-
-      for i <- 1..12 do
-        {:ok, 1} = Kuma.execute(account(store, "account:#{i}"), {:deposit, i})
-        # Distinct epochs, so "least recently used" is well defined.
-        Process.sleep(if i == 6, do: 1_100, else: 0)
-      end
-
-      live = fn ->
-        Enum.count(1..12, &match?({:ok, %{live: true}}, Kuma.entity_info(account(store, "account:#{&1}"))))
-      end
-
-      assert eventually(fn -> live.() <= 5 end)
-      # The six entities used before the pause are the oldest: they went first.
-      assert Enum.all?(1..6, &match?({:ok, %{live: false}}, Kuma.entity_info(account(store, "account:#{&1}"))))
-      assert Enum.map(1..12, &Kuma.read(account(store, "account:#{&1}")).balance) == Enum.to_list(1..12)
-    end
-  end
-
   describe "schema evolution" do
     @describetag store: false
 
@@ -276,14 +227,6 @@ defmodule Kuma.EntityTest do
       {:ok, shard} = Kuma.shard_for(store, "sensor:1")
       assert {:ok, [%{data: %{value: 7}}]} = Kuma.read_shard(store, shard, 0)
       assert Kuma.read(Kuma.entity(store, "sensor:1")) == %{value: 7}
-    end
-  end
-
-  defp eventually(fun, tries \\ 150) do
-    cond do
-      fun.() -> true
-      tries == 0 -> false
-      true -> Process.sleep(20) && eventually(fun, tries - 1)
     end
   end
 end

@@ -93,13 +93,7 @@ defmodule Kuma.Test.ProjectionHelpers do
   end
 
   @doc "Polls `fun` every 5 ms until it returns true (fails after ~5 s)."
-  def wait_until(fun, tries \\ 1_000) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(5) && wait_until(fun, tries - 1)
-    end
-  end
+  def wait_until(fun), do: assert(Kuma.StoreCase.eventually(fun, 1_000, 5), "condition never became true")
 
   @doc "Up to `n` `{:kuma_event, e}` messages (skipping lag notices), waiting at most 5 s for each."
   def receive_events(0, acc), do: Enum.reverse(acc)

@@ -42,4 +42,13 @@ defmodule Kuma.StoreCase do
   def files_under(dir) do
     Path.wildcard(Path.join(dir, "**"), match_dot: true) |> Enum.filter(&File.regular?/1)
   end
+
+  @doc "Polls `fun` every `every` ms until it returns true; false if it never does within `tries` polls."
+  def eventually(fun, tries \\ 150, every \\ 20) do
+    cond do
+      fun.() -> true
+      tries == 0 -> false
+      true -> Process.sleep(every) && eventually(fun, tries - 1, every)
+    end
+  end
 end

@@ -43,6 +43,9 @@ impl ShardQuery {
         if self.types.len() > MAX_QUERY_TYPES {
             return Err(Error::TooLarge { what: "types", size: self.types.len() as u64, max: MAX_QUERY_TYPES as u64 });
         }
+        if let Some(id) = &self.entity_id {
+            crate::codec::validate_entity_id(id)?;
+        }
         if let Some(ScopeMatch::Exact(s) | ScopeMatch::Prefix(s)) = &self.scope {
             if s.len() > crate::codec::MAX_SCOPE_BYTES {
                 return Err(Error::invalid("scope", "longer than any stored scope"));

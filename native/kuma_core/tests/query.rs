@@ -67,6 +67,14 @@ fn queries_filter_by_type_scope_id_prefix_and_time() {
     assert_eq!(users.len(), 20);
     assert!(users.iter().all(|e| e.entity_id.starts_with(b"user-") && e.event_type == "Created"));
 
+    // One entity, exactly: not "user-1" as a prefix of "user-10".
+    let one = ShardQuery { entity_id: Some(b"user-2".to_vec()), ..Default::default() };
+    let one = query_all(&store, &one, 2);
+    assert_eq!(one.len(), 12);
+    assert!(one.iter().all(|e| e.entity_id == b"user-2"));
+    // Every event says which shard it came from, the shard its entity is placed in.
+    assert!(all.iter().all(|e| e.shard == store.shard_for(&e.entity_id)));
+
     let mid = all.iter().map(|e| e.timestamp_us).max().unwrap();
     let until = ShardQuery { to_ts: Some(mid - 1), ..Default::default() };
     assert!(query_all(&store, &until, 50).len() < 120);

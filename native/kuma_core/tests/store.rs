@@ -47,6 +47,9 @@ fn append_then_read_in_order() {
     assert_eq!(events[0].event_type, "Deposited");
     assert_eq!(events[2].hash, b.last_hash);
     assert!(events.windows(2).all(|w| w[0].position < w[1].position));
+    // Writes and reads report the shard the core placed the entity in.
+    let shard = store.shard_for(b"alice");
+    assert!(a.shard == shard && b.shard == shard && events.iter().all(|e| e.shard == shard));
     assert_eq!(store.read_entity(b"alice", 3, 10).unwrap().len(), 1);
     assert!(store.read_entity(b"alice", 4, 10).unwrap().is_empty());
     assert!(store.read_entity(b"nobody", 1, 10).unwrap().is_empty());
