@@ -75,4 +75,38 @@ defmodule Kuma.Projection.Sink do
   catch
     kind, reason -> {:error, {:raised, Exception.format(kind, reason, __STACKTRACE__)}}
   end
+
+  @doc false
+  # The callbacks every durable sink (one with a projection file, `db`) shares: it reads as
+  # much as asked, keeps its checkpoint and parked events in Kuma.Projection.Progress, and
+  # is told of erasures.
+  defmacro __using__(:durable) do
+    quote do
+      @behaviour Kuma.Projection.Sink
+
+      @impl true
+      def room(_sink, batch_size), do: batch_size
+
+      @impl true
+      def full(_sink, _position), do: :ok
+
+      @impl true
+      def durable?, do: true
+
+      @impl true
+      def park(sink, failure), do: Kuma.Projection.Progress.park(sink.db, failure, failure.attempts)
+
+      @impl true
+      def save(sink, checkpoint), do: Kuma.Projection.Progress.save(sink.db, checkpoint)
+
+      @impl true
+      def parked(sink), do: Kuma.Projection.Progress.parked(sink.db)
+
+      @impl true
+      def parked_count(sink), do: Kuma.Projection.Progress.parked_count(sink.db)
+
+      @impl true
+      def close(sink), do: Kuma.Projection.Progress.close(sink.db)
+    end
+  end
 end

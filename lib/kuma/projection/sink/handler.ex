@@ -3,7 +3,7 @@ defmodule Kuma.Projection.Sink.Handler do
   # The sink of a `Kuma.Projection`: `handle_event/2` folds each event into the
   # projection's state; the checkpoint (and parked events) live in its own file.
 
-  @behaviour Kuma.Projection.Sink
+  use Kuma.Projection.Sink, :durable
 
   alias Kuma.Projection.{Progress, Sink}
 
@@ -34,15 +34,6 @@ defmodule Kuma.Projection.Sink.Handler do
   end
 
   @impl true
-  def room(_sink, batch_size), do: batch_size
-
-  @impl true
-  def full(_sink, _position), do: :ok
-
-  @impl true
-  def durable?, do: true
-
-  @impl true
   def handle(sink, envelope) do
     case Sink.user(fn -> sink.module.handle_event(envelope, sink.user) end) do
       {:ok, {:ok, user}} -> {:ok, [], %{sink | user: user}}
@@ -53,12 +44,6 @@ defmodule Kuma.Projection.Sink.Handler do
 
   @impl true
   def commit(sink, shard, position, _done), do: Progress.save(sink.db, %{shard => position})
-
-  @impl true
-  def park(sink, failure), do: Progress.park(sink.db, failure, failure.attempts)
-
-  @impl true
-  def save(sink, checkpoint), do: Progress.save(sink.db, checkpoint)
 
   @impl true
   def forget(sink, entity_id) do
@@ -85,13 +70,4 @@ defmodule Kuma.Projection.Sink.Handler do
   def rebuild(sink, _spec, _s) do
     with :ok <- Progress.clear(sink.db), do: start(sink, %{})
   end
-
-  @impl true
-  def parked(sink), do: Progress.parked(sink.db)
-
-  @impl true
-  def parked_count(sink), do: Progress.parked_count(sink.db)
-
-  @impl true
-  def close(sink), do: Progress.close(sink.db)
 end

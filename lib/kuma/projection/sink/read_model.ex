@@ -4,7 +4,7 @@ defmodule Kuma.Projection.Sink.ReadModel do
   # checkpoint in one transaction of the read model's file, so its rows match its
   # checkpoint exactly, also after `kill -9`.
 
-  @behaviour Kuma.Projection.Sink
+  use Kuma.Projection.Sink, :durable
 
   alias Kuma.{Native, Store}
   alias Kuma.Projection.{Progress, Sink}
@@ -47,15 +47,6 @@ defmodule Kuma.Projection.Sink.ReadModel do
   end
 
   @impl true
-  def room(_sink, batch_size), do: batch_size
-
-  @impl true
-  def full(_sink, _position), do: :ok
-
-  @impl true
-  def durable?, do: true
-
-  @impl true
   def handle(sink, envelope) do
     with {:ok, returned} <- Sink.user(fn -> sink.module.handle_event(envelope) end) do
       case statements(returned) do
@@ -85,12 +76,6 @@ defmodule Kuma.Projection.Sink.ReadModel do
   end
 
   @impl true
-  def park(sink, failure), do: Progress.park(sink.db, failure, failure.attempts)
-
-  @impl true
-  def save(sink, checkpoint), do: Progress.save(sink.db, checkpoint)
-
-  @impl true
   def forget(sink, entity_id) do
     with {:ok, returned} <- Sink.user(fn -> sink.module.forget(entity_id) end),
          {:ok, statements} <- forget_statements(sink, entity_id, returned),
@@ -117,15 +102,6 @@ defmodule Kuma.Projection.Sink.ReadModel do
     Progress.delete_files(spec.path)
     open(spec, s)
   end
-
-  @impl true
-  def parked(sink), do: Progress.parked(sink.db)
-
-  @impl true
-  def parked_count(sink), do: Progress.parked_count(sink.db)
-
-  @impl true
-  def close(sink), do: Progress.close(sink.db)
 
   # What handle_event/1 or forget/1 returned, as a list of {sql, params}.
   @spec statements(term()) :: {:ok, [Sink.work()]} | :error
