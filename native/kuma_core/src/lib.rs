@@ -17,6 +17,8 @@ pub mod cipher;
 pub mod clock;
 pub mod codec;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod heads;
 pub mod keystore;
 mod manifest;

@@ -303,8 +303,7 @@ impl Store {
 
     /// The seq of the entity's last event committed at or before `ts_us` (0 if none).
     pub fn seq_at(&self, entity_id: &[u8], ts_us: i64) -> Result<u64> {
-        validate_entity_id(entity_id)?;
-        self.with_reader(self.shard_for(entity_id), |c, h| reader::seq_at(c, h, entity_id, ts_us))
+        self.with_entity(entity_id, |c, h, _| reader::seq_at(c, h, entity_id, ts_us))
     }
 
     /// Blocks until every append queued before this call is committed, and checkpoints heads.
@@ -330,6 +329,19 @@ impl Store {
             .get(shard as usize)
             .ok_or_else(|| Error::invalid("shard", format!("no shard {shard} (store has {})", self.shards.len())))?;
         handle.readers.with(|conn| f(conn, &handle.heads))
+    }
+
+    /// Runs a read of one entity in one read transaction. A read that meets a missing or
+    /// misplaced event (`Corrupt`) is checked against the entity's tombstone in the same
+    /// snapshot: an entity erased while it was being read answers `Erased`, never corrupt.
+    fn with_entity<T>(&self, entity_id: &[u8], f: impl FnOnce(&Connection, &Heads, u32) -> Result<T>) -> Result<T> {
+        validate_entity_id(entity_id)?;
+        let shard = self.shard_for(entity_id);
+        let index = self.protection.index(entity_id);
+        self.with_reader(shard, |c, h| match f(c, h, shard) {
+            Err(Error::Corrupt { .. }) if reader::is_erased(c, &index)? => Err(Error::Erased),
+            result => result,
+        })
     }
 
     /// The head (last seq, position, timestamp, hash) of an entity, or `None` if it has no
@@ -365,9 +377,7 @@ impl Store {
 
     /// `read_entity` without decryption: payload and metadata as stored (for export and tests).
     pub fn read_entity_sealed(&self, entity_id: &[u8], from_seq: u64, max: usize) -> Result<Vec<StoredEvent>> {
-        validate_entity_id(entity_id)?;
-        let shard = self.shard_for(entity_id);
-        self.with_reader(shard, |c, h| reader::read_entity(c, h, shard, entity_id, from_seq, max))
+        self.with_entity(entity_id, |c, h, shard| reader::read_entity(c, h, shard, entity_id, from_seq, max))
     }
 
     /// Up to `max` events of a shard with position greater than `after`, in position
@@ -468,9 +478,16 @@ impl Store {
 
     /// Recomputes one entity's hash chain.
     pub fn verify_entity(&self, entity_id: &[u8]) -> Result<EntityVerdict> {
-        validate_entity_id(entity_id)?;
-        let shard = self.shard_for(entity_id);
-        self.with_reader(shard, |c, h| verify::verify_entity(c, h, shard, entity_id))
+        // A broken chain goes through `with_entity` as `Corrupt`, so that an entity erased
+        // during the check answers `Erased` rather than looking tampered with.
+        let verdict = self.with_entity(entity_id, |c, h, shard| match verify::verify_entity(c, h, shard, entity_id)? {
+            EntityVerdict::Broken { seq, why } => Err(Error::Corrupt { seq, why }),
+            intact => Ok(intact),
+        });
+        match verdict {
+            Err(Error::Corrupt { seq, why }) => Ok(EntityVerdict::Broken { seq, why }),
+            other => other,
+        }
     }
 
     /// Recomputes every chain in one shard.

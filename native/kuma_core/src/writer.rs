@@ -228,6 +228,8 @@ pub(crate) struct ShardWriter {
     dirty_since: Option<Instant>,
     chainer: Chainer,
     stats: Arc<std::sync::Mutex<WriterStats>>,
+    /// Some erasure committed its rows but could not yet destroy its key.
+    erasures_pending: bool,
 }
 
 /// A shard a writer thread opens (or creates) and then serves.
@@ -372,8 +374,13 @@ fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
         let (first_shard, first) = match rx.recv_timeout(config.checkpoint_interval) {
             Ok(message) => message,
             Err(RecvTimeoutError::Timeout) => {
-                for w in shards.iter_mut().filter(|w| w.checkpoint_due()) {
-                    w.group_commit(Vec::new());
+                for w in shards.iter_mut() {
+                    if w.checkpoint_due() {
+                        w.group_commit(Vec::new());
+                    }
+                    if w.erasures_pending {
+                        w.retry_erasures();
+                    }
                 }
                 continue;
             }
@@ -400,6 +407,33 @@ fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
     // Clean shutdown: persist every head so the next open replays nothing.
     for w in shards.iter_mut().filter(|w| !w.dirty.is_empty()) {
         w.group_commit(vec![Command::barrier(Box::new(|_| {}))]);
+    }
+}
+
+/// What one group commit has done so far, before its COMMIT: nothing here is visible to
+/// readers until the commit succeeds.
+#[derive(Default)]
+struct Txn<'a> {
+    /// Heads changed by this transaction, keyed by entity id.
+    tentative: HashMap<&'a [u8], Head>,
+    /// Entities erased by this transaction, with their eid if they had events.
+    erased: Vec<(&'a [u8], Option<i64>)>,
+    force_checkpoint: bool,
+    written: u64,
+}
+
+impl Txn<'_> {
+    /// An entity's head as this transaction sees it: `Erased` once erased in it (so nothing
+    /// later in the group writes to the rows just deleted), its tentative head if written
+    /// in it, else the committed one.
+    fn head(&self, w: &ShardWriter, entity_id: &[u8]) -> Result<Option<Head>> {
+        if self.erased.iter().any(|(id, _)| *id == entity_id) {
+            return Err(Error::Erased);
+        }
+        match self.tentative.get(entity_id) {
+            Some(h) => Ok(Some(*h)),
+            None => w.lookup_head(entity_id),
+        }
     }
 }
 
@@ -440,9 +474,12 @@ impl ShardWriter {
             dirty_since: None,
             chainer: Chainer::new(),
             stats,
+            erasures_pending: false,
         };
         writer.replay_tail(checkpoint)?;
-        writer.finish_erasures()?;
+        // An erasure that cannot be finished now (the keystore's disk is full) does not
+        // keep the store closed: it is retried while the store runs.
+        writer.erasures_pending = writer.finish_erasures().is_err();
         writer.commits.publish(index, writer.next_pos - 1);
         Ok(writer)
     }
@@ -487,16 +524,25 @@ impl ShardWriter {
     }
 
     /// Writes a batch in one transaction and answers every request in it.
+    ///
+    /// What happens before COMMIT and after it are kept apart: a failure before COMMIT
+    /// (disk full, a panic) leaves nothing on disk and nothing changed in memory, and every
+    /// request of the batch is answered with it; once COMMIT succeeded the batch succeeded,
+    /// and what follows (emptying the WAL and destroying the keys of erased entities) can
+    /// only fail those erasures, which are finished later (`finish_erasures`).
     fn group_commit(&mut self, mut batch: Vec<Command>) {
         let start_pos = self.next_pos;
         let outcome = catch_unwind(AssertUnwindSafe(|| self.write_transaction(&mut batch)))
             .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
         match outcome {
-            Ok(()) => {
+            Ok(erased) => {
                 // Published before anyone is answered: whatever a caller was told is
                 // committed is already covered by `Commits::positions`.
                 if self.next_pos != start_pos {
                     self.commits.publish(self.index, self.next_pos - 1);
+                }
+                if !erased.is_empty() {
+                    self.finish_erased(erased, &mut batch);
                 }
                 for command in batch {
                     command.answer(None);
@@ -514,8 +560,9 @@ impl ShardWriter {
     }
 
     /// Runs every request of the batch in one transaction, storing each one's outcome in
-    /// it. An error means nothing of the batch was kept.
-    fn write_transaction(&mut self, batch: &mut [Command]) -> Result<()> {
+    /// it, and commits. An error means nothing of the batch was kept and nothing in memory
+    /// changed. Returns the ids erased by the batch (committed, their keys still to destroy).
+    fn write_transaction(&mut self, batch: &mut [Command]) -> Result<Vec<Vec<u8>>> {
         // Data keys first, durably, in one keystore transaction for the whole group; never
         // for an erased id (its appends are refused below, and it must stay keyless).
         if let Some(keystore) = self.protection.keystore() {
@@ -533,20 +580,15 @@ impl ShardWriter {
             keystore.ensure(fresh)?;
         }
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("begin transaction"))?;
-        let mut erased: Vec<&[u8]> = Vec::new();
-        // Heads changed by this transaction, keyed by entity id. Nothing in memory changes
-        // until COMMIT succeeds, so a failed or panicking transaction leaves no trace.
-        let mut tentative: HashMap<&[u8], Head> = HashMap::new();
-        let mut force_checkpoint = false;
-        let mut written = 0u64;
+        let mut txn = Txn::default();
         for command in batch {
             match command {
                 Command::Append(Append { entries, results, .. }) => {
                     let entries: &[AppendEntry] = entries;
                     for entry in entries {
-                        let r = self.append_entry(&mut tentative, entry);
+                        let r = self.append_entry(&mut txn, entry);
                         match &r {
-                            Ok(a) => written += a.last_seq - a.first_seq + 1,
+                            Ok(a) => txn.written += a.last_seq - a.first_seq + 1,
                             // A concurrency conflict or an erased id is this entry's answer;
                             // anything else (I/O, disk full) aborts the whole transaction.
                             Err(Error::WrongExpectedSeq { .. } | Error::Erased) => {}
@@ -556,69 +598,94 @@ impl ShardWriter {
                     }
                 }
                 Command::Snapshot(Snapshot { snapshot, result, .. }) => {
-                    let r = self.save_snapshot(&tentative, snapshot);
+                    let r = self.save_snapshot(&txn, snapshot);
                     if let Err(e @ Error::Storage { .. }) = &r {
                         return Err(e.clone());
                     }
                     *result = Some(r);
                 }
-                Command::Barrier(_) => force_checkpoint = true,
+                Command::Barrier(_) => txn.force_checkpoint = true,
                 Command::Erase(Erase { entity_id, result, .. }) => {
                     let entity_id: &[u8] = entity_id;
                     // An entity appended and deleted in one group: the delete must see the
                     // appends, so its tentative head is used and then dropped.
-                    let head = match tentative.remove(entity_id) {
-                        Some(h) => Some(h),
-                        None => self.lookup_head(entity_id)?,
+                    let head = match txn.head(self, entity_id) {
+                        Err(Error::Erased) => None,
+                        head => head?,
                     };
+                    txn.tentative.remove(entity_id);
                     let count = self.delete_rows(entity_id, head)?;
-                    if let Some(h) = head {
-                        self.dirty.remove(&h.eid);
-                    }
-                    erased.push(entity_id);
+                    txn.erased.push((entity_id, head.map(|h| h.eid)));
                     *result = Some(Ok(count));
                 }
             }
         }
-        let pending = self.dirty.len() + tentative.len();
+        // Heads of entities erased here are not written (their rows are gone, and a new
+        // entity may already have been given the same eid in this transaction).
+        let erased_eids: Vec<i64> = txn.erased.iter().filter_map(|(_, eid)| *eid).collect();
+        let pending = self.dirty.len() + txn.tentative.len();
         let checkpoint = pending > 0
-            && (force_checkpoint
-                || self.events_since_checkpoint + written >= self.config.checkpoint_events
+            && (txn.force_checkpoint
+                || self.events_since_checkpoint + txn.written >= self.config.checkpoint_events
                 || pending >= self.heads.cap() / 2
                 || self.dirty_since.is_some_and(|t| t.elapsed() >= self.config.checkpoint_interval));
         if checkpoint {
-            self.write_checkpoint(self.dirty.values().chain(tentative.values()))?;
+            let dirty = self.dirty.values().filter(|h| !erased_eids.contains(&h.eid));
+            self.write_checkpoint(dirty.chain(txn.tentative.values()))?;
         }
+        #[cfg(feature = "fault-injection")]
+        crate::fault::commit(txn.erased.iter().map(|(id, _)| *id))?;
         self.conn.execute_batch("COMMIT").map_err(Error::storage("commit"))?;
 
-        self.heads.publish(tentative.iter().map(|(k, v)| (*k, *v)));
-        if !erased.is_empty() {
-            for id in &erased {
-                self.heads.remove(id);
-            }
-            // The rows are gone (zeroed by secure_delete); now the old page images in the
-            // WAL, and the keys. A failure here leaves the tombstone's key_destroyed at 0,
-            // and the next open finishes the job (finish_erasures).
-            sqlite::truncate_wal(&self.conn, "checkpoint after erasure")?;
-            for id in &erased {
-                self.destroy_key(id)?;
-            }
+        // Committed: from here on nothing can fail, and memory follows the disk.
+        for eid in &erased_eids {
+            self.dirty.remove(eid);
         }
+        for (id, _) in &txn.erased {
+            self.heads.remove(id);
+        }
+        self.heads.publish(txn.tentative.iter().map(|(k, v)| (*k, *v)));
         if checkpoint {
             self.dirty.clear();
             self.events_since_checkpoint = 0;
             self.dirty_since = None;
             self.heads.trim_clean();
-        } else if !tentative.is_empty() {
-            self.dirty.extend(tentative.values().map(|h| (h.eid, *h)));
-            self.events_since_checkpoint += written;
+        } else if !txn.tentative.is_empty() {
+            self.dirty.extend(txn.tentative.values().map(|h| (h.eid, *h)));
+            self.events_since_checkpoint += txn.written;
             self.dirty_since.get_or_insert_with(Instant::now);
         }
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         stats.transactions += 1;
-        stats.events += written;
+        stats.events += txn.written;
         stats.checkpoints += u64::from(checkpoint);
-        Ok(())
+        Ok(txn.erased.into_iter().map(|(id, _)| id.to_vec()).collect())
+    }
+
+    /// After the commit of erasures: the rows are gone (zeroed by secure_delete); now the
+    /// old page images in the WAL, and the keys. A failure fails only the erasures
+    /// concerned (the caller is told, and deleting again finishes them); their tombstones
+    /// keep `key_destroyed = 0`, and `finish_erasures` completes them when the writer is
+    /// next idle or the store next opens.
+    fn finish_erased(&mut self, erased: Vec<Vec<u8>>, batch: &mut [Command]) {
+        let outcome = catch_unwind(AssertUnwindSafe(|| -> Vec<(Vec<u8>, Error)> {
+            if let Err(e) = sqlite::truncate_wal(&self.conn, "checkpoint after erasure") {
+                return erased.into_iter().map(|id| (id, e.clone())).collect();
+            }
+            erased.into_iter().filter_map(|id| self.destroy_key(&id).err().map(|e| (id, e))).collect()
+        }))
+        .unwrap_or_else(|panic| vec![(Vec::new(), Error::from_panic(panic))]);
+        if outcome.is_empty() {
+            return;
+        }
+        self.erasures_pending = true;
+        for command in batch.iter_mut() {
+            if let Command::Erase(Erase { entity_id, result, .. }) = command {
+                if let Some((_, e)) = outcome.iter().find(|(id, _)| id.is_empty() || id == entity_id) {
+                    *result = Some(Err(e.clone()));
+                }
+            }
+        }
     }
 
     /// Persists heads (later entries for the same eid win) and the checkpoint position.
@@ -641,11 +708,11 @@ impl ShardWriter {
 
     /// Stores a snapshot if the entity already has its seq (committed or earlier in this
     /// transaction); when the snapshot is of the head, its hash must match the head's.
-    fn save_snapshot(&self, tentative: &HashMap<&[u8], Head>, s: &SnapshotRequest) -> Result<()> {
-        let head = match tentative.get(s.entity_id.as_slice()) {
-            Some(h) => Some(*h),
-            None => self.lookup_head(&s.entity_id)?,
-        };
+    fn save_snapshot(&self, txn: &Txn, s: &SnapshotRequest) -> Result<()> {
+        let head = txn.head(self, &s.entity_id)?;
+        if head.is_none() && self.is_erased(&s.entity_id)? {
+            return Err(Error::Erased);
+        }
         let Some(head) = head.filter(|h| s.seq >= 1 && s.seq <= h.seq) else {
             return Err(Error::invalid("snapshot", format!("entity has no event {}", s.seq)));
         };
@@ -677,16 +744,9 @@ impl ShardWriter {
         Ok(head)
     }
 
-    fn append_entry<'a>(
-        &mut self,
-        tentative: &mut HashMap<&'a [u8], Head>,
-        entry: &'a AppendEntry,
-    ) -> Result<Appended> {
+    fn append_entry<'a>(&mut self, txn: &mut Txn<'a>, entry: &'a AppendEntry) -> Result<Appended> {
         let id = entry.entity_id.as_slice();
-        let head = match tentative.get(id) {
-            Some(h) => Some(*h),
-            None => self.lookup_head(id)?,
-        };
+        let head = txn.head(self, id)?;
         let current = head.map_or(0, |h| h.seq);
         if let Expected::Seq(expected) = entry.expected {
             if expected != current {
@@ -729,7 +789,7 @@ impl ShardWriter {
             .map_err(Error::storage("insert skip"))?;
         for ev in &entry.events {
             #[cfg(feature = "fault-injection")]
-            if ev.event_type == "__kuma_fault_panic__" {
+            if ev.event_type == crate::fault::PANIC_EVENT_TYPE {
                 panic!("fault injection: writer panic requested");
             }
             seq += 1;
@@ -757,7 +817,7 @@ impl ShardWriter {
             prev_hash = hash;
             prev_pos = pos;
         }
-        tentative.insert(id, Head { eid, seq, pos: prev_pos, ts, hash: prev_hash });
+        txn.tentative.insert(id, Head { eid, seq, pos: prev_pos, ts, hash: prev_hash });
         Ok(Appended {
             shard: self.index,
             first_seq: current + 1,
@@ -829,6 +889,8 @@ impl ShardWriter {
 
     /// Destroys an erased entity's data key and records that on its tombstone.
     fn destroy_key(&self, entity_id: &[u8]) -> Result<()> {
+        #[cfg(feature = "fault-injection")]
+        crate::fault::destroy_key(entity_id)?;
         if let Some(keystore) = self.protection.keystore() {
             keystore.destroy(entity_id)?;
         }
@@ -839,8 +901,17 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Finishes erasures interrupted by a crash: keys of tombstoned entities that still
-    /// exist are destroyed (the keystore is found by the tombstone's keyed hash).
+    /// Retries erasures whose keys could not be destroyed after their commit (a full disk
+    /// under the keystore, a WAL kept busy by a reader): on failure, again at the next idle
+    /// tick.
+    fn retry_erasures(&mut self) {
+        let done = catch_unwind(AssertUnwindSafe(|| self.finish_erasures()));
+        self.erasures_pending = !matches!(done, Ok(Ok(())));
+    }
+
+    /// Finishes erasures interrupted by a crash or a failure after their commit: keys of
+    /// tombstoned entities that still exist are destroyed (the keystore finds them by the
+    /// tombstone's keyed hash).
     fn finish_erasures(&mut self) -> Result<()> {
         let pending: Vec<Vec<u8>> = self
             .conn
@@ -850,6 +921,12 @@ impl ShardWriter {
             .map_err(Error::storage("read tombstones"))?
             .collect::<rusqlite::Result<_>>()
             .map_err(Error::storage("read tombstones"))?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        // The WAL may still hold old images of the erased rows (a crash before it was
+        // emptied): empty it before the keys go.
+        sqlite::truncate_wal(&self.conn, "checkpoint after erasure")?;
         for idx in pending {
             if let (Some(keystore), Ok(index)) = (self.protection.keystore(), <[u8; 32]>::try_from(idx.as_slice())) {
                 keystore.destroy_index(&index)?;
