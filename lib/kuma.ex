@@ -277,7 +277,7 @@ defmodule Kuma do
          :ok <- Validate.non_neg(:shard, shard),
          :ok <- Validate.non_neg(:after, after_position),
          :ok <- Validate.non_neg(:limit, limit),
-         {:ok, {events, _searched}} <- Query.read_shard(s, shard, after_position, %Query{}, limit) do
+         {:ok, {events, _searched, _hash}} <- Query.read_shard(s, shard, after_position, %Query{}, limit) do
       {:ok, Enum.map(events, &Kuma.Codec.envelope(&1, s))}
     end
   end

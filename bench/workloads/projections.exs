@@ -224,8 +224,8 @@ defmodule Kuma.Bench.Proj do
 
   defp read_all(s, shard, after_pos, n) do
     case Kuma.Query.read_shard(s, shard, after_pos, %Kuma.Query{}, 2_000) do
-      {:ok, {[], _}} -> n
-      {:ok, {events, searched}} -> read_all(s, shard, searched, n + length(events))
+      {:ok, {[], _, _}} -> n
+      {:ok, {events, searched, _hash}} -> read_all(s, shard, searched, n + length(events))
     end
   end
 

@@ -50,6 +50,10 @@ defmodule Kuma.Error do
 
   * `:entity_erased` - the entity was erased (`Kuma.delete/3`): it cannot be written or read
   * `{:subject_erased, id}` - a `Kuma.Sensitive` value names an erased subject
+  * `:key_missing` - the entity's data key is not in the keystore although the entity was
+    never erased (a keystore restored from an older backup, or copied while the store
+    ran): nothing was read or written for it, and no new key was made; put the right
+    keystore back
   * `:wrong_master_key`, `{:missing_master_key, why}`, `{:missing_keystore, path}`,
     `{:encryption_mismatch, :store_is_encrypted | :store_is_plain}` - see "Encryption" in `Kuma.start/1`
   * `{:decrypt_failed, seq, why}` - a stored ciphertext did not decrypt (altered, or copied
@@ -62,6 +66,9 @@ defmodule Kuma.Error do
   * `{:sql, index | nil, message}` - a read model's SQL failed (nothing of it was kept)
   * `{:invalid_schema, module, reason}`, `{:foreign_projection, path, why}` - a read model
     could not start
+  * `{:shard_diverged, shard, position, last}` - a projection stopped: the shard no longer
+    holds the events it read up to `position` (after an OS crash with `sync: :normal` it
+    lost the end of its log and gave those positions out again); rebuild or reset it
   * `:nothing_to_skip`, `:projection_stopped` - `Kuma.Projection.skip/1`, `Kuma.Projection.wait_for/3`
   * `{:raised, text}`, `{:bad_return, callback, value}`, `{:skipped, reason}` - why a
     projection's event failed (in `Kuma.Projection.status/1` and parked events)
@@ -111,6 +118,12 @@ defmodule Kuma.Error do
   def format({:entity_start_failed, reason}), do: "the entity's process could not start: #{inspect(reason)}"
   def format({:partial, results}), do: "#{Enum.count(results, &match?({:error, _}, &1))} batch entries failed"
   def format(:entity_erased), do: "the entity was erased; its id cannot be written or read again"
+
+  def format(:key_missing),
+    do:
+      "the entity's data key is missing from the keystore although it was never erased " <>
+        "(a keystore restored from an older backup?); nothing was read or written"
+
   def format({:subject_erased, id}), do: "the subject #{inspect(id)} of a sensitive value was erased"
   def format(:wrong_master_key), do: "the master key does not open this store's keystore; nothing was changed"
   def format({:missing_master_key, why}), do: "no master key: #{why}"
@@ -132,6 +145,13 @@ defmodule Kuma.Error do
   def format({:sql, index, message}), do: "SQL statement #{index} failed: #{message}"
   def format({:foreign_projection, path, why}), do: "#{path} belongs to another store or projection: #{why}"
   def format({:invalid_schema, module, reason}), do: "the schema of #{inspect(module)} failed: #{format(reason)}"
+
+  def format({:shard_diverged, shard, position, last}),
+    do:
+      "shard #{shard} no longer holds the events this projection read up to position #{position} " <>
+        "(it ends at #{last}, or another event took that position: a crash lost the end of its log); " <>
+        "rebuild the projection, or reset it"
+
   def format(:nothing_to_skip), do: "the projection is not stuck on an event"
   def format(:projection_stopped), do: "the projection stopped while waiting"
   def format(:timeout), do: "timed out waiting for the commit; the write may still complete"

@@ -80,6 +80,7 @@ defmodule Kuma.Native do
   def read_entity(_store, _entity_id, _from_seq, _max), do: nif_missing()
   def read_head(_store, _entity_id), do: nif_missing()
   def read_query(_store, _shard, _after, _query, _max), do: nif_missing()
+  def read_position(_store, _shard, _position), do: nif_missing()
   def read_snapshot(_store, _entity_id, _version, _max_seq), do: nif_missing()
   def read_snapshots(_store, _entity_id), do: nif_missing()
   def read_seq_at(_store, _entity_id, _ts_us), do: nif_missing()

@@ -79,10 +79,11 @@ defmodule Kuma.Query do
   defp binary_opt(key, other), do: {:error, {:invalid, key, "must be a non-empty binary, got: #{inspect(other)}"}}
 
   @doc false
-  # Up to `max` matching events of one shard after position `after`, and the position the
-  # shard was searched up to (reading on from there never skips nor repeats an event).
+  # Up to `max` matching events of one shard after position `after`, the position the
+  # shard was searched up to (reading on from there never skips nor repeats an event), and
+  # the chain hash of the event stored at that position (nil if none).
   @spec read_shard(Store.t(), non_neg_integer(), non_neg_integer(), t(), pos_integer()) ::
-          {:ok, {[Native.event()], non_neg_integer()}} | {:error, term()}
+          {:ok, {[Native.event()], non_neg_integer(), binary() | nil}} | {:error, term()}
   def read_shard(%Store{} = s, shard, after_pos, %__MODULE__{} = query, max) do
     Native.read_query(s.native, shard, after_pos, query, max)
   end
@@ -116,8 +117,8 @@ defmodule Kuma.Query do
   defp read_shards(s, query, after_pos, limit) do
     Enum.reduce_while((s.shards - 1)..0//-1, {:ok, []}, fn shard, {:ok, acc} ->
       case read_shard(s, shard, Map.get(after_pos, shard, 0), query, limit) do
-        {:ok, {[], _}} -> {:cont, {:ok, acc}}
-        {:ok, {events, _searched}} -> {:cont, {:ok, [{shard, events} | acc]}}
+        {:ok, {[], _, _}} -> {:cont, {:ok, acc}}
+        {:ok, {events, _searched, _hash}} -> {:cont, {:ok, [{shard, events} | acc]}}
         {:error, reason} -> {:halt, {:error, reason}}
       end
     end)

@@ -117,6 +117,27 @@ defmodule Kuma.ProtectionTest do
       assert {:error, {:missing_keystore, path}} = Kuma.start(name: name, data_dir: dir)
       assert path =~ "keystore.kuma"
     end
+
+    test "a key missing from a restored keystore is an error, not an erasure", %{dir: dir, name: name} do
+      keystore = Path.join(dir, "keystore.kuma")
+      older = dir <> "-older-keystore"
+      on_exit(fn -> File.rm(older) end)
+      {:ok, store} = Kuma.start(name: name, data_dir: dir)
+      {:ok, 1} = Kuma.append(store, "alice", :opened)
+      :ok = Kuma.stop(store)
+      File.cp!(keystore, older)
+      {:ok, store} = Kuma.start(name: name, data_dir: dir)
+      {:ok, 1} = Kuma.append(store, "bob", :opened)
+      :ok = Kuma.stop(store)
+      File.cp!(older, keystore)
+
+      {:ok, store} = Kuma.start(name: name, data_dir: dir)
+      assert {:error, :key_missing} = Kuma.events(store, "bob")
+      assert {:error, :key_missing} = Kuma.append(store, "bob", :again)
+      assert {:ok, false} = Kuma.erased?(store, "bob")
+      assert Kuma.format_error(:key_missing) =~ "never erased"
+      assert {:ok, [_]} = Kuma.events(store, "alice")
+    end
   end
 
   describe "sensitive values" do

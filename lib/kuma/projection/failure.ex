@@ -8,7 +8,7 @@ defmodule Kuma.Projection.Failure do
   @max_backoff 30_000
 
   @enforce_keys [:shard, :position, :entity_id, :seq, :type, :error, :attempts]
-  defstruct @enforce_keys
+  defstruct [:hash | @enforce_keys]
 
   @typedoc """
   The event a projection is stuck on. `entity_id` and `type` become nil when the entity is
@@ -21,6 +21,7 @@ defmodule Kuma.Projection.Failure do
           entity_id: binary() | nil,
           seq: pos_integer(),
           type: String.t() | nil,
+          hash: binary() | nil,
           error: term(),
           attempts: pos_integer()
         }
@@ -49,6 +50,7 @@ defmodule Kuma.Projection.Failure do
       entity_id: event.entity_id,
       seq: event.seq,
       type: event.type,
+      hash: Map.get(event, :hash),
       error: error,
       attempts: attempts
     }

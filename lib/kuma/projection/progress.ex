@@ -1,16 +1,20 @@
 defmodule Kuma.Projection.Progress do
   @moduledoc false
   # A durable projection's own SQLite file, `<data_dir>/projections/<name>.sqlite`, and
-  # every SQL statement Kuma runs on it: its identity (`_kuma_meta`), its checkpoint (one
-  # position per shard, `_kuma_checkpoint`) and its parked events (`_kuma_parked`). A read
-  # model's tables live in the same file, so its rows and its checkpoint commit in one
-  # transaction (`save/3`).
+  # every SQL statement Kuma runs on it: its identity (`_kuma_meta`), its checkpoint (per
+  # shard a position and the chain hash of the event stored there, `_kuma_checkpoint`) and
+  # its parked events (`_kuma_parked`). A read model's tables live in the same file, so its
+  # rows and its checkpoint commit in one transaction (`save/3`).
+  #
+  # A checkpoint is a map of marks: `%{shard => {position, hash | nil}}`. The hash lets a
+  # projection notice, when it starts, that a shard no longer holds what it read (a lost
+  # WAL tail gave its positions out again) instead of skipping the events that took them.
 
   alias Kuma.Native
 
   @bookkeeping [
     "CREATE TABLE IF NOT EXISTS _kuma_meta (key TEXT PRIMARY KEY NOT NULL, value ANY) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS _kuma_checkpoint (shard INTEGER PRIMARY KEY, pos INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS _kuma_checkpoint (shard INTEGER PRIMARY KEY, pos INTEGER NOT NULL, hash BLOB)",
     """
     CREATE TABLE IF NOT EXISTS _kuma_parked (
       shard INTEGER NOT NULL, pos INTEGER NOT NULL, entity_id BLOB NOT NULL, seq INTEGER NOT NULL,
@@ -41,6 +45,7 @@ defmodule Kuma.Projection.Progress do
 
   defp check_identity(db, path, identity) do
     with {:ok, _} <- Native.sqldb_transaction(db, Enum.map(@bookkeeping, &{&1, []})),
+         :ok <- add_hash_column(db),
          {:ok, {_, rows}} <- Native.sqldb_query(db, "SELECT key, value FROM _kuma_meta", []) do
       meta = Map.new(rows, fn [k, v] -> {k, v} end)
 
@@ -55,6 +60,18 @@ defmodule Kuma.Projection.Progress do
     end
   end
 
+  # Files written before checkpoints kept hashes get the column (their marks have none).
+  defp add_hash_column(db) do
+    with {:ok, {_, columns}} <- Native.sqldb_query(db, "SELECT name FROM pragma_table_info('_kuma_checkpoint')", []) do
+      if ["hash"] in columns do
+        :ok
+      else
+        with {:ok, _} <- Native.sqldb_transaction(db, [{"ALTER TABLE _kuma_checkpoint ADD COLUMN hash BLOB", []}]),
+             do: :ok
+      end
+    end
+  end
+
   @doc "Closes the file."
   @spec close(db()) :: :ok
   def close(db) do
@@ -62,24 +79,27 @@ defmodule Kuma.Projection.Progress do
     :ok
   end
 
-  @doc "The stored checkpoint (shards never checkpointed are absent)."
-  @spec checkpoint(db()) :: {:ok, Kuma.Position.t()} | {:error, term()}
+  @type marks :: %{non_neg_integer() => {non_neg_integer(), binary() | nil}}
+
+  @doc "The stored checkpoint, as marks (shards never checkpointed are absent)."
+  @spec checkpoint(db()) :: {:ok, marks()} | {:error, term()}
   def checkpoint(db) do
-    with {:ok, {_, rows}} <- Native.sqldb_query(db, "SELECT shard, pos FROM _kuma_checkpoint", []) do
-      {:ok, Map.new(rows, fn [shard, pos] -> {shard, pos} end)}
+    with {:ok, {_, rows}} <- Native.sqldb_query(db, "SELECT shard, pos, hash FROM _kuma_checkpoint", []) do
+      {:ok, Map.new(rows, fn [shard, pos, hash] -> {shard, {pos, hash}} end)}
     end
   end
 
   @doc """
-  Commits `statements` (a read model's rows) and the checkpoint positions in `positions`
-  (a map of shard => position) in one transaction: all of it or none.
+  Commits `statements` (a read model's rows) and the checkpoint `marks` (shard =>
+  {position, hash}) in one transaction: all of it or none.
   """
-  @spec save(db(), Kuma.Position.t(), [{String.t(), list()}]) :: :ok | {:error, term()}
-  def save(db, positions, statements \\ []) do
+  @spec save(db(), marks(), [{String.t(), list()}]) :: :ok | {:error, term()}
+  def save(db, marks, statements \\ []) do
     upserts =
-      for {shard, pos} <- positions do
-        {"INSERT INTO _kuma_checkpoint VALUES (?1, ?2) ON CONFLICT(shard) DO UPDATE SET pos = excluded.pos",
-         [shard, pos]}
+      for {shard, {pos, hash}} <- marks do
+        {"INSERT INTO _kuma_checkpoint VALUES (?1, ?2, ?3) " <>
+           "ON CONFLICT(shard) DO UPDATE SET pos = excluded.pos, hash = excluded.hash",
+         [shard, pos, hash && {:blob, hash}]}
       end
 
     case Native.sqldb_transaction(db, statements ++ upserts) do
@@ -104,7 +124,7 @@ defmodule Kuma.Projection.Progress do
          System.os_time(:microsecond)
        ]}
 
-    save(db, %{parked.shard => parked.position}, [row])
+    save(db, %{parked.shard => {parked.position, parked.hash}}, [row])
   end
 
   @doc "The parked events: shard, position, entity id, seq, type, error, attempts, when."

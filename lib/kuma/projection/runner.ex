@@ -22,12 +22,14 @@ defmodule Kuma.Projection.Runner do
 
   defmodule State do
     @moduledoc false
-    # `checkpoint`: the position handled and committed in every shard; `heads`: the last
+    # `checkpoint`: the position handled and committed in every shard; `hashes`: the chain
+    # hash of the event stored at each of those positions (nil if unknown); `heads`: the last
     # commits the runner knows of; `failure`: the event it is stuck on (retrying or
     # stopped); `ahead`: per shard, a batch read ahead ({after, room, task | {:done, result}}).
     @enforce_keys [:spec, :store_name, :shards, :sink, :heads, :checkpoint]
     defstruct @enforce_keys ++
                 [
+                  hashes: %{},
                   status: :running,
                   failure: nil,
                   retry_timer: nil,
@@ -46,6 +48,7 @@ defmodule Kuma.Projection.Runner do
             sink: term(),
             heads: Kuma.Position.t(),
             checkpoint: Kuma.Position.t(),
+            hashes: %{non_neg_integer() => binary() | nil},
             status: :running | :stopped,
             failure: Failure.t() | %{error: term()} | nil,
             retry_timer: reference() | nil,
@@ -86,8 +89,9 @@ defmodule Kuma.Projection.Runner do
       Registry.update_value(Kuma.Registry, {:projection, spec.name}, fn _ -> %{store: s.name, kind: spec.kind} end)
 
       case spec.sink.open(spec, s) do
-        {:ok, sink, stored, stopped} ->
+        {:ok, sink, marks, stopped} ->
           if spec.sink.durable?(), do: :ok = Kuma.Erasure.listen(s.name)
+          stored = Map.new(marks, fn {shard, {pos, _hash}} -> {shard, pos} end)
           start = if spec.from == :now, do: heads, else: Map.merge(spec.from, stored)
 
           st = %State{
@@ -96,10 +100,11 @@ defmodule Kuma.Projection.Runner do
             shards: s.shards,
             sink: sink,
             heads: heads,
-            checkpoint: Map.merge(zero(s.shards), start)
+            checkpoint: Map.merge(zero(s.shards), start),
+            hashes: Map.new(marks, fn {shard, {_pos, hash}} -> {shard, hash} end)
           }
 
-          {:ok, st |> stop_if(stopped) |> schedule_pump()}
+          {:ok, st |> stop_if(stopped || diverged(s, marks)) |> schedule_pump()}
 
         {:error, reason} ->
           {:stop, reason}
@@ -111,7 +116,32 @@ defmodule Kuma.Projection.Runner do
   defp zero(shards), do: Map.new(0..(shards - 1), &{&1, 0})
 
   defp stop_if(st, nil), do: st
-  defp stop_if(st, error), do: %{st | status: :stopped, failure: %{error: error}}
+
+  defp stop_if(st, error) do
+    Logger.error("Kuma projection #{inspect(st.spec.name)} stopped: #{format(error)}")
+    %{st | status: :stopped, failure: %{error: error}}
+  end
+
+  # Whether a shard no longer holds the events the checkpoint was taken after: the event
+  # stored at the checkpoint's position must be the one read then (same chain hash), or be
+  # gone with the shard still reaching that far (erased). A shard that lost the tail of its
+  # WAL (`sync: :normal` and an OS crash) gives those positions out again: reading on from
+  # the checkpoint would skip the events that took them, so the projection stops instead
+  # (rebuild or reset it).
+  defp diverged(s, marks) do
+    Enum.find_value(Enum.sort(marks), fn
+      {_shard, {pos, hash}} when pos == 0 or hash == nil ->
+        nil
+
+      {shard, {pos, hash}} ->
+        case Kuma.Native.read_position(s.native, shard, pos) do
+          {:ok, {^hash, _last}} -> nil
+          {:ok, {nil, last}} when pos <= last -> nil
+          {:ok, {_other, last}} -> {:shard_diverged, shard, pos, last}
+          {:error, reason} -> reason
+        end
+    end)
+  end
 
   # -- messages ------------------------------------------------------------------------------
 
@@ -173,10 +203,13 @@ defmodule Kuma.Projection.Runner do
   end
 
   def handle_call({:reset, position}, _from, st) do
+    {:ok, s} = Store.lookup(st.store_name)
     checkpoint = Map.merge(zero(st.shards), position)
+    hashes = Map.new(checkpoint, fn {shard, pos} -> {shard, hash_at(s, shard, pos)} end)
+    marks = Map.new(checkpoint, fn {shard, pos} -> {shard, {pos, hashes[shard]}} end)
 
-    case st.spec.sink.save(st.sink, checkpoint) do
-      :ok -> {:reply, :ok, resume(%{st | checkpoint: checkpoint})}
+    case st.spec.sink.save(st.sink, marks) do
+      :ok -> {:reply, :ok, resume(%{st | checkpoint: checkpoint, hashes: hashes})}
       {:error, reason} -> {:reply, {:error, reason}, st}
     end
   end
@@ -203,8 +236,8 @@ defmodule Kuma.Projection.Runner do
     st = drop_read_ahead(st)
 
     case st.spec.sink.rebuild(st.sink, st.spec, s) do
-      {:ok, sink, _checkpoint, stopped} ->
-        st = %{st | sink: sink, checkpoint: zero(st.shards), failure: nil, status: :running}
+      {:ok, sink, _marks, stopped} ->
+        st = %{st | sink: sink, checkpoint: zero(st.shards), hashes: %{}, failure: nil, status: :running}
         {:reply, :ok, st |> resume() |> stop_if(stopped)}
 
       {:error, reason} ->
@@ -273,10 +306,10 @@ defmodule Kuma.Projection.Runner do
     {batch, st} = take_read_ahead(st, shard, after_pos, room)
 
     case batch || fetch(s, st.spec.query, shard, after_pos, room) do
-      {:ok, {events, searched, envelopes}} ->
+      {:ok, {events, searched, hash, envelopes}} ->
         st = %{st | heads: Map.update(st.heads, shard, searched, &max(&1, searched))}
         st = read_ahead(st, s, shard, searched, length(events) == room)
-        st = handle_batch(st, s, shard, events, searched, envelopes)
+        st = handle_batch(st, s, shard, events, {searched, hash}, envelopes)
         {:noreply, schedule_pump(answer_waiters(st))}
 
       {:error, reason} ->
@@ -288,7 +321,7 @@ defmodule Kuma.Projection.Runner do
   # One batch of a shard, read and decoded. Envelopes are nil when one did not decode: the
   # caller then decodes event by event and treats the failure as that event's.
   defp fetch(s, query, shard, after_pos, room) do
-    with {:ok, {events, searched}} <- Query.read_shard(s, shard, after_pos, query, room) do
+    with {:ok, {events, searched, hash}} <- Query.read_shard(s, shard, after_pos, query, room) do
       envelopes =
         try do
           Enum.map(events, &Codec.envelope(&1, s))
@@ -296,7 +329,7 @@ defmodule Kuma.Projection.Runner do
           _, _ -> nil
         end
 
-      {:ok, {events, searched, envelopes}}
+      {:ok, {events, searched, hash, envelopes}}
     end
   end
 
@@ -355,23 +388,26 @@ defmodule Kuma.Projection.Runner do
   defp handle_batch(st, s, shard, events, searched, envelopes) do
     {done, failed, st} = run_events(st, s, events, envelopes)
 
-    position =
+    mark =
       case {failed, done} do
         {nil, _} -> searched
-        {_, []} -> Map.fetch!(st.checkpoint, shard)
-        {_, done} -> done |> List.last() |> elem(0)
+        {_, []} -> mark(st, shard)
+        {_, done} -> done |> List.last() |> then(fn {pos, hash, _} -> {pos, hash} end)
       end
 
-    case st.spec.sink.commit(st.sink, shard, position, done) do
+    case st.spec.sink.commit(st.sink, shard, mark, done) do
       :ok ->
-        st = %{st | checkpoint: Map.put(st.checkpoint, shard, position), handled: st.handled + length(done)}
+        st = %{moved(st, shard, mark) | handled: st.handled + length(done)}
         if failed, do: failed(st, failed), else: clear_failure(st, shard)
 
       {:error, {:at, pos, error}} ->
         # A statement failed: everything before its event is committed; that event failed.
-        committed = done |> Enum.take_while(fn {p, _} -> p < pos end)
-        position = if committed == [], do: Map.fetch!(st.checkpoint, shard), else: committed |> List.last() |> elem(0)
-        st = %{st | checkpoint: Map.put(st.checkpoint, shard, position), handled: st.handled + length(committed)}
+        committed = done |> Enum.take_while(fn {p, _, _} -> p < pos end)
+
+        mark =
+          if committed == [], do: mark(st, shard), else: committed |> List.last() |> then(fn {p, h, _} -> {p, h} end)
+
+        st = %{moved(st, shard, mark) | handled: st.handled + length(committed)}
         failed(st, {Enum.find(events, &(Kuma.Native.event(&1, :position) == pos)), error})
 
       {:error, reason} ->
@@ -381,18 +417,37 @@ defmodule Kuma.Projection.Runner do
     end
   end
 
+  # The shard's checkpoint as a mark, and the state with the shard's checkpoint moved.
+  defp mark(st, shard), do: {Map.fetch!(st.checkpoint, shard), Map.get(st.hashes, shard)}
+
+  defp moved(st, shard, {pos, hash}),
+    do: %{st | checkpoint: Map.put(st.checkpoint, shard, pos), hashes: Map.put(st.hashes, shard, hash)}
+
+  defp hash_at(_s, _shard, 0), do: nil
+
+  defp hash_at(s, shard, pos) do
+    case Kuma.Native.read_position(s.native, shard, pos) do
+      {:ok, {hash, _last}} -> hash
+      _ -> nil
+    end
+  end
+
   defp clear_failure(%{failure: %Failure{shard: shard}} = st, shard), do: %{st | failure: nil}
   defp clear_failure(st, _shard), do: st
 
-  # Each event through the sink, in order, until one fails. `done` holds {position, work}
-  # for every event handled.
+  # Each event through the sink, in order, until one fails. `done` holds {position, hash,
+  # work} for every event handled.
   defp run_events(st, s, events, envelopes) do
     events
     |> Enum.zip(envelopes || List.duplicate(nil, length(events)))
     |> Enum.reduce_while({[], nil, st}, fn {event, envelope}, {done, nil, st} ->
       case handle_event(st, s, event, envelope) do
-        {:ok, work, st} -> {:cont, {[{Kuma.Native.event(event, :position), work} | done], nil, st}}
-        {:error, error} -> {:halt, {done, {event, error}, st}}
+        {:ok, work, st} ->
+          Kuma.Native.event(position: pos, hash: hash) = event
+          {:cont, {[{pos, hash, work} | done], nil, st}}
+
+        {:error, error} ->
+          {:halt, {done, {event, error}, st}}
       end
     end)
     |> then(fn {done, failed, st} -> {Enum.reverse(done), failed, st} end)
@@ -412,8 +467,8 @@ defmodule Kuma.Projection.Runner do
   # -- failures ------------------------------------------------------------------------------
 
   defp failed(st, {event, error}) do
-    Kuma.Native.event(shard: shard, position: pos, entity_id: id, seq: seq, type: type) = event
-    at = %{shard: shard, position: pos, entity_id: id, seq: seq, type: type}
+    Kuma.Native.event(shard: shard, position: pos, entity_id: id, seq: seq, type: type, hash: hash) = event
+    at = %{shard: shard, position: pos, entity_id: id, seq: seq, type: type, hash: hash}
 
     carry_out(
       st,
@@ -455,7 +510,7 @@ defmodule Kuma.Projection.Runner do
   end
 
   # The checkpoint past a failed event.
-  defp past(st, %Failure{shard: shard, position: pos}), do: %{st | checkpoint: Map.put(st.checkpoint, shard, pos)}
+  defp past(st, %Failure{shard: shard, position: pos, hash: hash}), do: moved(st, shard, {pos, hash})
 
   defp where(st, f),
     do:

@@ -12,16 +12,18 @@ defmodule Kuma.Projection.Sink do
   #   whose mailbox bounds how much is read; the checkpoint lives in memory only.
   #
   # `work` is what handling one event produced that must be committed with the checkpoint
-  # (a read model's statements; [] for the others).
+  # (a read model's statements; [] for the others). A checkpoint is kept as marks, per shard
+  # `{position, hash}` (Kuma.Projection.Progress says why).
 
   alias Kuma.Projection.{Failure, Spec}
 
   @type sink :: term()
   @type work :: [{String.t(), list()}]
+  @type mark :: {non_neg_integer(), binary() | nil}
+  @type marks :: %{non_neg_integer() => mark()}
 
   @doc "Opens the sink: its state, its stored checkpoint and, if it cannot run yet, why."
-  @callback open(Spec.t(), Kuma.Store.t()) ::
-              {:ok, sink(), Kuma.Position.t(), stopped :: term() | nil} | {:error, term()}
+  @callback open(Spec.t(), Kuma.Store.t()) :: {:ok, sink(), marks(), stopped :: term() | nil} | {:error, term()}
 
   @doc "How many events may be read now (a subscriber's mailbox may be full)."
   @callback room(sink(), batch_size :: pos_integer()) :: non_neg_integer()
@@ -40,25 +42,25 @@ defmodule Kuma.Projection.Sink do
   @callback handle(sink(), Kuma.Envelope.t()) :: {:ok, work(), sink()} | {:error, term()}
 
   @doc """
-  Commits the work of handled events `[{position, work}]` with the shard's new checkpoint.
-  `{:error, {:at, position, reason}}`: the event at `position` failed, everything before it
-  is committed; `{:error, reason}`: nothing moved (the file itself failed).
+  Commits the work of handled events `[{position, hash, work}]` with the shard's new
+  checkpoint `mark`. `{:error, {:at, position, reason}}`: the event at `position` failed,
+  everything before it is committed; `{:error, reason}`: nothing moved (the file failed).
   """
-  @callback commit(sink(), shard :: non_neg_integer(), position :: non_neg_integer(), [{pos_integer(), work()}]) ::
+  @callback commit(sink(), shard :: non_neg_integer(), mark(), [{pos_integer(), binary(), work()}]) ::
               :ok | {:error, {:at, pos_integer(), term()}} | {:error, term()}
 
   @doc "Parks a failed event: records it and moves the shard's checkpoint past it."
   @callback park(sink(), Failure.t()) :: :ok | {:error, term()}
 
   @doc "Saves a whole checkpoint (`Kuma.Projection.reset/2`)."
-  @callback save(sink(), Kuma.Position.t()) :: :ok | {:error, term()}
+  @callback save(sink(), marks()) :: :ok | {:error, term()}
 
   @doc "Drops everything derived from an erased entity."
   @callback forget(sink(), entity_id :: binary()) :: {:ok, sink()} | {:error, term(), sink()}
 
   @doc "Drops the output and the checkpoint and starts again (`Kuma.Projection.rebuild/1`)."
   @callback rebuild(sink(), Spec.t(), Kuma.Store.t()) ::
-              {:ok, sink(), Kuma.Position.t(), stopped :: term() | nil} | {:error, term()}
+              {:ok, sink(), marks(), stopped :: term() | nil} | {:error, term()}
 
   @doc "The parked events, and how many there are."
   @callback parked(sink()) :: {:ok, [map()]} | {:error, term()}

@@ -344,12 +344,21 @@ fn main() {
         if a.layout != Layout::Plain && a.layout != Layout::Naive {
             let tx = c.unchecked_transaction().expect("tx");
             for e in (s as u64..a.entities).step_by(a.shards) {
-                let sql = if a.layout == Layout::Runs {
-                    "INSERT INTO entities(eid, entity_id) VALUES (?1, ?2)"
+                let id = format!("user_{e}");
+                if a.layout == Layout::Runs {
+                    tx.execute("INSERT INTO entities(eid, entity_id) VALUES (?1, ?2)", params![e as i64 + 1, id])
                 } else {
-                    "INSERT INTO entities(eid, entity_id, head_seq, head_pos, head_ts, head_hash) VALUES (?1, ?2, 0, 0, 0, X'')"
-                };
-                tx.execute(sql, params![e as i64 + 1, format!("user_{e}")]).expect("intern");
+                    // Kuma's entities are found by a keyed hash of the id and keep the id
+                    // sealed (40 bytes more than the id): the same sizes, no crypto here.
+                    let idx = blake3::hash(id.as_bytes());
+                    let sealed = [id.as_bytes(), &[0u8; 40]].concat();
+                    tx.execute(
+                        "INSERT INTO entities(eid, idx, id_sealed, head_seq, head_pos, head_ts, head_hash)
+                         VALUES (?1, ?2, ?3, 0, 0, 0, X'')",
+                        params![e as i64 + 1, &idx.as_bytes()[..], sealed],
+                    )
+                }
+                .expect("intern");
             }
             tx.commit().expect("commit");
         }

@@ -30,7 +30,7 @@ fn main() {
             let t = Instant::now();
             let (mut after, mut n) = (0, 0u64);
             loop {
-                let (events, searched) =
+                let Page { events, searched, .. } =
                     store.query_shard(0, &ShardQuery { after, ..Default::default() }, 2_000).unwrap();
                 if events.is_empty() {
                     break;

@@ -95,6 +95,8 @@ pub enum Binding<'a> {
     Snapshot { entity_id: &'a [u8], seq: u64 },
     /// A value sealed under a subject's key, wherever it is stored.
     Sensitive { subject_id: &'a [u8] },
+    /// An entity's id, stored sealed in its shard (`index` = keyed hash of the id).
+    EntityId { index: &'a [u8; 32] },
     /// An entity's data key, wrapped by the master key (`index` = keyed hash of the id).
     DataKey { index: &'a [u8; 32] },
     /// The keystore's index key, wrapped by the master key.
@@ -118,6 +120,7 @@ impl Binding<'_> {
             Binding::Metadata { entity_id, seq } => with_id(b"kuma-metadata-v1", entity_id, Some(seq)),
             Binding::Snapshot { entity_id, seq } => with_id(b"kuma-snapshot-v1", entity_id, Some(seq)),
             Binding::Sensitive { subject_id } => with_id(b"kuma-sensitive-v1", subject_id, None),
+            Binding::EntityId { index } => with_id(b"kuma-entity-id-v1", index, None),
             Binding::DataKey { index } => with_id(b"kuma-data-key-v1", index, None),
             Binding::IndexKey => b"kuma-index-key-v1".to_vec(),
         }

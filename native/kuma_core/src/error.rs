@@ -39,6 +39,10 @@ pub enum Error {
     EncryptionMismatch { stored: bool },
     /// The entity was erased: its key is gone (and on a live store, its events too).
     Erased,
+    /// An encrypted entity's data key is missing from the keystore although the entity was
+    /// never erased (a keystore restored from an older backup, a copy taken while the store
+    /// ran, a damaged file). Nothing is read or written for it, and no new key is made.
+    KeyMissing,
     /// A stored ciphertext did not decrypt (altered bytes, or moved from elsewhere).
     Decrypt { seq: u64, why: String },
     /// A statement of a read model failed (`index`: its place in the transaction, if any);
@@ -101,6 +105,9 @@ impl fmt::Display for Error {
                 write!(f, "the store was created without encryption; it cannot be opened encrypted")
             }
             Error::Erased => write!(f, "the entity was erased"),
+            Error::KeyMissing => {
+                write!(f, "the entity's data key is missing from the keystore, and it was never erased")
+            }
             Error::Decrypt { seq, why } => write!(f, "event {seq} does not decrypt: {why}"),
             Error::Sql { index: Some(i), message } => write!(f, "statement {i} failed: {message}"),
             Error::Sql { index: None, message } => write!(f, "SQL failed: {message}"),

@@ -15,7 +15,11 @@
 //!   that nothing can decrypt.
 //! - Rotation rewraps every key in one SQLite transaction: a crash leaves the whole file
 //!   under the old master key or the whole file under the new one.
-//! - The file is locked (flock) while open: one running store per keystore.
+//! - An erased entity keeps a tombstone here too (`erased`, by keyed hash), written in the
+//!   transaction that deletes its key: no key is ever created again for it, whatever shard
+//!   files (a restored backup) come with this keystore.
+//! - The file itself is locked (flock) while open: one running store per keystore, and
+//!   deleting a lock file cannot admit a second one.
 
 use crate::cipher::{self, Binding, Key};
 use crate::clock;
@@ -29,7 +33,8 @@ use std::sync::{Mutex, RwLock};
 
 /// `PRAGMA application_id` of a keystore: "KUMK".
 pub const APPLICATION_ID: i64 = 0x4B55_4D4B;
-const FORMAT_VERSION: u32 = 1;
+/// 2: the `erased` table.
+const FORMAT_VERSION: u32 = 2;
 const CACHE_CAP: usize = 200_000;
 
 const SCHEMA: &str = "
@@ -38,6 +43,14 @@ CREATE TABLE keys (
   idx     BLOB PRIMARY KEY NOT NULL,  -- keyed hash of the entity id
   wrapped BLOB NOT NULL,              -- the data key sealed by the master key
   created INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Tombstones of erased entities (format 2); created on open in older keystores.
+const ERASED: &str = "
+CREATE TABLE IF NOT EXISTS erased (
+  idx BLOB PRIMARY KEY NOT NULL,      -- keyed hash of the erased entity id
+  ts  INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
 
@@ -52,8 +65,11 @@ pub struct Keystore {
     closed: std::sync::atomic::AtomicBool,
 }
 
+/// Locks the keystore file itself (flock; SQLite's own locks are fcntl locks, which are
+/// independent of it on Linux). The lock's descriptor is closed only after SQLite's
+/// connection is, so it cannot drop SQLite's locks.
 fn lock_file(path: &Path) -> Result<File> {
-    sqlite::lock(&path.with_extension("lock"), path, "lock keystore")
+    sqlite::lock(path, path, "lock keystore")
 }
 
 impl Keystore {
@@ -68,13 +84,13 @@ impl Keystore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(Error::io("create keystore dir"))?;
         }
-        let lock = lock_file(path)?;
         let conn = sqlite::open_writer(path, true, "create keystore")?;
+        let lock = lock_file(path)?;
         conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create keystore"))?;
         sqlite::configure(&conn, SyncMode::Full)?;
         let index_key = Key::random()?;
         let wrapped = cipher::seal(&master, Binding::IndexKey, index_key.as_bytes());
-        conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {FORMAT_VERSION};"))
+        conn.execute_batch(&format!("BEGIN; {SCHEMA} {ERASED} PRAGMA user_version = {FORMAT_VERSION};"))
             .map_err(Error::storage("create keystore"))?;
         conn.execute(
             "INSERT INTO meta(key, value) VALUES ('store_id', ?1), ('index_key', ?2)",
@@ -129,6 +145,8 @@ impl Keystore {
         let index_key = cipher::open(&master, Binding::IndexKey, &wrapped).map_err(|_| Error::WrongMasterKey)?;
         let index_key = Key::from_bytes(&index_key)?;
         sqlite::configure(&conn, SyncMode::Full)?;
+        conn.execute_batch(&format!("{ERASED} PRAGMA user_version = {FORMAT_VERSION};"))
+            .map_err(Error::storage("upgrade keystore"))?;
         Ok(Keystore::assemble(path, conn, master, index_key, lock))
     }
 
@@ -192,8 +210,13 @@ impl Keystore {
 
     /// The data key of an entity, or `None` if it has none (never written, or erased).
     pub fn get(&self, entity_id: &[u8]) -> Result<Option<Key>> {
+        self.get_by_index(&self.index(entity_id))
+    }
+
+    /// `get` by keyed hash.
+    pub fn get_by_index(&self, index: &[u8; 32]) -> Result<Option<Key>> {
         self.check_open()?;
-        let index = self.index(entity_id);
+        let index = *index;
         if let Some(k) = self.cached(&index) {
             return Ok(Some(k));
         }
@@ -215,7 +238,49 @@ impl Keystore {
         }
     }
 
+    /// Whether the entity of this keyed hash was erased (a tombstone here).
+    pub fn is_erased_index(&self, index: &[u8; 32]) -> Result<bool> {
+        self.check_open()?;
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let erased = conn
+            .prepare_cached("SELECT 1 FROM erased WHERE idx = ?1")
+            .map_err(Error::storage("read keystore tombstone"))?
+            .exists([&index[..]])
+            .map_err(Error::storage("read keystore tombstone"));
+        erased
+    }
+
+    /// Records tombstones (keyed hashes) of entities erased in the shards, for keystores
+    /// that predate this table; idempotent.
+    pub fn record_erased(&self, indexes: &[[u8; 32]]) -> Result<()> {
+        self.check_open()?;
+        if indexes.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("record keystore tombstones"))?;
+        let result = (|| -> Result<()> {
+            let mut insert = conn
+                .prepare_cached("INSERT OR IGNORE INTO erased(idx, ts) VALUES (?1, ?2)")
+                .map_err(Error::storage("record keystore tombstones"))?;
+            for index in indexes {
+                insert
+                    .execute(params![&index[..], clock::now_us()])
+                    .map_err(Error::storage("record keystore tombstones"))?;
+            }
+            Ok(())
+        })();
+        match result.and_then(|_| conn.execute_batch("COMMIT").map_err(Error::storage("record keystore tombstones"))) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     /// The data keys of `entity_ids`, creating the missing ones in one durable transaction.
+    /// No key is created for an erased entity (a tombstone here): it stays keyless.
     pub fn ensure<'a>(&self, entity_ids: impl IntoIterator<Item = &'a [u8]>) -> Result<()> {
         self.check_open()?;
         let missing: Vec<[u8; 32]> =
@@ -234,7 +299,13 @@ impl Keystore {
             let mut insert = conn
                 .prepare_cached("INSERT INTO keys(idx, wrapped, created) VALUES (?1, ?2, ?3)")
                 .map_err(Error::storage("create data keys"))?;
+            let mut erased = conn
+                .prepare_cached("SELECT 1 FROM erased WHERE idx = ?1")
+                .map_err(Error::storage("create data keys"))?;
             for index in &missing {
+                if erased.exists([&index[..]]).map_err(Error::storage("create data keys"))? {
+                    continue;
+                }
                 let existing: Option<Vec<u8>> = select
                     .query_row([&index[..]], |r| r.get(0))
                     .optional()
@@ -284,9 +355,23 @@ impl Keystore {
         self.check_open()?;
         let index = *index;
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let n = conn
-            .execute("DELETE FROM keys WHERE idx = ?1", [&index[..]])
-            .map_err(Error::storage("destroy data key"))?;
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("destroy data key"))?;
+        let deleted = (|| -> Result<usize> {
+            let n = conn
+                .execute("DELETE FROM keys WHERE idx = ?1", [&index[..]])
+                .map_err(Error::storage("destroy data key"))?;
+            conn.execute("INSERT OR IGNORE INTO erased(idx, ts) VALUES (?1, ?2)", params![&index[..], clock::now_us()])
+                .map_err(Error::storage("destroy data key"))?;
+            Ok(n)
+        })()
+        .and_then(|n| conn.execute_batch("COMMIT").map(|_| n).map_err(Error::storage("destroy data key")));
+        let n = match deleted {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
         self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(&index);
         sqlite::truncate_wal(&conn, "keystore checkpoint")?;
         Ok(n > 0)

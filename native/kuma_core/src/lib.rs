@@ -38,7 +38,7 @@ pub use cipher::Key;
 pub use codec::{Expected, NewEvent, StoredEvent};
 pub use error::{Error, Result};
 pub use heads::Head;
-pub use query::{ScopeMatch, ShardQuery};
+pub use query::{Page, ScopeMatch, ShardQuery};
 pub use reader::Snapshot;
 pub use sqlite::SyncMode;
 pub use store::{Store, StoreConfig};

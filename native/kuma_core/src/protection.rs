@@ -41,12 +41,50 @@ impl Protection {
         }
     }
 
-    /// The entity's data key: `Ok(None)` in plain stores, `Err(Erased)` if an encrypted
-    /// store has no key for it.
+    /// The entity's data key: `Ok(None)` in plain stores. In encrypted stores a missing key
+    /// is `Erased` only if the keystore holds the entity's tombstone; otherwise it is
+    /// `KeyMissing` (a keystore that lost keys), never mistaken for an erasure.
     pub fn data_key(&self, entity_id: &[u8]) -> Result<Option<Key>> {
+        self.data_key_by_index(&self.index(entity_id))
+    }
+
+    /// `data_key` by keyed hash (what a shard stores instead of the id).
+    pub fn data_key_by_index(&self, index: &[u8; 32]) -> Result<Option<Key>> {
         match self {
             Protection::Plain { .. } => Ok(None),
-            Protection::Encrypted(ks) => ks.get(entity_id)?.map(Some).ok_or(Error::Erased),
+            Protection::Encrypted(ks) => match ks.get_by_index(index)? {
+                Some(key) => Ok(Some(key)),
+                None if ks.is_erased_index(index)? => Err(Error::Erased),
+                None => Err(Error::KeyMissing),
+            },
+        }
+    }
+
+    /// Whether the keystore holds a tombstone for the entity (encrypted stores; plain
+    /// stores have only the shards' tombstones).
+    pub fn is_erased(&self, entity_id: &[u8]) -> Result<bool> {
+        match self {
+            Protection::Plain { .. } => Ok(false),
+            Protection::Encrypted(ks) => ks.is_erased_index(&ks.index(entity_id)),
+        }
+    }
+
+    /// What a shard stores of an entity's id: sealed under its data key (bound to its
+    /// keyed hash) in encrypted stores, so that once the key is destroyed no copy of the id
+    /// left anywhere in the file can be read; the id itself in plain stores.
+    pub fn seal_id(&self, key: Option<&Key>, index: &[u8; 32], entity_id: &[u8]) -> Vec<u8> {
+        match key {
+            None => entity_id.to_vec(),
+            Some(key) => cipher::seal(key, Binding::EntityId { index }, entity_id),
+        }
+    }
+
+    /// Opens what `seal_id` stored.
+    pub fn open_id(&self, key: Option<&Key>, index: &[u8; 32], stored: &[u8]) -> Result<Vec<u8>> {
+        match key {
+            None => Ok(stored.to_vec()),
+            Some(key) => cipher::open(key, Binding::EntityId { index }, stored)
+                .map_err(|why| Error::Corrupt { seq: 0, why: format!("entity id: {why}") }),
         }
     }
 

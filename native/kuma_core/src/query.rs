@@ -4,8 +4,9 @@
 
 use crate::codec::StoredEvent;
 use crate::error::{Error, Result};
-use crate::reader::Row;
-use rusqlite::Connection;
+use crate::heads::hash_from;
+use crate::reader::{bytes, IdResolver, Row};
+use rusqlite::{Connection, OptionalExtension};
 use std::collections::HashMap;
 
 /// Which of a shard's events a query wants. Every filter is applied in SQL, before any
@@ -72,30 +73,35 @@ fn text_upper_bound(prefix: &str) -> Option<String> {
     None
 }
 
-/// The same for bytes.
-fn bytes_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut bytes = prefix.to_vec();
-    while let Some(last) = bytes.pop() {
-        if last < 0xFF {
-            bytes.push(last + 1);
-            return Some(bytes);
-        }
-    }
-    None
+/// One page of a query: the matching events, and how far the shard was searched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub events: Vec<StoredEvent>,
+    /// The position up to which the shard was searched: the last event returned when the
+    /// page is full, else the shard's last committed position as of the same read
+    /// snapshot. Reading on from there never skips nor repeats an event.
+    pub searched: u64,
+    /// The chain hash of the event at `searched`, if one is stored there: a reader keeps it
+    /// with its checkpoint to notice, later, a shard whose positions were handed out again
+    /// (a lost WAL tail) instead of skipping what took them.
+    pub searched_hash: Option<[u8; 32]>,
 }
 
-/// Up to `max` events of a shard matching `q`, in position order, and the position up to
-/// which the shard has been searched (see `Store::query_shard`). Runs inside the caller's
-/// read transaction, so both come from one snapshot.
-pub fn query_shard(conn: &Connection, shard: u32, q: &ShardQuery, max: usize) -> Result<(Vec<StoredEvent>, u64)> {
+/// Up to `max` events of a shard matching `q`, in position order (see `Page`). Runs inside
+/// the caller's read transaction, so everything comes from one snapshot. `entity_idx` is
+/// the keyed hash of `q.entity_id`; `resolve` opens sealed entity ids (an erased entity's
+/// events, in a copy of the files from before its erasure, are left out).
+pub fn query_shard(
+    conn: &Connection,
+    shard: u32,
+    q: &ShardQuery,
+    max: usize,
+    entity_idx: Option<&[u8; 32]>,
+    resolve: &IdResolver,
+) -> Result<Page> {
     use rusqlite::types::Value;
-    // Entity ids are looked up once per distinct entity rather than joined per row: a
-    // catch-up batch holds many events of few entities.
     let mut sql =
         String::from("SELECT e.eid, e.seq, e.prev_pos, e.ts, e.type, e.meta, e.payload, e.hash, e.pos FROM events e");
-    if q.id_prefix.is_some() || q.entity_id.is_some() {
-        sql.push_str(" JOIN entities n ON n.eid = e.eid");
-    }
     sql.push_str(" WHERE e.pos > ?");
     let mut args: Vec<Value> = vec![Value::Integer(q.after as i64)];
     if !q.types.is_empty() {
@@ -119,17 +125,9 @@ pub fn query_shard(conn: &Connection, shard: u32, q: &ShardQuery, max: usize) ->
         }
         None => {}
     }
-    if let Some(prefix) = &q.id_prefix {
-        sql.push_str(" AND n.entity_id >= ?");
-        args.push(Value::Blob(prefix.clone()));
-        if let Some(upper) = bytes_upper_bound(prefix) {
-            sql.push_str(" AND n.entity_id < ?");
-            args.push(Value::Blob(upper));
-        }
-    }
-    if let Some(id) = &q.entity_id {
-        sql.push_str(" AND n.entity_id = ?");
-        args.push(Value::Blob(id.clone()));
+    if let Some(idx) = entity_idx {
+        sql.push_str(" AND e.eid = (SELECT eid FROM entities WHERE idx = ?)");
+        args.push(Value::Blob(idx.to_vec()));
     }
     if let Some(ts) = q.from_ts {
         sql.push_str(" AND e.ts >= ?");
@@ -139,46 +137,77 @@ pub fn query_shard(conn: &Connection, shard: u32, q: &ShardQuery, max: usize) ->
         sql.push_str(" AND e.ts <= ?");
         args.push(Value::Integer(ts));
     }
-    sql.push_str(" ORDER BY e.pos LIMIT ?");
-    args.push(Value::Integer(max.min(i64::MAX as usize) as i64));
+    // Ids are sealed, so an id prefix is matched here, after the id is opened: the rows are
+    // then read until `max` match, not `max` rows.
+    sql.push_str(" ORDER BY e.pos");
+    if q.id_prefix.is_none() {
+        sql.push_str(" LIMIT ?");
+        args.push(Value::Integer(max.min(i64::MAX as usize) as i64));
+    }
 
     let mut st = conn.prepare_cached(&sql).map_err(Error::storage("query shard"))?;
-    let mut id_of =
-        conn.prepare_cached("SELECT entity_id FROM entities WHERE eid = ?1").map_err(Error::storage("query shard"))?;
-    let mut ids: HashMap<i64, Vec<u8>> = HashMap::new();
+    let mut id_of = conn
+        .prepare_cached("SELECT idx, id_sealed FROM entities WHERE eid = ?1")
+        .map_err(Error::storage("query shard"))?;
+    // Ids are opened once per distinct entity: a catch-up batch holds many events of few.
+    let mut ids: HashMap<i64, Option<Vec<u8>>> = HashMap::new();
     let mut events = Vec::new();
     let mut rows = st.query(rusqlite::params_from_iter(args)).map_err(Error::storage("query shard"))?;
-    while let Some(r) = rows.next().map_err(Error::storage("query shard"))? {
+    while events.len() < max {
+        let Some(r) = rows.next().map_err(Error::storage("query shard"))? else { break };
         let row = Row::read(r).map_err(Error::storage("query shard"))?;
         let pos = r.get::<_, i64>(8).map_err(Error::storage("query shard"))? as u64;
         let entity_id = match ids.get(&row.eid) {
             Some(id) => id.clone(),
             None => {
-                let id: Vec<u8> = id_of.query_row([row.eid], |r| r.get(0)).map_err(Error::storage("query shard"))?;
+                let (idx, sealed): ([u8; 32], Vec<u8>) = id_of
+                    .query_row([row.eid], |r| Ok((hash_from(bytes(r.get_ref(0)?)), bytes(r.get_ref(1)?).to_vec())))
+                    .map_err(Error::storage("query shard"))?;
+                let id = resolve(&idx, &sealed)?;
                 ids.insert(row.eid, id.clone());
                 id
             }
         };
+        let Some(entity_id) = entity_id else { continue };
+        if q.id_prefix.as_ref().is_some_and(|p| !entity_id.starts_with(p)) {
+            continue;
+        }
         events.push(row.into_event(shard, entity_id, pos));
     }
     drop(rows);
     let searched = match events.last() {
         Some(last) if events.len() >= max => last.position,
-        _ => conn
-            .query_row(
-                "SELECT max(coalesce((SELECT max(pos) FROM events), 0),
-                            coalesce((SELECT value FROM meta WHERE key = 'pos_floor'), 0))",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(Error::storage("query shard"))? as u64,
+        _ => last_position(conn)?,
     };
-    Ok((events, searched.max(q.after)))
+    let searched = searched.max(q.after);
+    let searched_hash = event_hash(conn, searched)?;
+    Ok(Page { events, searched, searched_hash })
+}
+
+/// The chain hash of the event stored at `pos`, if any.
+pub fn event_hash(conn: &Connection, pos: u64) -> Result<Option<[u8; 32]>> {
+    conn.prepare_cached("SELECT hash FROM events WHERE pos = ?1")
+        .map_err(Error::storage("read event hash"))?
+        .query_row([pos as i64], |r| Ok(hash_from(bytes(r.get_ref(0)?))))
+        .optional()
+        .map_err(Error::storage("read event hash"))
+}
+
+/// The last position handed out in the shard (events or, after erasures, the floor).
+pub fn last_position(conn: &Connection) -> Result<u64> {
+    conn.query_row(
+        "SELECT max(coalesce((SELECT max(pos) FROM events), 0),
+                    coalesce((SELECT value FROM meta WHERE key = 'pos_floor'), 0))",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|p| p as u64)
+    .map_err(Error::storage("read last position"))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{bytes_upper_bound, text_upper_bound};
+    use super::text_upper_bound;
 
     #[test]
     fn upper_bounds_cover_exactly_the_prefix() {
@@ -186,9 +215,6 @@ mod tests {
         assert_eq!(text_upper_bound("a\u{10FFFF}").as_deref(), Some("b"));
         assert_eq!(text_upper_bound("\u{D7FF}").as_deref(), Some("\u{E000}"));
         assert_eq!(text_upper_bound(""), None);
-        assert_eq!(bytes_upper_bound(b"ab"), Some(b"ac".to_vec()));
-        assert_eq!(bytes_upper_bound(&[1, 0xFF]), Some(vec![2]));
-        assert_eq!(bytes_upper_bound(&[0xFF]), None);
         for p in ["org:acme/", "x", "\u{10FFFF}a"] {
             let upper = text_upper_bound(p).unwrap();
             for s in [p.to_string(), format!("{p}zzz"), format!("{p}\u{10FFFF}\u{10FFFF}")] {

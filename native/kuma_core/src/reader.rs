@@ -12,21 +12,35 @@ use crate::error::{Error, Result};
 use crate::heads::{hash_from, Head, Heads};
 use rusqlite::{params, Connection, OptionalExtension};
 
+/// An entity as reads find it: its id (what events, heads in memory and the hash chain
+/// carry) and its keyed hash (how the shard files find it; see shard.rs).
+#[derive(Debug, Clone, Copy)]
+pub struct Entity<'a> {
+    pub id: &'a [u8],
+    pub idx: [u8; 32],
+}
+
+/// Opens the id a shard stores for an entity (`idx`, `id_sealed`): `Ok(None)` if the entity
+/// was erased (its key is gone; only a copy of the files from before its erasure still has
+/// its rows). Given by the store, which holds the keys.
+pub type IdResolver<'a> = dyn Fn(&[u8; 32], &[u8]) -> Result<Option<Vec<u8>>> + 'a;
+
 /// The head of an entity: from the shared table, else from disk (see heads.rs for why this
 /// order is correct).
-pub fn head(conn: &Connection, heads: &Heads, entity_id: &[u8]) -> Result<Option<Head>> {
-    match heads.get(entity_id) {
+pub fn head(conn: &Connection, heads: &Heads, entity: &Entity) -> Result<Option<Head>> {
+    match heads.get(entity.id) {
         Some(h) => Ok(Some(h)),
-        None => head_on_disk(conn, entity_id),
+        None => head_on_disk(conn, &entity.idx),
     }
 }
 
-/// The head persisted in `entities`; accurate only for entities absent from `Heads`.
-pub(crate) fn head_on_disk(conn: &Connection, entity_id: &[u8]) -> Result<Option<Head>> {
+/// The head persisted in `entities`, by keyed hash; accurate only for entities absent from
+/// `Heads`.
+pub(crate) fn head_on_disk(conn: &Connection, idx: &[u8; 32]) -> Result<Option<Head>> {
     let h = conn
-        .prepare_cached("SELECT eid, head_seq, head_pos, head_ts, head_hash FROM entities WHERE entity_id = ?1")
+        .prepare_cached("SELECT eid, head_seq, head_pos, head_ts, head_hash FROM entities WHERE idx = ?1")
         .map_err(Error::storage("read entity head"))?
-        .query_row([entity_id], |r| {
+        .query_row([&idx[..]], |r| {
             Ok(Head {
                 eid: r.get(0)?,
                 seq: r.get::<_, i64>(1)? as u64,
@@ -61,9 +75,9 @@ impl Row {
             seq: r.get::<_, i64>(1)? as u64,
             prev_pos: r.get::<_, i64>(2)? as u64,
             ts: r.get(3)?,
-            event_type: r.get(4)?,
-            metadata: r.get(5)?,
-            payload: r.get(6)?,
+            event_type: String::from_utf8_lossy(bytes(r.get_ref(4)?)).into_owned(),
+            metadata: bytes(r.get_ref(5)?).to_vec(),
+            payload: bytes(r.get_ref(6)?).to_vec(),
             hash: hash_from(r.get_ref(7)?.as_blob().unwrap_or(&[])),
         })
     }
@@ -83,6 +97,15 @@ impl Row {
     }
 }
 
+/// The bytes of a BLOB or TEXT column (a row altered behind Kuma's back may hold either;
+/// the chain check then names it, instead of the read failing with a type error).
+pub(crate) fn bytes<'r>(v: rusqlite::types::ValueRef<'r>) -> &'r [u8] {
+    match v {
+        rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => b,
+        _ => &[],
+    }
+}
+
 fn fetch(stmt: &mut rusqlite::CachedStatement<'_>, pos: u64) -> Result<Option<Row>> {
     stmt.query_row([pos as i64], Row::read).optional().map_err(Error::storage("read event"))
 }
@@ -92,19 +115,19 @@ pub fn read_entity(
     conn: &Connection,
     heads: &Heads,
     shard: u32,
-    entity_id: &[u8],
+    entity: &Entity,
     from_seq: u64,
     max: usize,
 ) -> Result<Vec<StoredEvent>> {
     let from_seq = from_seq.max(1);
-    let Some(head) = head(conn, heads, entity_id)? else {
+    let Some(head) = head(conn, heads, entity)? else {
         return Ok(Vec::new());
     };
     if max == 0 || from_seq > head.seq {
         return Ok(Vec::new());
     }
     let to_seq = head.seq.min(from_seq.saturating_add(max as u64 - 1));
-    walk(conn, shard, entity_id, &head, from_seq, to_seq)
+    walk(conn, shard, entity.id, &head, from_seq, to_seq)
 }
 
 /// Events `from_seq..=to_seq` of the entity whose head is `head` (stored in `shard`).
@@ -185,11 +208,11 @@ fn snapshot_row(r: &rusqlite::Row) -> rusqlite::Result<Snapshot> {
 pub fn latest_snapshot(
     conn: &Connection,
     heads: &Heads,
-    entity_id: &[u8],
+    entity: &Entity,
     version: u32,
     max_seq: u64,
 ) -> Result<Option<Snapshot>> {
-    let Some(head) = head(conn, heads, entity_id)? else {
+    let Some(head) = head(conn, heads, entity)? else {
         return Ok(None);
     };
     conn.prepare_cached(
@@ -203,8 +226,8 @@ pub fn latest_snapshot(
 }
 
 /// Every snapshot of an entity, oldest first (data as stored).
-pub fn list_snapshots(conn: &Connection, heads: &Heads, entity_id: &[u8]) -> Result<Vec<Snapshot>> {
-    let Some(head) = head(conn, heads, entity_id)? else {
+pub fn list_snapshots(conn: &Connection, heads: &Heads, entity: &Entity) -> Result<Vec<Snapshot>> {
+    let Some(head) = head(conn, heads, entity)? else {
         return Ok(Vec::new());
     };
     let mut st = conn
@@ -225,8 +248,8 @@ pub fn is_erased(conn: &Connection, index: &[u8; 32]) -> Result<bool> {
 /// The seq of the entity's last event with a timestamp `<= ts_us` (0 if none). Timestamps
 /// never decrease within an entity, so this is a prefix search: the skip index narrows it to
 /// at most `SKIP_EVERY` events, which are then read.
-pub fn seq_at(conn: &Connection, heads: &Heads, entity_id: &[u8], ts_us: i64) -> Result<u64> {
-    let Some(head) = head(conn, heads, entity_id)? else {
+pub fn seq_at(conn: &Connection, heads: &Heads, entity: &Entity, ts_us: i64) -> Result<u64> {
+    let Some(head) = head(conn, heads, entity)? else {
         return Ok(0);
     };
     if head.ts <= ts_us {
@@ -244,6 +267,6 @@ pub fn seq_at(conn: &Connection, heads: &Heads, entity_id: &[u8], ts_us: i64) ->
         return Ok(below);
     }
     // The shard does not matter here: only timestamps are read.
-    let events = walk(conn, 0, entity_id, &head, below + 1, to)?;
+    let events = walk(conn, 0, entity.id, &head, below + 1, to)?;
     Ok(events.iter().take_while(|e| e.timestamp_us <= ts_us).last().map_or(below, |e| e.seq))
 }

@@ -10,13 +10,23 @@ use std::path::{Path, PathBuf};
 /// is not ours and is never written to.
 pub const APPLICATION_ID: i64 = 0x4B55_4D41;
 /// `PRAGMA user_version`: the shard format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 2;
+/// 2: events.scope and the query indexes. 3: entities are found by a keyed hash of their id
+/// and store the id sealed; snapshots are a rowid table.
+pub const FORMAT_VERSION: u32 = 3;
 /// Every `SKIP_EVERY`-th event of an entity gets a row in `skips`.
 pub const SKIP_EVERY: u64 = 64;
 
 /// The shard schema. Events are append-only by position; per-entity order is kept by
 /// back-pointers (`prev_pos`) and a sparse `skips` index, and entity heads are checkpointed
 /// into `entities` lazily (see docs/storage-format.md for why).
+///
+/// No entity id is stored in clear in an encrypted store: an entity is found by `idx`, the
+/// keyed hash of its id (the key of tombstones and of the keystore too), and its id is kept
+/// sealed under its own data key (`id_sealed`), for reads across entities. SQLite moves
+/// cells between pages as b-trees grow and leaves stale copies in free space that
+/// `secure_delete` never sees; this way no copy of an erased entity's id, wherever it
+/// lingers, can be read. Snapshots are a rowid table for the same reason: rows appended in
+/// order, not inserted into the middle of a b-tree whose pages then split.
 pub const SCHEMA: &str = "
 CREATE TABLE meta (
   key   TEXT PRIMARY KEY NOT NULL,
@@ -24,7 +34,8 @@ CREATE TABLE meta (
 ) WITHOUT ROWID;
 CREATE TABLE entities (
   eid       INTEGER PRIMARY KEY,
-  entity_id BLOB NOT NULL UNIQUE,
+  idx       BLOB NOT NULL UNIQUE,   -- keyed hash of the entity id
+  id_sealed BLOB NOT NULL,          -- the id, sealed under the entity's key (the id in plain stores)
   head_seq  INTEGER NOT NULL,
   head_pos  INTEGER NOT NULL,
   head_ts   INTEGER NOT NULL,
@@ -55,14 +66,15 @@ CREATE TABLE tombstones (
   key_destroyed INTEGER NOT NULL            -- 1 once the keystore no longer has its key
 ) WITHOUT ROWID;
 CREATE TABLE snapshots (
+  sid     INTEGER PRIMARY KEY,
   eid     INTEGER NOT NULL,
   seq     INTEGER NOT NULL,
   version INTEGER NOT NULL,
   ts      INTEGER NOT NULL,
   hash    BLOB NOT NULL,
-  data    BLOB NOT NULL,
-  PRIMARY KEY (eid, seq)
-) WITHOUT ROWID;
+  data    BLOB NOT NULL
+);
+CREATE UNIQUE INDEX snapshots_by_entity ON snapshots(eid, seq);
 ";
 
 /// Indexes for queries across entities (format 2). Both are ordered by position after their
@@ -109,8 +121,10 @@ pub fn create(path: &Path, id: &ShardIdentity, sync: SyncMode) -> Result<Connect
     Ok(conn)
 }
 
-/// Opens an existing shard and checks that it is the shard `expected` says it is.
-pub fn open(path: &Path, expected: &ShardIdentity, sync: SyncMode) -> Result<Connection> {
+/// Opens an existing shard and checks that it is the shard `expected` says it is. Format 1
+/// is upgraded to 2 here; the upgrade to 3 needs the store's keys (`migrate_to_3`).
+/// Returns the connection and the format found.
+pub fn open(path: &Path, expected: &ShardIdentity, sync: SyncMode) -> Result<(Connection, u32)> {
     let shown = || path.display().to_string();
     if !path.is_file() {
         return Err(Error::MissingShard { path: shown() });
@@ -152,7 +166,7 @@ pub fn open(path: &Path, expected: &ShardIdentity, sync: SyncMode) -> Result<Con
     if version < 2 {
         migrate_to_2(&conn)?;
     }
-    Ok(conn)
+    Ok((conn, version.max(2)))
 }
 
 /// Format 1 -> 2: events get their `scope` column and the two query indexes. Adding a
@@ -165,6 +179,59 @@ fn migrate_to_2(conn: &Connection) -> Result<()> {
         let _ = conn.execute_batch("ROLLBACK");
         Error::storage("upgrade shard to format 2")(e)
     })
+}
+
+/// Format 2 -> 3: entities are rewritten keyed by `idx` with their ids sealed (`seal` gives
+/// both for an id), and snapshots become a rowid table. Then the file is vacuumed, so no
+/// page of it keeps an id in clear. Runs once, when a format-2 shard is first opened.
+pub fn migrate_to_3(conn: &Connection, seal: impl Fn(&[u8]) -> Result<([u8; 32], Vec<u8>)>) -> Result<()> {
+    let fail = |e: rusqlite::Error| {
+        let _ = conn.execute_batch("ROLLBACK");
+        Error::storage("upgrade shard to format 3")(e)
+    };
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
+    let upgrade = || -> Result<()> {
+        conn.execute_batch(
+            "ALTER TABLE entities RENAME TO entities_v2;
+             ALTER TABLE snapshots RENAME TO snapshots_v2;
+             CREATE TABLE entities (eid INTEGER PRIMARY KEY, idx BLOB NOT NULL UNIQUE, id_sealed BLOB NOT NULL,
+               head_seq INTEGER NOT NULL, head_pos INTEGER NOT NULL, head_ts INTEGER NOT NULL, head_hash BLOB NOT NULL);
+             CREATE TABLE snapshots (sid INTEGER PRIMARY KEY, eid INTEGER NOT NULL, seq INTEGER NOT NULL,
+               version INTEGER NOT NULL, ts INTEGER NOT NULL, hash BLOB NOT NULL, data BLOB NOT NULL);
+             CREATE UNIQUE INDEX snapshots_by_entity ON snapshots(eid, seq);
+             INSERT INTO snapshots(eid, seq, version, ts, hash, data)
+               SELECT eid, seq, version, ts, hash, data FROM snapshots_v2 ORDER BY eid, seq;
+             DROP TABLE snapshots_v2;",
+        )
+        .map_err(Error::storage("upgrade shard to format 3"))?;
+        // (eid, entity_id, head_seq, head_pos, head_ts, head_hash) of every entity.
+        type V2Row = (i64, Vec<u8>, i64, i64, i64, Vec<u8>);
+        let rows: Vec<V2Row> = conn
+            .prepare("SELECT eid, entity_id, head_seq, head_pos, head_ts, head_hash FROM entities_v2")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
+                    .collect::<rusqlite::Result<_>>()
+            })
+            .map_err(Error::storage("upgrade shard to format 3"))?;
+        let mut insert = conn
+            .prepare("INSERT INTO entities VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+            .map_err(Error::storage("upgrade shard to format 3"))?;
+        for (eid, id, seq, pos, ts, hash) in rows {
+            let (idx, sealed) = seal(&id)?;
+            insert
+                .execute(rusqlite::params![eid, &idx[..], sealed, seq, pos, ts, hash])
+                .map_err(Error::storage("upgrade shard to format 3"))?;
+        }
+        conn.execute_batch(&format!("DROP TABLE entities_v2; PRAGMA user_version = {FORMAT_VERSION};"))
+            .map_err(Error::storage("upgrade shard to format 3"))
+    };
+    if let Err(e) = upgrade() {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(e);
+    }
+    conn.execute_batch("COMMIT").map_err(fail)?;
+    conn.execute_batch("VACUUM").map_err(Error::storage("vacuum after upgrade to format 3"))?;
+    Ok(())
 }
 
 fn identity(conn: &Connection) -> rusqlite::Result<ShardIdentity> {
@@ -193,7 +260,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = shard_path(dir.path(), 2);
         drop(create(&p, &ident(2), SyncMode::Normal).unwrap());
-        let c = open(&p, &ident(2), SyncMode::Full).unwrap();
+        let (c, version) = open(&p, &ident(2), SyncMode::Full).unwrap();
+        assert_eq!(version, FORMAT_VERSION);
         let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
@@ -249,9 +317,9 @@ mod tests {
         )
         .unwrap();
         drop(c);
-        let c = open(&p, &ident(0), SyncMode::Normal).unwrap();
+        let (c, found) = open(&p, &ident(0), SyncMode::Normal).unwrap();
         let version: u32 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 2);
+        assert_eq!((found, version), (2, 2));
         let scope: Option<String> = c.query_row("SELECT scope FROM events WHERE pos = 1", [], |r| r.get(0)).unwrap();
         assert_eq!(scope, None);
         let indexes: i64 = c
@@ -260,5 +328,45 @@ mod tests {
             })
             .unwrap();
         assert_eq!(indexes, 2);
+    }
+
+    #[test]
+    fn format_2_shards_are_upgraded_to_sealed_ids_leaving_no_id_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = shard_path(dir.path(), 0);
+        drop(create(&p, &ident(0), SyncMode::Normal).unwrap());
+        // A format-2 shard: ids in clear, snapshots keyed by (eid, seq).
+        let c = Connection::open(&p).unwrap();
+        c.execute_batch(
+            "DROP TABLE entities; DROP TABLE snapshots;
+             CREATE TABLE entities (eid INTEGER PRIMARY KEY, entity_id BLOB NOT NULL UNIQUE, head_seq INTEGER NOT NULL,
+               head_pos INTEGER NOT NULL, head_ts INTEGER NOT NULL, head_hash BLOB NOT NULL);
+             CREATE TABLE snapshots (eid INTEGER NOT NULL, seq INTEGER NOT NULL, version INTEGER NOT NULL,
+               ts INTEGER NOT NULL, hash BLOB NOT NULL, data BLOB NOT NULL, PRIMARY KEY (eid, seq)) WITHOUT ROWID;
+             INSERT INTO entities VALUES (1, CAST('customer-secret-id' AS BLOB), 3, 3, 9, x'aa');
+             INSERT INTO snapshots VALUES (1, 2, 1, 9, x'bb', x'cc');
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        drop(c);
+        let (c, found) = open(&p, &ident(0), SyncMode::Normal).unwrap();
+        assert_eq!(found, 2);
+        migrate_to_3(&c, |id| Ok(([7u8; 32], id.iter().map(|b| b ^ 0x5a).collect()))).unwrap();
+        let version: u32 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 3);
+        let (eid, idx, sealed, seq): (i64, Vec<u8>, Vec<u8>, i64) = c
+            .query_row("SELECT eid, idx, id_sealed, head_seq FROM entities", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .unwrap();
+        assert_eq!((eid, idx, seq), (1, vec![7u8; 32], 3));
+        assert_eq!(sealed.iter().map(|b| b ^ 0x5a).collect::<Vec<u8>>(), b"customer-secret-id");
+        let snap: (i64, i64, Vec<u8>) =
+            c.query_row("SELECT eid, seq, data FROM snapshots", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        assert_eq!(snap, (1, 2, vec![0xcc]));
+        drop(c);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes.extend(std::fs::read(p.with_extension("kuma-wal")).unwrap_or_default());
+        assert!(!bytes.windows(18).any(|w| w == b"customer-secret-id"), "no id in clear is left in the file");
     }
 }

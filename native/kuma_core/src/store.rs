@@ -15,8 +15,8 @@ use crate::heads::{Head, Heads};
 use crate::keystore::Keystore;
 use crate::manifest::Manifest;
 use crate::protection::Protection;
-use crate::query::{self, ShardQuery};
-use crate::reader::{self, Snapshot};
+use crate::query::{self, Page, ShardQuery};
+use crate::reader::{self, Entity, Snapshot};
 use crate::readers::Readers;
 use crate::router::shard_for;
 use crate::shard::{self, ShardIdentity, FORMAT_VERSION};
@@ -287,10 +287,7 @@ impl Store {
 
     /// The latest snapshot of an entity with `version`, at or before `max_seq`, decrypted.
     pub fn latest_snapshot(&self, entity_id: &[u8], version: u32, max_seq: u64) -> Result<Option<Snapshot>> {
-        validate_entity_id(entity_id)?;
-        let snap = self.with_reader(self.shard_for(entity_id), |c, h| {
-            reader::latest_snapshot(c, h, entity_id, version, max_seq)
-        })?;
+        let snap = self.with_entity(entity_id, |c, h, _, e| reader::latest_snapshot(c, h, e, version, max_seq))?;
         match snap {
             None => Ok(None),
             Some(mut snap) => {
@@ -303,7 +300,7 @@ impl Store {
 
     /// The seq of the entity's last event committed at or before `ts_us` (0 if none).
     pub fn seq_at(&self, entity_id: &[u8], ts_us: i64) -> Result<u64> {
-        self.with_entity(entity_id, |c, h, _| reader::seq_at(c, h, entity_id, ts_us))
+        self.with_entity(entity_id, |c, h, _, e| reader::seq_at(c, h, e, ts_us))
     }
 
     /// Blocks until every append queued before this call is committed, and checkpoints heads.
@@ -334,32 +331,43 @@ impl Store {
     /// Runs a read of one entity in one read transaction. A read that meets a missing or
     /// misplaced event (`Corrupt`) is checked against the entity's tombstone in the same
     /// snapshot: an entity erased while it was being read answers `Erased`, never corrupt.
-    fn with_entity<T>(&self, entity_id: &[u8], f: impl FnOnce(&Connection, &Heads, u32) -> Result<T>) -> Result<T> {
+    fn with_entity<T>(
+        &self,
+        entity_id: &[u8],
+        f: impl FnOnce(&Connection, &Heads, u32, &Entity) -> Result<T>,
+    ) -> Result<T> {
         validate_entity_id(entity_id)?;
         let shard = self.shard_for(entity_id);
-        let index = self.protection.index(entity_id);
-        self.with_reader(shard, |c, h| match f(c, h, shard) {
-            Err(Error::Corrupt { .. }) if reader::is_erased(c, &index)? => Err(Error::Erased),
+        let entity = Entity { id: entity_id, idx: self.protection.index(entity_id) };
+        self.with_reader(shard, |c, h| match f(c, h, shard, &entity) {
+            Err(Error::Corrupt { .. }) if reader::is_erased(c, &entity.idx)? => Err(Error::Erased),
             result => result,
         })
+    }
+
+    /// Opens a sealed entity id (see shard.rs); `None` if the entity was erased.
+    fn resolve_id(&self, idx: &[u8; 32], sealed: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.protection.data_key_by_index(idx) {
+            Ok(key) => self.protection.open_id(key.as_ref(), idx, sealed).map(Some),
+            Err(Error::Erased) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The head (last seq, position, timestamp, hash) of an entity, or `None` if it has no
     /// events; `Err(Erased)` if it was erased.
     pub fn head(&self, entity_id: &[u8]) -> Result<Option<Head>> {
-        validate_entity_id(entity_id)?;
-        let index = self.protection.index(entity_id);
-        self.with_reader(self.shard_for(entity_id), |c, h| match reader::head(c, h, entity_id)? {
-            None if reader::is_erased(c, &index)? => Err(Error::Erased),
+        self.with_entity(entity_id, |c, h, _, e| match reader::head(c, h, e)? {
+            None if reader::is_erased(c, &e.idx)? || self.protection.is_erased(entity_id)? => Err(Error::Erased),
             head => Ok(head),
         })
     }
 
-    /// Whether the entity was erased (a tombstone exists for it).
+    /// Whether the entity was erased: a tombstone in its shard, or in the keystore (which
+    /// also holds it when the shard files are a copy from before the erasure).
     pub fn is_erased(&self, entity_id: &[u8]) -> Result<bool> {
-        validate_entity_id(entity_id)?;
-        let index = self.protection.index(entity_id);
-        self.with_reader(self.shard_for(entity_id), |c, _| reader::is_erased(c, &index))
+        let in_shard = self.with_entity(entity_id, |c, _, _, e| reader::is_erased(c, &e.idx))?;
+        Ok(in_shard || self.protection.is_erased(entity_id)?)
     }
 
     /// Up to `max` events of an entity from `from_seq` on, in order, decrypted.
@@ -377,25 +385,35 @@ impl Store {
 
     /// `read_entity` without decryption: payload and metadata as stored (for export and tests).
     pub fn read_entity_sealed(&self, entity_id: &[u8], from_seq: u64, max: usize) -> Result<Vec<StoredEvent>> {
-        self.with_entity(entity_id, |c, h, shard| reader::read_entity(c, h, shard, entity_id, from_seq, max))
+        self.with_entity(entity_id, |c, h, shard, e| reader::read_entity(c, h, shard, e, from_seq, max))
     }
 
     /// Up to `max` events of a shard with position greater than `after`, in position
     /// order, decrypted. Events of an entity whose key is gone (erased, seen in a copy of
     /// the files taken before the erasure) are left out.
     pub fn read_shard(&self, shard: u32, after: u64, max: usize) -> Result<Vec<StoredEvent>> {
-        Ok(self.query_shard(shard, &ShardQuery { after, ..Default::default() }, max)?.0)
+        Ok(self.query_shard(shard, &ShardQuery { after, ..Default::default() }, max)?.events)
     }
 
     /// Up to `max` events of a shard matching `query`, in position order, decrypted, and
-    /// the position up to which the shard was searched: the last event returned when `max`
-    /// were found, else the shard's last committed position as of the same read snapshot.
-    /// Reading on from there never skips nor repeats an event. Events whose key is gone are
-    /// left out (see `read_shard`); filters run before decryption.
-    pub fn query_shard(&self, shard: u32, query: &ShardQuery, max: usize) -> Result<(Vec<StoredEvent>, u64)> {
+    /// how far the shard was searched (see `query::Page`): reading on from there never
+    /// skips nor repeats an event. Events whose key is gone are left out (see
+    /// `read_shard`); filters run before decryption.
+    pub fn query_shard(&self, shard: u32, query: &ShardQuery, max: usize) -> Result<Page> {
         query.validate()?;
-        let (raw, searched) = self.with_reader(shard, |c, _| query::query_shard(c, shard, query, max))?;
-        Ok((self.protection.open_events(raw)?, searched))
+        let entity_idx = query.entity_id.as_ref().map(|id| self.protection.index(id));
+        let resolve = |idx: &[u8; 32], sealed: &[u8]| self.resolve_id(idx, sealed);
+        let page =
+            self.with_reader(shard, |c, _| query::query_shard(c, shard, query, max, entity_idx.as_ref(), &resolve))?;
+        Ok(Page { events: self.protection.open_events(page.events)?, ..page })
+    }
+
+    /// Where a reader that stopped at `position` of `shard` stands: the chain hash of the
+    /// event stored there (if any) and the shard's last position now. A reader that kept
+    /// the hash with its position sees from these whether the shard still holds the
+    /// history it read (see `Kuma.Projection`).
+    pub fn position_check(&self, shard: u32, position: u64) -> Result<(Option<[u8; 32]>, u64)> {
+        self.with_reader(shard, |c, _| Ok((query::event_hash(c, position)?, query::last_position(c)?)))
     }
 
     /// The last committed position of every shard (0 for an empty shard).
@@ -430,8 +448,12 @@ impl Store {
         if self.is_erased(subject_id)? {
             return Err(Error::Erased);
         }
-        keystore.ensure([subject_id])?;
-        let key = keystore.get(subject_id)?.ok_or(Error::Erased)?;
+        // A subject with events must already have its key: a missing one is an error, never
+        // replaced (ensure never makes one for an erased subject either).
+        if self.head(subject_id)?.is_none() {
+            keystore.ensure([subject_id])?;
+        }
+        let key = self.protection.data_key(subject_id)?.ok_or(Error::Erased)?;
         Ok(cipher::seal(&key, Binding::Sensitive { subject_id }, plaintext))
     }
 
@@ -462,8 +484,7 @@ impl Store {
 
     /// Every snapshot of an entity (all versions), oldest first, decrypted.
     pub fn snapshots(&self, entity_id: &[u8]) -> Result<Vec<Snapshot>> {
-        validate_entity_id(entity_id)?;
-        let raw = self.with_reader(self.shard_for(entity_id), |c, h| reader::list_snapshots(c, h, entity_id))?;
+        let raw = self.with_entity(entity_id, |c, h, _, e| reader::list_snapshots(c, h, e))?;
         if raw.is_empty() {
             return Ok(raw);
         }
@@ -480,7 +501,7 @@ impl Store {
     pub fn verify_entity(&self, entity_id: &[u8]) -> Result<EntityVerdict> {
         // A broken chain goes through `with_entity` as `Corrupt`, so that an entity erased
         // during the check answers `Erased` rather than looking tampered with.
-        let verdict = self.with_entity(entity_id, |c, h, shard| match verify::verify_entity(c, h, shard, entity_id)? {
+        let verdict = self.with_entity(entity_id, |c, h, shard, e| match verify::verify_entity(c, h, shard, e)? {
             EntityVerdict::Broken { seq, why } => Err(Error::Corrupt { seq, why }),
             intact => Ok(intact),
         });
@@ -492,7 +513,8 @@ impl Store {
 
     /// Recomputes every chain in one shard.
     pub fn verify_shard(&self, shard: u32, max_problems: usize) -> Result<ShardReport> {
-        self.with_reader(shard, |c, h| verify::verify_shard(c, h, max_problems))
+        let resolve = |idx: &[u8; 32], sealed: &[u8]| self.resolve_id(idx, sealed);
+        self.with_reader(shard, |c, h| verify::verify_shard(c, h, max_problems, &resolve))
     }
 
     /// Per-shard writer statistics.

@@ -4,7 +4,7 @@
 use crate::chain::{Chainer, GENESIS};
 use crate::error::{Error, Result};
 use crate::heads::{hash_from, Heads};
-use crate::reader::{head, walk};
+use crate::reader::{bytes, head, walk, Entity, IdResolver};
 use rusqlite::Connection;
 use std::collections::HashMap;
 
@@ -18,8 +18,9 @@ pub enum EntityVerdict {
 }
 
 /// Recomputes an entity's chain from seq 1 to its head.
-pub fn verify_entity(conn: &Connection, heads: &Heads, shard: u32, entity_id: &[u8]) -> Result<EntityVerdict> {
-    let Some(head) = head(conn, heads, entity_id)? else {
+pub fn verify_entity(conn: &Connection, heads: &Heads, shard: u32, entity: &Entity) -> Result<EntityVerdict> {
+    let entity_id = entity.id;
+    let Some(head) = head(conn, heads, entity)? else {
         return Ok(EntityVerdict::Intact { events: 0, head_hash: GENESIS });
     };
     let mut chainer = Chainer::new();
@@ -71,25 +72,55 @@ pub struct ShardReport {
 
 /// Scans a shard in position order, recomputing every entity's chain, and checks each
 /// entity's last event against its head. Memory is proportional to the number of entities.
-pub fn verify_shard(conn: &Connection, heads: &Heads, max_problems: usize) -> Result<ShardReport> {
+/// The chain covers entity ids, which the shard keeps sealed: `resolve` opens them. Rows of
+/// an entity whose key is gone (erased, in a copy of the files from before) are counted
+/// but cannot be checked; a key missing without an erasure is reported as a problem.
+pub fn verify_shard(
+    conn: &Connection,
+    heads: &Heads,
+    max_problems: usize,
+    resolve: &IdResolver,
+) -> Result<ShardReport> {
     struct State {
         id: Vec<u8>,
+        idx: [u8; 32],
         seq: u64,
         pos: u64,
         hash: [u8; 32],
         broken: bool,
     }
     let mut entities: HashMap<i64, State> = HashMap::new();
+    let mut unverifiable: std::collections::HashSet<i64> = std::collections::HashSet::new();
+    let mut report = ShardReport::default();
     {
-        let mut st = conn.prepare("SELECT eid, entity_id FROM entities").map_err(Error::storage("verify shard"))?;
+        let mut st =
+            conn.prepare("SELECT eid, idx, id_sealed FROM entities").map_err(Error::storage("verify shard"))?;
         let mut rows = st.query([]).map_err(Error::storage("verify shard"))?;
         while let Some(r) = rows.next().map_err(Error::storage("verify shard"))? {
             let eid: i64 = r.get(0).map_err(Error::storage("verify shard"))?;
-            let id: Vec<u8> = r.get(1).map_err(Error::storage("verify shard"))?;
-            entities.insert(eid, State { id, seq: 0, pos: 0, hash: GENESIS, broken: false });
+            let idx = hash_from(bytes(r.get_ref(1).map_err(Error::storage("verify shard"))?));
+            let sealed = bytes(r.get_ref(2).map_err(Error::storage("verify shard"))?);
+            match resolve(&idx, sealed) {
+                Ok(Some(id)) => {
+                    entities.insert(eid, State { id, idx, seq: 0, pos: 0, hash: GENESIS, broken: false });
+                }
+                Ok(None) => {
+                    unverifiable.insert(eid);
+                }
+                Err(e) => {
+                    unverifiable.insert(eid);
+                    if report.problems.len() < max_problems {
+                        report.problems.push(ShardProblem {
+                            entity_id: format!("#{eid}").into_bytes(),
+                            seq: 0,
+                            why: format!("its id cannot be opened: {e}"),
+                        });
+                    }
+                }
+            }
         }
     }
-    let mut report = ShardReport { entities: entities.len() as u64, ..Default::default() };
+    report.entities = (entities.len() + unverifiable.len()) as u64;
     let mut chainer = Chainer::new();
     let problem = |report: &mut ShardReport, id: &[u8], seq: u64, why: String| {
         if report.problems.len() < max_problems {
@@ -114,6 +145,9 @@ pub fn verify_shard(conn: &Connection, heads: &Heads, max_problems: usize) -> Re
         })()
         .map_err(get_err)?;
         let Some(state) = entities.get_mut(&eid) else {
+            if unverifiable.contains(&eid) {
+                continue;
+            }
             problem(
                 &mut report,
                 format!("#{eid}").as_bytes(),
@@ -125,10 +159,10 @@ pub fn verify_shard(conn: &Connection, heads: &Heads, max_problems: usize) -> Re
         if state.broken {
             continue;
         }
-        let event_type: String = r.get(5).unwrap_or_default();
-        let meta = r.get_ref(6).ok().and_then(|v| v.as_blob().ok()).unwrap_or(&[]);
-        let payload = r.get_ref(7).ok().and_then(|v| v.as_blob().ok()).unwrap_or(&[]);
-        let stored = hash_from(r.get_ref(8).ok().and_then(|v| v.as_blob().ok()).unwrap_or(&[]));
+        let event_type = r.get_ref(5).map(|v| String::from_utf8_lossy(bytes(v)).into_owned()).unwrap_or_default();
+        let meta = r.get_ref(6).map(bytes).unwrap_or(&[]);
+        let payload = r.get_ref(7).map(bytes).unwrap_or(&[]);
+        let stored = hash_from(r.get_ref(8).map(bytes).unwrap_or(&[]));
         let why = if seq != state.seq + 1 {
             Some((state.seq + 1, format!("expected seq {} at position {pos}, found {seq}", state.seq + 1)))
         } else if prev_pos != state.pos {
@@ -153,7 +187,7 @@ pub fn verify_shard(conn: &Connection, heads: &Heads, max_problems: usize) -> Re
     drop(rows);
     drop(st);
     for state in entities.values().filter(|s| !s.broken) {
-        match head(conn, heads, &state.id)? {
+        match head(conn, heads, &Entity { id: &state.id, idx: state.idx })? {
             Some(h) if h.seq == state.seq && h.hash == state.hash => {}
             None if state.seq == 0 => {}
             Some(h) => {

@@ -23,7 +23,7 @@ use crate::codec::{Expected, NewEvent};
 use crate::error::{Error, Result};
 use crate::heads::{hash_from, Head, Heads};
 use crate::protection::Protection;
-use crate::reader::head_on_disk;
+use crate::reader::{bytes, head_on_disk};
 use crate::shard::{self, meta_get, ShardIdentity, SKIP_EVERY};
 use crate::sqlite::{self, SyncMode};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -444,7 +444,15 @@ impl ShardWriter {
         let conn = if shared.creating {
             shard::create(&spec.path, &identity, shared.sync)?
         } else {
-            shard::open(&spec.path, &identity, shared.sync)?
+            let (conn, format) = shard::open(&spec.path, &identity, shared.sync)?;
+            if format < 3 {
+                let p = &shared.protection;
+                shard::migrate_to_3(&conn, |id| {
+                    let idx = p.index(id);
+                    Ok((idx, p.seal_id(p.data_key(id)?.as_ref(), &idx, id)))
+                })?;
+            }
+            conn
         };
         ShardWriter::recover(spec, conn, shared)
     }
@@ -480,17 +488,22 @@ impl ShardWriter {
         // An erasure that cannot be finished now (the keystore's disk is full) does not
         // keep the store closed: it is retried while the store runs.
         writer.erasures_pending = writer.finish_erasures().is_err();
+        writer.record_erasures_in_keystore()?;
         writer.commits.publish(index, writer.next_pos - 1);
         Ok(writer)
     }
 
+    /// Heads changed after the last checkpoint, from the events written since: all go to
+    /// `dirty` (by eid, so the next checkpoint persists them), and those whose id can be
+    /// opened are published for readers. An entity whose key is gone or missing keeps its
+    /// head on disk until then: nothing can be read or written for it meanwhile.
     fn replay_tail(&mut self, checkpoint: u64) -> Result<()> {
-        let mut recovered: HashMap<Vec<u8>, Head> = HashMap::new();
+        let mut recovered: HashMap<i64, (Head, [u8; 32], Vec<u8>)> = HashMap::new();
         {
             let mut st = self
                 .conn
                 .prepare(
-                    "SELECT e.pos, e.eid, e.seq, e.ts, e.hash, n.entity_id FROM events e
+                    "SELECT e.pos, e.eid, e.seq, e.ts, e.hash, n.idx, n.id_sealed FROM events e
                      JOIN entities n ON n.eid = e.eid WHERE e.pos > ?1 ORDER BY e.pos",
                 )
                 .map_err(Error::storage("recover heads"))?;
@@ -503,17 +516,23 @@ impl ShardWriter {
                     ts: r.get(3).map_err(Error::storage("recover heads"))?,
                     hash: hash_from(r.get_ref(4).map_err(Error::storage("recover heads"))?.as_blob().unwrap_or(&[])),
                 };
-                let id: Vec<u8> = r.get(5).map_err(Error::storage("recover heads"))?;
-                recovered.insert(id, head);
+                let idx = hash_from(bytes(r.get_ref(5).map_err(Error::storage("recover heads"))?));
+                let sealed = bytes(r.get_ref(6).map_err(Error::storage("recover heads"))?).to_vec();
+                recovered.insert(head.eid, (head, idx, sealed));
             }
         }
         if !recovered.is_empty() {
             self.events_since_checkpoint = self.next_pos.saturating_sub(checkpoint + 1);
             self.dirty_since = Some(Instant::now());
-            for head in recovered.values() {
-                self.dirty.insert(head.eid, *head);
+            let mut readable = Vec::with_capacity(recovered.len());
+            for (head, idx, sealed) in recovered.into_values() {
+                self.dirty.insert(head.eid, head);
+                let p = &self.protection;
+                if let Ok(id) = p.data_key_by_index(&idx).and_then(|key| p.open_id(key.as_ref(), &idx, &sealed)) {
+                    readable.push((id, head));
+                }
             }
-            self.heads.publish(recovered.iter().map(|(k, v)| (k.as_slice(), *v)));
+            self.heads.publish(readable.iter().map(|(id, h)| (id.as_slice(), *h)));
         }
         Ok(())
     }
@@ -566,12 +585,18 @@ impl ShardWriter {
         // Data keys first, durably, in one keystore transaction for the whole group; never
         // for an erased id (its appends are refused below, and it must stay keyless).
         if let Some(keystore) = self.protection.keystore() {
+            // Keys are made only for entities without events: a key missing for one that has
+            // events is an error (KeyMissing), never replaced by a new key under which its
+            // past events would be unreadable.
             let mut fresh: Vec<&[u8]> = Vec::new();
             for command in batch.iter() {
                 if let Command::Append(a) = command {
                     for e in &a.entries {
                         let id = e.entity_id.as_slice();
-                        if !keystore.is_cached(id) && !self.is_erased(id).unwrap_or(true) {
+                        if !keystore.is_cached(id)
+                            && matches!(self.lookup_head(id), Ok(None))
+                            && !self.is_erased(id).unwrap_or(true)
+                        {
                             fresh.push(id);
                         }
                     }
@@ -589,9 +614,10 @@ impl ShardWriter {
                         let r = self.append_entry(&mut txn, entry);
                         match &r {
                             Ok(a) => txn.written += a.last_seq - a.first_seq + 1,
-                            // A concurrency conflict or an erased id is this entry's answer;
-                            // anything else (I/O, disk full) aborts the whole transaction.
-                            Err(Error::WrongExpectedSeq { .. } | Error::Erased) => {}
+                            // A concurrency conflict, an erased id or a missing key is this
+                            // entry's answer; anything else (I/O, disk full) aborts the whole
+                            // transaction.
+                            Err(Error::WrongExpectedSeq { .. } | Error::Erased | Error::KeyMissing) => {}
                             Err(e) => return Err(e.clone()),
                         }
                         results.push(r);
@@ -737,7 +763,7 @@ impl ShardWriter {
         if let Some(h) = self.heads.get(entity_id) {
             return Ok(Some(h));
         }
-        let head = head_on_disk(&self.conn, entity_id)?;
+        let head = head_on_disk(&self.conn, &self.protection.index(entity_id))?;
         if let Some(h) = head {
             self.heads.cache_clean(entity_id, h);
         }
@@ -753,18 +779,23 @@ impl ShardWriter {
                 return Err(Error::WrongExpectedSeq { expected, actual: current });
             }
         }
+        // Erased (a tombstone in the keystore) or missing (KeyMissing): no event is written.
+        let key = self.protection.data_key(id)?;
         let eid = match head {
             Some(h) => h.eid,
             None => {
                 if self.is_erased(id)? {
                     return Err(Error::Erased);
                 }
+                let idx = self.protection.index(id);
+                let sealed = self.protection.seal_id(key.as_ref(), &idx, id);
                 self.conn
                     .prepare_cached(
-                        "INSERT INTO entities(entity_id, head_seq, head_pos, head_ts, head_hash) VALUES (?1, 0, 0, 0, ?2)",
+                        "INSERT INTO entities(idx, id_sealed, head_seq, head_pos, head_ts, head_hash)
+                         VALUES (?1, ?2, 0, 0, 0, ?3)",
                     )
                     .map_err(Error::storage("create entity"))?
-                    .execute(params![id, &GENESIS[..]])
+                    .execute(params![&idx[..], sealed, &GENESIS[..]])
                     .map_err(Error::storage("create entity"))?;
                 self.conn.last_insert_rowid()
             }
@@ -775,7 +806,6 @@ impl ShardWriter {
         let mut prev_pos = head.map_or(0, |h| h.pos);
         let mut seq = current;
         let first_pos = self.next_pos;
-        let key = self.protection.data_key(id)?;
         let mut insert = self
             .conn
             .prepare_cached(
@@ -899,6 +929,22 @@ impl ShardWriter {
             .execute("UPDATE tombstones SET key_destroyed = 1 WHERE idx = ?1", [&index[..]])
             .map_err(Error::storage("update tombstone"))?;
         Ok(())
+    }
+
+    /// Copies the shard's tombstones into the keystore (keystores written before it kept
+    /// tombstones of its own), so that no key is made again for an erased id whatever
+    /// shard files come with the keystore later.
+    fn record_erasures_in_keystore(&self) -> Result<()> {
+        let Some(keystore) = self.protection.keystore() else { return Ok(()) };
+        let tombstones: Vec<[u8; 32]> = self
+            .conn
+            .prepare("SELECT idx FROM tombstones")
+            .map_err(Error::storage("read tombstones"))?
+            .query_map([], |r| Ok(hash_from(bytes(r.get_ref(0)?))))
+            .map_err(Error::storage("read tombstones"))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(Error::storage("read tombstones"))?;
+        keystore.record_erased(&tombstones)
     }
 
     /// Retries erasures whose keys could not be destroyed after their commit (a full disk

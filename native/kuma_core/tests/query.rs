@@ -26,7 +26,7 @@ fn query_all(store: &Store, q: &ShardQuery, page: usize) -> Vec<StoredEvent> {
     for shard in 0..store.shard_count() {
         let mut q = q.clone();
         loop {
-            let (events, searched) = store.query_shard(shard, &q, page).unwrap();
+            let Page { events, searched, .. } = store.query_shard(shard, &q, page).unwrap();
             assert!(events.iter().all(|e| e.position > q.after && e.position <= searched));
             let done = events.len() < page;
             out.extend(events);
@@ -101,11 +101,11 @@ fn the_search_position_passes_events_that_do_not_match() {
         store.append_wait(b"a", Expected::Any, vec![typed("Other", None, i)]).unwrap();
     }
     let q = ShardQuery { types: vec!["Wanted".into()], ..Default::default() };
-    let (events, searched) = store.query_shard(0, &q, 100).unwrap();
+    let Page { events, searched, .. } = store.query_shard(0, &q, 100).unwrap();
     assert!(events.is_empty());
     assert_eq!(searched, 10, "a filtered reader still moves past what it searched");
     store.append_wait(b"a", Expected::Any, vec![typed("Wanted", None, 11)]).unwrap();
-    let (events, searched) = store.query_shard(0, &ShardQuery { after: 10, ..q }, 100).unwrap();
+    let Page { events, searched, .. } = store.query_shard(0, &ShardQuery { after: 10, ..q }, 100).unwrap();
     assert_eq!((events.len(), searched), (1, 11));
 }
 
@@ -148,7 +148,7 @@ fn the_commit_listener_hears_every_commit_in_order() {
     }
     // Once told, the events are readable.
     for (shard, pos) in heard {
-        let (events, searched) =
+        let Page { events, searched, .. } =
             store.query_shard(shard, &ShardQuery { after: pos - 1, ..Default::default() }, 1).unwrap();
         assert_eq!(events.len(), 1);
         assert!(searched >= pos);

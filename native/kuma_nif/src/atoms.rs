@@ -27,6 +27,7 @@ rustler::atoms! {
     store_is_encrypted,
     store_is_plain,
     entity_erased,
+    key_missing,
     decrypt_failed,
     sql,
     blob,

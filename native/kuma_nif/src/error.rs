@@ -70,6 +70,7 @@ impl Encoder for Reason {
                 (atoms::encryption_mismatch(), atoms::store_is_plain()).encode(env)
             }
             Error::Erased => atoms::entity_erased().encode(env),
+            Error::KeyMissing => atoms::key_missing().encode(env),
             Error::Decrypt { seq, why } => (atoms::decrypt_failed(), *seq, why.as_str()).encode(env),
             Error::Sql { index, message } => (atoms::sql(), *index, message.as_str()).encode(env),
         }

@@ -22,8 +22,9 @@ fn read_head(store: ResourceArc<StoreResource>, entity_id: Term) -> NifResult<Op
     })
 }
 
-/// Events of one shard after position `after` matching `query` (a `%Kuma.Query{}`), and
-/// the position searched up to: `{[kuma_event], searched}`.
+/// Events of one shard after position `after` matching `query` (a `%Kuma.Query{}`), the
+/// position searched up to and the chain hash stored there: `{[kuma_event], searched,
+/// hash | nil}`.
 #[rustler::nif(schedule = "DirtyIo")]
 fn read_query<'a>(
     env: Env<'a>,
@@ -34,8 +35,18 @@ fn read_query<'a>(
     max: usize,
 ) -> NifResult<Term<'a>> {
     guard(|| {
-        let (events, searched) = store.store.query_shard(shard, &query.to_shard_query(after), max)?;
-        Ok((Events(events), searched).encode(env))
+        let page = store.store.query_shard(shard, &query.to_shard_query(after), max)?;
+        Ok((Events(page.events), page.searched, page.searched_hash.map(Hash)).encode(env))
+    })
+}
+
+/// Where a reader that stopped at `position` of `shard` stands: `{hash | nil, last}`, the
+/// chain hash of the event stored at that position now and the shard's last position.
+#[rustler::nif(schedule = "DirtyIo")]
+fn read_position(store: ResourceArc<StoreResource>, shard: u32, position: u64) -> NifResult<(Option<Hash>, u64)> {
+    guard(|| {
+        let (hash, last) = store.store.position_check(shard, position)?;
+        Ok((hash.map(Hash), last))
     })
 }
 

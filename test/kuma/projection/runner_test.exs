@@ -160,3 +160,85 @@ defmodule Kuma.Projection.RunnerTest do
     end
   end
 end
+
+defmodule Kuma.Projection.RunnerDivergenceTest do
+  # A shard that lost the tail of its log (an OS crash with sync: :normal) gives positions
+  # out again; a projection checkpointed past them must not resume and skip the events
+  # that took them.
+  use Kuma.StoreCase, async: false
+
+  import ExUnit.CaptureLog
+  import Kuma.Test.ProjectionHelpers
+
+  alias Kuma.{Projection, ReadModel}
+  alias Kuma.Test.Counter
+
+  @moduletag store: false
+
+  defp copy_shards(from, to) do
+    File.rm_rf!(to)
+    File.cp_r!(Path.join(from, "shards"), to)
+  end
+
+  defp restore_shards(from, dir) do
+    File.rm_rf!(Path.join(dir, "shards"))
+    File.cp_r!(from, Path.join(dir, "shards"))
+  end
+
+  for {label, later} <- [{"more", 8}, {"fewer", 3}] do
+    test "a shard that gave positions out again stops the projection (#{label} events since)", %{dir: dir, name: name} do
+      opts = [name: name, data_dir: dir, shards: 1]
+      saved = dir <> "-shards-before"
+      on_exit(fn -> File.rm_rf!(saved) end)
+
+      {:ok, store} = Kuma.start(opts)
+      for i <- 1..10, do: {:ok, _} = Kuma.append(store, "a", {:e, i})
+      :ok = Kuma.stop(store)
+      copy_shards(dir, saved)
+
+      # Five more events, counted by the read model; then the shard loses them.
+      {:ok, store} = Kuma.start(opts)
+      {:ok, _} = ReadModel.start(store, Counter, name: :diverging)
+      for i <- 11..15, do: {:ok, _} = Kuma.append(store, "a", {:e, i})
+      :ok = Projection.wait_for(:diverging, heads(store))
+      :ok = Kuma.stop(store)
+      wait_until(fn -> Projection.whereis(:diverging) == nil end)
+      restore_shards(saved, dir)
+
+      # New events take positions 11.. again.
+      {:ok, store} = Kuma.start(opts)
+      for i <- 1..unquote(later), do: {:ok, _} = Kuma.append(store, "b", {:new, i})
+
+      log =
+        capture_log(fn ->
+          {:ok, _} = ReadModel.start(store, Counter, name: :diverging)
+        end)
+
+      assert {:ok, %{status: :stopped, failure: %{error: {:shard_diverged, 0, 15, last}}}} =
+               Projection.status(:diverging)
+
+      assert last == 10 + unquote(later)
+      assert log =~ "no longer holds the events"
+      # Nothing of the new events was skipped: a rebuild counts exactly what the shard holds.
+      assert :ok = Projection.rebuild(:diverging)
+      :ok = Projection.wait_for(:diverging, heads(store))
+      assert rows(:diverging, "SELECT entity_id, n FROM counts ORDER BY 1") == [["a", 10], ["b", unquote(later)]]
+      :ok = Kuma.stop(store)
+    end
+  end
+
+  test "an erasure at the checkpoint's position is not a divergence", %{dir: dir, name: name} do
+    {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 1)
+    {:ok, _} = ReadModel.start(store, Counter, name: :erased_at_mark)
+    {:ok, _} = Kuma.append(store, "keep", {:e, 1})
+    {:ok, _} = Kuma.append(store, "gone", {:e, 2})
+    :ok = Projection.wait_for(:erased_at_mark, heads(store))
+    :ok = Projection.stop(:erased_at_mark)
+    {:ok, _} = Kuma.delete(store, "gone")
+    {:ok, _} = ReadModel.start(store, Counter, name: :erased_at_mark)
+    {:ok, _} = Kuma.append(store, "keep", {:e, 3})
+    :ok = Projection.wait_for(:erased_at_mark, heads(store))
+    assert {:ok, %{status: :live}} = Projection.status(:erased_at_mark)
+    :ok = Kuma.stop(store)
+  end
+end

@@ -43,7 +43,7 @@ defmodule Kuma.Projection.Sink.Handler do
   end
 
   @impl true
-  def commit(sink, shard, position, _done), do: Progress.save(sink.db, %{shard => position})
+  def commit(sink, shard, mark, _done), do: Progress.save(sink.db, %{shard => mark})
 
   @impl true
   def forget(sink, entity_id) do

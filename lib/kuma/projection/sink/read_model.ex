@@ -57,8 +57,8 @@ defmodule Kuma.Projection.Sink.ReadModel do
   end
 
   @impl true
-  def commit(sink, shard, position, done) do
-    case Progress.save(sink.db, %{shard => position}, Enum.flat_map(done, &elem(&1, 1))) do
+  def commit(sink, shard, mark, done) do
+    case Progress.save(sink.db, %{shard => mark}, Enum.flat_map(done, &elem(&1, 2))) do
       :ok -> :ok
       {:error, _} when done != [] -> commit_one_by_one(sink, shard, done)
       error -> error
@@ -67,8 +67,8 @@ defmodule Kuma.Projection.Sink.ReadModel do
 
   # The batch's statements failed together: commit event by event to find the culprit.
   defp commit_one_by_one(sink, shard, done) do
-    Enum.reduce_while(done, :ok, fn {pos, statements}, :ok ->
-      case Progress.save(sink.db, %{shard => pos}, statements) do
+    Enum.reduce_while(done, :ok, fn {pos, hash, statements}, :ok ->
+      case Progress.save(sink.db, %{shard => {pos, hash}}, statements) do
         :ok -> {:cont, :ok}
         {:error, reason} -> {:halt, {:error, {:at, pos, reason}}}
       end

@@ -40,7 +40,7 @@ defmodule Kuma.Projection.Sink.Subscriber do
   end
 
   @impl true
-  def commit(_sink, _shard, _position, _done), do: :ok
+  def commit(_sink, _shard, _mark, _done), do: :ok
 
   @impl true
   def park(_sink, _failure), do: :ok
