@@ -215,9 +215,50 @@ defmodule KumaTest do
       assert {:ok, 4} = Kuma.append(store, "keep", 4, expected_seq: 3)
     end
 
-    test "a data dir cannot be opened twice", %{dir: dir, name: name} do
+    test "a data dir cannot be opened twice, also after its LOCK file is deleted", %{dir: dir, name: name} do
       {:ok, _} = Kuma.start(name: name, data_dir: dir, shards: 2)
       assert {:error, {:data_dir_locked, _}} = Kuma.start(name: :second_opener, data_dir: dir, shards: 2)
+      File.rm!(Path.join(dir, "LOCK"))
+      assert {:error, {:data_dir_locked, _}} = Kuma.start(name: :second_opener, data_dir: dir, shards: 2)
+      # The keystore is held too, by itself: a copy of the data dir cannot share it.
+      copy = dir <> "-copy"
+      on_exit(fn -> File.rm_rf!(copy) end)
+      File.mkdir_p!(copy)
+      File.cp_r!(Path.join(dir, "shards"), Path.join(copy, "shards"))
+      File.cp!(Path.join(dir, "KUMA"), Path.join(copy, "KUMA"))
+      keystore = Path.join(dir, "keystore.kuma")
+
+      assert {:error, {:data_dir_locked, ^keystore}} =
+               Kuma.start(name: :second_opener, data_dir: copy, shards: 2, keystore_path: keystore)
+    end
+
+    test "files are created for the owner only (0600, directories 0700) unless told otherwise", %{dir: dir, name: name} do
+      {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 2, projections: [{Kuma.Test.Counter, name: :modes}])
+      {:ok, _, token} = Kuma.append(store, "a", :e, return: :token)
+      :ok = Kuma.Projection.wait_for(:modes, token)
+      # While open, with the WAL and shared-memory files there too.
+      modes = fn ->
+        for path <- [dir | Path.wildcard(Path.join(dir, "**"), match_dot: true)] do
+          %File.Stat{mode: mode, type: type} = File.stat!(path)
+          {Path.relative_to(path, dir), type, Bitwise.band(mode, 0o777)}
+        end
+      end
+
+      found = modes.()
+      assert Enum.any?(found, fn {path, _, _} -> String.ends_with?(path, "-wal") end)
+      assert Enum.any?(found, fn {path, _, _} -> String.ends_with?(path, ".sqlite") end)
+
+      for {path, type, mode} <- found do
+        assert mode == if(type == :directory, do: 0o700, else: 0o600), "#{path}: #{Integer.to_string(mode, 8)}"
+      end
+
+      :ok = Kuma.stop(store)
+      other = dir <> "-group"
+      on_exit(fn -> File.rm_rf!(other) end)
+      {:ok, store} = Kuma.start(name: name, data_dir: other, shards: 1, file_mode: 0o640)
+      assert Bitwise.band(File.stat!(Path.join(other, "shards/000.kuma")).mode, 0o777) == 0o640
+      assert Bitwise.band(File.stat!(Path.join(other, "shards")).mode, 0o777) == 0o750
+      :ok = Kuma.stop(store)
     end
 
     test "foreign, corrupt and missing shard files are refused", %{dir: dir, name: name} do

@@ -8,6 +8,8 @@ defmodule Kuma.Application do
       {Registry, keys: :unique, name: Kuma.Registry, partitions: System.schedulers_online()},
       # Forget listeners (Kuma.Erasure): read models that must drop an erased entity.
       {Registry, keys: :duplicate, name: Kuma.Listeners},
+      # Master keys between Kuma.start/1 and the store that opens with them.
+      Kuma.Keys.Vault,
       {DynamicSupervisor, name: Kuma.Stores, strategy: :one_for_one}
     ]
 

@@ -58,7 +58,9 @@ defmodule Kuma.Native do
   defp nif_missing, do: :erlang.nif_error(:kuma_nif_not_loaded)
 
   # store: open, close, facts (store.rs)
-  def store_open(_data_dir, _shards, _sync, _writer_threads, _master_key, _keystore_path), do: nif_missing()
+  def store_open(_data_dir, _shards, _sync, _writer_threads, _master_key, _keystore_path, _file_mode),
+    do: nif_missing()
+
   def store_close(_store), do: nif_missing()
   def store_info(_store), do: nif_missing()
   def store_shard_for(_store, _entity_id), do: nif_missing()
@@ -94,7 +96,7 @@ defmodule Kuma.Native do
   def keys_rotate(_store, _new_key), do: nif_missing()
 
   # read-model databases (sqldb.rs)
-  def sqldb_open(_path), do: nif_missing()
+  def sqldb_open(_path, _file_mode), do: nif_missing()
   def sqldb_transaction(_db, _statements), do: nif_missing()
   def sqldb_query(_db, _sql, _params), do: nif_missing()
   def sqldb_truncate_wal(_db), do: nif_missing()

@@ -44,7 +44,8 @@ defmodule Kuma.Store do
     :entities,
     :sensitive_refs,
     :encrypted,
-    :epoch
+    :epoch,
+    :file_mode
   ]
   defstruct @enforce_keys
 
@@ -65,7 +66,8 @@ defmodule Kuma.Store do
           entities: :ets.tid() | nil,
           sensitive_refs: :ets.tid() | nil,
           encrypted: boolean(),
-          epoch: :atomics.atomics_ref() | nil
+          epoch: :atomics.atomics_ref() | nil,
+          file_mode: non_neg_integer()
         }
 
   @doc false

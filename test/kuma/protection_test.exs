@@ -60,13 +60,67 @@ defmodule Kuma.ProtectionTest do
       refute File.exists?(dir)
     end
 
-    test "the crash reports of a store never show the key", %{dir: dir, name: name} do
-      {:ok, _} = Kuma.start(name: name, data_dir: dir, master_key: @key_a)
-      owner = Kuma.Store.whereis(name, :owner)
-      state = inspect(:sys.get_state(owner), limit: :infinity, printable_limit: :infinity)
-      refute state =~ @key_a
-      refute state =~ inspect(Base.decode16!(@key_a, case: :lower), binaries: :as_binaries, limit: :infinity)
+    test "no error, state, child spec or crash report holds the key", %{dir: dir, name: name} do
+      key = :crypto.strong_rand_bytes(32)
+      base = [name: name, data_dir: dir, master_key: key]
+
+      # Options the native layer would have refused with the options in its stack trace.
+      for bad <- [
+            [data_dir: <<255, 0, 1>>],
+            [keystore_path: <<200, 201>>],
+            [writer_threads: 4_000_000_000],
+            [shards: -1]
+          ] do
+        assert {:error, reason} = Kuma.start(Keyword.merge(base, bad))
+        refute holds?(reason, key), "#{inspect(bad)}: the error holds the key"
+      end
+
+      {:ok, _} = Kuma.start(base)
+
+      for role <- [:supervisor, :owner, :feed, :reaper] do
+        pid = Kuma.Store.whereis(name, role)
+        refute holds?(:sys.get_state(pid), key), "#{role}'s state holds the key"
+      end
+
+      log =
+        ExUnit.CaptureLog.capture_log(fn ->
+          owner = Kuma.Store.whereis(name, :owner)
+          Process.exit(owner, :kill)
+          assert eventually(fn -> Kuma.Store.whereis(name, :owner) not in [nil, owner] end)
+          # The restarted owner found its key again.
+          assert {:ok, 1} = Kuma.append(name, "after-restart", :ok)
+        end)
+
+      for encoded <- [key, Base.encode16(key), Base.encode16(key, case: :lower), Base.encode64(key)] do
+        refute log =~ encoded
+      end
+
+      :ok = Kuma.stop(name)
     end
+
+    # Whether `term` holds `key` anywhere: in binaries (raw, hex or base64), lists, tuples,
+    # maps, or the environment of a function.
+    defp holds?(term, key) when is_binary(term),
+      do:
+        Enum.any?(
+          [key, Base.encode16(key), Base.encode16(key, case: :lower), Base.encode64(key)],
+          &String.contains?(term, &1)
+        )
+
+    defp holds?(term, key) when is_list(term), do: holds_list?(term, key)
+    defp holds?(term, key) when is_tuple(term), do: holds?(Tuple.to_list(term), key)
+    defp holds?(term, key) when is_map(term), do: holds?(Map.to_list(term), key)
+
+    defp holds?(term, key) when is_function(term) do
+      {:env, env} = :erlang.fun_info(term, :env)
+      holds?(env, key)
+    end
+
+    defp holds?(_term, _key), do: false
+
+    defp holds_list?([head | tail], key), do: holds?(head, key) or holds_list?(tail, key)
+    defp holds_list?([], _key), do: false
+    defp holds_list?(improper_tail, key), do: holds?(improper_tail, key)
 
     test "rotation rewraps every key; afterwards only the new key opens", %{dir: dir, name: name} do
       {:ok, store} = Kuma.start(name: name, data_dir: dir, master_key: @key_a)

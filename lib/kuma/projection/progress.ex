@@ -29,9 +29,9 @@ defmodule Kuma.Projection.Progress do
   Opens (or creates) the file at `path` and checks that it belongs to this store and this
   projection: `identity` is a map of `_kuma_meta` keys to values, recorded on first open.
   """
-  @spec open(Path.t(), %{String.t() => String.t()}) :: {:ok, db()} | {:error, term()}
-  def open(path, identity) do
-    with {:ok, db} <- Native.sqldb_open(path) do
+  @spec open(Path.t(), %{String.t() => String.t()}, non_neg_integer()) :: {:ok, db()} | {:error, term()}
+  def open(path, identity, file_mode) do
+    with {:ok, db} <- Native.sqldb_open(path, file_mode) do
       case check_identity(db, path, identity) do
         :ok ->
           {:ok, db}

@@ -18,6 +18,7 @@ defmodule Kuma.Projection.Spec do
                 batch_size: 500,
                 checkpoint: :durable,
                 path: nil,
+                file_mode: 0o600,
                 restart: :permanent,
                 subscriber: nil,
                 from: %{},
@@ -39,6 +40,7 @@ defmodule Kuma.Projection.Spec do
           batch_size: pos_integer(),
           checkpoint: :durable | :memory,
           path: Path.t() | nil,
+          file_mode: non_neg_integer(),
           restart: :permanent | :temporary,
           subscriber: pid() | nil,
           from: :now | Position.t(),
@@ -87,7 +89,8 @@ defmodule Kuma.Projection.Spec do
          retry_backoff: backoff,
          batch_size: batch,
          checkpoint: checkpoint,
-         path: Path.expand(to_string(path))
+         path: Path.expand(to_string(path)),
+         file_mode: Map.get(store, :file_mode, 0o600)
        }}
     end
   end

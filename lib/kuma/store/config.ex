@@ -20,7 +20,8 @@ defmodule Kuma.Store.Config do
     master_key_file: nil,
     master_key_env: "KUMA_MASTER_KEY",
     keystore_path: nil,
-    projections: []
+    projections: [],
+    file_mode: 0o600
   }
   @known Map.keys(@defaults) ++ [:data_dir]
 
@@ -38,9 +39,12 @@ defmodule Kuma.Store.Config do
          :ok <- check(:idle_timeout, config.idle_timeout),
          :ok <- check(:max_live_entities, config.max_live_entities),
          :ok <- check(:writer_threads, config.writer_threads),
-         {:ok, master_key} <- master_key(config),
+         :ok <- check(:keystore_path, config.keystore_path),
+         :ok <- check(:file_mode, config.file_mode),
          data_dir = Path.expand(to_string(config.data_dir)),
-         {:ok, specs} <- Kuma.Projection.Spec.configured(config.projections, %{name: config.name, data_dir: data_dir}) do
+         store = %{name: config.name, data_dir: data_dir, file_mode: config.file_mode},
+         {:ok, specs} <- Kuma.Projection.Spec.configured(config.projections, store),
+         {:ok, master_key} <- master_key(config) do
       aggregates = Enum.uniq([Kuma.Aggregate.Latest | config.aggregates])
       keystore = config.keystore_path && Path.expand(to_string(config.keystore_path))
 
@@ -54,8 +58,10 @@ defmodule Kuma.Store.Config do
   def validate(_opts), do: {:error, {:invalid, :options, "must be a keyword list"}}
 
   # The master key, resolved once at start from (in order) :master_key, :master_key_file or
-  # the environment variable :master_key_env. It travels inside a 0-arity function so that
-  # crash reports and :sys.get_state show #Function<...>, never the key's bytes.
+  # the environment variable :master_key_env, and handed to Kuma.Keys.Vault: the config
+  # holds only the reference that stands for it, so that no state, child spec, error or
+  # crash report shows the key's bytes. Resolved last, so that an invalid option leaves
+  # nothing in the vault.
   defp master_key(%{encryption: false}), do: {:ok, nil}
 
   defp master_key(%{encryption: true} = config) do
@@ -82,13 +88,16 @@ defmodule Kuma.Store.Config do
 
   defp master_key(_config), do: {:error, {:invalid, :encryption, "must be true or false"}}
 
-  defp wrap({:ok, key}, _source), do: {:ok, fn -> key end}
+  defp wrap({:ok, key}, _source), do: {:ok, Kuma.Keys.Vault.put(key)}
   defp wrap(:error, source), do: {:error, {:invalid, source, "a key must be 32 raw bytes, 64 hex characters or base64"}}
 
   defp check(:name, name) when is_atom(name) and name not in [nil, true, false], do: :ok
   defp check(:name, _), do: {:error, {:invalid, :name, "must be an atom"}}
   defp check(:data_dir, nil), do: {:error, {:invalid, :data_dir, "is required"}}
-  defp check(:data_dir, dir) when is_binary(dir) and dir != "", do: :ok
+
+  defp check(:data_dir, dir) when is_binary(dir) and dir != "" do
+    if String.valid?(dir), do: :ok, else: {:error, {:invalid, :data_dir, "must be a UTF-8 path"}}
+  end
 
   defp check(:data_dir, dir) when is_list(dir) and dir != [] do
     if List.ascii_printable?(dir) or :io_lib.printable_unicode_list(dir),
@@ -131,8 +140,23 @@ defmodule Kuma.Store.Config do
   defp check(:idle_timeout, _), do: {:error, {:invalid, :idle_timeout, "must be a positive integer (ms) or :infinity"}}
   defp check(:max_live_entities, n) when (is_integer(n) and n > 0) or n == :infinity, do: :ok
 
-  defp check(:writer_threads, n) when (is_integer(n) and n > 0) or n == nil, do: :ok
-  defp check(:writer_threads, _), do: {:error, {:invalid, :writer_threads, "must be a positive integer or nil"}}
+  defp check(:writer_threads, n) when (is_integer(n) and n in 1..1024) or n == nil, do: :ok
+  defp check(:writer_threads, _), do: {:error, {:invalid, :writer_threads, "must be an integer in 1..1024 or nil"}}
+  defp check(:keystore_path, nil), do: :ok
+
+  defp check(:keystore_path, path) when is_binary(path) and path != "" do
+    if String.valid?(path), do: :ok, else: {:error, {:invalid, :keystore_path, "must be a UTF-8 path"}}
+  end
+
+  defp check(:keystore_path, _), do: {:error, {:invalid, :keystore_path, "must be a path (a string)"}}
+
+  # Integer permissions such as 0o600 or 0o640; the owner must be able to read and write.
+  defp check(:file_mode, mode) when is_integer(mode) and mode in 0..0o777 and Bitwise.band(mode, 0o600) == 0o600,
+    do: :ok
+
+  defp check(:file_mode, _),
+    do:
+      {:error, {:invalid, :file_mode, "must be permissions such as 0o600 or 0o640, readable and writable by the owner"}}
 
   defp check(:max_live_entities, _),
     do: {:error, {:invalid, :max_live_entities, "must be a positive integer or :infinity"}}

@@ -18,16 +18,7 @@ defmodule Kuma.Store.Owner do
     Process.flag(:trap_exit, true)
     close_stale(config.name)
 
-    master_key = config.master_key && config.master_key.()
-
-    case Native.store_open(
-           config.data_dir,
-           config.shards,
-           config.sync,
-           config.writer_threads || 0,
-           master_key,
-           config.keystore_path
-         ) do
+    case open(config) do
       {:ok, native} ->
         info = Native.store_info(native)
 
@@ -51,7 +42,8 @@ defmodule Kuma.Store.Owner do
           # Kuma.Sensitive value of the subject; erasing the subject passivates them.
           sensitive_refs: :ets.new(:kuma_sensitive_refs, [:bag, :public, write_concurrency: true]),
           encrypted: info.encrypted,
-          epoch: :atomics.new(1, signed: false)
+          epoch: :atomics.new(1, signed: false),
+          file_mode: config.file_mode
         }
 
         :persistent_term.put(Store.key(config.name), store)
@@ -59,6 +51,34 @@ defmodule Kuma.Store.Owner do
 
       {:error, reason} ->
         {:stop, reason}
+    end
+  end
+
+  # Opens the native store. The master key comes from the vault here, and goes nowhere else:
+  # a raise inside (which would carry the call's arguments in its stack trace) becomes a
+  # plain error that names what was wrong, not the arguments.
+  defp open(config) do
+    with {:ok, master_key} <- master_key(config.master_key) do
+      Native.store_open(
+        config.data_dir,
+        config.shards,
+        config.sync,
+        config.writer_threads || 0,
+        master_key,
+        config.keystore_path,
+        config.file_mode
+      )
+    end
+  rescue
+    e in ArgumentError -> {:error, {:invalid, :options, "the native store refused them: " <> Exception.message(e)}}
+  end
+
+  defp master_key(nil), do: {:ok, nil}
+
+  defp master_key(ref) do
+    case Kuma.Keys.Vault.fetch(ref) do
+      {:ok, key} -> {:ok, key}
+      :error -> {:error, {:missing_master_key, "the key given at start is gone (the store was stopped)"}}
     end
   end
 

@@ -19,8 +19,12 @@ defmodule Kuma.Store.Supervisor do
       }
 
       case DynamicSupervisor.start_child(Kuma.Stores, spec) do
-        {:ok, _pid} -> Store.lookup(config.name)
-        {:error, reason} -> {:error, start_error(reason, config.name)}
+        {:ok, _pid} ->
+          Store.lookup(config.name)
+
+        {:error, reason} ->
+          forget_key(config)
+          {:error, start_error(reason, config.name)}
       end
     end
   end
@@ -30,11 +34,20 @@ defmodule Kuma.Store.Supervisor do
   def start_opts(opts) do
     with {:ok, config} <- Store.Config.validate(opts) do
       case start_link(config) do
-        {:ok, pid} -> {:ok, pid}
-        {:error, reason} -> {:error, start_error(reason, config.name)}
+        {:ok, pid} ->
+          {:ok, pid}
+
+        {:error, reason} ->
+          forget_key(config)
+          {:error, start_error(reason, config.name)}
       end
     end
   end
+
+  # The master key stays in the vault as long as the store's supervisor runs (its restarts
+  # of the owner need it), no longer.
+  defp forget_key(%{master_key: nil}), do: :ok
+  defp forget_key(%{master_key: ref}), do: Kuma.Keys.Vault.drop(ref)
 
   defp start_error({:already_started, _pid}, name), do: {:already_started, name}
   defp start_error({:shutdown, {:failed_to_start_child, _child, reason}}, name), do: start_error(reason, name)
@@ -71,6 +84,8 @@ defmodule Kuma.Store.Supervisor do
 
   @impl true
   def init(config) do
+    if config.master_key, do: Kuma.Keys.Vault.claim(config.master_key, self())
+
     children = [
       {Kuma.Store.Owner, config},
       {Kuma.Feed, config.name},

@@ -69,12 +69,12 @@ pub struct Keystore {
 /// independent of it on Linux). The lock's descriptor is closed only after SQLite's
 /// connection is, so it cannot drop SQLite's locks.
 fn lock_file(path: &Path) -> Result<File> {
-    sqlite::lock(path, path, "lock keystore")
+    sqlite::lock(path, path, sqlite::DEFAULT_FILE_MODE, "lock keystore")
 }
 
 impl Keystore {
-    /// Creates a new keystore for `store_id`. Fails if the file exists.
-    pub fn create(path: &Path, master: Key, store_id: &str) -> Result<Keystore> {
+    /// Creates a new keystore for `store_id` (permissions `mode`). Fails if the file exists.
+    pub fn create(path: &Path, master: Key, store_id: &str, mode: u32) -> Result<Keystore> {
         if path.exists() {
             return Err(Error::ForeignFile {
                 path: path.display().to_string(),
@@ -82,9 +82,9 @@ impl Keystore {
             });
         }
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(Error::io("create keystore dir"))?;
+            sqlite::create_dirs(dir, mode, "create keystore dir")?;
         }
-        let conn = sqlite::open_writer(path, true, "create keystore")?;
+        let conn = sqlite::open_writer(path, Some(mode), "create keystore")?;
         let lock = lock_file(path)?;
         conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create keystore"))?;
         sqlite::configure(&conn, SyncMode::Full)?;
@@ -443,7 +443,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.kuma");
         let master = Key::random().unwrap();
-        let ks = Keystore::create(&path, master.clone(), "s1").unwrap();
+        let ks = Keystore::create(&path, master.clone(), "s1", 0o600).unwrap();
         assert!(ks.get(b"alice").unwrap().is_none());
         ks.ensure([&b"alice"[..], &b"bob"[..]]).unwrap();
         let a = ks.get(b"alice").unwrap().unwrap();
@@ -468,7 +468,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.kuma");
         let master = Key::random().unwrap();
-        drop(Keystore::create(&path, master.clone(), "s1").unwrap());
+        drop(Keystore::create(&path, master.clone(), "s1", 0o600).unwrap());
         assert!(matches!(Keystore::open(&path, Key::random().unwrap(), "s1"), Err(Error::WrongMasterKey)));
         assert!(matches!(Keystore::open(&path, master.clone(), "other"), Err(Error::ForeignFile { .. })));
         assert!(matches!(

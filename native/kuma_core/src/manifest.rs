@@ -8,6 +8,7 @@ use crate::cipher::Key;
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// What the manifest records.
@@ -84,8 +85,9 @@ impl Manifest {
         Ok(Some(m))
     }
 
-    /// Writes the manifest durably (temporary file, fsync, rename, fsync of the directory).
-    pub fn write(&self, dir: &Path) -> Result<()> {
+    /// Writes the manifest durably (temporary file, fsync, rename, fsync of the directory),
+    /// with permissions `mode`.
+    pub fn write(&self, dir: &Path, mode: u32) -> Result<()> {
         let tmp = dir.join("KUMA.tmp");
         let mut text = format!(
             "kuma-store\n# Kuma store manifest: do not edit. See docs/storage-format.md.\nformat {}\nstore_id {}\nshards {}\nencryption {}\n",
@@ -97,7 +99,13 @@ impl Manifest {
         if let Some(k) = &self.tombstone_key {
             text.push_str(&format!("tombstone_key {}\n", hex(k)));
         }
-        let mut f = File::create(&tmp).map_err(Error::io("write manifest"))?;
+        let mut f = File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(Error::io("write manifest"))?;
         f.write_all(text.as_bytes()).map_err(Error::io("write manifest"))?;
         f.sync_all().map_err(Error::io("write manifest"))?;
         std::fs::rename(&tmp, path(dir)).map_err(Error::io("write manifest"))?;
@@ -117,7 +125,7 @@ mod tests {
         let m = Manifest::new(2, 16, false).unwrap();
         assert_eq!(m.store_id.len(), 32);
         assert!(m.tombstone_key.is_some());
-        m.write(dir.path()).unwrap();
+        m.write(dir.path(), 0o600).unwrap();
         assert_eq!(Manifest::read(dir.path()).unwrap(), Some(m));
         assert!(Manifest::new(2, 16, true).unwrap().tombstone_key.is_none());
 

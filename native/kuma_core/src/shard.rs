@@ -99,12 +99,12 @@ pub fn shard_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(format!("{index:03}.kuma"))
 }
 
-/// Creates a new, empty shard file. Fails if the file already exists.
-pub fn create(path: &Path, id: &ShardIdentity, sync: SyncMode) -> Result<Connection> {
+/// Creates a new, empty shard file (permissions `mode`). Fails if the file already exists.
+pub fn create(path: &Path, id: &ShardIdentity, sync: SyncMode, mode: u32) -> Result<Connection> {
     if path.exists() {
         return Err(Error::ForeignFile { path: path.display().to_string(), why: "file already exists".into() });
     }
-    let conn = sqlite::open_writer(path, true, "create shard")?;
+    let conn = sqlite::open_writer(path, Some(mode), "create shard")?;
     conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create shard"))?;
     sqlite::configure(&conn, sync)?;
     let init = format!(
@@ -259,14 +259,14 @@ mod tests {
     fn create_then_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let p = shard_path(dir.path(), 2);
-        drop(create(&p, &ident(2), SyncMode::Normal).unwrap());
+        drop(create(&p, &ident(2), SyncMode::Normal, 0o600).unwrap());
         let (c, version) = open(&p, &ident(2), SyncMode::Full).unwrap();
         assert_eq!(version, FORMAT_VERSION);
         let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!(sync, 2, "FULL");
-        assert!(matches!(create(&p, &ident(2), SyncMode::Normal), Err(Error::ForeignFile { .. })));
+        assert!(matches!(create(&p, &ident(2), SyncMode::Normal, 0o600), Err(Error::ForeignFile { .. })));
     }
 
     #[test]
@@ -286,7 +286,7 @@ mod tests {
         assert!(matches!(err, Error::ForeignFile { ref why, .. } if why.contains("application_id")), "{err}");
         std::fs::remove_file(&p).unwrap();
 
-        drop(create(&p, &ident(0), SyncMode::Normal).unwrap());
+        drop(create(&p, &ident(0), SyncMode::Normal, 0o600).unwrap());
         assert!(matches!(
             open(&p, &ShardIdentity { count: 8, ..ident(0) }, SyncMode::Normal),
             Err(Error::ShardCountMismatch { stored: 4, given: 8 })
@@ -306,7 +306,7 @@ mod tests {
     fn format_1_shards_are_upgraded_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let p = shard_path(dir.path(), 0);
-        drop(create(&p, &ident(0), SyncMode::Normal).unwrap());
+        drop(create(&p, &ident(0), SyncMode::Normal, 0o600).unwrap());
         // Turn it back into a format-1 shard holding one event.
         let c = Connection::open(&p).unwrap();
         c.execute_batch(
@@ -334,7 +334,7 @@ mod tests {
     fn format_2_shards_are_upgraded_to_sealed_ids_leaving_no_id_in_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = shard_path(dir.path(), 0);
-        drop(create(&p, &ident(0), SyncMode::Normal).unwrap());
+        drop(create(&p, &ident(0), SyncMode::Normal, 0o600).unwrap());
         // A format-2 shard: ids in clear, snapshots keyed by (eid, seq).
         let c = Connection::open(&p).unwrap();
         c.execute_batch(

@@ -54,12 +54,12 @@ fn check_params(st: &rusqlite::Statement, given: usize, index: Option<usize>, wh
 
 impl SqlDb {
     /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> Result<SqlDb> {
+    pub fn open(path: &Path, mode: u32) -> Result<SqlDb> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(Error::io("create read model dir"))?;
+            sqlite::create_dirs(parent, mode, "create read model dir")?;
         }
         // NORMAL: a commit survives a crash of the VM; rows and checkpoint always agree.
-        let write = sqlite::open_writer(path, true, "open read model")?;
+        let write = sqlite::open_writer(path, Some(mode), "open read model")?;
         sqlite::configure(&write, SyncMode::Normal)?;
         write.pragma_update(None, "foreign_keys", "ON").map_err(Error::storage("open read model"))?;
         let read = sqlite::open_reader(path)?;
@@ -161,7 +161,7 @@ mod tests {
     #[test]
     fn a_failing_statement_keeps_nothing_of_its_transaction() {
         let dir = tempfile::tempdir().unwrap();
-        let db = SqlDb::open(&dir.path().join("rm.sqlite")).unwrap();
+        let db = SqlDb::open(&dir.path().join("rm.sqlite"), 0o600).unwrap();
         db.transaction(&[st("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT)", vec![])]).unwrap();
         let changed = db
             .transaction(&[

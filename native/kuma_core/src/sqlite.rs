@@ -7,8 +7,38 @@
 use crate::error::{Error, Result};
 use rusqlite::{Connection, OpenFlags};
 use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Duration;
+
+/// Permissions of the files Kuma creates unless told otherwise: the owner's only. Data
+/// keys, ciphertexts, entity heads and read models are nobody else's business.
+pub const DEFAULT_FILE_MODE: u32 = 0o600;
+
+/// The permissions of a directory for files of `file_mode`: searchable where readable.
+pub fn dir_mode(file_mode: u32) -> u32 {
+    file_mode | ((file_mode & 0o444) >> 2)
+}
+
+/// Creates `dir` and its missing parents with `dir_mode(file_mode)` (existing ones keep
+/// theirs).
+pub(crate) fn create_dirs(dir: &Path, file_mode: u32, context: &'static str) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(dir_mode(file_mode))
+        .create(dir)
+        .map_err(|e| Error::Storage { context, message: format!("{}: {e}", dir.display()) })
+}
+
+/// Creates an empty file with `mode` if it does not exist yet (SQLite then creates its
+/// `-wal` and `-shm` with the same permissions).
+pub(crate) fn create_file(path: &Path, mode: u32, context: &'static str) -> Result<()> {
+    match File::options().write(true).create_new(true).mode(mode).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::Storage { context, message: format!("{}: {e}", path.display()) }),
+    }
+}
 
 /// How long a connection waits for a lock held by a reader or a checkpoint before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,13 +64,14 @@ impl SyncMode {
     }
 }
 
-/// Opens a writing connection (`create`: the file may be created).
-pub(crate) fn open_writer(path: &Path, create: bool, context: &'static str) -> Result<Connection> {
-    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    if create {
-        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+/// Opens a writing connection; `create: Some(mode)` creates the file with `mode` first if
+/// it does not exist.
+pub(crate) fn open_writer(path: &Path, create: Option<u32>, context: &'static str) -> Result<Connection> {
+    if let Some(mode) = create {
+        create_file(path, mode, context)?;
     }
-    Connection::open_with_flags(path, flags).map_err(Error::storage(context))
+    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(Error::storage(context))
 }
 
 /// Sets up a writing connection: WAL mode, the `synchronous` level, a busy timeout,
@@ -83,15 +114,16 @@ pub(crate) fn truncate_wal(conn: &Connection, context: &'static str) -> Result<(
     Err(Error::Storage { context, message: "WAL checkpoint stayed busy (a reader holds an old snapshot)".into() })
 }
 
-/// Takes an exclusive lock (flock) on `lock_path`, created if missing. `Locked { path:
-/// shown }` if another open file description holds it (this VM or another process).
-pub(crate) fn lock(lock_path: &Path, shown: &Path, context: &'static str) -> Result<File> {
-    let f = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock_path)
-        .map_err(|e| Error::Storage { context, message: format!("{}: {e}", lock_path.display()) })?;
+/// Takes an exclusive lock (flock) on `lock_path` (a file, created with `mode` if missing,
+/// or a directory). `Locked { path: shown }` if another open file description holds it
+/// (this VM or another process).
+pub(crate) fn lock(lock_path: &Path, shown: &Path, mode: u32, context: &'static str) -> Result<File> {
+    let opened = if lock_path.is_dir() {
+        File::open(lock_path)
+    } else {
+        File::options().create(true).truncate(false).write(true).mode(mode).open(lock_path)
+    };
+    let f = opened.map_err(|e| Error::Storage { context, message: format!("{}: {e}", lock_path.display()) })?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked { path: shown.display().to_string() }),

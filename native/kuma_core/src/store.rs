@@ -50,6 +50,9 @@ pub struct StoreConfig {
     /// one per shard. Fewer threads mean fewer OS context switches but also a smaller share
     /// of the CPU against the BEAM's schedulers (docs/benchmarks.md, "Writer threads").
     pub writer_threads: Option<usize>,
+    /// Permissions of the files Kuma creates (directories get the matching search bits);
+    /// default 0600, the owner's only.
+    pub file_mode: u32,
 }
 
 impl StoreConfig {
@@ -63,6 +66,7 @@ impl StoreConfig {
             writer_threads: None,
             master_key: None,
             keystore_path: None,
+            file_mode: sqlite::DEFAULT_FILE_MODE,
         }
     }
 }
@@ -89,7 +93,8 @@ pub struct Store {
     closed: AtomicBool,
     protection: Arc<Protection>,
     commits: Arc<Commits>,
-    lock: Mutex<Option<File>>,
+    /// The data directory's and LOCK's flocks, released by `close`.
+    lock: Mutex<Option<(File, File)>>,
 }
 
 impl Store {
@@ -99,9 +104,12 @@ impl Store {
             return Err(Error::invalid("shards", format!("must be 1..={MAX_SHARDS}, got {}", config.shards)));
         }
         let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Storage { context: "create data dir", message: format!("{}: {e}", dir.display()) })?;
-        let lock = sqlite::lock(&dir.join("LOCK"), &dir, "lock data dir")?;
+        let mode = config.file_mode;
+        sqlite::create_dirs(&dir, mode, "create data dir")?;
+        // The directory itself is locked (flock), and LOCK too: deleting a file cannot admit
+        // a second writer of the same shards.
+        let lock = sqlite::lock(&dir, &dir, mode, "lock data dir")?;
+        let lock_file = sqlite::lock(&dir.join("LOCK"), &dir, mode, "lock data dir")?;
 
         let shard_dir = dir.join("shards");
         let encrypted = config.master_key.is_some();
@@ -128,7 +136,7 @@ impl Store {
                             .into(),
                     });
                 }
-                std::fs::create_dir_all(&shard_dir).map_err(Error::io("create shard dir"))?;
+                sqlite::create_dirs(&shard_dir, mode, "create shard dir")?;
                 (Manifest::new(FORMAT_VERSION, config.shards, encrypted)?, true)
             }
         };
@@ -136,9 +144,12 @@ impl Store {
         // Protection before any shard is touched: a wrong master key changes nothing.
         let keystore_path = config.keystore_path.clone().unwrap_or_else(|| dir.join("keystore.kuma"));
         let protection = Arc::new(match (&config.master_key, manifest.tombstone_key) {
-            (Some(master), _) if creating => {
-                Protection::Encrypted(Box::new(Keystore::create(&keystore_path, master.clone(), &manifest.store_id)?))
-            }
+            (Some(master), _) if creating => Protection::Encrypted(Box::new(Keystore::create(
+                &keystore_path,
+                master.clone(),
+                &manifest.store_id,
+                mode,
+            )?)),
             (Some(master), _) => {
                 Protection::Encrypted(Box::new(Keystore::open(&keystore_path, master.clone(), &manifest.store_id)?))
             }
@@ -158,6 +169,7 @@ impl Store {
         let commits = Arc::new(Commits::new(config.shards));
         let shared = Shared {
             creating,
+            file_mode: mode,
             identity: ShardIdentity { store_id: manifest.store_id.clone(), index: 0, count: config.shards },
             sync: config.sync,
             config: config.writer,
@@ -179,7 +191,7 @@ impl Store {
             }
         };
         if creating {
-            manifest.write(&dir)?;
+            manifest.write(&dir, mode)?;
         }
         Ok(Store {
             data_dir: dir,
@@ -189,7 +201,7 @@ impl Store {
             closed: AtomicBool::new(false),
             protection,
             commits,
-            lock: Mutex::new(Some(lock)),
+            lock: Mutex::new(Some((lock, lock_file))),
         })
     }
 
@@ -533,8 +545,9 @@ impl Store {
         if let Some(keystore) = self.protection.keystore() {
             keystore.close();
         }
-        if let Some(lock) = self.lock.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = lock.unlock();
+        if let Some((dir, file)) = self.lock.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = file.unlock();
+            let _ = dir.unlock();
         }
         if panicked {
             return Err(Error::Panic { message: "a shard writer thread panicked".into() });

@@ -243,6 +243,7 @@ pub(crate) struct ShardSpec {
 /// What every writer thread of a store shares.
 pub(crate) struct Shared {
     pub creating: bool,
+    pub file_mode: u32,
     pub identity: ShardIdentity,
     pub sync: SyncMode,
     pub config: WriterConfig,
@@ -442,7 +443,7 @@ impl ShardWriter {
     fn open(spec: ShardSpec, shared: &Shared) -> Result<Self> {
         let identity = ShardIdentity { index: spec.index, ..shared.identity.clone() };
         let conn = if shared.creating {
-            shard::create(&spec.path, &identity, shared.sync)?
+            shard::create(&spec.path, &identity, shared.sync, shared.file_mode)?
         } else {
             let (conn, format) = shard::open(&spec.path, &identity, shared.sync)?;
             if format < 3 {

@@ -70,8 +70,8 @@ fn encode_value<'a>(env: Env<'a>, v: &Value) -> Term<'a> {
 }
 
 #[rustler::nif(schedule = "DirtyIo")]
-fn sqldb_open(path: String) -> NifResult<ResourceArc<SqlDbResource>> {
-    guard(|| Ok(ResourceArc::new(SqlDbResource { db: SqlDb::open(std::path::Path::new(&path))? })))
+fn sqldb_open(path: String, mode: u32) -> NifResult<ResourceArc<SqlDbResource>> {
+    guard(|| Ok(ResourceArc::new(SqlDbResource { db: SqlDb::open(std::path::Path::new(&path), mode)? })))
 }
 
 /// Runs `[{sql, params}]` in one transaction: `{:ok, [changed]}` or `{:error, {:sql, index, msg}}`.

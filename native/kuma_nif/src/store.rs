@@ -24,6 +24,7 @@ fn store_open(
     writer_threads: u32,
     master_key: Option<Binary>,
     keystore_path: Option<String>,
+    file_mode: u32,
 ) -> NifResult<ResourceArc<StoreResource>> {
     guard(|| {
         let sync = if sync == atoms::full() {
@@ -41,6 +42,7 @@ fn store_open(
         // nil = a plain store (created with encryption: false).
         config.master_key = master_key.map(|k| Key::from_bytes(k.as_slice())).transpose()?;
         config.keystore_path = keystore_path.map(std::path::PathBuf::from);
+        config.file_mode = file_mode;
         Ok(ResourceArc::new(StoreResource { store: Store::open(config)? }))
     })
 }

@@ -12,8 +12,9 @@ defmodule Kuma.Store.ConfigTest do
     assert c.snapshot_every == 100 and c.idle_timeout == :timer.minutes(15) and c.max_live_entities == 100_000
     assert c.data_dir == Path.expand("d") and c.keystore_path == nil and c.projection_specs == []
     assert c.aggregates == [Kuma.Aggregate.Latest]
-    # The key travels as a function, so crash reports and state dumps never show it.
-    assert is_function(c.master_key, 0) and c.master_key.() == Base.decode16!(@key, case: :lower)
+    # The config holds a reference; the key itself waits in the vault.
+    assert is_reference(c.master_key)
+    assert Kuma.Keys.Vault.fetch(c.master_key) == {:ok, Base.decode16!(@key, case: :lower)}
   end
 
   test "every option is checked; unknown ones are refused" do
@@ -28,7 +29,12 @@ defmodule Kuma.Store.ConfigTest do
       {[snapshot_every: 0], {:invalid, :snapshot_every, "must be a positive integer or nil"}},
       {[idle_timeout: -1], {:invalid, :idle_timeout, "must be a positive integer (ms) or :infinity"}},
       {[max_live_entities: 0], {:invalid, :max_live_entities, "must be a positive integer or :infinity"}},
-      {[writer_threads: 0], {:invalid, :writer_threads, "must be a positive integer or nil"}},
+      {[writer_threads: 0], {:invalid, :writer_threads, "must be an integer in 1..1024 or nil"}},
+      {[writer_threads: 1_000_000], {:invalid, :writer_threads, "must be an integer in 1..1024 or nil"}},
+      {[data_dir: <<255, 254>>], {:invalid, :data_dir, "must be a UTF-8 path"}},
+      {[keystore_path: <<255>>], {:invalid, :keystore_path, "must be a UTF-8 path"}},
+      {[file_mode: 0o044],
+       {:invalid, :file_mode, "must be permissions such as 0o600 or 0o640, readable and writable by the owner"}},
       {[aggregates: [Enum]], {:invalid, :aggregates, "Enum lacks init/1"}},
       {[upcasters: [:nope]], {:invalid, :upcasters, "must be a list of 2-arity functions or modules with upcast/2"}},
       {[shard: 8], {:unknown_option, :shard}}
@@ -48,7 +54,7 @@ defmodule Kuma.Store.ConfigTest do
 
     for given <- [raw, Base.encode16(raw), Base.encode64(raw)] do
       assert {:ok, c} = Config.validate(data_dir: "d", master_key: given)
-      assert c.master_key.() == raw
+      assert Kuma.Keys.Vault.fetch(c.master_key) == {:ok, raw}
     end
 
     assert {:error, {:invalid, :master_key, _}} = Config.validate(data_dir: "d", master_key: "short")
@@ -59,7 +65,7 @@ defmodule Kuma.Store.ConfigTest do
     var = "KUMA_CONFIG_TEST_KEY_#{System.unique_integer([:positive])}"
     System.put_env(var, Base.encode16(raw))
     assert {:ok, c} = Config.validate(data_dir: "d", master_key_env: var)
-    assert c.master_key.() == raw
+    assert Kuma.Keys.Vault.fetch(c.master_key) == {:ok, raw}
     System.delete_env(var)
     assert {:error, {:missing_master_key, _}} = Config.validate(data_dir: "d", master_key_env: var)
     assert {:ok, %{master_key: nil}} = Config.validate(data_dir: "d", encryption: false)

@@ -11,7 +11,7 @@ defmodule Kuma.Projection.Sink.Handler do
 
   @impl true
   def open(spec, s) do
-    with {:ok, db} <- Progress.open(spec.path, identity(spec, s)),
+    with {:ok, db} <- Progress.open(spec.path, identity(spec, s), spec.file_mode),
          {:ok, checkpoint} <- load(db, spec.checkpoint) do
       start(%__MODULE__{db: db, module: spec.module, args: spec.args}, checkpoint)
     end

@@ -15,7 +15,7 @@ defmodule Kuma.Projection.Sink.ReadModel do
   def open(spec, s) do
     identity = %{"store_id" => s.store_id, "kind" => "read_model", "module" => inspect(spec.module)}
 
-    with {:ok, db} <- Progress.open(spec.path, identity) do
+    with {:ok, db} <- Progress.open(spec.path, identity, spec.file_mode) do
       with {:ok, checkpoint} <- Progress.checkpoint(db),
            :ok <- schema(db, spec.module) do
         # Queries run in the caller, on the read model's read-only connection.
