@@ -492,6 +492,25 @@ defmodule Kuma do
     end
   end
 
+  @doc """
+  Rewrites every shard file, one at a time (SQLite `VACUUM`): the space of erased entities
+  goes back to the file system, and no stale copy of a row SQLite moved between pages
+  stays in free space. Each shard's writes wait while it is rewritten (about as long as
+  copying the file). Erasure does this by itself in stores created with `encryption:
+  false`; in encrypted stores such copies are sealed under keys erasure destroyed, so
+  compaction only reclaims space.
+
+  Options: `:on_progress` - called as `fun.(shard, shards)` after each shard; `:timeout` -
+  ms per shard (default 10 minutes). Returns `{:ok, %{shards: n}}`.
+  """
+  @spec compact(store(), keyword()) :: {:ok, %{shards: pos_integer()}} | {:error, reason()}
+  def compact(store, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- Validate.keys(opts, [:on_progress, :timeout]) do
+      EventLog.compact(s, Keyword.get(opts, :on_progress, fn _, _ -> :ok end), Keyword.get(opts, :timeout, 600_000))
+    end
+  end
+
   @doc "Facts about a running store: id, shards, data dir, sync mode, encryption and per-shard writer counters."
   @spec info(store()) :: {:ok, map()} | {:error, reason()}
   def info(store) do

@@ -85,6 +85,26 @@ defmodule Kuma.EventLog do
     call(fn ref -> Native.write_erase(s.native, ref, entity_id) end, timeout)
   end
 
+  @doc "Compacts every shard, one at a time (`Kuma.compact/2`)."
+  @spec compact(Store.t(), (non_neg_integer(), pos_integer() -> term()), timeout()) ::
+          {:ok, %{shards: pos_integer()}} | {:error, term()}
+  def compact(%Store{} = s, progress, timeout) do
+    Enum.reduce_while(0..(s.shards - 1), :ok, fn shard, :ok ->
+      case call(fn ref -> Native.write_compact(s.native, ref, shard) end, timeout) do
+        {:ok, :ok} ->
+          progress.(shard, s.shards)
+          {:cont, :ok}
+
+        error ->
+          {:halt, error}
+      end
+    end)
+    |> case do
+      :ok -> {:ok, %{shards: s.shards}}
+      error -> error
+    end
+  end
+
   @doc "Waits until every write queued before this call is committed, and checkpoints heads."
   @spec flush(Store.t()) :: :ok | {:error, term()}
   def flush(%Store{} = s) do

@@ -77,6 +77,7 @@ defmodule Kuma.Native do
   def write_snapshot_dirty(_store, _ref, _entity_id, _seq, _version, _hash, _data), do: nif_missing()
   def write_erase(_store, _ref, _entity_id), do: nif_missing()
   def write_flush(_store), do: nif_missing()
+  def write_compact(_store, _ref, _shard), do: nif_missing()
 
   # read (read.rs)
   def read_entity(_store, _entity_id, _from_seq, _max), do: nif_missing()

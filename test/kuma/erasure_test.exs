@@ -132,6 +132,26 @@ defmodule Kuma.ErasureTest do
     for i <- 1..5, do: assert({:ok, [%{data: {:opened, ^i}}]} = Kuma.events(copy, "carol-#{i}"))
   end
 
+  test "compact gives the space of erased entities back and keeps everything else", %{dir: dir, name: name} do
+    {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 2)
+    big = String.duplicate("x", 2_000)
+    for e <- 1..40, do: {:ok, _} = Kuma.append(store, "c#{e}", for(i <- 1..50, do: {:e, i, big}))
+    for e <- 1..30, do: {:ok, %{events_deleted: 50}} = Kuma.delete(store, "c#{e}")
+    :ok = Kuma.flush(store)
+    size = fn -> Path.wildcard(Path.join(dir, "shards/*.kuma")) |> Enum.map(&File.stat!(&1).size) |> Enum.sum() end
+    before = size.()
+    parent = self()
+    assert {:ok, %{shards: 2}} = Kuma.compact(store, on_progress: &send(parent, {:compacted, &1, &2}))
+    assert_received {:compacted, 0, 2}
+    assert_received {:compacted, 1, 2}
+    assert size.() < before / 2
+    for e <- 31..40, do: assert({:ok, %{events: 50}} = Kuma.verify(store, "c#{e}"))
+    assert {:ok, %{events: 500}} = Kuma.verify_store(store)
+    assert {:ok, 51} = Kuma.append(store, "c40", :after)
+    assert {:error, {:unknown_option, :typo}} = Kuma.compact(store, typo: 1)
+    :ok = Kuma.stop(store)
+  end
+
   describe "delete/2 on a running store" do
     setup %{dir: dir, name: name} do
       {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 2, aggregates: [Bank.Account])

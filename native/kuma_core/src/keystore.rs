@@ -486,7 +486,7 @@ mod tests {
         let path = dir.path().join("k.kuma");
         let old = Key::random().unwrap();
         let new = Key::random().unwrap();
-        let ks = Keystore::create(&path, old.clone(), "s1").unwrap();
+        let ks = Keystore::create(&path, old.clone(), "s1", 0o600).unwrap();
         let ids: Vec<Vec<u8>> = (0..2500).map(|i| format!("e{i}").into_bytes()).collect();
         ks.ensure(ids.iter().map(|i| i.as_slice())).unwrap();
         let before: Vec<[u8; 32]> = ids.iter().map(|i| *ks.get(i).unwrap().unwrap().as_bytes()).collect();

@@ -114,6 +114,14 @@ pub(crate) fn truncate_wal(conn: &Connection, context: &'static str) -> Result<(
     Err(Error::Storage { context, message: "WAL checkpoint stayed busy (a reader holds an old snapshot)".into() })
 }
 
+/// Rewrites the whole file (`VACUUM`) and empties the WAL: no stale copy of a deleted or
+/// moved row survives in the free space of a page. SQLite leaves such copies where cells
+/// were moved between pages as b-trees grew or shrank, and `secure_delete` never sees them.
+pub(crate) fn compact(conn: &Connection, context: &'static str) -> Result<()> {
+    conn.execute_batch("VACUUM").map_err(Error::storage(context))?;
+    truncate_wal(conn, context)
+}
+
 /// Takes an exclusive lock (flock) on `lock_path` (a file, created with `mode` if missing,
 /// or a directory). `Locked { path: shown }` if another open file description holds it
 /// (this VM or another process).

@@ -315,6 +315,16 @@ impl Store {
         self.with_entity(entity_id, |c, h, _, e| reader::seq_at(c, h, e, ts_us))
     }
 
+    /// Rewrites a shard's file (`VACUUM`) after everything queued before is committed: the
+    /// space of deleted rows goes back, and no stale copy of a row SQLite moved or deleted
+    /// stays in free space. Writes to the shard wait meanwhile (proportional to its size).
+    pub fn compact(&self, shard: u32, reply: Reply<Result<()>>) -> Result<()> {
+        if shard >= self.shard_count() {
+            return Err(Error::invalid("shard", format!("no shard {shard} (store has {})", self.shard_count())));
+        }
+        self.writers.send(shard, Command::compact(reply))
+    }
+
     /// Blocks until every append queued before this call is committed, and checkpoints heads.
     pub fn flush(&self) -> Result<()> {
         let mut waits = Vec::new();

@@ -117,6 +117,7 @@ pub enum Command {
     Snapshot(Snapshot),
     Barrier(Barrier),
     Erase(Erase),
+    Compact(Compact),
 }
 
 /// Append entries; the reply gets one result per entry, in order.
@@ -146,6 +147,13 @@ pub struct Erase {
     result: Option<Result<u64>>,
 }
 
+/// Rewrite the shard file (`VACUUM`) once everything before is committed: no stale copy of
+/// a deleted or moved row stays in free space, and the space of deleted rows goes back.
+pub struct Compact {
+    reply: Reply<Result<()>>,
+    result: Option<Result<()>>,
+}
+
 impl Command {
     pub fn append(entries: Vec<AppendEntry>, reply: Reply<Vec<Result<Appended>>>) -> Command {
         Command::Append(Append { entries, reply, results: Vec::new() })
@@ -163,12 +171,16 @@ impl Command {
         Command::Erase(Erase { entity_id, reply, result: None })
     }
 
+    pub fn compact(reply: Reply<Result<()>>) -> Command {
+        Command::Compact(Compact { reply, result: None })
+    }
+
     /// How much of a transaction's budget (`max_txn_events`) the request uses.
     fn weight(&self) -> usize {
         match self {
             Command::Append(a) => a.entries.iter().map(|e| e.events.len()).sum(),
             Command::Snapshot(_) | Command::Barrier(_) => 1,
-            Command::Erase(_) => 1000,
+            Command::Erase(_) | Command::Compact(_) => 1000,
         }
     }
 
@@ -185,6 +197,8 @@ impl Command {
                 reply(Err(e.clone()))
             }
             (Command::Erase(d), Some(e)) => (d.reply)(Err(e.clone())),
+            (Command::Compact(c), None) => (c.reply)(c.result.unwrap_or(Ok(()))),
+            (Command::Compact(c), Some(e)) => (c.reply)(Err(e.clone())),
         }));
     }
 }
@@ -564,6 +578,7 @@ impl ShardWriter {
                 if !erased.is_empty() {
                     self.finish_erased(erased, &mut batch);
                 }
+                self.compact_if_asked(&mut batch);
                 for command in batch {
                     command.answer(None);
                 }
@@ -631,7 +646,7 @@ impl ShardWriter {
                     }
                     *result = Some(r);
                 }
-                Command::Barrier(_) => txn.force_checkpoint = true,
+                Command::Barrier(_) | Command::Compact(_) => txn.force_checkpoint = true,
                 Command::Erase(Erase { entity_id, result, .. }) => {
                     let entity_id: &[u8] = entity_id;
                     // An entity appended and deleted in one group: the delete must see the
@@ -694,9 +709,18 @@ impl ShardWriter {
     /// concerned (the caller is told, and deleting again finishes them); their tombstones
     /// keep `key_destroyed = 0`, and `finish_erasures` completes them when the writer is
     /// next idle or the store next opens.
+    ///
+    /// A plain store's erased rows are in clear: SQLite may have left stale copies of them
+    /// (moved cells) in the free space of pages, so its shard is compacted; an encrypted
+    /// store's stale copies are sealed under the key about to be destroyed.
     fn finish_erased(&mut self, erased: Vec<Vec<u8>>, batch: &mut [Command]) {
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Vec<(Vec<u8>, Error)> {
-            if let Err(e) = sqlite::truncate_wal(&self.conn, "checkpoint after erasure") {
+            let emptied = if self.protection.is_encrypted() {
+                sqlite::truncate_wal(&self.conn, "checkpoint after erasure")
+            } else {
+                sqlite::compact(&self.conn, "compact after erasure")
+            };
+            if let Err(e) = emptied {
                 return erased.into_iter().map(|id| (id, e.clone())).collect();
             }
             erased.into_iter().filter_map(|id| self.destroy_key(&id).err().map(|e| (id, e))).collect()
@@ -711,6 +735,20 @@ impl ShardWriter {
                 if let Some((_, e)) = outcome.iter().find(|(id, _)| id.is_empty() || id == entity_id) {
                     *result = Some(Err(e.clone()));
                 }
+            }
+        }
+    }
+
+    /// Runs a compaction the batch asked for (after its commit), and stores its outcome.
+    fn compact_if_asked(&mut self, batch: &mut [Command]) {
+        if !batch.iter().any(|c| matches!(c, Command::Compact(_))) {
+            return;
+        }
+        let done = catch_unwind(AssertUnwindSafe(|| sqlite::compact(&self.conn, "compact shard")))
+            .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
+        for command in batch.iter_mut() {
+            if let Command::Compact(Compact { result, .. }) = command {
+                *result = Some(done.clone());
             }
         }
     }

@@ -188,6 +188,20 @@ fn write_erase<'a>(
     })
 }
 
+/// Queues the compaction of one shard (`VACUUM`): answered with `{:ok, :ok} | {:error, reason}`.
+#[rustler::nif]
+fn write_compact<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    shard: u32,
+) -> NifResult<Atom> {
+    guard(|| {
+        store.store.compact(shard, reply::later(env, reference, done)?)?;
+        Ok(atoms::ok())
+    })
+}
+
 /// Waits until every write queued before this call is committed, and checkpoints heads.
 #[rustler::nif(schedule = "DirtyIo")]
 fn write_flush(store: ResourceArc<StoreResource>) -> NifResult<Atom> {
