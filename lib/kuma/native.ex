@@ -99,7 +99,7 @@ defmodule Kuma.Native do
   # read-model databases (sqldb.rs)
   def sqldb_open(_path, _file_mode), do: nif_missing()
   def sqldb_transaction(_db, _statements), do: nif_missing()
-  def sqldb_query(_db, _sql, _params), do: nif_missing()
+  def sqldb_query(_db, _sql, _params, _timeout_ms), do: nif_missing()
   def sqldb_truncate_wal(_db), do: nif_missing()
   def sqldb_close(_db), do: nif_missing()
 

@@ -104,14 +104,27 @@ defmodule Kuma.ReadModel do
   @doc """
   Runs a query on the read model `name`: `{:ok, %{columns: [...], rows: [[...]]}}`, values as
   integers, floats, binaries or `nil`. Bad SQL gives `{:error, {:sql, nil, message}}` and
-  changes nothing; the connection is read-only, so a query cannot write.
+  changes nothing; the connection is opened read-only, so no statement (not even a
+  `PRAGMA query_only = 0`) can write through it.
+
+  Options: `:timeout` - ms after which a query still running is interrupted and
+  `{:error, :timeout}` returned (default 5,000), so a runaway query cannot hold the dirty
+  scheduler it runs on.
   """
-  @spec query(Kuma.Projection.name(), String.t(), [term()]) ::
+  @spec query(Kuma.Projection.name(), String.t(), [term()], keyword()) ::
           {:ok, %{columns: [String.t()], rows: [list()]}} | {:error, term()}
-  def query(name, sql, params \\ []) when is_binary(sql) and is_list(params) do
+  def query(name, sql, params \\ [], opts \\ []) when is_binary(sql) and is_list(params) do
+    with :ok <- Kuma.Validate.keys(opts, [:timeout]),
+         timeout = Keyword.get(opts, :timeout, 5_000),
+         :ok <- Kuma.Validate.positive(:timeout, timeout) do
+      run_query(name, sql, params, timeout)
+    end
+  end
+
+  defp run_query(name, sql, params, timeout) do
     case Registry.lookup(Kuma.Registry, {:projection, name}) do
       [{_pid, %{db: db, kind: :read_model}}] ->
-        case Native.sqldb_query(db, sql, params) do
+        case Native.sqldb_query(db, sql, params, timeout) do
           {:ok, {columns, rows}} -> {:ok, %{columns: columns, rows: rows}}
           {:error, :store_closed} -> {:error, {:unknown_projection, name}}
           {:error, reason} -> {:error, reason}

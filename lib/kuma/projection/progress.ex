@@ -25,6 +25,9 @@ defmodule Kuma.Projection.Progress do
 
   @type db :: reference()
 
+  # Kuma's own queries on the file are small: this only bounds a file gone wrong.
+  @query_timeout 5_000
+
   @doc """
   Opens (or creates) the file at `path` and checks that it belongs to this store and this
   projection: `identity` is a map of `_kuma_meta` keys to values, recorded on first open.
@@ -46,7 +49,7 @@ defmodule Kuma.Projection.Progress do
   defp check_identity(db, path, identity) do
     with {:ok, _} <- Native.sqldb_transaction(db, Enum.map(@bookkeeping, &{&1, []})),
          :ok <- add_hash_column(db),
-         {:ok, {_, rows}} <- Native.sqldb_query(db, "SELECT key, value FROM _kuma_meta", []) do
+         {:ok, {_, rows}} <- Native.sqldb_query(db, "SELECT key, value FROM _kuma_meta", [], @query_timeout) do
       meta = Map.new(rows, fn [k, v] -> {k, v} end)
 
       case Enum.find(identity, fn {k, v} -> Map.has_key?(meta, k) and meta[k] != v end) do
@@ -62,7 +65,8 @@ defmodule Kuma.Projection.Progress do
 
   # Files written before checkpoints kept hashes get the column (their marks have none).
   defp add_hash_column(db) do
-    with {:ok, {_, columns}} <- Native.sqldb_query(db, "SELECT name FROM pragma_table_info('_kuma_checkpoint')", []) do
+    with {:ok, {_, columns}} <-
+           Native.sqldb_query(db, "SELECT name FROM pragma_table_info('_kuma_checkpoint')", [], @query_timeout) do
       if ["hash"] in columns do
         :ok
       else
@@ -84,7 +88,7 @@ defmodule Kuma.Projection.Progress do
   @doc "The stored checkpoint, as marks (shards never checkpointed are absent)."
   @spec checkpoint(db()) :: {:ok, marks()} | {:error, term()}
   def checkpoint(db) do
-    with {:ok, {_, rows}} <- Native.sqldb_query(db, "SELECT shard, pos, hash FROM _kuma_checkpoint", []) do
+    with {:ok, {_, rows}} <- Native.sqldb_query(db, "SELECT shard, pos, hash FROM _kuma_checkpoint", [], @query_timeout) do
       {:ok, Map.new(rows, fn [shard, pos, hash] -> {shard, {pos, hash}} end)}
     end
   end
@@ -133,7 +137,7 @@ defmodule Kuma.Projection.Progress do
     sql =
       "SELECT shard, pos, entity_id, seq, type, error, attempts, parked_at FROM _kuma_parked ORDER BY parked_at, shard, pos"
 
-    with {:ok, {_, rows}} <- Native.sqldb_query(db, sql, []) do
+    with {:ok, {_, rows}} <- Native.sqldb_query(db, sql, [], @query_timeout) do
       {:ok,
        Enum.map(rows, fn [shard, pos, id, seq, type, error, attempts, at] ->
          %{
@@ -153,7 +157,7 @@ defmodule Kuma.Projection.Progress do
   @doc "How many events are parked (0 if the file cannot be read)."
   @spec parked_count(db()) :: non_neg_integer()
   def parked_count(db) do
-    case Native.sqldb_query(db, "SELECT count(*) FROM _kuma_parked", []) do
+    case Native.sqldb_query(db, "SELECT count(*) FROM _kuma_parked", [], @query_timeout) do
       {:ok, {_, [[n]]}} -> n
       _ -> 0
     end
@@ -195,7 +199,7 @@ defmodule Kuma.Projection.Progress do
   @doc "A `_kuma_meta` value, or nil."
   @spec meta(db(), String.t()) :: {:ok, term()} | {:error, term()}
   def meta(db, key) do
-    case Native.sqldb_query(db, "SELECT value FROM _kuma_meta WHERE key = ?1", [key]) do
+    case Native.sqldb_query(db, "SELECT value FROM _kuma_meta WHERE key = ?1", [key], @query_timeout) do
       {:ok, {_, [[value]]}} -> {:ok, value}
       {:ok, {_, []}} -> {:ok, nil}
       error -> error

@@ -45,6 +45,8 @@ pub enum Error {
     KeyMissing,
     /// A stored ciphertext did not decrypt (altered bytes, or moved from elsewhere).
     Decrypt { seq: u64, why: String },
+    /// A query ran out of its time and was interrupted (nothing was changed).
+    Timeout,
     /// A statement of a read model failed (`index`: its place in the transaction, if any);
     /// nothing of the transaction was kept.
     Sql { index: Option<usize>, message: String },
@@ -109,6 +111,7 @@ impl fmt::Display for Error {
                 write!(f, "the entity's data key is missing from the keystore, and it was never erased")
             }
             Error::Decrypt { seq, why } => write!(f, "event {seq} does not decrypt: {why}"),
+            Error::Timeout => write!(f, "the query ran out of time and was interrupted"),
             Error::Sql { index: Some(i), message } => write!(f, "statement {i} failed: {message}"),
             Error::Sql { index: None, message } => write!(f, "SQL failed: {message}"),
         }

@@ -28,17 +28,17 @@ impl Readers {
     }
 
     /// Runs `f` inside one read transaction on a pooled (or new) connection.
-    pub fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    pub fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let conn = match pooled {
+        let mut conn = match pooled {
             Some(c) => c,
             None => sqlite::open_reader(&self.path)?,
         };
         conn.execute_batch("BEGIN").map_err(Error::storage("begin read"))?;
-        let result = f(&conn);
+        let result = f(&mut conn);
         let _ = conn.execute_batch("COMMIT");
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE && !self.closed.load(Ordering::Acquire) {

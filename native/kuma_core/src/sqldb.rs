@@ -7,12 +7,14 @@
 //! a read model's rows and its checkpoint move together, see `Kuma.ReadModel`).
 
 use crate::error::{Error, Result};
+use crate::readers::Readers;
 use crate::sqlite::{self, SyncMode};
 pub use rusqlite::types::Value;
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// One SQL statement and its positional parameters (`?1`, `?2`, ... or `?`).
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +36,8 @@ pub const MAX_QUERY_ROWS: usize = 1_000_000;
 /// An open read-model database.
 pub struct SqlDb {
     write: Mutex<Option<Connection>>,
-    read: Mutex<Option<Connection>>,
+    /// Read-only connections, one per query running at a time.
+    read: Readers,
 }
 
 fn sql_error(index: Option<usize>) -> impl FnOnce(rusqlite::Error) -> Error {
@@ -62,8 +65,7 @@ impl SqlDb {
         let write = sqlite::open_writer(path, Some(mode), "open read model")?;
         sqlite::configure(&write, SyncMode::Normal)?;
         write.pragma_update(None, "foreign_keys", "ON").map_err(Error::storage("open read model"))?;
-        let read = sqlite::open_reader(path)?;
-        Ok(SqlDb { write: Mutex::new(Some(write)), read: Mutex::new(Some(read)) })
+        Ok(SqlDb { write: Mutex::new(Some(write)), read: Readers::new(path) })
     }
 
     fn with<T>(conn: &Mutex<Option<Connection>>, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
@@ -102,9 +104,24 @@ impl SqlDb {
         })
     }
 
-    /// Runs a query on the read connection (which cannot write).
-    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
-        Self::with(&self.read, |c| {
+    /// Runs a query on a read-only connection (no statement can write through it). A query
+    /// still running after `timeout` is interrupted: `Err(Timeout)`, and nothing of it is
+    /// kept, so that queries cannot hold the schedulers they run on.
+    pub fn query(&self, sql: &str, params: &[Value], timeout: Duration) -> Result<Rows> {
+        self.read.with(|c| {
+            let deadline = Instant::now() + timeout;
+            c.progress_handler(1_000, Some(move || Instant::now() >= deadline)).map_err(sql_error(None))?;
+            let rows = Self::run_query(c, sql, params);
+            c.progress_handler(1_000, None::<fn() -> bool>).map_err(sql_error(None))?;
+            match rows {
+                Err(Error::Sql { .. }) if Instant::now() >= deadline => Err(Error::Timeout),
+                rows => rows,
+            }
+        })
+    }
+
+    fn run_query(c: &Connection, sql: &str, params: &[Value]) -> Result<Rows> {
+        {
             let mut st = c.prepare_cached(sql).map_err(sql_error(None))?;
             check_params(&st, params.len(), None, "query")?;
             let columns: Vec<String> = st.column_names().map(String::from).collect();
@@ -132,7 +149,7 @@ impl SqlDb {
                 out.push(row);
             }
             Ok(Rows { columns, rows: out })
-        })
+        }
     }
 
     /// Moves every committed page into the main file and empties the WAL (after an
@@ -141,12 +158,10 @@ impl SqlDb {
         Self::with(&self.write, |c| sqlite::truncate_wal(c, "read model WAL truncate"))
     }
 
-    /// Closes both connections; later calls return `Closed`.
+    /// Closes every connection; later calls return `Closed`.
     pub fn close(&self) {
-        for conn in [&self.read, &self.write] {
-            let taken = conn.lock().unwrap_or_else(|p| p.into_inner()).take();
-            drop(taken);
-        }
+        self.read.close();
+        drop(self.write.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
@@ -176,15 +191,34 @@ mod tests {
         assert!(matches!(err, Error::Sql { index: Some(1), ref message } if message.contains("nowhere")), "{err}");
         let err = db.transaction(&[st("INSERT INTO t VALUES (?1, ?2)", vec![Value::Integer(9)])]).unwrap_err();
         assert!(matches!(err, Error::Sql { index: Some(0), .. }));
-        let rows = db.query("SELECT id, name FROM t WHERE id > ? ORDER BY id", &[Value::Integer(0)]).unwrap();
+        let rows = db
+            .query("SELECT id, name FROM t WHERE id > ? ORDER BY id", &[Value::Integer(0)], Duration::from_secs(5))
+            .unwrap();
         assert_eq!(rows.columns, vec!["id", "name"]);
         assert_eq!(
             rows.rows,
             vec![vec![Value::Integer(1), Value::Text("a".into())], vec![Value::Integer(2), Value::Null]]
         );
-        assert!(matches!(db.query("DELETE FROM t", &[]), Err(Error::Sql { .. })), "the read connection cannot write");
-        assert!(matches!(db.query("SELEC 1", &[]), Err(Error::Sql { index: None, .. })));
+        assert!(
+            matches!(db.query("DELETE FROM t", &[], Duration::from_secs(5)), Err(Error::Sql { .. })),
+            "the read connection cannot write"
+        );
+        assert!(matches!(db.query("SELEC 1", &[], Duration::from_secs(5)), Err(Error::Sql { index: None, .. })));
+        // Read-only for good: a pragma cannot turn it back.
+        let err = db
+            .query("PRAGMA query_only = 0", &[], Duration::from_secs(5))
+            .and_then(|_| db.query("DELETE FROM t RETURNING id", &[], Duration::from_secs(5)));
+        assert!(matches!(err, Err(Error::Sql { .. })), "{err:?}");
+        // A query that never ends is interrupted at its deadline.
+        let endless = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n";
+        let started = std::time::Instant::now();
+        assert!(matches!(db.query(endless, &[], Duration::from_millis(100)), Err(Error::Timeout)));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            db.query("SELECT count(*) FROM t", &[], Duration::from_secs(5)).unwrap().rows,
+            vec![vec![Value::Integer(2)]]
+        );
         db.close();
-        assert!(matches!(db.query("SELECT 1", &[]), Err(Error::Closed)));
+        assert!(matches!(db.query("SELECT 1", &[], Duration::from_secs(5)), Err(Error::Closed)));
     }
 }

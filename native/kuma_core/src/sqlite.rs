@@ -90,12 +90,12 @@ pub(crate) fn configure(conn: &Connection, sync: SyncMode) -> Result<()> {
     Ok(())
 }
 
-/// Opens a connection that only reads (`query_only`), for readers beside the one writer.
+/// Opens a connection that only reads, for readers beside the one writer. It is opened
+/// read-only, which no statement can undo (a `query_only` pragma could be switched off).
 pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .map_err(Error::storage("open reader"))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(Error::storage("open reader"))?;
-    conn.pragma_update(None, "query_only", true).map_err(Error::storage("open reader"))?;
     Ok(conn)
 }
 

@@ -30,5 +30,6 @@ rustler::atoms! {
     key_missing,
     decrypt_failed,
     sql,
+    timeout,
     blob,
 }

@@ -72,6 +72,7 @@ impl Encoder for Reason {
             Error::Erased => atoms::entity_erased().encode(env),
             Error::KeyMissing => atoms::key_missing().encode(env),
             Error::Decrypt { seq, why } => (atoms::decrypt_failed(), *seq, why.as_str()).encode(env),
+            Error::Timeout => atoms::timeout().encode(env),
             Error::Sql { index, message } => (atoms::sql(), *index, message.as_str()).encode(env),
         }
     }

@@ -91,10 +91,16 @@ fn sqldb_transaction(db: ResourceArc<SqlDbResource>, statements: Term) -> NifRes
 
 /// `{:ok, {columns, rows}}`, rows as lists.
 #[rustler::nif(schedule = "DirtyIo")]
-fn sqldb_query<'a>(env: Env<'a>, db: ResourceArc<SqlDbResource>, sql: String, params: Term<'a>) -> NifResult<Term<'a>> {
+fn sqldb_query<'a>(
+    env: Env<'a>,
+    db: ResourceArc<SqlDbResource>,
+    sql: String,
+    params: Term<'a>,
+    timeout_ms: u64,
+) -> NifResult<Term<'a>> {
     guard(|| {
         let params = decode_params(params)?;
-        let rows = db.db.query(&sql, &params)?;
+        let rows = db.db.query(&sql, &params, std::time::Duration::from_millis(timeout_ms))?;
         let encoded: Vec<Term<'a>> =
             rows.rows.iter().map(|r| r.iter().map(|v| encode_value(env, v)).collect::<Vec<_>>().encode(env)).collect();
         Ok((rows.columns, encoded).encode(env))

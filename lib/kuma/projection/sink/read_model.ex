@@ -122,7 +122,7 @@ defmodule Kuma.Projection.Sink.ReadModel do
     WHERE m.type = 'table' AND m.name NOT LIKE '\\_kuma\\_%' ESCAPE '\\' AND c.name = 'entity_id'
     """
 
-    with {:ok, {_, rows}} <- Native.sqldb_query(db, sql, []) do
+    with {:ok, {_, rows}} <- Native.sqldb_query(db, sql, [], 5_000) do
       id = if String.valid?(entity_id), do: entity_id, else: {:blob, entity_id}
 
       {:ok,
