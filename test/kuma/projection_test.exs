@@ -66,6 +66,16 @@ defmodule Kuma.ProjectionTest do
       assert {:error, {:sql, nil, msg}} = ReadModel.query(:q, "SELEKT * FROM counts")
       assert msg =~ "syntax error"
       assert {:error, {:sql, nil, _}} = ReadModel.query(:q, "DELETE FROM counts")
+      # Read-only for good, and no query runs past its timeout, however many run at once.
+      {:ok, _} = ReadModel.query(:q, "PRAGMA query_only = 0")
+      assert {:error, {:sql, nil, _}} = ReadModel.query(:q, "DELETE FROM counts")
+      endless = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n"
+      runaway = for _ <- 1..12, do: Task.async(fn -> ReadModel.query(:q, endless, [], timeout: 200) end)
+      # Meanwhile the store reads and writes (reads use dirty IO schedulers too).
+      assert {:ok, 1} = Kuma.append(store, "during-runaway-queries", :e)
+      assert {:ok, [_]} = Kuma.events(store, "during-runaway-queries")
+      assert Enum.all?(Task.await_many(runaway, 10_000), &(&1 == {:error, :timeout}))
+      assert {:error, {:invalid, :timeout, _}} = ReadModel.query(:q, "SELECT 1", [], timeout: 0)
       assert {:error, {:sql, nil, _}} = ReadModel.query(:q, "SELECT ?1", [])
       assert {:error, {:invalid, :sql_params, _}} = ReadModel.query(:q, "SELECT ?1", [%{}])
 
