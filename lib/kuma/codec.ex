@@ -232,7 +232,7 @@ defmodule Kuma.Codec do
   rescue
     ArgumentError ->
       # The likely cause: an atom (a struct's module) this VM has not seen since restart.
-      if type != "", do: Code.ensure_loaded(Module.concat([type]))
+      load_module(type)
 
       try do
         :erlang.binary_to_term(bytes, [:safe])
@@ -240,6 +240,27 @@ defmodule Kuma.Codec do
         ArgumentError ->
           trusted_decode!(bytes, type, entity_id, seq, mode)
       end
+  end
+
+  # Loads the module a type names, if there is one, creating no atom for a name that is
+  # neither known to the VM nor the name of a module on the code path (so that stored
+  # types, whoever wrote them, cannot fill the atom table).
+  defp load_module(""), do: :ok
+
+  defp load_module(type) do
+    name = "Elixir." <> type
+
+    module =
+      try do
+        String.to_existing_atom(name)
+      rescue
+        ArgumentError ->
+          if :code.where_is_file(String.to_charlist(name <> ".beam")) != :non_existing,
+            do: String.to_atom(name)
+      end
+
+    if module, do: Code.ensure_loaded(module)
+    :ok
   end
 
   defp trusted_decode!(bytes, type, entity_id, seq, :trusted) do

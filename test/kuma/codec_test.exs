@@ -65,4 +65,49 @@ defmodule Kuma.CodecTest do
       :ok = Kuma.stop(store)
     end
   end
+
+  @tag store: false
+  test "decode: :safe creates no atom, whatever types and payloads are stored", %{dir: dir} do
+    name = :"codec_atoms_#{System.unique_integer([:positive])}"
+    {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 1, decode: :safe)
+
+    # 2,000 events as a hostile writer would store them: unknown types, unknown atoms.
+    for i <- 1..2_000 do
+      ref = make_ref()
+      event = {"KumaUnknownType#{i}_#{System.unique_integer([:positive])}", <<>>, unknown_atom_term(), nil}
+      {:ok, :ok} = Kuma.Native.write_append(store.native, ref, "hostile", nil, [event])
+      assert_receive {:kuma_reply, ^ref, {:ok, _}}
+    end
+
+    atoms_before = :erlang.system_info(:atom_count)
+    assert_raise Kuma.DecodeError, fn -> Enum.to_list(Kuma.stream(store, "hostile")) end
+
+    for seq <- 1..2_000//97,
+        do: assert_raise(Kuma.DecodeError, fn -> Kuma.stream(store, "hostile", from: seq) |> Enum.take(1) end)
+
+    # (Tests running alongside create a few atoms of their own; 2,000 reads used to create
+    # one atom each.)
+    assert :erlang.system_info(:atom_count) - atoms_before < 200
+
+    # A struct module that exists on disk but is not loaded yet is still found and loaded.
+    assert Codec.decode!(
+             :erlang.term_to_binary(%Kuma.Envelope{
+               entity_id: "x",
+               seq: 1,
+               position: 1,
+               shard: 0,
+               type: "",
+               timestamp: 0,
+               metadata: %{},
+               data: 1,
+               hash: <<>>
+             }),
+             "Kuma.Envelope",
+             "e",
+             1,
+             :safe
+           )
+
+    :ok = Kuma.stop(store)
+  end
 end

@@ -128,7 +128,7 @@ defmodule Kuma.Entity.Server do
   def handle_info({:kuma_reply, _ref, {:ok, :ok}}, st), do: {:noreply, st}
 
   def handle_info({:kuma_reply, _ref, {:error, reason}}, st) do
-    Logger.warning("Kuma: snapshot of entity #{inspect(st.id)} failed: #{Kuma.Error.format(reason)}")
+    Logger.warning("Kuma: a snapshot (#{inspect(st.aggregate)}, seq #{st.seq}) failed: #{Kuma.Error.format(reason)}")
     {:noreply, st}
   end
 
@@ -241,7 +241,10 @@ defmodule Kuma.Entity.Server do
            :ok <- EventLog.snapshot(s, st.id, st.seq, Aggregate.snapshot_version(st.aggregate), st.hash, data) do
         :ok
       else
-        {:error, reason} -> Logger.warning("Kuma: snapshot of #{inspect(st.id)} refused: #{Kuma.Error.format(reason)}")
+        {:error, reason} ->
+          Logger.warning(
+            "Kuma: a snapshot (#{inspect(st.aggregate)}, seq #{st.seq}) was refused: #{Kuma.Error.format(reason)}"
+          )
       end
     end
   end

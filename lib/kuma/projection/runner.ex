@@ -282,7 +282,12 @@ defmodule Kuma.Projection.Runner do
     end
   end
 
-  # The next shard with unread commits, round robin so one busy shard cannot starve others.
+  # The next shard to read: the one of the event being retried, so its attempts count up
+  # to the decision (reading other shards in between would start them over, and a
+  # projection failing in several shards would retry forever); else the next shard with
+  # unread commits, round robin so one busy shard cannot starve others.
+  defp next_shard(%{failure: %Failure{shard: shard}}), do: shard
+
   defp next_shard(st) do
     behind = for s <- 0..(st.shards - 1), Map.get(st.heads, s, 0) > Map.fetch!(st.checkpoint, s), do: s
     Enum.find(behind, &(&1 > st.last_shard)) || List.first(behind)
@@ -479,17 +484,20 @@ defmodule Kuma.Projection.Runner do
   defp failure_or_nil(%{failure: %Failure{} = f}), do: f
   defp failure_or_nil(_st), do: nil
 
-  # The effects of a decision.
+  # The effects of a decision. Logs name the event by its place (shard, position, seq) and
+  # the failure by its kind only: entity ids and what user code raised (which may quote the
+  # event) stay out of logs, which erasure cannot reach; Kuma.Projection.status/1 and
+  # parked/1 show them, and forget them when the entity is erased.
   defp carry_out(st, {:retry, backoff, failure}) do
     Logger.warning(
-      "#{where(st, failure)} failed (attempt #{failure.attempts}, retrying in #{backoff} ms): #{format(failure.error)}"
+      "#{where(st, failure)} failed (attempt #{failure.attempts}, retrying in #{backoff} ms): #{kind(failure.error)}"
     )
 
     %{st | failure: failure, retry_timer: Process.send_after(self(), :retry, backoff)}
   end
 
   defp carry_out(st, {:park, failure}) do
-    Logger.error("#{where(st, failure)} failed #{failure.attempts} times and was parked: #{format(failure.error)}")
+    Logger.error("#{where(st, failure)} failed #{failure.attempts} times and was parked: #{kind(failure.error)}")
 
     case st.spec.sink.park(st.sink, failure) do
       :ok ->
@@ -503,7 +511,7 @@ defmodule Kuma.Projection.Runner do
 
   defp carry_out(st, {:stop, failure}) do
     Logger.error(
-      "#{where(st, failure)} failed #{failure.attempts} times; the projection stops (on_error: :stop): #{format(failure.error)}"
+      "#{where(st, failure)} failed #{failure.attempts} times; the projection stops (on_error: :stop): #{kind(failure.error)}"
     )
 
     %{st | status: :stopped, failure: failure}
@@ -513,8 +521,7 @@ defmodule Kuma.Projection.Runner do
   defp past(st, %Failure{shard: shard, position: pos, hash: hash}), do: moved(st, shard, {pos, hash})
 
   defp where(st, f),
-    do:
-      "Kuma projection #{inspect(st.spec.name)}: event #{f.seq} of entity #{inspect(f.entity_id)} (shard #{f.shard}, position #{f.position})"
+    do: "Kuma projection #{inspect(st.spec.name)}: the event at shard #{f.shard}, position #{f.position} (seq #{f.seq})"
 
   # -- status --------------------------------------------------------------------------------
 
@@ -554,4 +561,16 @@ defmodule Kuma.Projection.Runner do
   end
 
   defp format(reason), do: Kuma.Error.format(reason)
+
+  # What kind of failure, without its details (see carry_out/2).
+  defp kind({:raised, text}) do
+    case Regex.run(~r/\*\* \(([\w.]+)\)/, text) do
+      [_, exception] -> "#{exception} raised (details in Kuma.Projection.status/1)"
+      nil -> "user code failed (details in Kuma.Projection.status/1)"
+    end
+  end
+
+  defp kind({:bad_return, callback, _value}), do: "#{callback} returned something else than {:ok, state}"
+  defp kind({:sql, index, _message}), do: "SQL statement #{inspect(index)} failed (details in Kuma.Projection.status/1)"
+  defp kind(other), do: format(other)
 end
