@@ -278,7 +278,7 @@ defmodule Kuma do
          :ok <- Validate.non_neg(:after, after_position),
          :ok <- Validate.non_neg(:limit, limit),
          {:ok, {events, _searched, _hash}} <- Query.read_shard(s, shard, after_position, %Query{}, limit) do
-      {:ok, Enum.map(events, &Kuma.Codec.envelope(&1, s))}
+      EventLog.decoding(fn -> {:ok, Enum.map(events, &Kuma.Codec.envelope(&1, s))} end)
     end
   end
 
@@ -400,6 +400,8 @@ defmodule Kuma do
   def delete(store, entity_id, opts) do
     with {:ok, s} <- Store.lookup(store),
          :ok <- Validate.keys(opts, [:timeout, :forget_timeout]),
+         :ok <- Validate.timeout(opts),
+         :ok <- Validate.timeout(opts, :forget_timeout),
          :ok <- Validate.entity_id(entity_id) do
       Kuma.Erasure.delete(s, entity_id, opts)
     end
@@ -506,7 +508,8 @@ defmodule Kuma do
   @spec compact(store(), keyword()) :: {:ok, %{shards: pos_integer()}} | {:error, reason()}
   def compact(store, opts \\ []) do
     with {:ok, s} <- Store.lookup(store),
-         :ok <- Validate.keys(opts, [:on_progress, :timeout]) do
+         :ok <- Validate.keys(opts, [:on_progress, :timeout]),
+         :ok <- Validate.timeout(opts) do
       EventLog.compact(s, Keyword.get(opts, :on_progress, fn _, _ -> :ok end), Keyword.get(opts, :timeout, 600_000))
     end
   end

@@ -142,6 +142,52 @@ defmodule KumaTest do
       assert {:ok, %{events: 0}} = Kuma.verify_store(store)
     end
 
+    test "bad timeouts, positions and limits are refused before anything is written", %{store: store} do
+      entity = Kuma.entity(store, "ent")
+
+      for timeout <- [-1, :soon, 1.5] do
+        assert {:error, {:invalid, :timeout, _}} = Kuma.append(store, "t", :x, timeout: timeout)
+        assert {:error, {:invalid, :timeout, _}} = Kuma.append_batch(store, [{"t", :x}], timeout: timeout)
+        assert {:error, {:invalid, :timeout, _}} = Kuma.append(entity, :x, timeout: timeout)
+        assert {:error, {:invalid, :timeout, _}} = Kuma.delete(store, "t", timeout: timeout)
+        assert {:error, {:invalid, :forget_timeout, _}} = Kuma.delete(store, "t", forget_timeout: timeout)
+      end
+
+      assert {:ok, nil} = Kuma.head(store, "t")
+      assert {:ok, false} = Kuma.erased?(store, "t")
+      {:ok, 1} = Kuma.append(store, "t", :one)
+
+      for opts <- [[from: -1], [from: 0], [from: :start], [limit: -1], [limit: :all]] do
+        assert {:error, {:invalid, _, _}} = Kuma.events(store, "t", opts)
+        assert {:error, {:invalid, _, _}} = Kuma.history(entity, opts)
+      end
+
+      assert {:ok, [%{seq: 1}]} = Kuma.events(store, "t", from: 1, limit: :infinity)
+      assert {:ok, []} = Kuma.events(store, "t", limit: 0)
+    end
+
+    test "an event that does not decode is an error tuple, not an exception", %{store: store} do
+      ref = make_ref()
+      {:ok, :ok} = Kuma.Native.write_append(store.native, ref, "bad", nil, [{"", <<>>, <<131, 255, 1>>, nil}])
+      assert_receive {:kuma_reply, ^ref, {:ok, _}}
+      assert {:error, {:decode_failed, 1, :malformed}} = Kuma.events(store, "bad")
+      assert {:error, {:decode_failed, 1, :malformed}} = Kuma.query(store, id_prefix: "bad")
+      assert_raise Kuma.DecodeError, fn -> Enum.to_list(Kuma.stream(store, "bad")) end
+    end
+
+    test "answers that come after their timeout do not pile up in the caller's mailbox", %{store: store} do
+      results = for i <- 1..2_000, do: Kuma.append(store, "late-#{rem(i, 50)}", {:e, i}, timeout: 0)
+      assert Enum.count(results, &(&1 == {:error, :timeout})) > 1_000
+      :ok = Kuma.flush(store)
+      # Every late answer has arrived by now; the next write drops them.
+      {:ok, _} = Kuma.append(store, "one-more", :e)
+      {:messages, messages} = Process.info(self(), :messages)
+      assert Enum.count(messages, &match?({:kuma_reply, _, _}, &1)) == 0
+      # What timed out may still have been written: a timeout promises nothing either way.
+      total = for(n <- 0..49, {:ok, events} = Kuma.events(store, "late-#{n}"), do: length(events)) |> Enum.sum()
+      assert total == 2_000
+    end
+
     test "a stopped store answers with clear errors", %{store: store, name: name} do
       {:ok, 1} = Kuma.append(store, "a", :x)
       assert :ok = Kuma.stop(store)

@@ -105,6 +105,7 @@ defmodule Kuma.Entity do
   def execute(%__MODULE__{} = e, command, opts \\ []) do
     with {:ok, s} <- store(e),
          :ok <- Validate.keys(opts, @write_keys),
+         :ok <- Validate.timeout(opts),
          :ok <- Validate.return(opts) do
       call(s, e, {:execute, e.aggregate, command, opts}, Keyword.get(opts, :timeout, EventLog.default_timeout()))
     end
@@ -116,6 +117,7 @@ defmodule Kuma.Entity do
   def append(%__MODULE__{} = e, events, opts \\ []) do
     with {:ok, s} <- store(e),
          :ok <- Validate.keys(opts, @write_keys),
+         :ok <- Validate.timeout(opts),
          :ok <- Validate.return(opts),
          :ok <- non_empty(events) do
       call(

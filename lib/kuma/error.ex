@@ -34,6 +34,8 @@ defmodule Kuma.Error do
   * `{:wrong_expected_seq, expected, actual}` - optimistic concurrency conflict
   * `{:partial, results}` - `Kuma.append_batch/3`: some entries were refused (the others committed)
   * `{:corrupt, seq, why}` - stored data failed an integrity check while reading
+  * `{:decode_failed, seq, :unknown_atom | :malformed}` - a stored event could not be
+    decoded (see `Kuma.Codec`; `stream/3` raises `Kuma.DecodeError` instead)
   * `{:tampered, seq, why}` - `Kuma.verify/2`: the first bad event of a chain
   * `{:tampered, problems}` - `Kuma.verify_store/2`: the first bad event of every broken chain
 
@@ -102,6 +104,11 @@ defmodule Kuma.Error do
   def format({:unsupported_format, found, supported}), do: "format #{found} is newer than supported #{supported}"
   def format({:storage, context, message}), do: "storage error (#{context}): #{message}"
   def format({:corrupt, seq, why}), do: "corrupt event at seq #{seq}: #{why}"
+
+  def format({:decode_failed, seq, :unknown_atom}),
+    do: "event #{seq} uses an atom unknown to this VM and the store runs with decode: :safe"
+
+  def format({:decode_failed, seq, _why}), do: "event #{seq} is not a valid term; run Kuma.verify/2"
   def format({:tampered, seq, why}) when is_integer(seq), do: "chain broken at seq #{seq}: #{why}"
   def format({:tampered, problems}) when is_list(problems), do: "#{length(problems)} broken entity chain(s)"
   def format({:panic, message}), do: "internal error in Kuma's native code (the VM is unaffected): #{message}"

@@ -15,6 +15,8 @@ defmodule Kuma.EventLog do
   require Native
 
   @default_timeout 30_000
+  # The process dictionary key of the references whose answers came too late (await/2).
+  @late :kuma_late_replies
   @dirty_events 100
   @dirty_bytes 64 * 1024
   # Events per read of one entity.
@@ -113,6 +115,7 @@ defmodule Kuma.EventLog do
 
   # Queues a write and waits for its answer.
   defp call(queue, timeout) do
+    drop_late_replies()
     ref = make_ref()
 
     case queue.(ref) do
@@ -121,13 +124,42 @@ defmodule Kuma.EventLog do
     end
   end
 
-  @doc "The writer thread's answer to a queued write (`{:kuma_reply, ref, answer}`)."
+  @doc """
+  The writer thread's answer to a queued write (`{:kuma_reply, ref, answer}`). A write
+  whose answer did not come in time still gets it later: its reference is remembered, and
+  the caller's next write drops the late answer from the mailbox, so that a process whose
+  writes time out does not fill its mailbox with them.
+  """
   @spec await(reference(), timeout()) :: term()
   def await(ref, timeout) do
     receive do
       {:kuma_reply, ^ref, answer} -> answer
     after
-      timeout -> {:error, :timeout}
+      timeout ->
+        Process.put(@late, [ref | Process.get(@late, [])])
+        {:error, :timeout}
+    end
+  end
+
+  # Drops the answers that came after their caller stopped waiting; keeps the references
+  # of those still to come.
+  defp drop_late_replies do
+    case Process.get(@late) do
+      nil ->
+        :ok
+
+      refs ->
+        waiting =
+          Enum.reject(refs, fn ref ->
+            receive do
+              {:kuma_reply, ^ref, _late} -> true
+            after
+              0 -> false
+            end
+          end)
+
+        if waiting == [], do: Process.delete(@late), else: Process.put(@late, waiting)
+        :ok
     end
   end
 
@@ -165,14 +197,27 @@ defmodule Kuma.EventLog do
   """
   @spec events(Store.t(), binary(), keyword()) :: {:ok, [Kuma.Envelope.t()]} | {:error, term()}
   def events(%Store{} = s, entity_id, opts) do
+    from = Keyword.get(opts, :from, 1)
+    limit = Keyword.get(opts, :limit, :infinity)
+
     with :ok <- Kuma.Validate.keys(opts, [:from, :limit]),
          :ok <- Kuma.Validate.entity_id(entity_id),
-         {:ok, acc} <-
-           reduce(s, entity_id, Keyword.get(opts, :from, 1), Keyword.get(opts, :limit, :infinity), [], fn event, acc ->
-             {:cont, [Codec.envelope(event, s) | acc]}
-           end) do
+         :ok <- Kuma.Validate.positive(:from, from),
+         :ok <- if(limit == :infinity, do: :ok, else: Kuma.Validate.non_neg(:limit, limit)),
+         {:ok, acc} <- decoding(fn -> reduce(s, entity_id, from, limit, [], &{:cont, [Codec.envelope(&1, s) | &2]}) end) do
       {:ok, Enum.reverse(acc)}
     end
+  end
+
+  @doc """
+  Runs `fun`, turning an event that does not decode (`Kuma.DecodeError`) into `{:error,
+  {:decode_failed, seq, :unknown_atom | :malformed}}`.
+  """
+  @spec decoding((() -> result)) :: result | {:error, term()} when result: term()
+  def decoding(fun) do
+    fun.()
+  rescue
+    e in Kuma.DecodeError -> {:error, {:decode_failed, e.seq, e.reason}}
   end
 
   @doc """

@@ -141,9 +141,11 @@ defmodule Kuma.Projection do
   """
   @spec wait_for(name(), Position.t(), timeout()) :: :ok | {:error, term()}
   def wait_for(name, token, timeout \\ 5_000) do
-    if Position.valid?(token),
-      do: call(name, {:wait_for, token, timeout}, :infinity, & &1),
-      else: {:error, {:invalid, :token, "must be a map of shard => position"}}
+    cond do
+      not Position.valid?(token) -> {:error, {:invalid, :token, "must be a map of shard => position"}}
+      Kuma.Validate.timeout(timeout: timeout) != :ok -> Kuma.Validate.timeout(timeout: timeout)
+      true -> call(name, {:wait_for, token, timeout}, :infinity, & &1)
+    end
   end
 
   @doc """

@@ -17,7 +17,7 @@ defmodule Kuma.Query do
       {["paid"], {:prefix, "org:acme/"}}
   """
 
-  alias Kuma.{Codec, Native, Position, Store, Validate}
+  alias Kuma.{Codec, EventLog, Native, Position, Store, Validate}
   require Native
 
   defstruct types: [], scope: nil, id_prefix: nil, entity_id: nil, from: nil, to: nil
@@ -99,7 +99,7 @@ defmodule Kuma.Query do
          {:ok, after_pos} <- position(Keyword.get(opts, :after, %{})),
          {:ok, limit} <- limit(Keyword.get(opts, :limit, 100)),
          {:ok, per_shard} <- read_shards(s, %{query | from: from, to: to}, after_pos, limit) do
-      {:ok, per_shard |> merge_by_time(limit, []) |> Enum.map(&Codec.envelope(&1, s))}
+      EventLog.decoding(fn -> {:ok, per_shard |> merge_by_time(limit, []) |> Enum.map(&Codec.envelope(&1, s))} end)
     end
   end
 

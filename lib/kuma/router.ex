@@ -15,6 +15,7 @@ defmodule Kuma.Router do
           {:ok, pos_integer()} | {:ok, pos_integer(), Kuma.Position.t()} | {:error, term()}
   def append(%Store{} = s, entity_id, events, opts) do
     with :ok <- Validate.keys(opts, @append_keys),
+         :ok <- Validate.timeout(opts),
          :ok <- Validate.return(opts),
          :ok <- Validate.entity_id(entity_id) do
       events = List.wrap(events)
@@ -44,6 +45,7 @@ defmodule Kuma.Router do
 
   def append_batch(%Store{} = s, entries, opts) when is_list(entries) do
     with :ok <- Validate.keys(opts, [:timeout]),
+         :ok <- Validate.timeout(opts),
          {:ok, parsed} <- Validate.each(entries, &entry(s, &1)) do
       timeout = Keyword.get(opts, :timeout, EventLog.default_timeout())
       # Entries of live entities go through their process (the single writer); the rest

@@ -55,6 +55,15 @@ defmodule Kuma.Validate do
       else: {:error, {:invalid, :return, "must be :seq or :token"}}
   end
 
+  @doc "The `:timeout` in `opts` (if any): milliseconds (a non-negative integer) or `:infinity`."
+  @spec timeout(keyword(), atom()) :: :ok | {:error, term()}
+  def timeout(opts, key \\ :timeout) do
+    case Keyword.get(opts, key, :infinity) do
+      t when (is_integer(t) and t >= 0) or t == :infinity -> :ok
+      _ -> {:error, {:invalid, key, "must be milliseconds (a non-negative integer) or :infinity"}}
+    end
+  end
+
   @doc "A non-negative integer option."
   @spec non_neg(atom(), term()) :: :ok | {:error, term()}
   def non_neg(_what, n) when is_integer(n) and n >= 0, do: :ok

@@ -21,6 +21,8 @@ defmodule Kuma.ErrorTest do
     {:wrong_expected_seq, 2, 3},
     {:partial, [{:ok, 1}, {:error, :entity_erased}]},
     {:corrupt, 4, "bad back-pointer"},
+    {:decode_failed, 4, :malformed},
+    {:decode_failed, 4, :unknown_atom},
     {:tampered, 4, "hash mismatch"},
     {:tampered, [%{shard: 0, entity_id: "a", seq: 1, why: "x"}]},
     {:unknown_aggregate, Bank.Account},

@@ -40,6 +40,7 @@ defmodule Kuma.ProjectionTest do
     assert {:error, :timeout} = Projection.wait_for(:ryw, %{0 => 1_000_000_000}, 50)
     assert {:error, {:unknown_projection, :nope}} = Projection.wait_for(:nope, %{}, 50)
     assert {:error, {:invalid, :token, _}} = Projection.wait_for(:ryw, [1], 50)
+    assert {:error, {:invalid, :timeout, _}} = Projection.wait_for(:ryw, %{}, -5)
     assert {:error, {:invalid, :return, _}} = Kuma.append(store, "ryw", :e, return: :pos)
   end
 

@@ -51,4 +51,10 @@ defmodule Kuma.StoreCase do
       true -> Process.sleep(every) && eventually(fun, tries - 1, every)
     end
   end
+
+  @doc "An external term holding an atom this VM has never seen (as another VM could have stored)."
+  def unknown_atom_term do
+    name = "kuma_never_seen_atom_#{System.unique_integer([:positive])}_#{:erlang.unique_integer([:positive])}"
+    <<131, 119, byte_size(name), name::binary>>
+  end
 end
