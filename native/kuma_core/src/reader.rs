@@ -7,6 +7,7 @@
 //! the first skip entry at or after `to` (or at the head) and walk `prev_pos` back to `from`,
 //! then reverse. Every event is read once, plus fewer than `SKIP_EVERY` extra steps.
 
+use crate::chain::{Chainer, GENESIS};
 use crate::codec::StoredEvent;
 use crate::error::{Error, Result};
 use crate::heads::{hash_from, Head, Heads};
@@ -130,7 +131,12 @@ pub fn read_entity(
     walk(conn, shard, entity.id, &head, from_seq, to_seq)
 }
 
-/// Events `from_seq..=to_seq` of the entity whose head is `head` (stored in `shard`).
+/// Events `from_seq..=to_seq` of the entity whose head is `head` (stored in `shard`), each
+/// checked against the hash chain: every event returned must hash, with its predecessor's
+/// stored hash, to its own stored hash, and a read that ends at the head must end on the
+/// head's hash. A byte changed behind Kuma's back (a plaintext store has no cipher to catch
+/// it) is answered `Error::Corrupt` naming the seq, never read back wrong. The cost is one
+/// BLAKE3 per event read and one extra row for the predecessor of `from_seq`.
 pub(crate) fn walk(
     conn: &Connection,
     shard: u32,
@@ -152,9 +158,13 @@ pub(crate) fn walk(
             .filter(|(s, _)| *s <= head.seq)
             .unwrap_or((head.seq, head.pos))
     };
-    let mut out = Vec::with_capacity((to_seq - from_seq + 1) as usize);
+    let from_head = seq == head.seq;
+    // Rows from the start of the walk down to `from_seq`, newest first; those above
+    // `to_seq` are passed on the way and neither checked nor returned (a damaged later event
+    // does not fail a read of earlier ones).
+    let mut rows: Vec<(u64, Row)> = Vec::with_capacity((seq - from_seq + 1) as usize);
     let mut stmt = conn.prepare_cached(FETCH_SQL).map_err(Error::storage("read event"))?;
-    loop {
+    let before = loop {
         let row = fetch(&mut stmt, pos)?
             .ok_or_else(|| Error::Corrupt { seq, why: format!("event row at position {pos} is missing") })?;
         if row.eid != head.eid || row.seq != seq {
@@ -167,20 +177,57 @@ pub(crate) fn walk(
             });
         }
         let prev_pos = row.prev_pos;
-        if seq <= to_seq {
-            out.push(row.into_event(shard, entity_id.to_vec(), pos));
-        }
-        if seq == from_seq {
-            break;
+        rows.push((pos, row));
+        if seq == 1 {
+            break GENESIS;
         }
         if prev_pos == 0 || prev_pos >= pos {
             return Err(Error::Corrupt { seq, why: format!("bad back-pointer {prev_pos} at position {pos}") });
         }
+        if seq == from_seq {
+            break predecessor_hash(conn, head.eid, seq - 1, prev_pos)?;
+        }
         pos = prev_pos;
         seq -= 1;
+    };
+    let mut chainer = Chainer::new();
+    let mut prev = before;
+    for (_, row) in rows.iter().rev().take_while(|(_, row)| row.seq <= to_seq) {
+        let want = chainer.link(&prev, entity_id, row.seq, row.ts, &row.event_type, &row.metadata, &row.payload);
+        if want != row.hash {
+            return Err(Error::Corrupt { seq: row.seq, why: HASH_MISMATCH.into() });
+        }
+        prev = want;
     }
-    out.reverse();
-    Ok(out)
+    if from_head && to_seq == head.seq && prev != head.hash {
+        return Err(Error::Corrupt { seq: head.seq, why: HEAD_MISMATCH.into() });
+    }
+    Ok(rows
+        .into_iter()
+        .rev()
+        .filter(|(_, row)| row.seq <= to_seq)
+        .map(|(pos, row)| row.into_event(shard, entity_id.to_vec(), pos))
+        .collect())
+}
+
+/// Why a walk refuses an event whose stored hash is not the chain's.
+pub(crate) const HASH_MISMATCH: &str = "stored hash does not match the recomputed chain";
+/// Why a walk refuses a last event that is not the one the entity's head names.
+pub(crate) const HEAD_MISMATCH: &str = "last event does not match the entity head";
+
+/// The stored hash of event `seq` at `pos` (the one before a walk's first event): the link
+/// the first event read is checked against.
+fn predecessor_hash(conn: &Connection, eid: i64, seq: u64, pos: u64) -> Result<[u8; 32]> {
+    conn.prepare_cached("SELECT eid, seq, hash FROM events WHERE pos = ?1")
+        .map_err(Error::storage("read event"))?
+        .query_row([pos as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64, hash_from(r.get_ref(2)?.as_blob().unwrap_or(&[]))))
+        })
+        .optional()
+        .map_err(Error::storage("read event"))?
+        .filter(|(e, s, _)| *e == eid && *s == seq)
+        .map(|(_, _, h)| h)
+        .ok_or_else(|| Error::Corrupt { seq, why: format!("position {pos} does not hold this entity's seq {seq}") })
 }
 
 /// A stored snapshot.

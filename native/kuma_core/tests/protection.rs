@@ -75,9 +75,29 @@ fn a_ciphertext_moved_elsewhere_does_not_decrypt() {
     c.execute("UPDATE events SET payload = (SELECT payload FROM events WHERE seq = 1) WHERE seq = 2", []).unwrap();
     drop(c);
     let store = Store::open(config(dir.path(), Some(master()))).unwrap();
+    // The chain notices first, on read as on verify.
+    assert!(matches!(store.read_entity(b"x", 2, 1), Err(Error::Corrupt { seq: 2, .. })));
+    assert!(matches!(store.verify_entity(b"x").unwrap(), EntityVerdict::Broken { seq: 2, .. }));
+    store.close().unwrap();
+    drop(store);
+    // A forger who rewrites the chain (hash and head) to match passes a keyless verify; the
+    // cipher, which binds each ciphertext to its entity and seq, still refuses it.
+    let c = Connection::open(dir.path().join(format!("shards/{shard:03}.kuma"))).unwrap();
+    let (prev, ts, ty, meta, payload): (Vec<u8>, i64, String, Vec<u8>, Vec<u8>) = c
+        .query_row(
+            "SELECT (SELECT hash FROM events WHERE seq = 1), ts, type, meta, payload FROM events WHERE seq = 2",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .unwrap();
+    let forged = kuma_core::chain::Chainer::new().link(&prev.try_into().unwrap(), b"x", 2, ts, &ty, &meta, &payload);
+    c.execute("UPDATE events SET hash = ?1 WHERE seq = 2", [&forged[..]]).unwrap();
+    c.execute("UPDATE entities SET head_hash = ?1", [&forged[..]]).unwrap();
+    drop(c);
+    let store = Store::open(config(dir.path(), Some(master()))).unwrap();
+    assert!(matches!(store.verify_entity(b"x").unwrap(), EntityVerdict::Intact { events: 2, .. }));
     assert!(matches!(store.read_entity(b"x", 2, 1), Err(Error::Decrypt { seq: 2, .. })));
     assert_eq!(store.read_entity(b"x", 1, 1).unwrap()[0].payload, b"payload-a");
-    assert!(matches!(store.verify_entity(b"x").unwrap(), EntityVerdict::Broken { seq: 2, .. }));
 }
 
 #[test]

@@ -330,7 +330,51 @@ fn tampering_is_detected() {
         assert_eq!(report.problems.len(), 1, "{what}: {report:?}");
         assert_eq!(report.problems[0].entity_id, b"victim");
         assert_eq!(report.problems[0].seq, bad_seq, "{what}");
+        // Reads check the chain too: the altered event is never returned as if intact
+        // (this store has no cipher that would notice), and reads that end before it work.
+        match store.read_entity(b"victim", 1, 100) {
+            Err(Error::Corrupt { seq, .. }) => assert_eq!(seq, bad_seq, "{what}"),
+            other => panic!("{what}: read returned {other:?}"),
+        }
+        match store.read_entity(b"victim", bad_seq, 1) {
+            Err(Error::Corrupt { seq, .. }) => assert_eq!(seq, bad_seq, "{what}"),
+            other => panic!("{what}: read of seq {bad_seq} alone returned {other:?}"),
+        }
+        if what != "deleted row" {
+            // (A missing row breaks the back-pointers that lead to earlier events.)
+            let before = store.read_entity(b"victim", 1, bad_seq as usize - 1).unwrap();
+            assert_eq!(before.len() as u64, bad_seq - 1, "{what}");
+        }
+        assert_eq!(store.read_entity(b"bystander", 1, 100).unwrap().len(), 10);
     }
+}
+
+#[test]
+fn reads_check_the_chain_across_skip_entries_and_to_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 3 * kuma_core::shard::SKIP_EVERY + 5;
+    {
+        let store = open(dir.path(), 1);
+        store.append_wait(b"v", Expected::Any, (0..n).map(ev).collect()).unwrap();
+        store.close().unwrap();
+    }
+    // The last event's row and hash replaced together by someone who knows the chain but not
+    // the head: only the head can tell. A read that stops before it is fine.
+    tamper(dir.path(), 0, &format!("UPDATE events SET hash = zeroblob(32) WHERE seq = {n}"));
+    let store = open(dir.path(), 1);
+    assert!(matches!(store.read_entity(b"v", n, 1), Err(Error::Corrupt { seq, .. }) if seq == n));
+    let mid = kuma_core::shard::SKIP_EVERY + 3;
+    let evs = store.read_entity(b"v", mid, 2 * kuma_core::shard::SKIP_EVERY as usize).unwrap();
+    assert_eq!(evs.first().map(|e| e.seq), Some(mid));
+    assert_eq!(evs.len() as u64, 2 * kuma_core::shard::SKIP_EVERY);
+    store.close().unwrap();
+    // A middle event's payload changed: a read that starts right after it still works
+    // (the predecessor's stored hash is what it links to), one that includes it does not.
+    tamper(dir.path(), 0, &format!("UPDATE events SET payload = X'00' WHERE seq = {mid}"));
+    let store = open(dir.path(), 1);
+    assert!(store.read_entity(b"v", mid + 1, 3).is_ok());
+    assert!(matches!(store.read_entity(b"v", 1, n as usize), Err(Error::Corrupt { seq, .. }) if seq == mid));
+    assert!(matches!(store.read_entity(b"v", mid - 2, 5), Err(Error::Corrupt { seq, .. }) if seq == mid));
 }
 
 #[test]
