@@ -66,6 +66,14 @@ defmodule Kuma do
     - `:full`: the write-ahead log is fsynced before an append is acknowledged, so an
       acknowledged append also survives power loss.
 
+  * `:file_mode` - permissions of the files Kuma creates (default `0o600`, owner only;
+    directories get the matching `0o700`); must let the owner read and write
+  * `:projections_dir` - directory of the read models' files (default
+    `<data_dir>/projections`). Read models are derived from the events and rebuilt from
+    them (`Kuma.Projection.rebuild/1`), so they need no backup: put them where backups do
+    not reach, and their rows stay out of old copies (see `Kuma.ReadModel`, "Files and
+    backups")
+
   Opening an existing directory with a different `:shards` fails with
   `{:shard_count_mismatch, stored, requested}`.
 

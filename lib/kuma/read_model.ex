@@ -37,7 +37,8 @@ defmodule Kuma.ReadModel do
     `Kuma.Projection.rebuild/1`)
   * `handle_event/1` - the statements for one event: a list of `{sql, params}` (or one
     such tuple, or `[]`). Parameters: integers, floats, binaries (stored as TEXT when valid
-    UTF-8, else BLOB; `{:blob, binary}` forces BLOB), `nil`, booleans (1/0)
+    UTF-8, else BLOB; `{:blob, binary}` forces BLOB), `nil`, booleans (1/0), and
+    `%Kuma.Sensitive{}` values (stored sealed; see "Erasure")
   * `forget/1` - the statements that remove an erased entity (see "Erasure")
   * `filter/0` - default filter options, as for `Kuma.Projection.start/3`
 
@@ -52,6 +53,36 @@ defmodule Kuma.ReadModel do
   Kuma.ReadModel`) deletes, in every table with a column named `entity_id`, the rows whose
   `entity_id` is the erased id; override it when rows are keyed otherwise. Deleted rows are
   zeroed (`secure_delete`) and the WAL is truncated, as in the shards.
+
+  Rows about *another* entity can hold the erased subject's data too: Bob's transfer row
+  names Alice. `forget/1` does not reach those. Store such values as the
+  `%Kuma.Sensitive{}` the event carries (or one you make with `Kuma.sensitive/3`), not
+  their clear value: the cell keeps the sealed bytes, `query/4` opens them with the
+  subject's key, and after the subject's erasure it answers the placeholder instead. SQL
+  cannot compare or search such cells; key rows by ids.
+
+  What a read model author must do, in short: key rows about an entity by its id in a
+  column named `entity_id` (or write `forget/1`), and pass every value about another
+  person as a `Kuma.Sensitive`.
+
+  ## Files and backups
+
+  A read model's file is a plain SQLite file (mode `0o600`): what it holds in clear, a
+  copy of it holds in clear, and erasing an entity later removes its rows from the live
+  file only, not from a backup taken before. The promise that erased data cannot be read
+  from old backups holds for the shards and for sealed cells (values stored as
+  `Kuma.Sensitive`, whose key is destroyed), not for clear rows of an old read-model file.
+  Two ways to keep it:
+
+  * keep personal values in sealed cells: `Kuma.sensitive(id, value)` for an entity's own
+    data in its own row works too (the subject is the entity itself);
+  * keep read models out of backups: they are derived data, rebuilt from the events with
+    `Kuma.Projection.rebuild/1`. The store's `:projections_dir` option (or this read
+    model's `:path`) puts their files outside the directory you back up.
+
+  After restoring a store, rebuild its read models rather than restoring their files: a
+  read model's file from before an erasure still has the erased entity's clear rows, and
+  nothing runs `forget/1` for it again.
 
   ## Queries
 
@@ -90,7 +121,8 @@ defmodule Kuma.ReadModel do
 
   @doc """
   Starts a read model of `store` (options as `Kuma.Projection.start/3`). Its database is
-  `<data_dir>/projections/<name>.sqlite` unless `:path` says otherwise. An invalid schema
+  `<projections_dir>/<name>.sqlite` (by default `<data_dir>/projections/`) unless `:path`
+  says otherwise. An invalid schema
   gives `{:error, {:invalid_schema, module, reason}}`.
   """
   @spec start(Kuma.store(), module(), keyword()) :: {:ok, pid()} | {:error, term()}
@@ -103,7 +135,8 @@ defmodule Kuma.ReadModel do
 
   @doc """
   Runs a query on the read model `name`: `{:ok, %{columns: [...], rows: [[...]]}}`, values as
-  integers, floats, binaries or `nil`. Bad SQL gives `{:error, {:sql, nil, message}}` and
+  integers, floats, binaries or `nil`; a cell that holds a `Kuma.Sensitive` answers its
+  value, or its placeholder once its subject is erased. Bad SQL gives `{:error, {:sql, nil, message}}` and
   changes nothing; the connection is opened read-only, so no statement (not even a
   `PRAGMA query_only = 0`) can write through it.
 
@@ -123,9 +156,9 @@ defmodule Kuma.ReadModel do
 
   defp run_query(name, sql, params, timeout) do
     case Registry.lookup(Kuma.Registry, {:projection, name}) do
-      [{_pid, %{db: db, kind: :read_model}}] ->
+      [{_pid, %{db: db, kind: :read_model, store: store}}] ->
         case Native.sqldb_query(db, sql, params, timeout) do
-          {:ok, {columns, rows}} -> {:ok, %{columns: columns, rows: rows}}
+          {:ok, {columns, rows}} -> reveal(store, columns, rows)
           {:error, :store_closed} -> {:error, {:unknown_projection, name}}
           {:error, reason} -> {:error, reason}
         end
@@ -133,5 +166,14 @@ defmodule Kuma.ReadModel do
       _ ->
         {:error, {:unknown_projection, name}}
     end
+  end
+
+  # Sensitive cells open with their subject's key as it is now (see Kuma.Sensitive).
+  defp reveal(store, columns, rows) do
+    with {:ok, s} <- Store.lookup(store) do
+      {:ok, %{columns: columns, rows: Enum.map(rows, fn row -> Enum.map(row, &Kuma.Sensitive.from_cell(s, &1)) end)}}
+    end
+  rescue
+    e in Kuma.Error -> {:error, e.reason}
   end
 end

@@ -33,6 +33,27 @@ defmodule Kuma.Sensitive do
   * The subject id itself is stored in clear inside the other entity's (encrypted) payload:
     use opaque ids (UUIDs), not emails, as entity ids.
 
+  ## In read models and projections
+
+  A read model that stores `value/1` of Alice's value in a row about Bob keeps her clear
+  value after she is erased: `forget/1` deletes only rows keyed by the erased id. Pass the
+  `%Kuma.Sensitive{}` itself as a statement parameter instead:
+
+      def handle_event(%Kuma.Envelope{entity_id: bob, data: {:transfer_sent, %{to: to, amount: amount}}}) do
+        [{"INSERT INTO transfers(entity_id, recipient, amount) VALUES (?1, ?2, ?3)", [bob, to, amount]}]
+      end
+
+  The cell then holds the sealed bytes (still under Alice's key) and `Kuma.ReadModel.query/4`
+  opens them: the row reads `"Alice Liddell"` until Alice is erased, then her placeholder.
+  The read model's file never holds her value in clear, so a copy of it taken before the
+  erasure cannot give it back either. Such a cell can only be returned: SQL cannot compare,
+  search, sort or index what it holds (each sealing differs), so key rows by ids, not by
+  sensitive values.
+
+  A projection of your own (`Kuma.Projection`) that keeps values beyond its process's life
+  keeps them `redact/1`ed (sealed bytes, no clear value) and opens them when it answers,
+  with `reveal/2`.
+
   Sensitive values need an encrypted store: on a store started with `encryption: false`,
   writing one fails with `{:error, {:invalid, :sensitive, _}}`. Writing a value about an
   already erased subject fails with `{:error, {:subject_erased, subject}}`.
@@ -77,6 +98,78 @@ defmodule Kuma.Sensitive do
   @doc "Whether the subject was erased (the value is gone for good)."
   @spec erased?(t()) :: boolean()
   def erased?(%__MODULE__{erased: erased}), do: erased
+
+  @doc """
+  Every sensitive value in `term` without its clear value, keeping the sealed bytes (what
+  events on disk hold). Keep values in this form where they outlive a read, and open them
+  with `reveal/2` when needed.
+  """
+  @spec redact(term()) :: term()
+  def redact(term), do: map_sensitive(term, fn v -> %{v | value: nil} end)
+
+  @doc """
+  Opens every sensitive value in `term` with its subject's key as it is now: the value, or
+  `erased?/1` true (and the placeholder for `value/1`) once the subject is erased. Raises
+  `Kuma.Error` if a key is missing for another reason (`:key_missing`).
+  """
+  @spec reveal(Kuma.store(), term()) :: term()
+  def reveal(store, term) do
+    case Store.lookup(store) do
+      {:ok, s} -> reveal(s, term, nil)
+      {:error, reason} -> raise Kuma.Error, reason: reason
+    end
+  end
+
+  # A read-model cell holding a sensitive value: this prefix, then
+  # term_to_binary({subject, placeholder, sealed}).
+  @cell_prefix "KUMASENS\x01"
+
+  @doc false
+  # The SQL parameter a read model stores for `v`: sealed (now, if not yet), without the
+  # clear value, as a BLOB that `from_cell/2` recognises.
+  @spec to_cell(Store.t(), t()) :: {:ok, {:blob, binary()}} | {:error, term()}
+  # A value about a subject erased before it could be sealed keeps only its placeholder.
+  def to_cell(%Store{} = s, %__MODULE__{} = v) do
+    case strip(s, v) do
+      {:ok, %__MODULE__{subject: subject, placeholder: placeholder, sealed: sealed}} ->
+        {:ok, cell(subject, placeholder, sealed)}
+
+      {:error, {:subject_erased, subject}} ->
+        {:ok, cell(subject, v.placeholder, <<>>)}
+
+      error ->
+        error
+    end
+  end
+
+  defp cell(subject, placeholder, sealed),
+    do: {:blob, @cell_prefix <> :erlang.term_to_binary({subject, placeholder, sealed})}
+
+  @doc false
+  # What a query answers for a cell: the value of a sensitive cell (or its placeholder once
+  # the subject is erased); any other cell as it is.
+  @spec from_cell(Store.t(), term()) :: term()
+  def from_cell(%Store{} = s, <<@cell_prefix, rest::binary>> = cell) do
+    case safe_term(rest) do
+      {_subject, placeholder, <<>>} ->
+        placeholder
+
+      {subject, placeholder, sealed} when is_binary(subject) and is_binary(sealed) ->
+        v = %__MODULE__{subject: subject, placeholder: placeholder, sealed: sealed}
+        value(reveal_one(s, v, nil))
+
+      _ ->
+        cell
+    end
+  end
+
+  def from_cell(_s, cell), do: cell
+
+  defp safe_term(bytes) do
+    :erlang.binary_to_term(bytes, [:safe])
+  rescue
+    ArgumentError -> nil
+  end
 
   @doc false
   # Whether an encoded term may hold a sensitive value (a fast scan of the bytes).

@@ -45,7 +45,8 @@ defmodule Kuma.Store do
     :sensitive_refs,
     :encrypted,
     :epoch,
-    :file_mode
+    :file_mode,
+    :projections_dir
   ]
   defstruct @enforce_keys
 
@@ -67,7 +68,8 @@ defmodule Kuma.Store do
           sensitive_refs: :ets.tid() | nil,
           encrypted: boolean(),
           epoch: :atomics.atomics_ref() | nil,
-          file_mode: non_neg_integer()
+          file_mode: non_neg_integer(),
+          projections_dir: Path.t()
         }
 
   @doc false

@@ -251,6 +251,20 @@ defmodule Kuma.ProtectionTest do
       assert Kuma.read(payments).total == 13
     end
 
+    test "redact keeps only the sealed bytes; reveal opens them with the key as it is now", %{store: store} do
+      {:ok, 1} = Kuma.append(store, "alice", {:opened, %{}})
+      {:ok, 1} = Kuma.append(store, "bob", {:paid, %{to: Kuma.sensitive("alice", "Alice Liddell", placeholder: "A.")}})
+      {:ok, [%{data: {:paid, paid}}]} = Kuma.events(store, "bob")
+      kept = Kuma.Sensitive.redact(paid)
+      refute :erlang.term_to_binary(kept) =~ "Alice Liddell"
+      assert Kuma.Sensitive.value(kept.to) == nil
+      assert Kuma.Sensitive.value(Kuma.Sensitive.reveal(store, kept).to) == "Alice Liddell"
+      {:ok, _} = Kuma.delete(store, "alice")
+      opened = Kuma.Sensitive.reveal(store.name, kept)
+      assert Kuma.Sensitive.erased?(opened.to)
+      assert Kuma.Sensitive.value(opened.to) == "A."
+    end
+
     test "bad sensitive values are refused", %{store: store} do
       assert_raise ArgumentError, fn -> Kuma.sensitive("", "x") end
       assert_raise ArgumentError, fn -> Kuma.sensitive(:alice, "x") end

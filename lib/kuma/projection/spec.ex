@@ -73,7 +73,8 @@ defmodule Kuma.Projection.Spec do
          :ok <- check(:batch_size, batch, is_integer(batch) and batch in 1..100_000),
          checkpoint = Keyword.get(opts, :checkpoint, :durable),
          :ok <- check(:checkpoint, checkpoint, checkpoint in [:durable, :memory]) do
-      path = Keyword.get(opts, :path) || Path.join([store.data_dir, "projections", file_name(name) <> ".sqlite"])
+      dir = Map.get(store, :projections_dir) || Path.join(store.data_dir, "projections")
+      path = Keyword.get(opts, :path) || Path.join(dir, file_name(name) <> ".sqlite")
 
       {:ok,
        %__MODULE__{

@@ -20,6 +20,7 @@ defmodule Kuma.Store.Config do
     master_key_file: nil,
     master_key_env: "KUMA_MASTER_KEY",
     keystore_path: nil,
+    projections_dir: nil,
     projections: [],
     file_mode: 0o600
   }
@@ -39,10 +40,12 @@ defmodule Kuma.Store.Config do
          :ok <- check(:idle_timeout, config.idle_timeout),
          :ok <- check(:max_live_entities, config.max_live_entities),
          :ok <- check(:writer_threads, config.writer_threads),
-         :ok <- check(:keystore_path, config.keystore_path),
+         :ok <- check_path(:keystore_path, config.keystore_path),
+         :ok <- check_path(:projections_dir, config.projections_dir),
          :ok <- check(:file_mode, config.file_mode),
          data_dir = Path.expand(to_string(config.data_dir)),
-         store = %{name: config.name, data_dir: data_dir, file_mode: config.file_mode},
+         projections_dir = Path.expand(to_string(config.projections_dir || Path.join(data_dir, "projections"))),
+         store = %{name: config.name, data_dir: data_dir, projections_dir: projections_dir, file_mode: config.file_mode},
          {:ok, specs} <- Kuma.Projection.Spec.configured(config.projections, store),
          {:ok, master_key} <- master_key(config) do
       aggregates = Enum.uniq([Kuma.Aggregate.Latest | config.aggregates])
@@ -50,7 +53,13 @@ defmodule Kuma.Store.Config do
 
       {:ok,
        config
-       |> Map.merge(%{data_dir: data_dir, aggregates: aggregates, master_key: master_key, keystore_path: keystore})
+       |> Map.merge(%{
+         data_dir: data_dir,
+         projections_dir: projections_dir,
+         aggregates: aggregates,
+         master_key: master_key,
+         keystore_path: keystore
+       })
        |> Map.put(:projection_specs, specs)}
     end
   end
@@ -140,15 +149,11 @@ defmodule Kuma.Store.Config do
   defp check(:idle_timeout, _), do: {:error, {:invalid, :idle_timeout, "must be a positive integer (ms) or :infinity"}}
   defp check(:max_live_entities, n) when (is_integer(n) and n > 0) or n == :infinity, do: :ok
 
+  defp check(:max_live_entities, _),
+    do: {:error, {:invalid, :max_live_entities, "must be a positive integer or :infinity"}}
+
   defp check(:writer_threads, n) when (is_integer(n) and n in 1..1024) or n == nil, do: :ok
   defp check(:writer_threads, _), do: {:error, {:invalid, :writer_threads, "must be an integer in 1..1024 or nil"}}
-  defp check(:keystore_path, nil), do: :ok
-
-  defp check(:keystore_path, path) when is_binary(path) and path != "" do
-    if String.valid?(path), do: :ok, else: {:error, {:invalid, :keystore_path, "must be a UTF-8 path"}}
-  end
-
-  defp check(:keystore_path, _), do: {:error, {:invalid, :keystore_path, "must be a path (a string)"}}
 
   # Integer permissions such as 0o600 or 0o640; the owner must be able to read and write.
   defp check(:file_mode, mode) when is_integer(mode) and mode in 0..0o777 and Bitwise.band(mode, 0o600) == 0o600,
@@ -158,6 +163,12 @@ defmodule Kuma.Store.Config do
     do:
       {:error, {:invalid, :file_mode, "must be permissions such as 0o600 or 0o640, readable and writable by the owner"}}
 
-  defp check(:max_live_entities, _),
-    do: {:error, {:invalid, :max_live_entities, "must be a positive integer or :infinity"}}
+  # An optional path: nil, or a non-empty UTF-8 string.
+  defp check_path(_key, nil), do: :ok
+
+  defp check_path(key, path) when is_binary(path) and path != "" do
+    if String.valid?(path), do: :ok, else: {:error, {:invalid, key, "must be a UTF-8 path"}}
+  end
+
+  defp check_path(key, _), do: {:error, {:invalid, key, "must be a path (a string)"}}
 end

@@ -43,7 +43,8 @@ defmodule Kuma.Store.Owner do
           sensitive_refs: :ets.new(:kuma_sensitive_refs, [:bag, :public, write_concurrency: true]),
           encrypted: info.encrypted,
           epoch: :atomics.new(1, signed: false),
-          file_mode: config.file_mode
+          file_mode: config.file_mode,
+          projections_dir: config.projections_dir
         }
 
         :persistent_term.put(Store.key(config.name), store)

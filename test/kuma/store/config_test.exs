@@ -11,6 +11,7 @@ defmodule Kuma.Store.ConfigTest do
     assert c.name == :kuma and c.shards == 16 and c.sync == :normal and c.decode == :trusted
     assert c.snapshot_every == 100 and c.idle_timeout == :timer.minutes(15) and c.max_live_entities == 100_000
     assert c.data_dir == Path.expand("d") and c.keystore_path == nil and c.projection_specs == []
+    assert c.projections_dir == Path.expand("d/projections") and c.file_mode == 0o600
     assert c.aggregates == [Kuma.Aggregate.Latest]
     # The config holds a reference; the key itself waits in the vault.
     assert is_reference(c.master_key)
@@ -33,6 +34,8 @@ defmodule Kuma.Store.ConfigTest do
       {[writer_threads: 1_000_000], {:invalid, :writer_threads, "must be an integer in 1..1024 or nil"}},
       {[data_dir: <<255, 254>>], {:invalid, :data_dir, "must be a UTF-8 path"}},
       {[keystore_path: <<255>>], {:invalid, :keystore_path, "must be a UTF-8 path"}},
+      {[projections_dir: <<255>>], {:invalid, :projections_dir, "must be a UTF-8 path"}},
+      {[projections_dir: :here], {:invalid, :projections_dir, "must be a path (a string)"}},
       {[file_mode: 0o044],
        {:invalid, :file_mode, "must be permissions such as 0o600 or 0o640, readable and writable by the owner"}},
       {[aggregates: [Enum]], {:invalid, :aggregates, "Enum lacks init/1"}},

@@ -9,7 +9,7 @@ defmodule Kuma.Projection.Sink.ReadModel do
   alias Kuma.{Native, Store}
   alias Kuma.Projection.{Progress, Sink}
 
-  defstruct [:db, :module, :name]
+  defstruct [:db, :module, :name, :store]
 
   @impl true
   def open(spec, s) do
@@ -20,7 +20,7 @@ defmodule Kuma.Projection.Sink.ReadModel do
            :ok <- schema(db, spec.module) do
         # Queries run in the caller, on the read model's read-only connection.
         Registry.update_value(Kuma.Registry, {:projection, spec.name}, &Map.put(&1, :db, db))
-        {:ok, %__MODULE__{db: db, module: spec.module, name: spec.name}, checkpoint, nil}
+        {:ok, %__MODULE__{db: db, module: spec.module, name: spec.name, store: s}, checkpoint, nil}
       else
         error ->
           Progress.close(db)
@@ -50,10 +50,32 @@ defmodule Kuma.Projection.Sink.ReadModel do
   def handle(sink, envelope) do
     with {:ok, returned} <- Sink.user(fn -> sink.module.handle_event(envelope) end) do
       case statements(returned) do
-        {:ok, statements} -> {:ok, statements, sink}
+        {:ok, statements} -> seal_params(sink, statements)
         :error -> {:error, {:bad_return, :handle_event, returned}}
       end
     end
+  end
+
+  # A Kuma.Sensitive parameter is stored sealed (see Kuma.Sensitive, "In read models").
+  defp seal_params(sink, statements) do
+    sealed =
+      Enum.map(statements, fn {sql, params} ->
+        {sql,
+         Enum.map(params, fn
+           %Kuma.Sensitive{} = v ->
+             case Kuma.Sensitive.to_cell(sink.store, v) do
+               {:ok, cell} -> cell
+               {:error, reason} -> throw({:sensitive, reason})
+             end
+
+           other ->
+             other
+         end)}
+      end)
+
+    {:ok, sealed, sink}
+  catch
+    {:sensitive, reason} -> {:error, reason}
   end
 
   @impl true
