@@ -462,10 +462,16 @@ defmodule Kuma do
 
   @doc """
   Rewraps every entity's data key with `new_key` (32 raw bytes, 64 hex characters or
-  base64) in one keystore transaction; events are not touched. A crash midway leaves every
-  key wrapped by the old master key; after `{:ok, %{keys: n}}` only the new one opens the
-  store. Store the new key where the store reads it from (option, file or environment
-  variable) before the next start; keep the old one until then.
+  base64) in one keystore transaction; events are not touched. After `{:ok, %{keys: n}}`
+  only the new key opens the store. Store the new key where the store reads it from
+  (option, file or environment variable) before the next start; keep the old one until a
+  start with the new one has succeeded.
+
+  If the call does not return (the VM crashes or is killed during it), either key may be
+  the one in effect: the transaction is atomic, so exactly one of them opens the store,
+  but it can have committed before the crash although no answer was given. Start with the
+  new key; on `{:error, :wrong_master_key}` (which changes nothing) start with the old one
+  and rotate again.
   """
   @spec rotate_master_key(store(), binary()) :: {:ok, %{keys: non_neg_integer()}} | {:error, reason()}
   def rotate_master_key(store, new_key) do
