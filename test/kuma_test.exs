@@ -166,6 +166,24 @@ defmodule KumaTest do
       assert {:ok, []} = Kuma.events(store, "t", limit: 0)
     end
 
+    test "a live entity refuses the same bad appends as storage does", %{store: store} do
+      # (Found by the model test: an empty append to a live entity answered {:ok, seq}.)
+      {:ok, 1} = Kuma.append(store, "live", :one)
+      {:ok, :one} = store |> Kuma.entity("live") |> Kuma.fetch()
+      assert is_pid(Kuma.Entity.whereis(store, "live"))
+
+      for id <- ["live", "cold"] do
+        assert {:error, {:invalid, :events, _}} = Kuma.append(store, id, [])
+        assert {:error, {:invalid, :expected_seq, _}} = Kuma.append(store, id, :x, expected_seq: -3)
+        assert {:error, {:invalid, :expected_seq, _}} = Kuma.append(store, id, :x, expected_seq: :latest)
+        assert {:error, {:invalid, :expected_seq, _}} = store |> Kuma.entity(id) |> Kuma.execute(:x, expected_seq: -1)
+        assert {:error, {:invalid, :return, _}} = Kuma.append(store, id, :x, return: :everything)
+      end
+
+      assert {:ok, %{seq: 1}} = Kuma.head(store, "live")
+      assert {:ok, nil} = Kuma.head(store, "cold")
+    end
+
     test "an event that does not decode is an error tuple, not an exception", %{store: store} do
       ref = make_ref()
       {:ok, :ok} = Kuma.Native.write_append(store.native, ref, "bad", nil, [{"", <<>>, <<131, 255, 1>>, nil}])

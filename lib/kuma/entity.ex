@@ -45,8 +45,6 @@ defmodule Kuma.Entity do
 
   @type t :: %__MODULE__{store: Store.name(), aggregate: module(), id: binary()}
 
-  @write_keys [:expected_seq, :metadata, :timeout, :return]
-
   @doc """
   A handle; starts nothing. Raises `ArgumentError` if the id is not a non-empty binary or
   the aggregate not an atom (programmer errors). An aggregate the store was not started
@@ -104,9 +102,7 @@ defmodule Kuma.Entity do
           {:ok, non_neg_integer()} | {:ok, non_neg_integer(), Kuma.Position.t()} | {:error, term()}
   def execute(%__MODULE__{} = e, command, opts \\ []) do
     with {:ok, s} <- store(e),
-         :ok <- Validate.keys(opts, @write_keys),
-         :ok <- Validate.timeout(opts),
-         :ok <- Validate.return(opts) do
+         :ok <- Validate.write(opts) do
       call(s, e, {:execute, e.aggregate, command, opts}, Keyword.get(opts, :timeout, EventLog.default_timeout()))
     end
   end
@@ -116,10 +112,7 @@ defmodule Kuma.Entity do
           {:ok, pos_integer()} | {:ok, pos_integer(), Kuma.Position.t()} | {:error, term()}
   def append(%__MODULE__{} = e, events, opts \\ []) do
     with {:ok, s} <- store(e),
-         :ok <- Validate.keys(opts, @write_keys),
-         :ok <- Validate.timeout(opts),
-         :ok <- Validate.return(opts),
-         :ok <- non_empty(events) do
+         :ok <- Validate.append(events, opts) do
       call(
         s,
         e,
@@ -128,9 +121,6 @@ defmodule Kuma.Entity do
       )
     end
   end
-
-  defp non_empty([]), do: {:error, {:invalid, :events, "must not be empty"}}
-  defp non_empty(_), do: :ok
 
   @doc """
   The state as it was after event `seq: n`, or at time `at: %DateTime{}` (the last event

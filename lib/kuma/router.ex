@@ -8,15 +8,11 @@ defmodule Kuma.Router do
 
   alias Kuma.{Codec, Entity, EventLog, Store, Validate}
 
-  @append_keys [:expected_seq, :metadata, :timeout, :return]
-
   @doc "A store-level append to one entity (see `Kuma.append/4`)."
   @spec append(Store.t(), binary(), term(), keyword()) ::
           {:ok, pos_integer()} | {:ok, pos_integer(), Kuma.Position.t()} | {:error, term()}
   def append(%Store{} = s, entity_id, events, opts) do
-    with :ok <- Validate.keys(opts, @append_keys),
-         :ok <- Validate.timeout(opts),
-         :ok <- Validate.return(opts),
+    with :ok <- Validate.append(events, opts),
          :ok <- Validate.entity_id(entity_id) do
       events = List.wrap(events)
 

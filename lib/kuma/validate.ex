@@ -47,6 +47,28 @@ defmodule Kuma.Validate do
   def expected_seq(n) when is_integer(n) and n >= 0, do: {:ok, n}
   def expected_seq(_), do: {:error, {:invalid, :expected_seq, "must be a non-negative integer"}}
 
+  @doc """
+  The events and options of an append (`Kuma.append/4`, `Kuma.Entity.append/3`), checked
+  before it is routed anywhere, so that a live entity and storage refuse the same input
+  alike.
+  """
+  @spec append(term(), keyword()) :: :ok | {:error, term()}
+  def append(events, opts) do
+    with :ok <- write(opts) do
+      if events == [], do: {:error, {:invalid, :events, "must not be empty"}}, else: :ok
+    end
+  end
+
+  @doc "The options of a write (append or execute)."
+  @spec write(keyword()) :: :ok | {:error, term()}
+  def write(opts) do
+    with :ok <- keys(opts, [:expected_seq, :metadata, :timeout, :return]),
+         :ok <- timeout(opts),
+         :ok <- return(opts),
+         {:ok, _} <- expected_seq(Keyword.get(opts, :expected_seq)),
+         do: :ok
+  end
+
   @doc "`:return` of writes: `:seq` or `:token`."
   @spec return(keyword()) :: :ok | {:error, term()}
   def return(opts) do

@@ -180,6 +180,15 @@ defmodule Kuma.ErasureTest do
       assert {:error, {:partial, [{:error, :entity_erased}, {:ok, 1}]}} =
                Kuma.append_batch(store, [{"acct-1", [:x]}, {"acct-2", [:y]}])
 
+      # Whatever seq the caller expects (found by the model test: a mismatch used to win,
+      # sending the caller to retry with the "right" seq).
+      for expected <- [0, 1, 7] do
+        assert {:error, :entity_erased} = Kuma.append(store, "acct-1", {:deposited, 1}, expected_seq: expected)
+
+        assert {:error, {:partial, [{:error, :entity_erased}]}} =
+                 Kuma.append_batch(store, [{"acct-1", [:x], [expected_seq: expected]}])
+      end
+
       assert {:ok, %{events_deleted: 0}} = Kuma.delete(store, "acct-1")
       assert Kuma.format_error(:entity_erased) =~ "erased"
     end

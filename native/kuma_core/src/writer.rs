@@ -812,6 +812,11 @@ impl ShardWriter {
     fn append_entry<'a>(&mut self, txn: &mut Txn<'a>, entry: &'a AppendEntry) -> Result<Appended> {
         let id = entry.entity_id.as_slice();
         let head = txn.head(self, id)?;
+        // An erased entity answers Erased whatever seq the caller expected (a mismatch would
+        // send it to retry with the "right" seq, only to learn then that it is erased).
+        if head.is_none() && self.is_erased(id)? {
+            return Err(Error::Erased);
+        }
         let current = head.map_or(0, |h| h.seq);
         if let Expected::Seq(expected) = entry.expected {
             if expected != current {
@@ -823,9 +828,6 @@ impl ShardWriter {
         let eid = match head {
             Some(h) => h.eid,
             None => {
-                if self.is_erased(id)? {
-                    return Err(Error::Erased);
-                }
                 let idx = self.protection.index(id);
                 let sealed = self.protection.seal_id(key.as_ref(), &idx, id);
                 self.conn
