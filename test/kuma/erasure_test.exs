@@ -132,6 +132,38 @@ defmodule Kuma.ErasureTest do
     for i <- 1..5, do: assert({:ok, [%{data: {:opened, ^i}}]} = Kuma.events(copy, "carol-#{i}"))
   end
 
+  test "a restored copy from before an erasure cannot bring the erased id back", %{dir: dir, name: name} do
+    backup = dir <> "-restored"
+    on_exit(fn -> File.rm_rf!(backup) end)
+    opts = [name: name, data_dir: dir, shards: 2]
+    {:ok, store} = Kuma.start(opts)
+    {:ok, 1} = Kuma.append(store, "alice", {:opened, %{}})
+    {:ok, 1} = Kuma.append(store, "bob", {:paid, Kuma.sensitive("alice", "Alice Liddell", placeholder: "A.")})
+    :ok = Kuma.stop(store)
+    File.cp_r!(dir, backup)
+    for f <- Path.wildcard(Path.join(backup, "keystore.*")), do: File.rm!(f)
+
+    {:ok, store} = Kuma.start(opts)
+    {:ok, _} = Kuma.delete(store, "alice")
+    :ok = Kuma.stop(store)
+
+    # The old shards come with the live keystore: its tombstone keeps Alice erased, and no
+    # new key is made for her (one would break every sealed value about her).
+    live_keystore = Path.join(dir, "keystore.kuma")
+    {:ok, copy} = Kuma.start(name: name, data_dir: backup, shards: 2, keystore_path: live_keystore)
+    assert {:error, :entity_erased} = Kuma.append(copy, "alice", {:back, 1})
+    assert {:error, {:subject_erased, "alice"}} = Kuma.append(copy, "bob", {:paid, Kuma.sensitive("alice", "again")})
+    assert {:error, :entity_erased} = Kuma.events(copy, "alice")
+    assert {:ok, [%{data: {:paid, paid}}]} = Kuma.events(copy, "bob")
+    assert Kuma.Sensitive.value(paid) == "A."
+    :ok = Kuma.stop(copy)
+
+    {:ok, store} = Kuma.start(opts)
+    assert {:ok, [%{data: {:paid, paid}}]} = Kuma.events(store, "bob")
+    assert Kuma.Sensitive.value(paid) == "A."
+    assert {:error, :entity_erased} = Kuma.append(store, "alice", {:back, 2})
+  end
+
   test "compact gives the space of erased entities back and keeps everything else", %{dir: dir, name: name} do
     {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 2)
     big = String.duplicate("x", 2_000)
