@@ -100,6 +100,19 @@ defmodule Kuma.ErasureTest do
     end
   end
 
+  # Copies the stopped store's data dir to `backup` (shards and manifest, not the keystore:
+  # it is backed up on its own terms), erases `id` in the store, and opens the copy with the
+  # store's live keystore.
+  defp backup_then_erase(opts, backup, id) do
+    dir = opts[:data_dir]
+    File.cp_r!(dir, backup)
+    for f <- Path.wildcard(Path.join(backup, "keystore.*")), do: File.rm!(f)
+    {:ok, store} = Kuma.start(opts)
+    {:ok, _} = Kuma.delete(store, id)
+    :ok = Kuma.stop(store)
+    Kuma.start(Keyword.merge(opts, data_dir: backup, keystore_path: Path.join(dir, "keystore.kuma")))
+  end
+
   test "a copy of the files taken before the erasure cannot be read with the current keystore",
        %{dir: dir, name: name} do
     backup = dir <> "-backup"
@@ -112,15 +125,7 @@ defmodule Kuma.ErasureTest do
     for i <- 1..5, do: {:ok, _} = Kuma.append(store, "carol-#{i}", {:opened, i})
     :ok = Kuma.stop(store)
 
-    # The backup: shards and manifest, not the keystore (it is backed up on its own terms).
-    File.cp_r!(dir, backup)
-    for f <- Path.wildcard(Path.join(backup, "keystore.*")), do: File.rm!(f)
-
-    {:ok, store} = Kuma.start(opts)
-    {:ok, _} = Kuma.delete(store, "alice")
-    :ok = Kuma.stop(store)
-
-    {:ok, copy} = Kuma.start(name: name, data_dir: backup, shards: 2, keystore_path: Path.join(dir, "keystore.kuma"))
+    {:ok, copy} = backup_then_erase(opts, backup, "alice")
     # Alice's ciphertexts are all in the copy, intact, and useless.
     assert {:ok, %{events: 13}} = Kuma.verify(copy, "alice")
     assert {:error, :entity_erased} = Kuma.events(copy, "alice")
@@ -140,17 +145,10 @@ defmodule Kuma.ErasureTest do
     {:ok, 1} = Kuma.append(store, "alice", {:opened, %{}})
     {:ok, 1} = Kuma.append(store, "bob", {:paid, Kuma.sensitive("alice", "Alice Liddell", placeholder: "A.")})
     :ok = Kuma.stop(store)
-    File.cp_r!(dir, backup)
-    for f <- Path.wildcard(Path.join(backup, "keystore.*")), do: File.rm!(f)
-
-    {:ok, store} = Kuma.start(opts)
-    {:ok, _} = Kuma.delete(store, "alice")
-    :ok = Kuma.stop(store)
 
     # The old shards come with the live keystore: its tombstone keeps Alice erased, and no
     # new key is made for her (one would break every sealed value about her).
-    live_keystore = Path.join(dir, "keystore.kuma")
-    {:ok, copy} = Kuma.start(name: name, data_dir: backup, shards: 2, keystore_path: live_keystore)
+    {:ok, copy} = backup_then_erase(opts, backup, "alice")
     assert {:error, :entity_erased} = Kuma.append(copy, "alice", {:back, 1})
     assert {:error, {:subject_erased, "alice"}} = Kuma.append(copy, "bob", {:paid, Kuma.sensitive("alice", "again")})
     assert {:error, :entity_erased} = Kuma.events(copy, "alice")
