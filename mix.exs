@@ -68,6 +68,11 @@ end
 defmodule Kuma.MixProject do
   use Mix.Project
 
+  # ra (Raft, for cluster mode) and the applications it needs are not hex dependencies here:
+  # bin/setup unpacks them from Debian into _ra/lib, and every mix command (iex -S mix,
+  # mix test, mix run, mix bench) gets them on its code path. See docs/cluster.md.
+  for ebin <- Path.wildcard(Path.join(__DIR__, "_ra/lib/*/ebin")), do: Code.prepend_path(ebin)
+
   def project do
     [
       app: :kuma,

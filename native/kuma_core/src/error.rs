@@ -50,6 +50,13 @@ pub enum Error {
     /// A statement of a read model failed (`index`: its place in the transaction, if any);
     /// nothing of the transaction was kept.
     Sql { index: Option<usize>, message: String },
+    /// Cluster mode: a replicated append was prepared against a head that is no longer the
+    /// entity's (`head_seq` is); nothing was written, and its leader prepares it again.
+    Conflict { head_seq: u64 },
+    /// Cluster mode: this store is a replica, written only by applying replicated commands.
+    Replicated,
+    /// Cluster mode: the data dir or keystore belongs to another cluster (`why` says how).
+    ClusterMismatch { why: String },
 }
 
 impl Error {
@@ -114,6 +121,11 @@ impl fmt::Display for Error {
             Error::Timeout => write!(f, "the query ran out of time and was interrupted"),
             Error::Sql { index: Some(i), message } => write!(f, "statement {i} failed: {message}"),
             Error::Sql { index: None, message } => write!(f, "SQL failed: {message}"),
+            Error::Conflict { head_seq } => {
+                write!(f, "prepared against a stale head (the entity is at seq {head_seq}); prepare again")
+            }
+            Error::Replicated => write!(f, "this store is a replica: writes go through the shard's leader"),
+            Error::ClusterMismatch { why } => write!(f, "belongs to another cluster: {why}"),
         }
     }
 }

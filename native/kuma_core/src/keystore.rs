@@ -75,6 +75,18 @@ fn lock_file(path: &Path) -> Result<File> {
 impl Keystore {
     /// Creates a new keystore for `store_id` (permissions `mode`). Fails if the file exists.
     pub fn create(path: &Path, master: Key, store_id: &str, mode: u32) -> Result<Keystore> {
+        Keystore::create_with(path, master, store_id, mode, None)
+    }
+
+    /// `create` with a given index key (cluster mode: every replica of a shard must find an
+    /// entity under the same keyed hash), or a random one.
+    pub fn create_with(
+        path: &Path,
+        master: Key,
+        store_id: &str,
+        mode: u32,
+        index_key: Option<Key>,
+    ) -> Result<Keystore> {
         if path.exists() {
             return Err(Error::ForeignFile {
                 path: path.display().to_string(),
@@ -88,7 +100,10 @@ impl Keystore {
         let lock = lock_file(path)?;
         conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create keystore"))?;
         sqlite::configure(&conn, SyncMode::Full)?;
-        let index_key = Key::random()?;
+        let index_key = match index_key {
+            Some(k) => k,
+            None => Key::random()?,
+        };
         let wrapped = cipher::seal(&master, Binding::IndexKey, index_key.as_bytes());
         conn.execute_batch(&format!("BEGIN; {SCHEMA} {ERASED} PRAGMA user_version = {FORMAT_VERSION};"))
             .map_err(Error::storage("create keystore"))?;
@@ -152,6 +167,11 @@ impl Keystore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The key of the keyed hash of ids (compared with the cluster's in cluster mode).
+    pub fn index_key(&self) -> &Key {
+        &self.index_key
     }
 
     /// Forgets every cached key and releases the file; every later call fails with `Closed`.
@@ -336,6 +356,91 @@ impl Keystore {
                     self.remember(index, key);
                 }
                 Ok(())
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Cluster mode, on a shard's leader: the key to seal an entity's events with. A key in
+    /// the keystore comes back with `None`; otherwise a new random key comes back with its
+    /// wrapped form, to travel in the replicated command that every replica (this one too)
+    /// installs when it applies it (`install`). Nothing is written here. `Erased` for an
+    /// erased entity.
+    pub fn prepare_key(&self, entity_id: &[u8]) -> Result<(Key, Option<Vec<u8>>)> {
+        let index = self.index(entity_id);
+        if let Some(key) = self.get_by_index(&index)? {
+            return Ok((key, None));
+        }
+        if self.is_erased_index(&index)? {
+            return Err(Error::Erased);
+        }
+        let key = Key::random()?;
+        let master = self.master.read().unwrap_or_else(|p| p.into_inner());
+        let wrapped = cipher::seal(&master, Binding::DataKey { index: &index }, key.as_bytes());
+        Ok((key, Some(wrapped)))
+    }
+
+    /// Cluster mode, on every replica: installs data keys that replicated commands carry,
+    /// in one durable transaction, before the shard transaction that uses them. For each
+    /// `(index, wrapped)`: `Ok(true)` if the keystore now holds exactly that key (installed
+    /// or already there), `Ok(false)` if it holds another one (the command was prepared
+    /// against a stale view and must not be applied), `Err(Erased)` for an erased entity.
+    pub fn install(&self, keys: &[([u8; 32], Vec<u8>)]) -> Result<Vec<Result<bool>>> {
+        self.check_open()?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("install data keys"))?;
+        let mut installed = Vec::new();
+        let result = (|| -> Result<Vec<Result<bool>>> {
+            let master = self.master.read().unwrap_or_else(|p| p.into_inner());
+            let mut select = conn
+                .prepare_cached("SELECT wrapped FROM keys WHERE idx = ?1")
+                .map_err(Error::storage("install data keys"))?;
+            let mut insert = conn
+                .prepare_cached("INSERT INTO keys(idx, wrapped, created) VALUES (?1, ?2, ?3)")
+                .map_err(Error::storage("install data keys"))?;
+            let mut erased = conn
+                .prepare_cached("SELECT 1 FROM erased WHERE idx = ?1")
+                .map_err(Error::storage("install data keys"))?;
+            let mut out = Vec::with_capacity(keys.len());
+            for (index, wrapped) in keys {
+                if erased.exists([&index[..]]).map_err(Error::storage("install data keys"))? {
+                    out.push(Err(Error::Erased));
+                    continue;
+                }
+                let existing: Option<Vec<u8>> = select
+                    .query_row([&index[..]], |r| r.get(0))
+                    .optional()
+                    .map_err(Error::storage("install data keys"))?;
+                match existing {
+                    Some(w) => out.push(Ok(&w == wrapped)),
+                    None => {
+                        let bytes = cipher::open(&master, Binding::DataKey { index }, wrapped)
+                            .map_err(|why| Error::Corrupt { seq: 0, why: format!("replicated data key: {why}") })?;
+                        insert
+                            .execute(params![&index[..], wrapped, clock::now_us()])
+                            .map_err(Error::storage("install data keys"))?;
+                        installed.push((*index, Key::from_bytes(&bytes)?));
+                        out.push(Ok(true));
+                    }
+                }
+            }
+            Ok(out)
+        })();
+        match result
+            .and_then(|out| conn.execute_batch("COMMIT").map(|_| out).map_err(Error::storage("install data keys")))
+        {
+            Ok(out) => {
+                drop(conn);
+                for (index, key) in installed {
+                    self.remember(index, key);
+                }
+                Ok(out)
             }
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");

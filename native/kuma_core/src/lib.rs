@@ -10,7 +10,8 @@
 //! envelope from [`codec`], sealed by [`protection`] with keys from [`keystore`].
 //! Reads: [`reader`] (one entity), [`query`] (across entities), [`verify`] (chains), on
 //! connections from [`readers`]. Every SQLite file is set up by [`sqlite`]; the data
-//! directory is described by its [`manifest`].
+//! directory is described by its [`manifest`]. In cluster mode a shard's writes are
+//! prepared by its leader and applied by every replica ([`replica`]).
 
 pub mod chain;
 pub mod cipher;
@@ -26,6 +27,7 @@ pub mod protection;
 pub mod query;
 pub mod reader;
 mod readers;
+pub mod replica;
 pub mod router;
 pub mod shard;
 pub mod sqldb;
@@ -65,6 +67,18 @@ impl Store {
     pub fn delete_wait(&self, entity_id: &[u8]) -> Result<u64> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.delete(entity_id.to_vec(), Box::new(move |r| drop(tx.send(r))))?;
+        rx.recv().map_err(|_| Error::Closed)?
+    }
+
+    /// `replicate` and wait.
+    pub fn replicate_wait(
+        &self,
+        shard: u32,
+        raft_index: u64,
+        commands: Vec<replica::Replicated>,
+    ) -> Result<Vec<replica::Outcome>> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.replicate(shard, raft_index, commands, Box::new(move |r| drop(tx.send(r))))?;
         rx.recv().map_err(|_| Error::Closed)?
     }
 

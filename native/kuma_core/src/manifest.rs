@@ -44,11 +44,17 @@ fn path(dir: &Path) -> PathBuf {
 impl Manifest {
     /// A manifest for a new store: a fresh random store id and, for a plain store, a fresh
     /// tombstone key.
-    pub fn new(format: u32, shards: u32, encrypted: bool) -> Result<Manifest> {
+    /// A given tombstone key (cluster mode: the cluster's, so every replica of a shard
+    /// finds an entity under the same keyed hash) replaces the random one.
+    pub fn new_with(format: u32, shards: u32, encrypted: bool, tombstone_key: Option<[u8; 32]>) -> Result<Manifest> {
         let mut id = [0u8; 16];
         getrandom::fill(&mut id)
             .map_err(|e| Error::Storage { context: "generate store id", message: e.to_string() })?;
-        let tombstone_key = if encrypted { None } else { Some(*Key::random()?.as_bytes()) };
+        let tombstone_key = match (encrypted, tombstone_key) {
+            (true, _) => None,
+            (false, Some(k)) => Some(k),
+            (false, None) => Some(*Key::random()?.as_bytes()),
+        };
         Ok(Manifest { format, store_id: hex(&id), shards, encrypted, tombstone_key })
     }
 
@@ -122,12 +128,12 @@ mod tests {
     fn round_trip_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Manifest::read(dir.path()).unwrap(), None);
-        let m = Manifest::new(2, 16, false).unwrap();
+        let m = Manifest::new_with(2, 16, false, None).unwrap();
         assert_eq!(m.store_id.len(), 32);
         assert!(m.tombstone_key.is_some());
         m.write(dir.path(), 0o600).unwrap();
         assert_eq!(Manifest::read(dir.path()).unwrap(), Some(m));
-        assert!(Manifest::new(2, 16, true).unwrap().tombstone_key.is_none());
+        assert!(Manifest::new_with(2, 16, true, None).unwrap().tombstone_key.is_none());
 
         std::fs::write(path(dir.path()), "not-kuma\n").unwrap();
         assert!(matches!(Manifest::read(dir.path()), Err(Error::ForeignFile { .. })));

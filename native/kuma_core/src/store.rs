@@ -18,6 +18,7 @@ use crate::protection::Protection;
 use crate::query::{self, Page, ShardQuery};
 use crate::reader::{self, Entity, Snapshot};
 use crate::readers::Readers;
+use crate::replica::{AppendRequest, Outcome, PreparedAppend, Replicated, SealedEvent};
 use crate::router::shard_for;
 use crate::shard::{self, ShardIdentity, FORMAT_VERSION};
 use crate::sqlite::{self, SyncMode};
@@ -27,6 +28,7 @@ use crate::writer::{
     WriterStats, Writers,
 };
 use rusqlite::Connection;
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +55,10 @@ pub struct StoreConfig {
     /// Permissions of the files Kuma creates (directories get the matching search bits);
     /// default 0600, the owner's only.
     pub file_mode: u32,
+    /// Cluster mode: the cluster's key for keyed hashes of ids (the keystore's index key,
+    /// or a plain store's tombstone key), the same on every node. The store is then a set
+    /// of replicas, written only by applying replicated commands (replica.rs).
+    pub cluster_key: Option<[u8; 32]>,
 }
 
 impl StoreConfig {
@@ -67,6 +73,7 @@ impl StoreConfig {
             master_key: None,
             keystore_path: None,
             file_mode: sqlite::DEFAULT_FILE_MODE,
+            cluster_key: None,
         }
     }
 }
@@ -95,6 +102,8 @@ pub struct Store {
     commits: Arc<Commits>,
     /// The data directory's and LOCK's flocks, released by `close`.
     lock: Mutex<Option<(File, File)>>,
+    /// Cluster mode: written only through `replicate` (see replica.rs).
+    replicated: bool,
 }
 
 impl Store {
@@ -124,6 +133,13 @@ impl Store {
                 if m.encrypted != encrypted {
                     return Err(Error::EncryptionMismatch { stored: m.encrypted });
                 }
+                if let (Some(cluster), Some(stored)) = (config.cluster_key, m.tombstone_key) {
+                    if cluster != stored {
+                        return Err(Error::ClusterMismatch {
+                            why: "the data dir was written by another cluster".into(),
+                        });
+                    }
+                }
                 (m, false)
             }
             None => {
@@ -137,21 +153,27 @@ impl Store {
                     });
                 }
                 sqlite::create_dirs(&shard_dir, mode, "create shard dir")?;
-                (Manifest::new(FORMAT_VERSION, config.shards, encrypted)?, true)
+                (Manifest::new_with(FORMAT_VERSION, config.shards, encrypted, config.cluster_key)?, true)
             }
         };
 
         // Protection before any shard is touched: a wrong master key changes nothing.
         let keystore_path = config.keystore_path.clone().unwrap_or_else(|| dir.join("keystore.kuma"));
+        let cluster_key = config.cluster_key.map(|k| Key::from_bytes(&k)).transpose()?;
         let protection = Arc::new(match (&config.master_key, manifest.tombstone_key) {
-            (Some(master), _) if creating => Protection::Encrypted(Box::new(Keystore::create(
+            (Some(master), _) if creating => Protection::Encrypted(Box::new(Keystore::create_with(
                 &keystore_path,
                 master.clone(),
                 &manifest.store_id,
                 mode,
+                cluster_key.clone(),
             )?)),
             (Some(master), _) => {
-                Protection::Encrypted(Box::new(Keystore::open(&keystore_path, master.clone(), &manifest.store_id)?))
+                let keystore = Keystore::open(&keystore_path, master.clone(), &manifest.store_id)?;
+                if cluster_key.as_ref().is_some_and(|k| k.as_bytes() != keystore.index_key().as_bytes()) {
+                    return Err(Error::ClusterMismatch { why: "the keystore was written by another cluster".into() });
+                }
+                Protection::Encrypted(Box::new(keystore))
             }
             (None, Some(tombstone_key)) => Protection::Plain { tombstone_key },
             (None, None) => Protection::Plain { tombstone_key: *blake3::hash(manifest.store_id.as_bytes()).as_bytes() },
@@ -169,6 +191,7 @@ impl Store {
         let commits = Arc::new(Commits::new(config.shards));
         let shared = Shared {
             creating,
+            replicated: config.cluster_key.is_some(),
             file_mode: mode,
             identity: ShardIdentity { store_id: manifest.store_id.clone(), index: 0, count: config.shards },
             sync: config.sync,
@@ -202,7 +225,22 @@ impl Store {
             protection,
             commits,
             lock: Mutex::new(Some((lock, lock_file))),
+            replicated: config.cluster_key.is_some(),
         })
+    }
+
+    /// Whether this store is a set of replicas (cluster mode).
+    pub fn is_replicated(&self) -> bool {
+        self.replicated
+    }
+
+    /// Local writes are refused in cluster mode: they would make this replica differ.
+    fn local_writes(&self) -> Result<()> {
+        if self.replicated {
+            Err(Error::Replicated)
+        } else {
+            Ok(())
+        }
     }
 
     pub fn data_dir(&self) -> &std::path::Path {
@@ -236,6 +274,7 @@ impl Store {
         events: Vec<NewEvent>,
         reply: Reply<Result<Appended>>,
     ) -> Result<()> {
+        self.local_writes()?;
         validate_append(&entity_id, &events)?;
         let shard = self.shard_for(&entity_id);
         let entries = vec![AppendEntry { entity_id, expected, events }];
@@ -248,6 +287,7 @@ impl Store {
     /// one is invalid); each entry is atomic on its own. `reply` gets one result per entry,
     /// in input order, once every shard involved has committed.
     pub fn append_batch(&self, entries: Vec<AppendEntry>, reply: Reply<Vec<Result<Appended>>>) -> Result<()> {
+        self.local_writes()?;
         if entries.is_empty() {
             return Err(Error::invalid("entries", "must not be empty"));
         }
@@ -454,9 +494,101 @@ impl Store {
     /// and truncates both WALs. `reply` gets the number of events deleted. Appends to the
     /// id fail with `Erased` from then on.
     pub fn delete(&self, entity_id: Vec<u8>, reply: Reply<Result<u64>>) -> Result<()> {
+        self.local_writes()?;
         validate_entity_id(&entity_id)?;
         let shard = self.shard_for(&entity_id);
         self.writers.send(shard, Command::erase(entity_id, reply))
+    }
+
+    /// Cluster mode, on a shard's leader: prepares appends for replication (see replica.rs).
+    /// Each entity's next seqs come from its head here plus the earlier requests of the
+    /// same call for it; an entity without a key gets a new one, carried wrapped in its
+    /// commands until a replica applies them. One result per request, in order: an erased
+    /// entity, a missing key or bad input fails only its request.
+    pub fn prepare(&self, requests: Vec<AppendRequest>) -> Vec<Result<PreparedAppend>> {
+        let mut seqs: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut new_keys: HashMap<Vec<u8>, (Key, Vec<u8>)> = HashMap::new();
+        requests
+            .into_iter()
+            .map(|r| {
+                validate_append(&r.entity_id, &r.events)?;
+                let current = match seqs.get(&r.entity_id) {
+                    Some(seq) => *seq,
+                    None => self.head(&r.entity_id)?.map_or(0, |h| h.seq),
+                };
+                let (key, new_key) = match (self.protection.keystore(), new_keys.get(&r.entity_id)) {
+                    (None, _) => (None, None),
+                    (Some(_), Some((key, wrapped))) => (Some(key.clone()), Some(wrapped.clone())),
+                    (Some(keystore), None) => match keystore.prepare_key(&r.entity_id)? {
+                        (key, None) => (Some(key), None),
+                        // A key made for an entity that has events would leave them unreadable.
+                        (_, Some(_)) if current > 0 => return Err(Error::KeyMissing),
+                        (key, Some(wrapped)) => {
+                            new_keys.insert(r.entity_id.clone(), (key.clone(), wrapped.clone()));
+                            (Some(key), Some(wrapped))
+                        }
+                    },
+                };
+                let idx = self.protection.index(&r.entity_id);
+                let events = r
+                    .events
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ev)| {
+                        let seq = current + 1 + i as u64;
+                        let (metadata, payload) =
+                            self.protection.seal_event(key.as_ref(), &r.entity_id, seq, &ev.metadata, &ev.payload);
+                        SealedEvent { event_type: ev.event_type.clone(), metadata, payload, scope: ev.scope.clone() }
+                    })
+                    .collect::<Vec<_>>();
+                seqs.insert(r.entity_id.clone(), current + events.len() as u64);
+                Ok(PreparedAppend {
+                    command_id: r.command_id,
+                    id_sealed: self.protection.seal_id(key.as_ref(), &idx, &r.entity_id),
+                    entity_id: r.entity_id,
+                    expected: r.expected,
+                    first_seq: current + 1,
+                    timestamp_us: crate::clock::now_us(),
+                    new_key,
+                    events,
+                })
+            })
+            .collect()
+    }
+
+    /// Cluster mode: queues the commands of Raft entry `raft_index` of `shard` for its
+    /// writer, which applies them in one transaction (see replica.rs). `reply` gets one
+    /// outcome per command, or the error that kept the whole entry from being applied (it
+    /// then left nothing behind, and applying it again is safe).
+    pub fn replicate(
+        &self,
+        shard: u32,
+        raft_index: u64,
+        commands: Vec<Replicated>,
+        reply: Reply<Result<Vec<Outcome>>>,
+    ) -> Result<()> {
+        if !self.replicated {
+            return Err(Error::invalid("replicate", "not a cluster-mode store"));
+        }
+        if shard >= self.shard_count() {
+            return Err(Error::invalid("shard", format!("no shard {shard} (store has {})", self.shard_count())));
+        }
+        for c in &commands {
+            validate_entity_id(c.entity_id())?;
+            if self.shard_for(c.entity_id()) != shard {
+                return Err(Error::invalid("replicate", "a command's entity belongs to another shard"));
+            }
+        }
+        self.writers.send(shard, Command::replicate(raft_index, commands, reply))
+    }
+
+    /// Cluster mode: the last Raft index applied to `shard`'s file.
+    pub fn applied_index(&self, shard: u32) -> Result<u64> {
+        self.with_reader(shard, |c, _| {
+            Ok(crate::shard::meta_get::<i64>(c, "applied_index")
+                .map_err(Error::storage("read applied index"))?
+                .unwrap_or(0) as u64)
+        })
     }
 
     /// Seals `plaintext` under `subject_id`'s data key (created if needed), for a value
@@ -473,6 +605,13 @@ impl Store {
         // A subject with events must already have its key: a missing one is an error, never
         // replaced (ensure never makes one for an erased subject either).
         if self.head(subject_id)?.is_none() {
+            if self.replicated && keystore.get(subject_id)?.is_none() {
+                // A key made here would exist on this node only.
+                return Err(Error::invalid(
+                    "sensitive",
+                    "in cluster mode a subject must have events before values about it",
+                ));
+            }
             keystore.ensure([subject_id])?;
         }
         let key = self.protection.data_key(subject_id)?.ok_or(Error::Erased)?;
@@ -493,6 +632,9 @@ impl Store {
         if self.is_closed() {
             return Err(Error::Closed);
         }
+        // Replicated commands carry new keys wrapped by the leader's master key: every node
+        // must have the same one at all times.
+        self.local_writes()?;
         let keystore = self
             .protection
             .keystore()

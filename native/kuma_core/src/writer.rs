@@ -24,10 +24,11 @@ use crate::error::{Error, Result};
 use crate::heads::{hash_from, Head, Heads};
 use crate::protection::Protection;
 use crate::reader::{bytes, head_on_disk};
+use crate::replica::{self, Outcome, PreparedAppend, PreparedErase, Replicated};
 use crate::shard::{self, meta_get, ShardIdentity, SKIP_EVERY};
 use crate::sqlite::{self, SyncMode};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -118,6 +119,7 @@ pub enum Command {
     Barrier(Barrier),
     Erase(Erase),
     Compact(Compact),
+    Replicate(Replicate),
 }
 
 /// Append entries; the reply gets one result per entry, in order.
@@ -154,6 +156,15 @@ pub struct Compact {
     result: Option<Result<()>>,
 }
 
+/// Cluster mode: apply the commands of one Raft log entry (see replica.rs). The reply gets
+/// one outcome per command, in order.
+pub struct Replicate {
+    raft_index: u64,
+    commands: Vec<Replicated>,
+    reply: Reply<Result<Vec<Outcome>>>,
+    outcomes: Vec<Outcome>,
+}
+
 impl Command {
     pub fn append(entries: Vec<AppendEntry>, reply: Reply<Vec<Result<Appended>>>) -> Command {
         Command::Append(Append { entries, reply, results: Vec::new() })
@@ -175,10 +186,22 @@ impl Command {
         Command::Compact(Compact { reply, result: None })
     }
 
+    pub fn replicate(raft_index: u64, commands: Vec<Replicated>, reply: Reply<Result<Vec<Outcome>>>) -> Command {
+        Command::Replicate(Replicate { raft_index, commands, reply, outcomes: Vec::new() })
+    }
+
     /// How much of a transaction's budget (`max_txn_events`) the request uses.
     fn weight(&self) -> usize {
         match self {
             Command::Append(a) => a.entries.iter().map(|e| e.events.len()).sum(),
+            Command::Replicate(r) => r
+                .commands
+                .iter()
+                .map(|c| match c {
+                    Replicated::Append(a) => a.events.len(),
+                    Replicated::Erase(_) => 1000,
+                })
+                .sum(),
             Command::Snapshot(_) | Command::Barrier(_) => 1,
             Command::Erase(_) | Command::Compact(_) => 1000,
         }
@@ -199,6 +222,8 @@ impl Command {
             (Command::Erase(d), Some(e)) => (d.reply)(Err(e.clone())),
             (Command::Compact(c), None) => (c.reply)(c.result.unwrap_or(Ok(()))),
             (Command::Compact(c), Some(e)) => (c.reply)(Err(e.clone())),
+            (Command::Replicate(r), None) => (r.reply)(Ok(r.outcomes)),
+            (Command::Replicate(r), Some(e)) => (r.reply)(Err(e.clone())),
         }));
     }
 }
@@ -244,6 +269,8 @@ pub(crate) struct ShardWriter {
     stats: Arc<std::sync::Mutex<WriterStats>>,
     /// Some erasure committed its rows but could not yet destroy its key.
     erasures_pending: bool,
+    /// Cluster mode: the last Raft index applied (meta `applied_index`); `None` otherwise.
+    applied_index: Option<u64>,
 }
 
 /// A shard a writer thread opens (or creates) and then serves.
@@ -257,6 +284,8 @@ pub(crate) struct ShardSpec {
 /// What every writer thread of a store shares.
 pub(crate) struct Shared {
     pub creating: bool,
+    /// Cluster mode: the shard is a replica, written by `Command::Replicate` only.
+    pub replicated: bool,
     pub file_mode: u32,
     pub identity: ShardIdentity,
     pub sync: SyncMode,
@@ -435,6 +464,8 @@ struct Txn<'a> {
     erased: Vec<(&'a [u8], Option<i64>)>,
     force_checkpoint: bool,
     written: u64,
+    /// Cluster mode: the Raft index this transaction applied up to.
+    applied_index: Option<u64>,
 }
 
 impl Txn<'_> {
@@ -484,6 +515,13 @@ impl ShardWriter {
         let max_pos: u64 = conn
             .query_row("SELECT coalesce(max(pos), 0) FROM events", [], |r| r.get::<_, i64>(0))
             .map_err(Error::storage("read last position"))? as u64;
+        let applied_index = if shared.replicated {
+            conn.execute_batch(replica::SCHEMA).map_err(Error::storage("prepare replica tables"))?;
+            let applied = meta_get::<i64>(&conn, "applied_index").map_err(Error::storage("read applied index"))?;
+            Some(applied.unwrap_or(0) as u64)
+        } else {
+            None
+        };
         let mut writer = ShardWriter {
             index,
             commits,
@@ -498,6 +536,7 @@ impl ShardWriter {
             chainer: Chainer::new(),
             stats,
             erasures_pending: false,
+            applied_index,
         };
         writer.replay_tail(checkpoint)?;
         // An erasure that cannot be finished now (the keystore's disk is full) does not
@@ -620,6 +659,7 @@ impl ShardWriter {
             }
             keystore.ensure(fresh)?;
         }
+        let installed = self.install_replicated_keys(batch)?;
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("begin transaction"))?;
         let mut txn = Txn::default();
         for command in batch {
@@ -647,6 +687,10 @@ impl ShardWriter {
                     *result = Some(r);
                 }
                 Command::Barrier(_) | Command::Compact(_) => txn.force_checkpoint = true,
+                Command::Replicate(Replicate { raft_index, commands, outcomes, .. }) => {
+                    let commands: &[Replicated] = commands;
+                    self.apply_entry(&mut txn, *raft_index, commands, &installed, outcomes)?;
+                }
                 Command::Erase(Erase { entity_id, result, .. }) => {
                     let entity_id: &[u8] = entity_id;
                     // An entity appended and deleted in one group: the delete must see the
@@ -656,7 +700,7 @@ impl ShardWriter {
                         head => head?,
                     };
                     txn.tentative.remove(entity_id);
-                    let count = self.delete_rows(entity_id, head)?;
+                    let count = self.delete_rows(entity_id, head, clock::now_us())?;
                     txn.erased.push((entity_id, head.map(|h| h.eid)));
                     *result = Some(Ok(count));
                 }
@@ -680,6 +724,9 @@ impl ShardWriter {
         self.conn.execute_batch("COMMIT").map_err(Error::storage("commit"))?;
 
         // Committed: from here on nothing can fail, and memory follows the disk.
+        if let Some(index) = txn.applied_index {
+            self.applied_index = Some(index);
+        }
         for eid in &erased_eids {
             self.dirty.remove(eid);
         }
@@ -829,20 +876,36 @@ impl ShardWriter {
             Some(h) => h.eid,
             None => {
                 let idx = self.protection.index(id);
-                let sealed = self.protection.seal_id(key.as_ref(), &idx, id);
-                self.conn
-                    .prepare_cached(
-                        "INSERT INTO entities(idx, id_sealed, head_seq, head_pos, head_ts, head_hash)
-                         VALUES (?1, ?2, 0, 0, 0, ?3)",
-                    )
-                    .map_err(Error::storage("create entity"))?
-                    .execute(params![&idx[..], sealed, &GENESIS[..]])
-                    .map_err(Error::storage("create entity"))?;
-                self.conn.last_insert_rowid()
+                self.create_entity(&idx, &self.protection.seal_id(key.as_ref(), &idx, id))?
             }
         };
         // Timestamps never go backwards within an entity, even if the clock does.
         let ts = clock::now_us().max(head.map_or(i64::MIN, |h| h.ts));
+        let protection = self.protection.clone();
+        let sealed = entry.events.iter().enumerate().map(|(i, ev)| {
+            #[cfg(feature = "fault-injection")]
+            if ev.event_type == crate::fault::PANIC_EVENT_TYPE {
+                panic!("fault injection: writer panic requested");
+            }
+            let seq = current + 1 + i as u64;
+            let (metadata, payload) = protection.seal_event(key.as_ref(), id, seq, &ev.metadata, &ev.payload);
+            (ev.event_type.as_str(), metadata, payload, ev.scope.as_deref())
+        });
+        self.write_events(txn, id, eid, head, ts, sealed)
+    }
+
+    /// Writes an entity's next events (already sealed) after `head`, at timestamp `ts`:
+    /// positions, back-pointers, skip rows and the hash chain; records the new head in `txn`.
+    fn write_events<'a, 'e>(
+        &mut self,
+        txn: &mut Txn<'a>,
+        id: &'a [u8],
+        eid: i64,
+        head: Option<Head>,
+        ts: i64,
+        events: impl Iterator<Item = (&'e str, Vec<u8>, Vec<u8>, Option<&'e str>)>,
+    ) -> Result<Appended> {
+        let current = head.map_or(0, |h| h.seq);
         let mut prev_hash = head.map_or(GENESIS, |h| h.hash);
         let mut prev_pos = head.map_or(0, |h| h.pos);
         let mut seq = current;
@@ -858,16 +921,11 @@ impl ShardWriter {
             .conn
             .prepare_cached("INSERT INTO skips(eid, seq, pos, ts) VALUES (?1, ?2, ?3, ?4)")
             .map_err(Error::storage("insert skip"))?;
-        for ev in &entry.events {
-            #[cfg(feature = "fault-injection")]
-            if ev.event_type == crate::fault::PANIC_EVENT_TYPE {
-                panic!("fault injection: writer panic requested");
-            }
+        for (event_type, metadata, payload, scope) in events {
             seq += 1;
             let pos = self.next_pos;
             self.next_pos += 1;
-            let (metadata, payload) = self.protection.seal_event(key.as_ref(), id, seq, &ev.metadata, &ev.payload);
-            let hash = self.chainer.link(&prev_hash, id, seq, ts, &ev.event_type, &metadata, &payload);
+            let hash = self.chainer.link(&prev_hash, id, seq, ts, event_type, &metadata, &payload);
             insert
                 .execute(params![
                     pos as i64,
@@ -875,14 +933,14 @@ impl ShardWriter {
                     seq as i64,
                     prev_pos as i64,
                     ts,
-                    ev.event_type,
+                    event_type,
                     metadata,
                     payload,
                     &hash[..],
-                    ev.scope
+                    scope
                 ])
                 .map_err(Error::storage("insert event"))?;
-            if seq % SKIP_EVERY == 0 {
+            if seq.is_multiple_of(SKIP_EVERY) {
                 skip.execute(params![eid, seq as i64, pos as i64, ts]).map_err(Error::storage("insert skip"))?;
             }
             prev_hash = hash;
@@ -900,6 +958,190 @@ impl ShardWriter {
         })
     }
 
+    /// Cluster mode: installs the data keys that the batch's replicated appends carry, in
+    /// one durable keystore transaction before the shard's. What each key's installation
+    /// gave, by keyed hash (see `Keystore::install`).
+    fn install_replicated_keys(&self, batch: &[Command]) -> Result<HashMap<[u8; 32], Result<bool>>> {
+        let Some(keystore) = self.protection.keystore() else { return Ok(HashMap::new()) };
+        let mut keys: Vec<([u8; 32], Vec<u8>)> = Vec::new();
+        for command in batch {
+            if let Command::Replicate(r) = command {
+                if Some(r.raft_index) <= self.applied_index {
+                    continue;
+                }
+                for c in &r.commands {
+                    if let Replicated::Append(PreparedAppend { entity_id, new_key: Some(wrapped), .. }) = c {
+                        let idx = keystore.index(entity_id);
+                        if !keys.iter().any(|(i, w)| *i == idx && w == wrapped) {
+                            keys.push((idx, wrapped.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        let results = keystore.install(&keys)?;
+        let mut out = HashMap::with_capacity(keys.len());
+        for ((idx, _), r) in keys.into_iter().zip(results) {
+            // Two different keys for one entity in one batch: the second one lost.
+            out.entry(idx).and_modify(|prev: &mut Result<bool>| *prev = Ok(false)).or_insert(r);
+        }
+        Ok(out)
+    }
+
+    /// Cluster mode: applies the commands of Raft entry `raft_index` in the open
+    /// transaction, one outcome each. An entry at or below the applied index was applied
+    /// before (a replay after a restart): its outcomes are read back, nothing is written.
+    fn apply_entry<'a>(
+        &mut self,
+        txn: &mut Txn<'a>,
+        raft_index: u64,
+        commands: &'a [Replicated],
+        installed: &HashMap<[u8; 32], Result<bool>>,
+        outcomes: &mut Vec<Outcome>,
+    ) -> Result<()> {
+        let Some(applied) = self.applied_index else { return Err(Error::invalid("replicate", "not a replica")) };
+        let replay = raft_index <= applied.max(txn.applied_index.unwrap_or(0));
+        for command in commands {
+            let outcome = match self.stored_outcome(command.command_id())? {
+                Some(o) => o,
+                None if replay => Outcome::Conflict { head_seq: 0 },
+                None => {
+                    let outcome = match command {
+                        Replicated::Append(a) => self.apply_append(txn, a, installed)?,
+                        Replicated::Erase(e) => self.apply_erase(txn, e)?,
+                    };
+                    if let Some(bytes) = outcome.encode() {
+                        self.conn
+                            .prepare_cached(
+                                "INSERT INTO applied_commands(command_id, raft_index, ts, outcome) VALUES (?1, ?2, ?3, ?4)",
+                            )
+                            .map_err(Error::storage("record applied command"))?
+                            .execute(params![
+                                &command.command_id()[..],
+                                raft_index as i64,
+                                command.timestamp_us(),
+                                bytes
+                            ])
+                            .map_err(Error::storage("record applied command"))?;
+                    }
+                    outcome
+                }
+            };
+            outcomes.push(outcome);
+        }
+        if replay {
+            return Ok(());
+        }
+        self.conn
+            .execute("UPDATE meta SET value = ?1 WHERE key = 'applied_index'", [raft_index as i64])
+            .map_err(Error::storage("record applied index"))?;
+        // Outcomes are kept for retries within the window (by the commands' own
+        // timestamps, so every replica forgets the same ones).
+        if raft_index.is_multiple_of(1024) {
+            if let Some(newest) = commands.iter().map(|c| c.timestamp_us()).max() {
+                self.conn
+                    .execute("DELETE FROM applied_commands WHERE ts < ?1", [newest - replica::DEDUPE_WINDOW_US])
+                    .map_err(Error::storage("forget old command outcomes"))?;
+            }
+        }
+        txn.applied_index = Some(raft_index);
+        Ok(())
+    }
+
+    /// The outcome stored for a command id applied before, if any.
+    fn stored_outcome(&self, command_id: &[u8]) -> Result<Option<Outcome>> {
+        let bytes: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT outcome FROM applied_commands WHERE command_id = ?1")
+            .map_err(Error::storage("read applied command"))?
+            .query_row([command_id], |r| r.get(0))
+            .optional()
+            .map_err(Error::storage("read applied command"))?;
+        Ok(bytes.and_then(|b| Outcome::decode(self.index, &b)))
+    }
+
+    /// Applies a prepared append: the same checks as a local append, against this replica's
+    /// state, then the leader's sealed bytes at this replica's next positions.
+    fn apply_append<'a>(
+        &mut self,
+        txn: &mut Txn<'a>,
+        a: &'a PreparedAppend,
+        installed: &HashMap<[u8; 32], Result<bool>>,
+    ) -> Result<Outcome> {
+        let id = a.entity_id.as_slice();
+        let head = match txn.head(self, id) {
+            Err(Error::Erased) => return Ok(Outcome::Refused(Error::Erased)),
+            head => head?,
+        };
+        if head.is_none() && self.is_erased(id)? {
+            return Ok(Outcome::Refused(Error::Erased));
+        }
+        let current = head.map_or(0, |h| h.seq);
+        if let Expected::Seq(expected) = a.expected {
+            if expected != current {
+                return Ok(Outcome::Refused(Error::WrongExpectedSeq { expected, actual: current }));
+            }
+        }
+        if a.first_seq != current + 1 || a.events.is_empty() {
+            return Ok(Outcome::Conflict { head_seq: current });
+        }
+        let idx = self.protection.index(id);
+        if a.new_key.is_some() {
+            match installed.get(&idx) {
+                Some(Ok(true)) => {}
+                Some(Err(Error::Erased)) => return Ok(Outcome::Refused(Error::Erased)),
+                _ => return Ok(Outcome::Conflict { head_seq: current }),
+            }
+        }
+        let key = match self.protection.data_key(id) {
+            Ok(key) => key,
+            Err(e @ (Error::Erased | Error::KeyMissing)) => return Ok(Outcome::Refused(e)),
+            Err(e) => return Err(e),
+        };
+        // Sealed under another key than this replica's (a leader's stale view): refused
+        // here, prepared again by the leader, never stored unreadable.
+        let first = &a.events[0];
+        if self.protection.open_event(key.as_ref(), id, a.first_seq, &first.metadata, &first.payload).is_err() {
+            return Ok(Outcome::Conflict { head_seq: current });
+        }
+        let eid = match head {
+            Some(h) => h.eid,
+            None => self.create_entity(&idx, &a.id_sealed)?,
+        };
+        let ts = a.timestamp_us.max(head.map_or(i64::MIN, |h| h.ts));
+        let events =
+            a.events.iter().map(|e| (e.event_type.as_str(), e.metadata.clone(), e.payload.clone(), e.scope.as_deref()));
+        let appended = self.write_events(txn, id, eid, head, ts, events)?;
+        txn.written += appended.last_seq - appended.first_seq + 1;
+        Ok(Outcome::Appended(appended))
+    }
+
+    /// Applies a replicated erasure (its tombstone dated by the leader).
+    fn apply_erase<'a>(&mut self, txn: &mut Txn<'a>, e: &'a PreparedErase) -> Result<Outcome> {
+        let id = e.entity_id.as_slice();
+        let head = match txn.head(self, id) {
+            Err(Error::Erased) => None,
+            head => head?,
+        };
+        txn.tentative.remove(id);
+        let count = self.delete_rows(id, head, e.timestamp_us)?;
+        txn.erased.push((id, head.map(|h| h.eid)));
+        Ok(Outcome::Erased(count))
+    }
+
+    /// Inserts a new entity's row (its head filled in at the next checkpoint); its eid.
+    fn create_entity(&self, idx: &[u8; 32], id_sealed: &[u8]) -> Result<i64> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO entities(idx, id_sealed, head_seq, head_pos, head_ts, head_hash)
+                 VALUES (?1, ?2, 0, 0, 0, ?3)",
+            )
+            .map_err(Error::storage("create entity"))?
+            .execute(params![&idx[..], id_sealed, &GENESIS[..]])
+            .map_err(Error::storage("create entity"))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
     fn is_erased(&self, entity_id: &[u8]) -> Result<bool> {
         let index = self.protection.index(entity_id);
         self.conn
@@ -911,7 +1153,7 @@ impl ShardWriter {
 
     /// Deletes everything of an entity in the open transaction and leaves a tombstone.
     /// Returns the number of events deleted.
-    fn delete_rows(&mut self, entity_id: &[u8], head: Option<Head>) -> Result<u64> {
+    fn delete_rows(&mut self, entity_id: &[u8], head: Option<Head>, ts: i64) -> Result<u64> {
         let index = self.protection.index(entity_id);
         let mut count = 0u64;
         if let Some(head) = head {
@@ -948,7 +1190,7 @@ impl ShardWriter {
         self.conn
             .execute(
                 "INSERT OR IGNORE INTO tombstones(idx, ts, key_destroyed) VALUES (?1, ?2, 0)",
-                params![&index[..], clock::now_us()],
+                params![&index[..], ts],
             )
             .map_err(Error::storage("write tombstone"))?;
         // The deleted rows may have held the highest positions: never hand them out again.

@@ -32,4 +32,7 @@ rustler::atoms! {
     sql,
     timeout,
     blob,
+    conflict,
+    replicated,
+    cluster_mismatch,
 }

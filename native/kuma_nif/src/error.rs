@@ -74,6 +74,9 @@ impl Encoder for Reason {
             Error::Decrypt { seq, why } => (atoms::decrypt_failed(), *seq, why.as_str()).encode(env),
             Error::Timeout => atoms::timeout().encode(env),
             Error::Sql { index, message } => (atoms::sql(), *index, message.as_str()).encode(env),
+            Error::Conflict { head_seq } => (atoms::conflict(), *head_seq).encode(env),
+            Error::Replicated => atoms::replicated().encode(env),
+            Error::ClusterMismatch { why } => (atoms::cluster_mismatch(), why.as_str()).encode(env),
         }
     }
 }
