@@ -84,6 +84,8 @@ defmodule Kuma.MixProject do
       deps: [],
       aliases: aliases(),
       test_coverage: [summary: [threshold: 0]],
+      # ra is optional (cluster mode only) and not a hex dependency here: see above.
+      xref: [exclude: [:ra, :ra_system]],
       name: "Kuma",
       docs: [main: "readme"]
     ]

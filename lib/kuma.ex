@@ -270,7 +270,9 @@ defmodule Kuma do
   """
   @spec events(store(), entity_id(), keyword()) :: {:ok, [Kuma.Envelope.t()]} | {:error, reason()}
   def events(store, entity_id, opts \\ []) do
-    with {:ok, s} <- Store.lookup(store), do: EventLog.events(s, entity_id, opts)
+    with {:ok, s} <- Store.lookup(store) do
+      on_leader(s, entity_id, {:events, [entity_id, opts]}, fn -> EventLog.events(s, entity_id, opts) end)
+    end
   end
 
   @doc """
@@ -328,6 +330,7 @@ defmodule Kuma do
   @spec subscribe(store(), keyword()) :: {:ok, pid()} | {:error, reason()}
   def subscribe(store, opts \\ []) do
     with {:ok, s} <- Store.lookup(store),
+         :ok <- single_node(s, :subscriptions),
          {:ok, spec} <- Kuma.Projection.Spec.subscription(s, opts) do
       Kuma.Projection.Supervisor.start_runner(s, spec)
     end
@@ -374,7 +377,9 @@ defmodule Kuma do
           {:ok, nil | %{seq: pos_integer(), position: pos_integer(), timestamp: integer(), hash: binary()}}
           | {:error, reason()}
   def head(store, entity_id) do
-    with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id), do: EventLog.head(s, entity_id)
+    with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id) do
+      on_leader(s, entity_id, {:head, [entity_id]}, fn -> EventLog.head(s, entity_id) end)
+    end
   end
 
   @doc "The shard that stores `entity_id` (see docs/storage-format.md for the function)."
@@ -411,7 +416,10 @@ defmodule Kuma do
          :ok <- Validate.timeout(opts),
          :ok <- Validate.timeout(opts, :forget_timeout),
          :ok <- Validate.entity_id(entity_id) do
-      Kuma.Erasure.delete(s, entity_id, opts)
+      on_leader(s, entity_id, {:delete, [entity_id, opts]}, fn -> Kuma.Erasure.delete(s, entity_id, opts) end,
+        timeout: Keyword.get(opts, :timeout, 60_000),
+        write: true
+      )
     end
   end
 
@@ -421,7 +429,7 @@ defmodule Kuma do
   @spec erased?(store(), entity_id()) :: {:ok, boolean()} | {:error, reason()}
   def erased?(store, entity_id) do
     with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id) do
-      Native.read_erased(s.native, entity_id)
+      on_leader(s, entity_id, {:erased?, [entity_id]}, fn -> Native.read_erased(s.native, entity_id) end)
     end
   end
 
@@ -437,9 +445,10 @@ defmodule Kuma do
   def export(%Kuma.Entity{store: store, id: id, aggregate: aggregate}, nil), do: export(store, id, aggregate)
   def export(store, entity_id), do: export(store, entity_id, nil)
 
-  defp export(store, entity_id, aggregate) do
+  @doc false
+  def export(store, entity_id, aggregate) do
     with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id) do
-      Kuma.Export.export(s, entity_id, aggregate)
+      on_leader(s, entity_id, {:export, [entity_id, aggregate]}, fn -> Kuma.Export.export(s, entity_id, aggregate) end)
     end
   end
 
@@ -475,7 +484,11 @@ defmodule Kuma do
   """
   @spec rotate_master_key(store(), binary()) :: {:ok, %{keys: non_neg_integer()}} | {:error, reason()}
   def rotate_master_key(store, new_key) do
-    with {:ok, s} <- Store.lookup(store), do: Kuma.Keys.rotate(s, new_key)
+    case Store.lookup(store) do
+      {:ok, %Store{cluster: nil} = s} -> Kuma.Keys.rotate(s, new_key)
+      {:ok, _cluster} -> {:error, {:not_supported_in_cluster, :rotate_master_key}}
+      error -> error
+    end
   end
 
   # -- integrity ------------------------------------------------------------------------
@@ -488,7 +501,9 @@ defmodule Kuma do
   """
   @spec verify(store(), entity_id()) :: {:ok, %{events: non_neg_integer(), hash: binary()}} | {:error, reason()}
   def verify(store, entity_id) do
-    with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id), do: EventLog.verify(s, entity_id)
+    with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id) do
+      on_leader(s, entity_id, {:verify, [entity_id]}, fn -> EventLog.verify(s, entity_id) end)
+    end
   end
 
   @doc """
@@ -533,6 +548,27 @@ defmodule Kuma do
   def info(store) do
     with {:ok, s} <- Store.lookup(store), do: {:ok, Store.info(s)}
   end
+
+  # -- cluster mode -------------------------------------------------------------------
+
+  # Cluster mode: a call about an entity runs on its shard's leader, as the same facade
+  # function called there with the store's name (Kuma.Cluster.Route). Single node: here.
+  defp on_leader(s, entity_id, call, local, opts \\ [])
+  defp on_leader(%Store{cluster: nil}, _entity_id, _call, local, _opts), do: local.()
+
+  defp on_leader(s, entity_id, {fun, args}, local, opts) do
+    timeout = Keyword.get(opts, :timeout, EventLog.default_timeout())
+    route = Kuma.Cluster.Route
+
+    with :ok <- Validate.entity_id(entity_id) do
+      route.run(s, route.shard(s, entity_id), {__MODULE__, fun, [s.name | args]}, timeout, local, opts)
+    end
+  end
+
+  @doc false
+  # What cluster mode does not do yet (Kuma.Cluster).
+  def single_node(%Store{cluster: nil}, _what), do: :ok
+  def single_node(_s, what), do: {:error, {:not_supported_in_cluster, what}}
 
   # -- errors ---------------------------------------------------------------------------
 

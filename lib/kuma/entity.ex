@@ -38,6 +38,7 @@ defmodule Kuma.Entity do
   """
 
   alias Kuma.{EventLog, Native, Store, Validate}
+  alias Kuma.Cluster.Route
   alias Kuma.Entity.{Loader, Server}
 
   @enforce_keys [:store, :aggregate, :id]
@@ -68,16 +69,23 @@ defmodule Kuma.Entity do
   @spec fetch(t()) :: {:ok, term()} | {:error, term()}
   def fetch(%__MODULE__{} = e) do
     with {:ok, s} <- store(e) do
-      case :ets.lookup(s.entities, e.id) do
-        [{_, pid, aggregate, state, _seq, epoch}] when aggregate == e.aggregate ->
-          if Process.alive?(pid), do: touched(s, e.id, epoch, {:ok, state}), else: call(s, e, {:read, e.aggregate})
-
-        [{_, pid, other, _, _, _}] ->
-          if Process.alive?(pid), do: {:error, {:aggregate_mismatch, other}}, else: call(s, e, {:read, e.aggregate})
-
-        [] ->
-          call(s, e, {:read, e.aggregate})
+      case s.cluster do
+        nil -> fetch_here(s, e)
+        _ -> routed(s, e, {:fetch, []}, EventLog.default_timeout(), [], fn -> fetch_here(s, e) end)
       end
+    end
+  end
+
+  defp fetch_here(s, e) do
+    case :ets.lookup(s.entities, e.id) do
+      [{_, pid, aggregate, state, _seq, epoch}] when aggregate == e.aggregate ->
+        if Process.alive?(pid), do: touched(s, e.id, epoch, {:ok, state}), else: call(s, e, {:read, e.aggregate})
+
+      [{_, pid, other, _, _, _}] ->
+        if Process.alive?(pid), do: {:error, {:aggregate_mismatch, other}}, else: call(s, e, {:read, e.aggregate})
+
+      [] ->
+        call(s, e, {:read, e.aggregate})
     end
   end
 
@@ -103,7 +111,12 @@ defmodule Kuma.Entity do
   def execute(%__MODULE__{} = e, command, opts \\ []) do
     with {:ok, s} <- store(e),
          :ok <- Validate.write(opts) do
-      call(s, e, {:execute, e.aggregate, command, opts}, Keyword.get(opts, :timeout, EventLog.default_timeout()))
+      opts = Route.command_id(s, opts)
+      timeout = Keyword.get(opts, :timeout, EventLog.default_timeout())
+
+      routed(s, e, {:execute, [command, opts]}, timeout, [write: true], fn ->
+        call(s, e, {:execute, e.aggregate, command, opts}, timeout)
+      end)
     end
   end
 
@@ -113,12 +126,12 @@ defmodule Kuma.Entity do
   def append(%__MODULE__{} = e, events, opts \\ []) do
     with {:ok, s} <- store(e),
          :ok <- Validate.append(events, opts) do
-      call(
-        s,
-        e,
-        {:append, e.aggregate, List.wrap(events), opts},
-        Keyword.get(opts, :timeout, EventLog.default_timeout())
-      )
+      opts = Route.command_id(s, opts)
+      timeout = Keyword.get(opts, :timeout, EventLog.default_timeout())
+
+      routed(s, e, {:append, [events, opts]}, timeout, [write: true], fn ->
+        call(s, e, {:append, e.aggregate, List.wrap(events), opts}, timeout)
+      end)
     end
   end
 
@@ -130,10 +143,13 @@ defmodule Kuma.Entity do
   @spec read_at(t(), keyword()) :: {:ok, term()} | {:error, term()}
   def read_at(%__MODULE__{} = e, opts) do
     with {:ok, s} <- store(e),
-         :ok <- Validate.keys(opts, [:seq, :at]),
-         {:ok, seq} <- target_seq(s, e, opts),
-         {:ok, loaded} <- Loader.load(s, e.aggregate, e.id, seq) do
-      {:ok, loaded.state}
+         :ok <- Validate.keys(opts, [:seq, :at]) do
+      routed(s, e, {:read_at, [opts]}, EventLog.default_timeout(), [], fn ->
+        with {:ok, seq} <- target_seq(s, e, opts),
+             {:ok, loaded} <- Loader.load(s, e.aggregate, e.id, seq) do
+          {:ok, loaded.state}
+        end
+      end)
     end
   end
 
@@ -151,9 +167,12 @@ defmodule Kuma.Entity do
   """
   @spec history(t(), keyword()) :: {:ok, [Kuma.Envelope.t()]} | {:error, term()}
   def history(%__MODULE__{} = e, opts \\ []) do
-    with {:ok, s} <- store(e),
-         {:ok, events} <- EventLog.events(s, e.id, opts) do
-      {:ok, Enum.map(events, &%{&1 | data: Loader.upcast(e.aggregate, &1)})}
+    with {:ok, s} <- store(e) do
+      routed(s, e, {:history, [opts]}, EventLog.default_timeout(), [], fn ->
+        with {:ok, events} <- EventLog.events(s, e.id, opts) do
+          {:ok, Enum.map(events, &%{&1 | data: Loader.upcast(e.aggregate, &1)})}
+        end
+      end)
     end
   end
 
@@ -161,20 +180,24 @@ defmodule Kuma.Entity do
   @spec passivate(t()) :: :ok | {:error, term()}
   def passivate(%__MODULE__{} = e) do
     with {:ok, s} <- store(e) do
-      case GenServer.whereis(Server.via(s.name, e.id)) do
-        nil ->
-          :ok
+      routed(s, e, {:passivate, []}, EventLog.default_timeout(), [], fn -> passivate_here(s, e) end)
+    end
+  end
 
-        pid ->
-          ref = Process.monitor(pid)
-          send(pid, {:passivate, :infinity})
+  defp passivate_here(s, e) do
+    case GenServer.whereis(Server.via(s.name, e.id)) do
+      nil ->
+        :ok
 
-          receive do
-            {:DOWN, ^ref, :process, _, _} -> :ok
-          after
-            EventLog.default_timeout() -> {:error, :timeout}
-          end
-      end
+      pid ->
+        ref = Process.monitor(pid)
+        send(pid, {:passivate, :infinity})
+
+        receive do
+          {:DOWN, ^ref, :process, _, _} -> :ok
+        after
+          EventLog.default_timeout() -> {:error, :timeout}
+        end
     end
   end
 
@@ -182,19 +205,30 @@ defmodule Kuma.Entity do
   @spec info(t()) :: {:ok, map()} | {:error, term()}
   def info(%__MODULE__{} = e) do
     with {:ok, s} <- store(e) do
-      case GenServer.whereis(Server.via(s.name, e.id)) do
-        nil ->
-          {:ok, %{live: false}}
-
-        pid ->
-          try do
-            GenServer.call(pid, :info)
-          catch
-            :exit, _ -> {:ok, %{live: false}}
-          end
-      end
+      routed(s, e, {:info, []}, EventLog.default_timeout(), [], fn -> info_here(s, e) end)
     end
   end
+
+  defp info_here(s, e) do
+    case GenServer.whereis(Server.via(s.name, e.id)) do
+      nil ->
+        {:ok, %{live: false}}
+
+      pid ->
+        try do
+          GenServer.call(pid, :info)
+        catch
+          :exit, _ -> {:ok, %{live: false}}
+        end
+    end
+  end
+
+  # Cluster mode: the call runs on the leader of the entity's shard, where its process
+  # lives (Kuma.Cluster.Route); there it runs `local`. Single node: `local` here.
+  defp routed(%Store{cluster: nil}, _e, _call, _timeout, _opts, local), do: local.()
+
+  defp routed(s, e, {fun, args}, timeout, opts, local),
+    do: Route.run(s, Route.shard(s, e.id), {__MODULE__, fun, [e | args]}, timeout, local, opts)
 
   @doc false
   # The pid of a live entity (any aggregate), or nil. Used to route store-level appends.

@@ -12,6 +12,7 @@ defmodule Kuma.EventLog do
   # keep a normal scheduler near 20 µs (p50) and under 100 µs (p99).
 
   alias Kuma.{Codec, Native, Store}
+  alias Kuma.Cluster.{Proposer, Route}
   require Native
 
   @default_timeout 30_000
@@ -35,17 +36,32 @@ defmodule Kuma.EventLog do
   def append(%Store{} = s, entity_id, events, opts) do
     with {:ok, expected} <- Kuma.Validate.expected_seq(Keyword.get(opts, :expected_seq)),
          {:ok, encoded} <- Codec.encode_events(events, Keyword.get(opts, :metadata), s) do
-      append_encoded(s, entity_id, expected, encoded, Keyword.get(opts, :timeout, @default_timeout))
+      timeout = Keyword.get(opts, :timeout, @default_timeout)
+      append_encoded(s, entity_id, expected, encoded, timeout, Keyword.get(opts, :kuma_command_id))
     end
   end
 
-  @doc "Appends events already encoded by `Kuma.Codec.encode_events/4`."
-  @spec append_encoded(Store.t(), binary(), non_neg_integer() | nil, map(), timeout()) ::
+  @doc """
+  Appends events already encoded by `Kuma.Codec.encode_events/4`. Cluster mode: through
+  the shard's log (this node must lead the shard, see Kuma.Cluster.Route), as the command
+  `command_id` (a new one if nil).
+  """
+  @spec append_encoded(Store.t(), binary(), non_neg_integer() | nil, map(), timeout(), binary() | nil) ::
           {:ok, Native.appended()} | {:error, term()}
-  def append_encoded(%Store{} = s, entity_id, expected, %{encoded: encoded, bytes: bytes}, timeout) do
+  def append_encoded(s, entity_id, expected, encoded, timeout, command_id \\ nil)
+
+  def append_encoded(%Store{cluster: nil} = s, entity_id, expected, %{encoded: encoded, bytes: bytes}, timeout, _cid) do
     write = if dirty?(length(encoded), bytes), do: &Native.write_append_dirty/5, else: &Native.write_append/5
     call(fn ref -> write.(s.native, ref, entity_id, expected, encoded) end, timeout)
   end
+
+  def append_encoded(%Store{} = s, entity_id, expected, %{encoded: encoded}, timeout, cid) do
+    request = {:append, cid || command_id(), entity_id, expected, encoded}
+    [answer] = Proposer.write(s, Route.shard(s, entity_id), [request], timeout)
+    answer
+  end
+
+  defp command_id, do: :crypto.strong_rand_bytes(16)
 
   @doc """
   Appends to many entities in one call: `entries` are `{entity_id, expected, encoded}`
@@ -54,7 +70,7 @@ defmodule Kuma.EventLog do
   """
   @spec append_batch(Store.t(), [{binary(), non_neg_integer() | nil, map()}], timeout()) ::
           {:ok, [{:ok, Native.appended()} | {:error, term()}]} | {:error, term()}
-  def append_batch(%Store{} = s, entries, timeout) do
+  def append_batch(%Store{cluster: nil} = s, entries, timeout) do
     {raw, {count, bytes}} =
       Enum.map_reduce(entries, {0, 0}, fn {id, expected, %{encoded: e, bytes: b}}, {n, size} ->
         {{id, expected, e}, {n + length(e), size + b}}
@@ -62,6 +78,24 @@ defmodule Kuma.EventLog do
 
     write = if dirty?(count, bytes), do: &Native.write_batch_dirty/3, else: &Native.write_batch/3
     call(fn ref -> write.(s.native, ref, raw) end, timeout)
+  end
+
+  # Cluster mode: each entry is {entity_id, expected, encoded, command_id}, of shards this
+  # node leads; one log entry per shard.
+  def append_batch(%Store{} = s, entries, timeout) do
+    indexed = Enum.with_index(entries)
+
+    answers =
+      indexed
+      |> Enum.group_by(fn {{id, _, _, _}, _i} -> Route.shard(s, id) end)
+      |> Enum.flat_map(fn {shard, group} ->
+        requests =
+          for {{id, expected, %{encoded: e}, cid}, _i} <- group, do: {:append, cid || command_id(), id, expected, e}
+
+        Enum.zip(Enum.map(group, &elem(&1, 1)), Proposer.write(s, shard, requests, timeout))
+      end)
+
+    {:ok, answers |> Enum.sort_by(&elem(&1, 0)) |> Enum.map(&elem(&1, 1))}
   end
 
   defp dirty?(events, bytes), do: events > @dirty_events or bytes > @dirty_bytes
@@ -83,8 +117,14 @@ defmodule Kuma.EventLog do
 
   @doc "Erases an entity in storage (see Kuma.Erasure): `{:ok, events_deleted}`."
   @spec erase(Store.t(), binary(), timeout()) :: {:ok, non_neg_integer()} | {:error, term()}
-  def erase(%Store{} = s, entity_id, timeout) do
+  def erase(%Store{cluster: nil} = s, entity_id, timeout) do
     call(fn ref -> Native.write_erase(s.native, ref, entity_id) end, timeout)
+  end
+
+  # Cluster mode: through the shard's log, so that every replica erases it.
+  def erase(%Store{} = s, entity_id, timeout) do
+    [answer] = Proposer.write(s, Route.shard(s, entity_id), [{:erase, command_id(), entity_id}], timeout)
+    answer
   end
 
   @doc "Compacts every shard, one at a time (`Kuma.compact/2`)."
@@ -278,7 +318,7 @@ defmodule Kuma.EventLog do
           {:halt, :done}
 
         seq ->
-          with {:ok, s} <- Store.lookup(store), {:ok, events} <- read(s, entity_id, seq, chunk) do
+          with {:ok, s} <- Store.lookup(store), {:ok, events} <- page(s, entity_id, seq, chunk) do
             case events do
               [] -> {:halt, :done}
               events when length(events) < chunk -> {events, :done}
@@ -291,6 +331,10 @@ defmodule Kuma.EventLog do
       fn _ -> :ok end
     )
   end
+
+  # Cluster mode: a page of the stream is read on the shard's leader (Kuma.events/3 routes).
+  defp page(%Store{cluster: nil} = s, entity_id, seq, chunk), do: read(s, entity_id, seq, chunk)
+  defp page(s, entity_id, seq, chunk), do: Kuma.events(s, entity_id, from: seq, limit: chunk)
 
   # -- integrity -----------------------------------------------------------------------------
 

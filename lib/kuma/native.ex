@@ -58,7 +58,7 @@ defmodule Kuma.Native do
   defp nif_missing, do: :erlang.nif_error(:kuma_nif_not_loaded)
 
   # store: open, close, facts (store.rs)
-  def store_open(_data_dir, _shards, _sync, _writer_threads, _master_key, _keystore_path, _file_mode),
+  def store_open(_data_dir, _shards, _sync, _writer_threads, _master_key, _keystore_path, _file_mode, _cluster_key),
     do: nif_missing()
 
   def store_close(_store), do: nif_missing()
@@ -78,6 +78,11 @@ defmodule Kuma.Native do
   def write_erase(_store, _ref, _entity_id), do: nif_missing()
   def write_flush(_store), do: nif_missing()
   def write_compact(_store, _ref, _shard), do: nif_missing()
+
+  # cluster: preparing writes on a shard's leader, applying replicated ones (cluster.rs)
+  def cluster_prepare(_store, _requests), do: nif_missing()
+  def cluster_apply(_store, _ref, _shard, _raft_index, _commands), do: nif_missing()
+  def cluster_applied_index(_store, _shard), do: nif_missing()
 
   # read (read.rs)
   def read_entity(_store, _entity_id, _from_seq, _max), do: nif_missing()

@@ -118,9 +118,11 @@ defmodule Kuma.Projection do
   # Starts a projection or read model from its spec (one name runs once in the VM).
   @spec start_spec(Store.t(), Spec.t()) :: {:ok, pid()} | {:error, term()}
   def start_spec(s, spec) do
-    case whereis(spec.name) do
-      nil -> Kuma.Projection.Supervisor.start_runner(s, spec)
-      _pid -> {:error, {:already_started, spec.name}}
+    with :ok <- Kuma.single_node(s, :projections) do
+      case whereis(spec.name) do
+        nil -> Kuma.Projection.Supervisor.start_runner(s, spec)
+        _pid -> {:error, {:already_started, spec.name}}
+      end
     end
   end
 

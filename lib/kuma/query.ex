@@ -84,8 +84,20 @@ defmodule Kuma.Query do
   # the chain hash of the event stored at that position (nil if none).
   @spec read_shard(Store.t(), non_neg_integer(), non_neg_integer(), t(), pos_integer()) ::
           {:ok, {[Native.event()], non_neg_integer(), binary() | nil}} | {:error, term()}
-  def read_shard(%Store{} = s, shard, after_pos, %__MODULE__{} = query, max) do
+  def read_shard(%Store{cluster: nil} = s, shard, after_pos, %__MODULE__{} = query, max) do
     Native.read_query(s.native, shard, after_pos, query, max)
+  end
+
+  # Cluster mode: on the shard's leader, which holds every acknowledged write.
+  def read_shard(%Store{} = s, shard, after_pos, %__MODULE__{} = query, max) do
+    mfa = {__MODULE__, :read_shard_named, [s.name, shard, after_pos, query, max]}
+    local = fn -> Native.read_query(s.native, shard, after_pos, query, max) end
+    Kuma.Cluster.Route.run(s, shard, mfa, Kuma.EventLog.default_timeout(), local)
+  end
+
+  @doc false
+  def read_shard_named(name, shard, after_pos, query, max) do
+    with {:ok, s} <- Store.lookup(name), do: read_shard(s, shard, after_pos, query, max)
   end
 
   @doc false

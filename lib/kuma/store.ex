@@ -46,7 +46,8 @@ defmodule Kuma.Store do
     :encrypted,
     :epoch,
     :file_mode,
-    :projections_dir
+    :projections_dir,
+    :cluster
   ]
   defstruct @enforce_keys
 
@@ -69,7 +70,8 @@ defmodule Kuma.Store do
           encrypted: boolean(),
           epoch: :atomics.atomics_ref() | nil,
           file_mode: non_neg_integer(),
-          projections_dir: Path.t()
+          projections_dir: Path.t(),
+          cluster: nil | %Kuma.Cluster{}
         }
 
   @doc false

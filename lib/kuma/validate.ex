@@ -62,7 +62,8 @@ defmodule Kuma.Validate do
   @doc "The options of a write (append or execute)."
   @spec write(keyword()) :: :ok | {:error, term()}
   def write(opts) do
-    with :ok <- keys(opts, [:expected_seq, :metadata, :timeout, :return]),
+    # (:kuma_command_id: set by Kuma itself in cluster mode, see Kuma.Cluster.Route.)
+    with :ok <- keys(opts, [:expected_seq, :metadata, :timeout, :return, :kuma_command_id]),
          :ok <- timeout(opts),
          :ok <- return(opts),
          {:ok, _} <- expected_seq(Keyword.get(opts, :expected_seq)),

@@ -178,13 +178,23 @@ defmodule Kuma.Entity.Server do
   defp persist(s, st, encoded, new_state, decide, opts, retries) do
     timeout = Keyword.get(opts, :timeout, EventLog.default_timeout())
 
-    case EventLog.append_encoded(s, st.id, st.seq, encoded, timeout) do
+    case EventLog.append_encoded(s, st.id, st.seq, encoded, timeout, Keyword.get(opts, :kuma_command_id)) do
+      {:ok, Native.appended(first_seq: first)} = {:ok, appended} when first != st.seq + 1 ->
+        # Cluster mode: the answer of an earlier attempt of the same command (it was
+        # committed, then its caller tried again). What we decided now was not written:
+        # answer the first outcome and reload from storage.
+        {:stop, {:shutdown, :stale}, EventLog.answer(appended, opts), st}
+
       {:ok, Native.appended(last_seq: last, hash: hash) = appended} ->
         before = st.seq
         st = %{st | state: new_state, seq: last, hash: hash}
         publish(s, st)
         maybe_snapshot(s, st, before)
         {:reply, EventLog.answer(appended, opts), st}
+
+      {:error, {:outcome_unknown, _}} = error ->
+        # Cluster mode: maybe written, maybe not: our state may be behind; reload next time.
+        {:stop, {:shutdown, :stale}, error, st}
 
       {:error, {:wrong_expected_seq, _, _}} when retries > 0 ->
         # Someone wrote to the stream without going through us (store-level API while we

@@ -18,47 +18,55 @@ defmodule Kuma.Store.Owner do
     Process.flag(:trap_exit, true)
     close_stale(config.name)
 
-    case open(config) do
-      {:ok, native} ->
-        info = Native.store_info(native)
-
-        store = %Store{
-          name: config.name,
-          native: native,
-          data_dir: config.data_dir,
-          shards: config.shards,
-          sync: config.sync,
-          decode: config.decode,
-          store_id: info.store_id,
-          aggregates: config.aggregates,
-          upcasters: config.upcasters,
-          snapshot_every: config.snapshot_every,
-          idle_timeout: config.idle_timeout,
-          max_live_entities: config.max_live_entities,
-          # Live entities publish {id, pid, aggregate, state, seq, last_used_epoch} here;
-          # reads are served from it without calling the entity (Kuma.Entity).
-          entities: :ets.new(:kuma_entities, [:set, :public, read_concurrency: true, write_concurrency: true]),
-          # {subject_id, entity_id}: entities whose in-memory state holds a revealed
-          # Kuma.Sensitive value of the subject; erasing the subject passivates them.
-          sensitive_refs: :ets.new(:kuma_sensitive_refs, [:bag, :public, write_concurrency: true]),
-          encrypted: info.encrypted,
-          epoch: :atomics.new(1, signed: false),
-          file_mode: config.file_mode,
-          projections_dir: config.projections_dir
-        }
-
-        :persistent_term.put(Store.key(config.name), store)
-        {:ok, store}
-
+    with {:ok, cluster, cluster_key} <- join(config),
+         {:ok, native} <- open(config, cluster_key) do
+      {:ok, publish(config, native, cluster)}
+    else
       {:error, reason} ->
+        if config.cluster, do: Kuma.Cluster.Boot.leave(config.cluster)
         {:stop, reason}
     end
+  end
+
+  # The store as every Kuma function sees it, published in :persistent_term.
+  defp publish(config, native, cluster) do
+    info = Native.store_info(native)
+
+    store = %Store{
+      name: config.name,
+      native: native,
+      data_dir: config.data_dir,
+      shards: config.shards,
+      sync: config.sync,
+      decode: config.decode,
+      store_id: info.store_id,
+      aggregates: config.aggregates,
+      upcasters: config.upcasters,
+      snapshot_every: config.snapshot_every,
+      idle_timeout: config.idle_timeout,
+      max_live_entities: config.max_live_entities,
+      # Live entities publish {id, pid, aggregate, state, seq, last_used_epoch} here;
+      # reads are served from it without calling the entity (Kuma.Entity).
+      entities: :ets.new(:kuma_entities, [:set, :public, read_concurrency: true, write_concurrency: true]),
+      # {subject_id, entity_id}: entities whose in-memory state holds a revealed
+      # Kuma.Sensitive value of the subject; erasing the subject passivates them.
+      sensitive_refs: :ets.new(:kuma_sensitive_refs, [:bag, :public, write_concurrency: true]),
+      encrypted: info.encrypted,
+      epoch: :atomics.new(1, signed: false),
+      file_mode: config.file_mode,
+      projections_dir: config.projections_dir,
+      # Cluster mode: where each shard's leader is (Kuma.Cluster.Route).
+      cluster: cluster && %{cluster | routes: :ets.new(:kuma_routes, [:set, :public, read_concurrency: true])}
+    }
+
+    :persistent_term.put(Store.key(config.name), store)
+    store
   end
 
   # Opens the native store. The master key comes from the vault here, and goes nowhere else:
   # a raise inside (which would carry the call's arguments in its stack trace) becomes a
   # plain error that names what was wrong, not the arguments.
-  defp open(config) do
+  defp open(config, cluster_key) do
     with {:ok, master_key} <- master_key(config.master_key) do
       Native.store_open(
         config.data_dir,
@@ -67,12 +75,17 @@ defmodule Kuma.Store.Owner do
         config.writer_threads || 0,
         master_key,
         config.keystore_path,
-        config.file_mode
+        config.file_mode,
+        cluster_key
       )
     end
   rescue
     e in ArgumentError -> {:error, {:invalid, :options, "the native store refused them: " <> Exception.message(e)}}
   end
+
+  # Cluster mode: join the cluster first, for the key every replica hashes ids with.
+  defp join(%{cluster: nil}), do: {:ok, nil, nil}
+  defp join(config), do: Kuma.Cluster.Boot.join(config)
 
   defp master_key(nil), do: {:ok, nil}
 
@@ -97,6 +110,7 @@ defmodule Kuma.Store.Owner do
   @impl true
   def terminate(_reason, store) do
     :persistent_term.erase(Store.key(store.name))
+    if store.cluster, do: Kuma.Cluster.Boot.leave(store.cluster)
     Native.store_close(store.native)
     :ok
   end

@@ -86,13 +86,25 @@ defmodule Kuma.Store.Supervisor do
   def init(config) do
     if config.master_key, do: Kuma.Keys.Vault.claim(config.master_key, self())
 
-    children = [
-      {Kuma.Store.Owner, config},
-      {Kuma.Feed, config.name},
-      {PartitionSupervisor, child_spec: DynamicSupervisor, name: Store.via(config.name, :entities)},
-      {Kuma.Entity.Reaper, config.name},
-      {Kuma.Projection.Supervisor, config}
-    ]
+    # Cluster mode: this node's shard members, and a proposer for each shard it leads,
+    # right after the owner (which joined the cluster and opened the shards).
+    cluster =
+      if config.cluster,
+        do: [
+          {DynamicSupervisor, name: Store.via(config.name, :proposers), strategy: :one_for_one},
+          %{id: Kuma.Cluster.Shards, start: {Kuma.Cluster.Shards, :start_link, [config.name]}, shutdown: 30_000}
+        ],
+        else: []
+
+    children =
+      [{Kuma.Store.Owner, config}] ++
+        cluster ++
+        [
+          {Kuma.Feed, config.name},
+          {PartitionSupervisor, child_spec: DynamicSupervisor, name: Store.via(config.name, :entities)},
+          {Kuma.Entity.Reaper, config.name},
+          {Kuma.Projection.Supervisor, config}
+        ]
 
     Supervisor.init(children, strategy: :rest_for_one, max_restarts: 3, max_seconds: 5)
   end

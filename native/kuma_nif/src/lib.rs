@@ -7,6 +7,7 @@
 //! - `read`: one entity's events, head and snapshots, queries across a shard, chain checks;
 //! - `keys`: sensitive values and master key rotation;
 //! - `sqldb`: read-model databases;
+//! - `cluster`: preparing writes on a shard's leader, applying replicated ones everywhere;
 //! - `term`, `error`, `atoms`: the shapes that cross the boundary, errors, atoms.
 //!
 //! Scheduling rules: writes return at once (the commit is answered with `{:kuma_reply, ref,
@@ -15,6 +16,7 @@
 //! runs inside `error::guard`, so a Rust panic becomes `{:error, {:panic, message}}`.
 
 mod atoms;
+mod cluster;
 mod error;
 mod keys;
 mod read;

@@ -25,6 +25,7 @@ fn store_open(
     master_key: Option<Binary>,
     keystore_path: Option<String>,
     file_mode: u32,
+    cluster_key: Option<Binary>,
 ) -> NifResult<ResourceArc<StoreResource>> {
     guard(|| {
         let sync = if sync == atoms::full() {
@@ -43,6 +44,13 @@ fn store_open(
         config.master_key = master_key.map(|k| Key::from_bytes(k.as_slice())).transpose()?;
         config.keystore_path = keystore_path.map(std::path::PathBuf::from);
         config.file_mode = file_mode;
+        // nil = single node; else the cluster's 32-byte key (see kuma_core::replica).
+        config.cluster_key = cluster_key
+            .map(|k| {
+                <[u8; 32]>::try_from(k.as_slice())
+                    .map_err(|_| Error::Invalid { what: "cluster_key", why: "must be 32 bytes".into() })
+            })
+            .transpose()?;
         Ok(ResourceArc::new(StoreResource { store: Store::open(config)? }))
     })
 }

@@ -1,0 +1,101 @@
+defmodule Kuma.Cluster.Boot do
+  @moduledoc false
+  # How a node joins its store's cluster when the store starts (Kuma.Store.Owner): start
+  # the store's Raft system (files under <data_dir>/raft), connect to the seeds, run this
+  # node's member of the metadata group, and agree on the cluster's identity through it.
+  # The first node to propose an identity sets it; every other node reads the same one and
+  # is refused if its own settings differ. Waits for a majority of the seeds, at most
+  # `:start_timeout`.
+
+  require Logger
+
+  alias Kuma.Cluster
+  alias Kuma.Cluster.{Consensus, MetaMachine}
+
+  @doc "Joins the cluster: `{:ok, cluster, key}` (the key of keyed hashes of ids) or an error."
+  @spec join(map()) :: {:ok, Cluster.t(), binary()} | {:error, term()}
+  def join(%{cluster: %Cluster{} = cluster} = config) do
+    engine = Consensus.engine()
+    deadline = System.monotonic_time(:millisecond) + cluster.start_timeout
+
+    with :ok <- ra_available(engine),
+         :ok <- engine.start_system(cluster.system, Path.join(config.data_dir, "raft")),
+         _ = connect(cluster.seeds),
+         :ok <- engine.ensure_member(cluster.system, Cluster.meta_group(cluster), {MetaMachine, %{}}, cluster.seeds),
+         {:ok, identity} <- agree(engine, cluster, proposal(config), deadline),
+         :ok <- check(identity, config) do
+      {:ok, %{cluster | id: identity.cluster_id}, identity.key}
+    end
+  end
+
+  @doc "Stops this node's metadata member (when the store stops)."
+  def leave(%Cluster{} = cluster), do: Consensus.engine().stop_member(cluster.system, Cluster.meta_group(cluster))
+
+  defp ra_available(engine) do
+    case engine.available() do
+      :ok -> :ok
+      {:error, why} -> {:error, {:ra_missing, why}}
+    end
+  end
+
+  defp connect(seeds), do: for(seed <- seeds, seed != node(), do: Node.connect(seed))
+
+  defp proposal(config) do
+    %{
+      cluster_id: Base.encode16(:crypto.strong_rand_bytes(16), case: :lower),
+      key: :crypto.strong_rand_bytes(32),
+      shards: config.shards,
+      replicas: config.cluster.replicas,
+      seeds: config.cluster.seeds,
+      encrypted: config.encryption
+    }
+  end
+
+  # No leader yet (a new group, or all members restarted): the first seed stands for
+  # election at once, the others after a few unanswered rounds (jittered), so that a group
+  # whose first seed is down still elects one.
+  defp agree(engine, cluster, proposal, deadline, round \\ 0) do
+    group = Cluster.meta_group(cluster)
+
+    if (round == 0 and node() == hd(cluster.seeds)) or (round >= 3 and :rand.uniform(3) == 1) do
+      engine.trigger_election(group)
+    end
+
+    case engine.command(group, node(), {:join, proposal}, 2_000) do
+      {:ok, {:ok, identity}, _leader} ->
+        {:ok, identity}
+
+      other ->
+        if System.monotonic_time(:millisecond) >= deadline do
+          reachable = Enum.count(cluster.seeds, &(&1 == node() or &1 in Node.list()))
+
+          {:error,
+           {:cluster_not_formed,
+            "#{reachable} of #{length(cluster.seeds)} seeds reachable, a majority is needed (last answer: #{inspect(other)})"}}
+        else
+          connect(cluster.seeds)
+          Process.sleep(200)
+          agree(engine, cluster, proposal, deadline, round + 1)
+        end
+    end
+  end
+
+  defp check(identity, config) do
+    ours = %{
+      shards: config.shards,
+      replicas: config.cluster.replicas,
+      seeds: config.cluster.seeds,
+      encrypted: config.encryption
+    }
+
+    case Enum.find([:shards, :replicas, :seeds, :encrypted], &(Map.get(identity, &1) != Map.get(ours, &1))) do
+      nil ->
+        :ok
+
+      key ->
+        {:error,
+         {:cluster_mismatch,
+          "the cluster has #{key} #{inspect(Map.get(identity, key))}, this node was started with #{inspect(Map.get(ours, key))}"}}
+    end
+  end
+end

@@ -1,0 +1,47 @@
+defmodule Kuma.Cluster.Consensus do
+  @moduledoc false
+  # What Kuma needs of a consensus engine, and nothing more: the rest of Kuma reaches Raft
+  # only through these calls, so the engine (ra today, `Kuma.Cluster.Consensus.Ra`) can be
+  # upgraded or replaced without touching it. A group is a replicated state machine named
+  # by an atom; its members are nodes, at most one member per node.
+  #
+  # ra 2.2.0 has no non-voting members: every member votes, so a member that is catching up
+  # counts towards the quorum it cannot yet serve. Cluster I fixes the members at start;
+  # Cluster II (adding members) must add a node only once it has caught up.
+
+  @type group :: atom()
+  @type machine :: {module(), map()}
+
+  @doc "Makes the engine usable on this node, its files under `dir`."
+  @callback start_system(system :: atom(), dir :: Path.t()) :: :ok | {:error, term()}
+
+  @doc "Runs this node's member of `group` (recovered from its files, or new)."
+  @callback ensure_member(system :: atom(), group(), machine(), members :: [node()]) :: :ok | {:error, term()}
+
+  @doc "Stops this node's member of `group` (its files stay)."
+  @callback stop_member(system :: atom(), group()) :: :ok
+
+  @doc """
+  Commits `command` in `group` and returns what the machine's apply answered on the
+  leader. `via` is the member to ask first (ra follows redirects to the leader).
+  """
+  @callback command(group(), via :: node(), command :: term(), timeout()) ::
+              {:ok, reply :: term(), leader :: node()} | {:timeout, node()} | {:error, term()}
+
+  @doc "The node of `group`'s leader, asking member `via`."
+  @callback leader(group(), via :: node(), timeout()) :: {:ok, node()} | {:error, term()}
+
+  @doc """
+  Asks this node's member of `group` to stand for election. A new group elects no leader
+  on its own (ra waits for a first election), nor always does a group whose members all
+  restarted: the caller triggers one when it finds none.
+  """
+  @callback trigger_election(group()) :: :ok
+
+  @doc "Whether the engine's code is present: `:ok` or `{:error, why}`."
+  @callback available() :: :ok | {:error, String.t()}
+
+  @doc "The engine in use."
+  @spec engine() :: module()
+  def engine, do: Kuma.Cluster.Consensus.Ra
+end

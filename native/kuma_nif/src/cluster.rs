@@ -1,0 +1,194 @@
+//! Cluster mode: preparing writes on a shard's leader and applying replicated commands on
+//! every replica (kuma_core's `replica` module). The prepared commands travel through the
+//! Raft log as plain terms:
+//!
+//! - `{:kuma_prepared, command_id, entity_id, expected | nil, first_seq, timestamp,
+//!   id_sealed, new_key | nil, [{type, metadata, payload, scope | nil}]}`
+//! - `{:kuma_erase, command_id, entity_id, timestamp}`
+//!
+//! and applying one log entry answers `{:kuma_reply, ref, {:ok, outcomes}}` with one
+//! outcome per command: `{:appended, appended}`, `{:erased, count}`, `{:refused, reason}`
+//! or `{:conflict, head_seq}`.
+
+use crate::atoms;
+use crate::error::{encode_result, guard, NifResult, Reason};
+use crate::reply;
+use crate::store::StoreResource;
+use crate::term::{bin, decode_events, decode_expected, decode_id, AppendedTerm};
+use kuma_core::replica::{
+    AppendRequest, Outcome, PreparedAppend, PreparedErase, Replicated, SealedEvent, COMMAND_ID_LEN,
+};
+use kuma_core::{Error, Expected, Result};
+use rustler::types::binary::Binary;
+use rustler::{Atom, Encoder, Env, ResourceArc, Term};
+
+rustler::atoms! {
+    kuma_prepared,
+    kuma_erase,
+    appended,
+    erased,
+    refused,
+}
+
+fn bad(what: &'static str, why: &str) -> Error {
+    Error::Invalid { what, why: why.into() }
+}
+
+fn command_id(term: Term) -> Result<[u8; COMMAND_ID_LEN]> {
+    term.decode::<Binary>()
+        .ok()
+        .and_then(|b| b.as_slice().try_into().ok())
+        .ok_or_else(|| bad("command_id", "must be a 16-byte binary"))
+}
+
+fn bytes(term: Term, what: &'static str) -> Result<Vec<u8>> {
+    term.decode::<Binary>().map(|b| b.as_slice().to_vec()).map_err(|_| bad(what, "must be a binary"))
+}
+
+fn optional_bytes(term: Term, what: &'static str) -> Result<Option<Vec<u8>>> {
+    if term.is_atom() {
+        return Ok(None);
+    }
+    bytes(term, what).map(Some)
+}
+
+fn encode_expected<'a>(env: Env<'a>, expected: Expected) -> Term<'a> {
+    match expected {
+        Expected::Any => atoms::nil().encode(env),
+        Expected::Seq(n) => n.encode(env),
+    }
+}
+
+fn encode_prepared<'a>(env: Env<'a>, p: PreparedAppend) -> Term<'a> {
+    let events: Vec<Term> = p
+        .events
+        .iter()
+        .map(|e| {
+            let scope = match &e.scope {
+                Some(s) => bin(env, s.as_bytes()),
+                None => atoms::nil().encode(env),
+            };
+            (bin(env, e.event_type.as_bytes()), bin(env, &e.metadata), bin(env, &e.payload), scope).encode(env)
+        })
+        .collect();
+    let new_key = match &p.new_key {
+        Some(k) => bin(env, k),
+        None => atoms::nil().encode(env),
+    };
+    let fields = [
+        kuma_prepared().encode(env),
+        bin(env, &p.command_id),
+        bin(env, &p.entity_id),
+        encode_expected(env, p.expected),
+        p.first_seq.encode(env),
+        p.timestamp_us.encode(env),
+        bin(env, &p.id_sealed),
+        new_key,
+        events.encode(env),
+    ];
+    rustler::types::tuple::make_tuple(env, &fields)
+}
+
+fn decode_sealed_events(term: Term) -> Result<Vec<SealedEvent>> {
+    let list: Vec<(Binary, Binary, Binary, Term)> =
+        term.decode().map_err(|_| bad("events", "must be a list of {type, metadata, payload, scope}"))?;
+    list.into_iter()
+        .map(|(t, m, p, scope)| {
+            let event_type =
+                String::from_utf8(t.as_slice().to_vec()).map_err(|_| bad("event_type", "must be UTF-8"))?;
+            let scope = optional_bytes(scope, "scope")?
+                .map(|s| String::from_utf8(s).map_err(|_| bad("scope", "must be UTF-8")))
+                .transpose()?;
+            Ok(SealedEvent { event_type, metadata: m.as_slice().to_vec(), payload: p.as_slice().to_vec(), scope })
+        })
+        .collect()
+}
+
+fn decode_command(term: Term) -> Result<Replicated> {
+    let fields = rustler::types::tuple::get_tuple(term).map_err(|_| bad("command", "must be a tuple"))?;
+    let tag: Atom = fields.first().and_then(|t| t.decode().ok()).ok_or_else(|| bad("command", "untagged"))?;
+    match fields.as_slice() {
+        [_, cid, id, expected, first_seq, ts, id_sealed, new_key, events] if tag == kuma_prepared() => {
+            Ok(Replicated::Append(PreparedAppend {
+                command_id: command_id(*cid)?,
+                entity_id: decode_id(*id)?,
+                expected: decode_expected(*expected)?,
+                first_seq: first_seq.decode().map_err(|_| bad("first_seq", "must be an integer"))?,
+                timestamp_us: ts.decode().map_err(|_| bad("timestamp", "must be an integer"))?,
+                id_sealed: bytes(*id_sealed, "id_sealed")?,
+                new_key: optional_bytes(*new_key, "new_key")?,
+                events: decode_sealed_events(*events)?,
+            }))
+        }
+        [_, cid, id, ts] if tag == kuma_erase() => Ok(Replicated::Erase(PreparedErase {
+            command_id: command_id(*cid)?,
+            entity_id: decode_id(*id)?,
+            timestamp_us: ts.decode().map_err(|_| bad("timestamp", "must be an integer"))?,
+        })),
+        _ => Err(bad("command", "not a prepared command")),
+    }
+}
+
+fn encode_outcomes(env: Env, outcomes: Vec<Outcome>) -> Term {
+    let items: Vec<Term> = outcomes
+        .into_iter()
+        .map(|o| match o {
+            Outcome::Appended(a) => (appended(), AppendedTerm::from(a)).encode(env),
+            Outcome::Erased(n) => (erased(), n).encode(env),
+            Outcome::Refused(e) => (refused(), Reason(e)).encode(env),
+            Outcome::Conflict { head_seq } => (atoms::conflict(), head_seq).encode(env),
+        })
+        .collect();
+    items.encode(env)
+}
+
+/// Prepares appends on a shard's leader: `requests` are `{command_id, entity_id,
+/// expected_seq | nil, events}`; one `{:ok, prepared} | {:error, reason}` each, in order.
+/// Seals every event, so it runs on a dirty CPU scheduler.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn cluster_prepare<'a>(env: Env<'a>, store: ResourceArc<StoreResource>, requests: Term<'a>) -> NifResult<Term<'a>> {
+    guard(|| {
+        let raw: Vec<(Term, Term, Term, Term)> = requests
+            .decode()
+            .map_err(|_| bad("requests", "must be a list of {command_id, entity_id, expected_seq, events}"))?;
+        let requests = raw
+            .into_iter()
+            .map(|(cid, id, expected, events)| {
+                Ok(AppendRequest {
+                    command_id: command_id(cid)?,
+                    entity_id: decode_id(id)?,
+                    expected: decode_expected(expected)?,
+                    events: decode_events(events)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let results: Vec<Term> =
+            store.store.prepare(requests).into_iter().map(|r| encode_result(env, r, encode_prepared)).collect();
+        Ok(results.encode(env))
+    })
+}
+
+/// Queues the commands of Raft entry `raft_index` of `shard` for its writer: answered with
+/// `{:kuma_reply, ref, {:ok, outcomes} | {:error, reason}}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn cluster_apply<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    shard: u32,
+    raft_index: u64,
+    commands: Term<'a>,
+) -> NifResult<Atom> {
+    guard(|| {
+        let list: Vec<Term> = commands.decode().map_err(|_| bad("commands", "must be a list"))?;
+        let commands = list.into_iter().map(decode_command).collect::<Result<Vec<_>>>()?;
+        store.store.replicate(shard, raft_index, commands, reply::later(env, reference, encode_outcomes)?)?;
+        Ok(atoms::ok())
+    })
+}
+
+/// The last Raft index applied to `shard`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_applied_index(store: ResourceArc<StoreResource>, shard: u32) -> NifResult<u64> {
+    guard(|| store.store.applied_index(shard))
+}
