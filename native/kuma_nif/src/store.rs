@@ -17,6 +17,7 @@ pub struct StoreResource {
 impl rustler::Resource for StoreResource {}
 
 #[rustler::nif(schedule = "DirtyIo")]
+#[allow(clippy::too_many_arguments)]
 fn store_open(
     data_dir: String,
     shards: u32,
