@@ -515,10 +515,15 @@ impl ShardWriter {
         let max_pos: u64 = conn
             .query_row("SELECT coalesce(max(pos), 0) FROM events", [], |r| r.get::<_, i64>(0))
             .map_err(Error::storage("read last position"))? as u64;
+        let applied = meta_get::<i64>(&conn, "applied_index").map_err(Error::storage("read applied index"))?;
         let applied_index = if shared.replicated {
             conn.execute_batch(replica::SCHEMA).map_err(Error::storage("prepare replica tables"))?;
-            let applied = meta_get::<i64>(&conn, "applied_index").map_err(Error::storage("read applied index"))?;
             Some(applied.unwrap_or(0) as u64)
+        } else if applied.is_some() {
+            // Written locally, this replica would differ from the others for good.
+            return Err(Error::ClusterMismatch {
+                why: "the data dir holds a cluster's replicas: start it with :cluster".into(),
+            });
         } else {
             None
         };

@@ -264,6 +264,12 @@ fn a_replica_refuses_local_writes_and_other_clusters_files() {
     c.master_key = Some(master());
     c.cluster_key = Some([8; 32]);
     assert!(matches!(Store::open(c), Err(Error::ClusterMismatch { .. })));
+    // A replica's data dir opened without the cluster is refused: written locally, it
+    // would differ from the other replicas for good.
+    let mut c = StoreConfig::new(dir.path());
+    c.shards = 2;
+    c.master_key = Some(master());
+    assert!(matches!(Store::open(c), Err(Error::ClusterMismatch { .. })));
     // A single-node store cannot apply replicated commands.
     let plain_dir = tempfile::tempdir().unwrap();
     let mut c = StoreConfig::new(plain_dir.path());

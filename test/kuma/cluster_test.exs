@@ -1,0 +1,198 @@
+defmodule Kuma.ClusterTest do
+  # Cluster mode on real nodes (OTP :peer, one OS process each, on loopback): writes and
+  # reads from any node, identical replicas, clear errors for bad settings, and fault
+  # rounds (kill -9, SIGSTOP, partitions) checked by Kuma.Test.ClusterChecker. The number
+  # of rounds per fault kind is KUMA_CLUSTER_ROUNDS (default 20); the seed picking victims
+  # KUMA_CLUSTER_SEED (docs/testing.md).
+  use ExUnit.Case, async: false
+
+  alias Kuma.Test.{Cluster, ClusterChecker, ClusterProbe, ClusterWriter}
+
+  @moduletag :cluster
+  @moduletag timeout: :infinity
+  @store :kct
+
+  setup_all do
+    case Kuma.Cluster.Consensus.engine().available() do
+      :ok ->
+        :ok
+
+      {:error, why} ->
+        IO.puts("skipping cluster tests: #{why}")
+        {:ok, skip: true}
+    end
+  end
+
+  setup ctx do
+    if ctx[:skip] do
+      :ok
+    else
+      {:ok, c} = Cluster.start(3, @store)
+      on_exit(fn -> Cluster.stop(c) end)
+      %{c: c}
+    end
+  end
+
+  defp call(c, name, f, a), do: Cluster.call(c, name, Kuma, f, a)
+
+  test "writes from any node are read on every node, and every replica holds the same", %{c: c} do
+    [a, b, n3] = Cluster.names(c)
+    assert {:ok, 2} = call(c, a, :append, [@store, "alice", [{:deposited, 10}, {:deposited, 5}]])
+    assert {:ok, 3} = call(c, b, :append, [@store, "alice", {:deposited, 1}, [expected_seq: 2]])
+    assert {:error, {:wrong_expected_seq, 2, 3}} = call(c, n3, :append, [@store, "alice", {:x, 1}, [expected_seq: 2]])
+
+    for name <- [a, b, n3] do
+      assert {:ok, events} = call(c, name, :events, [@store, "alice"])
+      assert Enum.map(events, & &1.data) == [deposited: 10, deposited: 5, deposited: 1]
+    end
+
+    # An entity used from every node lives on its shard's leader only.
+    bob = Kuma.Entity.new(@store, Kuma.Aggregate.Latest, "bob")
+    assert {:ok, 1} = call(c, n3, :append, [bob, {:x, 1}])
+    assert {:ok, 2} = call(c, a, :append, [bob, {:x, 2}])
+    for name <- [a, b, n3], do: assert({:ok, {:x, 2}} = call(c, name, :fetch, [bob]))
+    live = for name <- [a, b, n3], Cluster.call(c, name, ClusterProbe, :live?, [@store, "bob"]), do: name
+    assert length(live) == 1
+
+    assert {:ok, seqs} = call(c, b, :append_batch, [@store, for(i <- 1..30, do: {"e#{i}", {:n, i}})])
+    assert seqs == List.duplicate(1, 30)
+    assert {:ok, found} = call(c, n3, :query, [@store, [type: "n", limit: 100]])
+    assert length(found) == 30
+    assert {:ok, %{events_deleted: 1}} = call(c, a, :delete, [@store, "e1"])
+    for name <- [a, b, n3], do: assert({:error, :entity_erased} = call(c, name, :events, [@store, "e1"]))
+
+    assert_replicas_identical(c)
+
+    # Not yet in cluster mode: a documented error, nothing started.
+    assert {:error, {:not_supported_in_cluster, :subscriptions}} = call(c, a, :subscribe, [@store])
+
+    assert {:error, {:not_supported_in_cluster, :rotate_master_key}} =
+             call(c, a, :rotate_master_key, [@store, :crypto.strong_rand_bytes(32)])
+  end
+
+  test "a node started with other settings, or on another cluster's data dir, is refused", %{c: c} do
+    [a, _b, _n3] = Cluster.names(c)
+    :ok = call(c, a, :stop, [@store])
+    assert {:error, {:cluster_mismatch, why}} = Cluster.start_store(c, a, shards: 8)
+    assert why =~ "shards"
+    # Its data dir holds the cluster's replicas: a single-node start is refused.
+    assert {:error, {:cluster_mismatch, _}} =
+             call(c, a, :start, [[name: @store, data_dir: Cluster.data_dir(c, a), shards: 4]])
+
+    assert {:ok, _} = Cluster.start_store(c, a)
+    assert {:ok, 1} = call(c, a, :append, [@store, "after", {:x, 1}])
+  end
+
+  # Every shard's copy is the same on every node (positions, ids, seqs, chain hashes), once
+  # every node has applied what was committed, and every copy verifies.
+  defp assert_replicas_identical(c, shards \\ 4) do
+    names = Cluster.names(c)
+
+    for shard <- 0..(shards - 1) do
+      same? = fn ->
+        digests = for name <- names, do: Cluster.call(c, name, ClusterProbe, :digest, [@store, shard])
+        length(Enum.uniq(digests)) == 1
+      end
+
+      assert Kuma.StoreCase.eventually(same?, 200, 50), "shard #{shard} differs between nodes"
+    end
+
+    for name <- names do
+      assert {:ok, %{shards: ^shards}} = call(c, name, :verify_store, [@store])
+    end
+  end
+
+  # -- fault rounds ------------------------------------------------------------------------
+
+  @rounds String.to_integer(System.get_env("KUMA_CLUSTER_ROUNDS", "20"))
+  @seed String.to_integer(System.get_env("KUMA_CLUSTER_SEED", "20261201"))
+
+  for kind <- [:kill9, :pause, :partition] do
+    @tag fault: kind
+    test "#{kind}: #{@rounds} rounds, no acknowledged write lost or doubled", %{c: c} = ctx do
+      :rand.seed(:exsss, {@seed, :erlang.phash2(ctx.fault), 1})
+
+      {c, totals} =
+        Enum.reduce(1..@rounds, {c, %{}}, fn round, {c, acc} ->
+          {c, counts} = round(c, ctx.fault, round)
+          {c, Map.merge(acc, counts, fn _, x, y -> x + y end)}
+        end)
+
+      # (Nodes restarted in the rounds are new OS processes: stop those too.)
+      on_exit(fn -> Cluster.stop(c) end)
+
+      IO.puts("#{ctx.fault}: #{@rounds} rounds (seed #{@seed}): #{inspect(totals)}")
+      assert totals.acked > 0
+      assert totals.unknown_stored <= totals.unknown
+    end
+  end
+
+  # One round: writers on the two nodes that stay up append while the third suffers the
+  # fault, then recovers; the history is checked and the replicas compared.
+  defp round(c, fault, round) do
+    names = Cluster.names(c)
+    victim = Enum.random(names)
+    writers = names -- [victim]
+    # Each writer has entities of its own and two it shares with the other, where
+    # conditional appends race and some are refused.
+    shared = for i <- 1..2, do: "r#{round}-shared-#{i}"
+    ids = for w <- writers, do: for(i <- 1..6, do: "r#{round}-#{w}-#{i}") ++ shared
+
+    pids =
+      for {w, mine} <- Enum.zip(writers, ids),
+          do: {w, Cluster.call(c, w, ClusterWriter, :start, [@store, {round, w}, mine])}
+
+    Process.sleep(200)
+    {c, minority} = inflict(c, fault, victim, round)
+    histories = for {w, pid} <- pids, do: Cluster.call(c, w, ClusterWriter, :stop, [pid], 60_000)
+    history = Enum.concat(histories) ++ minority
+    reader = hd(writers)
+    read = fn id -> read_values(c, reader, id) end
+
+    assert {:ok, counts} = ClusterChecker.check(history, read),
+           "#{fault} round #{round} (victim #{victim}): #{inspect(ClusterChecker.check(history, read), limit: 20)}"
+
+    # The cut-off node acknowledged nothing while it was cut off.
+    assert Enum.all?(minority, &(not match?({_, _, _, {:ok, _}}, &1))),
+           "#{fault} round #{round}: the minority acknowledged #{inspect(Enum.filter(minority, &match?({_, _, _, {:ok, _}}, &1)))}"
+
+    assert_replicas_identical(c)
+    {c, counts}
+  end
+
+  defp inflict(c, :kill9, victim, _round) do
+    Cluster.kill9(c, victim)
+    Process.sleep(600)
+    {{:ok, _}, c} = Cluster.restart(c, victim)
+    Process.sleep(300)
+    {c, []}
+  end
+
+  defp inflict(c, :pause, victim, _round) do
+    Cluster.pause(c, victim)
+    Process.sleep(1_500)
+    Cluster.resume(c, victim)
+    Process.sleep(300)
+    {c, []}
+  end
+
+  defp inflict(c, :partition, victim, round) do
+    Cluster.partition(c, victim)
+    Process.sleep(300)
+    # A writer on the cut-off side, started and stopped within the partition.
+    ids = for i <- 1..4, do: "m#{round}-#{i}"
+    pid = Cluster.call(c, victim, ClusterWriter, :start, [@store, {round, :minority}, ids, 500])
+    Process.sleep(1_200)
+    minority = Cluster.call(c, victim, ClusterWriter, :stop, [pid], 30_000)
+    Cluster.heal(c, victim)
+    Process.sleep(300)
+    {c, if(is_list(minority), do: minority, else: [])}
+  end
+
+  defp read_values(c, name, id) do
+    case call(c, name, :events, [@store, id]) do
+      {:ok, events} -> {:ok, for(e <- events, do: {e.seq, elem(e.data, 1)})}
+      other -> other
+    end
+  end
+end

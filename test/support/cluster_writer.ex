@@ -1,0 +1,91 @@
+defmodule Kuma.Test.ClusterWriter do
+  @moduledoc """
+  Runs on a node of a test cluster: appends to its own entities, one event at a time,
+  until stopped, and records every attempt as `{entity_id, value, expected_seq, result}`.
+  Every other append is conditional (`expected_seq` = the last seq it knows, when it knows
+  one), so conflicts and their refusals are part of the history. Values are unique.
+  """
+
+  @doc "Starts a writer on this node; returns its pid."
+  def start(store, prefix, ids, timeout \\ 3_000) do
+    spawn(fn -> loop(store, prefix, ids, timeout, 0, %{}, []) end)
+  end
+
+  @doc "Stops a writer and returns its history (oldest first)."
+  def stop(pid, wait \\ 30_000) do
+    ref = make_ref()
+    send(pid, {:stop, self(), ref})
+
+    receive do
+      {^ref, history} -> history
+    after
+      wait -> :no_answer
+    end
+  end
+
+  defp loop(store, prefix, ids, timeout, n, known, history) do
+    receive do
+      {:stop, from, ref} -> send(from, {ref, Enum.reverse(history)})
+    after
+      0 ->
+        id = Enum.at(ids, rem(n, length(ids)))
+        value = {prefix, n}
+        expected = if rem(n, 2) == 1, do: Map.get(known, id), else: nil
+        opts = if expected, do: [timeout: timeout, expected_seq: expected], else: [timeout: timeout]
+        result = Kuma.append(store, id, {:v, value}, opts)
+
+        known =
+          case result do
+            {:ok, seq} -> Map.put(known, id, seq)
+            {:error, {:wrong_expected_seq, _, actual}} -> Map.put(known, id, actual)
+            _ -> Map.delete(known, id)
+          end
+
+        loop(store, prefix, ids, timeout, n + 1, known, [{id, value, expected, result} | history])
+    end
+  end
+end
+
+defmodule Kuma.Test.ClusterProbe do
+  @moduledoc "Reads a node's own copy of a shard, bypassing routing (for replica comparisons)."
+
+  require Kuma.Native
+  alias Kuma.{Native, Store}
+
+  @doc "A digest of everything stored in `shard` on this node: positions, ids, seqs and chain hashes."
+  def digest(store, shard) do
+    {:ok, s} = Store.lookup(store)
+    rows = read_all(s, shard, 0, [])
+    {length(rows), :crypto.hash(:sha256, :erlang.term_to_binary(rows))}
+  end
+
+  defp read_all(s, shard, after_pos, acc) do
+    {:ok, {events, searched, _}} = Native.read_query(s.native, shard, after_pos, %Kuma.Query{}, 5_000)
+
+    case events do
+      [] ->
+        Enum.reverse(acc)
+
+      _ ->
+        rows =
+          for e <- events,
+              do:
+                {Native.event(e, :position), Native.event(e, :entity_id), Native.event(e, :seq), Native.event(e, :hash)}
+
+        read_all(s, shard, searched, Enum.reverse(rows, acc))
+    end
+  end
+
+  @doc "Whether the entity's process runs on this node."
+  def live?(store, id) do
+    {:ok, s} = Store.lookup(store)
+    Kuma.Entity.whereis(s, id) != nil
+  end
+
+  @doc "The last Raft index this node applied to `shard`."
+  def applied(store, shard) do
+    {:ok, s} = Store.lookup(store)
+    {:ok, index} = Native.cluster_applied_index(s.native, shard)
+    index
+  end
+end
