@@ -26,7 +26,8 @@ defmodule Kuma.Bench do
     {"PROJ", Kuma.Bench.Proj, "projections under W1 load, subscriber, catch-up replay"},
     {"MEM", Kuma.Bench.Memory, "memory per idle live entity"},
     {"PG", Kuma.Bench.Postgres, "W1 and W2 shapes against PostgreSQL, same machine, same run"},
-    {"NIF", Kuma.Bench.NifCost, "scheduler time of an append NIF call"}
+    {"NIF", Kuma.Bench.NifCost, "scheduler time of an append NIF call"},
+    {"CLUSTER", Kuma.Bench.ClusterBench, "cluster mode on 3 local nodes beside single node: W1, W2, failover"}
   ]
 
   # `--quick`: a subset that finishes in about two minutes on the 2-core machine.

@@ -256,6 +256,10 @@ defmodule Kuma.Entity do
         :exit, {{:shutdown, {:load_failed, reason}}, _} ->
           {:error, reason}
 
+        :exit, {{:shutdown, :not_leader}, _} ->
+          # Cluster mode: the shard moved to another node (Kuma.Cluster.Route sends it there).
+          {:error, :not_leader}
+
         :exit, {:timeout, _} ->
           {:error, :timeout}
 

@@ -61,7 +61,7 @@ defmodule Kuma.EventLog do
     answer
   end
 
-  defp command_id, do: :crypto.strong_rand_bytes(16)
+  defp command_id, do: Route.new_command_id()
 
   @doc """
   Appends to many entities in one call: `entries` are `{entity_id, expected, encoded}`
@@ -98,7 +98,10 @@ defmodule Kuma.EventLog do
     {:ok, answers |> Enum.sort_by(&elem(&1, 0)) |> Enum.map(&elem(&1, 1))}
   end
 
-  defp dirty?(events, bytes), do: events > @dirty_events or bytes > @dirty_bytes
+  @doc false
+  # Whether a write of this many events and bytes is decoded on a dirty scheduler (its NIF
+  # could hold a normal one longer than ~100 µs).
+  def dirty?(events, bytes), do: events > @dirty_events or bytes > @dirty_bytes
 
   @doc """
   Queues a snapshot of an entity's state at `seq` (whose event's chain hash is `hash`).

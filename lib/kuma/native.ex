@@ -81,7 +81,10 @@ defmodule Kuma.Native do
 
   # cluster: preparing writes on a shard's leader, applying replicated ones (cluster.rs)
   def cluster_prepare(_store, _requests), do: nif_missing()
-  def cluster_apply(_store, _ref, _shard, _raft_index, _commands), do: nif_missing()
+  def cluster_prepare_dirty(_store, _requests), do: nif_missing()
+  def cluster_apply(_store, _shard, _raft_index, _commands, _reply_to, _ref, _watcher), do: nif_missing()
+  def cluster_apply_dirty(_store, _shard, _raft_index, _commands, _reply_to, _ref, _watcher), do: nif_missing()
+  def cluster_replica_reset(_store, _shard), do: nif_missing()
   def cluster_applied_index(_store, _shard), do: nif_missing()
 
   # read (read.rs)

@@ -12,19 +12,25 @@ defmodule Kuma.Test.Cluster do
   with the same name and data dir).
   """
 
-  defstruct [:base, :store, :names, :opts, nodes: %{}]
+  defstruct [:base, :store, :names, :opts, load: [], nodes: %{}]
 
   @cookie ~c"kuma_cluster_test"
 
-  @doc "Starts `n` nodes and a store named `store` on each (`store_opts` added to every start)."
-  def start(n, store, store_opts \\ []) do
+  @doc """
+  Starts `n` nodes and a store named `store` on each (`store_opts` added to every start).
+  `load` is `[{module, beam_binary}]` to load on every node first: modules that exist in
+  this VM's memory only (compiled from a script, as by the benchmarks), this module
+  among them when it was.
+  """
+  def start(n, store, store_opts \\ [], load \\ []) do
     tag = System.unique_integer([:positive])
     base = Path.join(System.tmp_dir!(), "kuma_cluster_#{System.pid()}_#{tag}")
     names = for i <- 1..n, do: :"k#{tag}n#{i}"
-    c = %__MODULE__{base: base, store: store, names: names, opts: store_opts}
+    c = %__MODULE__{base: base, store: store, names: names, opts: store_opts, load: load}
     c = Enum.reduce(names, c, fn name, c -> boot(c, name) end)
     seeds = Enum.map(names, &node_of(c, &1))
-    c = %{c | opts: Keyword.put_new(store_opts, :cluster, seeds: seeds, replicas: min(3, n))}
+    cluster = Keyword.merge([seeds: seeds, replicas: min(3, n)], Keyword.get(store_opts, :cluster, []))
+    c = %{c | opts: Keyword.put(store_opts, :cluster, cluster)}
     started = parallel(names, fn name -> start_store(c, name) end)
 
     case Enum.find(started, &(not match?({:ok, _}, &1))) do
@@ -35,10 +41,16 @@ defmodule Kuma.Test.Cluster do
 
   defp boot(c, name) do
     paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
-    args = paths ++ [~c"-setcookie", @cookie, ~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false"]
+    # Several VMs share this machine's cores: schedulers that spin while idle would take
+    # the CPU from the others (+sbwt none: sleep at once instead).
+    no_spin = [~c"+sbwt", ~c"none", ~c"+sbwtdcpu", ~c"none", ~c"+sbwtdio", ~c"none"]
+    args = paths ++ no_spin ++ [~c"-setcookie", @cookie, ~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false"]
 
     {:ok, pid, node} =
       :peer.start(%{name: name, host: ~c"localhost", connection: :standard_io, args: args, wait_boot: 60_000})
+
+    for {module, binary} <- c.load,
+        do: {:module, _} = :peer.call(pid, :code, :load_binary, [module, ~c"nofile", binary])
 
     {:ok, _} = :peer.call(pid, Application, :ensure_all_started, [:kuma], 60_000)
     :peer.call(pid, __MODULE__, :quiet, [])

@@ -20,6 +20,7 @@ defmodule Kuma.Cluster.Proposer do
   alias Kuma.Cluster.Consensus
 
   @conflict_rounds 3
+  @timeout 30_000
 
   def child_spec({store, shard}) do
     %{id: {__MODULE__, shard}, start: {__MODULE__, :start_link, [{store, shard}]}, restart: :temporary}
@@ -71,8 +72,9 @@ defmodule Kuma.Cluster.Proposer do
 
   @impl true
   def handle_continue(:barrier, st) do
-    case Consensus.engine().command(st.group, node(), {:barrier, make_ref()}, 10_000) do
-      {:ok, {:barrier, _}, leader} when leader == node() ->
+    # An empty entry: once this node applied it, it applied everything before it.
+    case propose(st, []) do
+      [] ->
         {:noreply, schedule(%{st | ready: true})}
 
       other ->
@@ -158,11 +160,21 @@ defmodule Kuma.Cluster.Proposer do
 
   # One {:ok, prepared} | {:error, reason} per append (all failed if the call did).
   defp prepare(s, appends) do
-    case Native.cluster_prepare(s.native, appends) do
+    {count, bytes} = size(for {_cid, _id, _expected, events} <- appends, event <- events, do: event)
+
+    prepare =
+      if Kuma.EventLog.dirty?(count, bytes), do: &Native.cluster_prepare_dirty/2, else: &Native.cluster_prepare/2
+
+    case prepare.(s.native, appends) do
       {:ok, prepared} -> prepared
       {:error, _} = error -> Enum.map(appends, fn _ -> error end)
     end
   end
+
+  @doc false
+  # Events and payload bytes of encoded events ({type, metadata, payload, scope}).
+  def size(events),
+    do: Enum.reduce(events, {0, 0}, fn {_, m, p, _}, {n, b} -> {n + 1, b + byte_size(m) + byte_size(p)} end)
 
   # The log entry's commands, and for each request either the index of its command or
   # its answer already (a preparation that failed).
@@ -181,12 +193,28 @@ defmodule Kuma.Cluster.Proposer do
     commands(rest, prepared, [erase | commands], [{:command, n} | slots], n + 1)
   end
 
+  # Commits the commands as one log entry and waits until this node's writer applied it
+  # (it tells us, see Kuma.Cluster.ShardMachine): one outcome each, or {:unknown, why}.
   defp propose(st, commands) do
-    case Consensus.engine().command(st.group, node(), {:batch, commands}, 30_000) do
-      {:ok, {:ok, outcomes}, _leader} -> outcomes
-      {:ok, other, _leader} -> {:unknown, {:unexpected_reply, other}}
-      {:timeout, _} -> {:unknown, :timeout}
-      {:error, reason} -> {:unknown, reason}
+    ref = make_ref()
+
+    case Consensus.engine().command(st.group, node(), {:batch, commands, {self(), ref}}, @timeout) do
+      {:ok, :queued, leader} when leader == node() ->
+        receive do
+          {:kuma_applied, ^ref, {:ok, outcomes}} -> outcomes
+          {:kuma_applied, ^ref, {:error, reason}} -> {:unknown, reason}
+        after
+          @timeout -> {:unknown, :timeout}
+        end
+
+      {:ok, other, leader} ->
+        {:unknown, {:applied_elsewhere, leader, other}}
+
+      {:timeout, _} ->
+        {:unknown, :timeout}
+
+      {:error, reason} ->
+        {:unknown, reason}
     end
   end
 

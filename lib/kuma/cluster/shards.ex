@@ -8,6 +8,8 @@ defmodule Kuma.Cluster.Shards do
   # they load from that node's copy, which holds every write acknowledged before).
   use GenServer
 
+  require Logger
+
   alias Kuma.{Cluster, Native, Store}
   alias Kuma.Cluster.{Consensus, Proposer, ShardMachine}
 
@@ -58,7 +60,7 @@ defmodule Kuma.Cluster.Shards do
         end
 
         send(self(), :refresh)
-        {:ok, %{store: name, leading: MapSet.new(), leaderless: %{}}}
+        {:ok, %{store: name, leading: MapSet.new(), leaderless: %{}, restarting: %{}}}
 
       {:error, reason} ->
         {:stop, reason}
@@ -96,6 +98,39 @@ defmodule Kuma.Cluster.Shards do
 
     Process.send_after(self(), :refresh, 1_000)
     {:noreply, st}
+  end
+
+  # A member that could not apply an entry (see Kuma.Cluster.ShardMachine) is restarted,
+  # once, after its writer is reset: it applies the entries again from the log.
+  def handle_info({:kuma_apply_failed, shard, index, reason}, st) do
+    if Map.has_key?(st.restarting, shard) do
+      {:noreply, st}
+    else
+      Logger.warning(
+        "shard #{shard}: applying Raft entry #{index} failed (#{Kuma.Error.format(reason)}); restarting its member"
+      )
+
+      Process.send_after(self(), {:restart_member, shard}, 500)
+      {:noreply, %{st | restarting: Map.put(st.restarting, shard, true)}}
+    end
+  end
+
+  def handle_info({:restart_member, shard}, st) do
+    {:ok, s} = Store.lookup(st.store)
+    engine = Consensus.engine()
+    group = Cluster.shard_group(s.cluster, shard)
+    engine.stop_member(s.cluster.system, group)
+    _ = Native.cluster_replica_reset(s.native, shard)
+    machine = {ShardMachine, %{store: st.store, shard: shard}}
+
+    case engine.ensure_member(s.cluster.system, group, machine, Cluster.members(s.cluster, shard)) do
+      :ok ->
+        {:noreply, %{st | restarting: Map.delete(st.restarting, shard)}}
+
+      {:error, _} ->
+        Process.send_after(self(), {:restart_member, shard}, 2_000)
+        {:noreply, st}
+    end
   end
 
   def handle_info(_other, st), do: {:noreply, st}

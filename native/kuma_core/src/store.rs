@@ -582,6 +582,15 @@ impl Store {
         self.writers.send(shard, Command::replicate(raft_index, commands, reply))
     }
 
+    /// Cluster mode: lets `shard`'s replica apply again after a failed apply (its Raft
+    /// member is then restarted, which applies the entries again from the log).
+    pub fn replica_reset(&self, shard: u32, reply: Reply<Result<()>>) -> Result<()> {
+        if shard >= self.shard_count() {
+            return Err(Error::invalid("shard", format!("no shard {shard} (store has {})", self.shard_count())));
+        }
+        self.writers.send(shard, Command::replica_reset(reply))
+    }
+
     /// Cluster mode: the last Raft index applied to `shard`'s file.
     pub fn applied_index(&self, shard: u32) -> Result<u64> {
         self.with_reader(shard, |c, _| {

@@ -120,6 +120,7 @@ pub enum Command {
     Erase(Erase),
     Compact(Compact),
     Replicate(Replicate),
+    ReplicaReset(Barrier),
 }
 
 /// Append entries; the reply gets one result per entry, in order.
@@ -190,6 +191,11 @@ impl Command {
         Command::Replicate(Replicate { raft_index, commands, reply, outcomes: Vec::new() })
     }
 
+    /// Cluster mode: lets a replica whose apply failed apply again (see `replica_failed`).
+    pub fn replica_reset(reply: Reply<Result<()>>) -> Command {
+        Command::ReplicaReset(Barrier { reply })
+    }
+
     /// How much of a transaction's budget (`max_txn_events`) the request uses.
     fn weight(&self) -> usize {
         match self {
@@ -202,7 +208,7 @@ impl Command {
                     Replicated::Erase(_) => 1000,
                 })
                 .sum(),
-            Command::Snapshot(_) | Command::Barrier(_) => 1,
+            Command::Snapshot(_) | Command::Barrier(_) | Command::ReplicaReset(_) => 1,
             Command::Erase(_) | Command::Compact(_) => 1000,
         }
     }
@@ -216,9 +222,13 @@ impl Command {
             (Command::Snapshot(s), None) => (s.reply)(s.result.unwrap_or(Ok(()))),
             (Command::Barrier(b), None) => (b.reply)(Ok(())),
             (Command::Erase(d), None) => (d.reply)(d.result.unwrap_or(Ok(0))),
-            (Command::Snapshot(Snapshot { reply, .. }) | Command::Barrier(Barrier { reply }), Some(e)) => {
-                reply(Err(e.clone()))
-            }
+            (Command::ReplicaReset(b), None) => (b.reply)(Ok(())),
+            (
+                Command::Snapshot(Snapshot { reply, .. })
+                | Command::Barrier(Barrier { reply })
+                | Command::ReplicaReset(Barrier { reply }),
+                Some(e),
+            ) => reply(Err(e.clone())),
             (Command::Erase(d), Some(e)) => (d.reply)(Err(e.clone())),
             (Command::Compact(c), None) => (c.reply)(c.result.unwrap_or(Ok(()))),
             (Command::Compact(c), Some(e)) => (c.reply)(Err(e.clone())),
@@ -271,6 +281,11 @@ pub(crate) struct ShardWriter {
     erasures_pending: bool,
     /// Cluster mode: the last Raft index applied (meta `applied_index`); `None` otherwise.
     applied_index: Option<u64>,
+    /// Cluster mode: why the last transaction with replicated commands failed, if it did.
+    /// Until `Command::ReplicaReset`, every replicated command is refused with it: entries
+    /// applied after a failed one would leave a hole in this replica, so none is, and the
+    /// replica applies them again, in order, when its Raft member is restarted.
+    replica_failed: Option<Error>,
 }
 
 /// A shard a writer thread opens (or creates) and then serves.
@@ -542,6 +557,7 @@ impl ShardWriter {
             stats,
             erasures_pending: false,
             applied_index,
+            replica_failed: None,
         };
         writer.replay_tail(checkpoint)?;
         // An erasure that cannot be finished now (the keystore's disk is full) does not
@@ -608,7 +624,9 @@ impl ShardWriter {
     /// request of the batch is answered with it; once COMMIT succeeded the batch succeeded,
     /// and what follows (emptying the WAL and destroying the keys of erased entities) can
     /// only fail those erasures, which are finished later (`finish_erasures`).
-    fn group_commit(&mut self, mut batch: Vec<Command>) {
+    fn group_commit(&mut self, batch: Vec<Command>) {
+        let mut batch = self.refuse_while_failed(batch);
+        let replicating = batch.iter().any(|c| matches!(c, Command::Replicate(_)));
         let start_pos = self.next_pos;
         let outcome = catch_unwind(AssertUnwindSafe(|| self.write_transaction(&mut batch)))
             .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
@@ -631,11 +649,34 @@ impl ShardWriter {
                 // Nothing of this transaction is on disk: undo our in-memory view too.
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.next_pos = start_pos;
+                if replicating {
+                    self.replica_failed = Some(e.clone());
+                }
                 for command in batch {
                     command.answer(Some(&e));
                 }
             }
         }
+    }
+
+    /// Cluster mode: a reset clears a failed replica; while it is failed, its replicated
+    /// commands are answered with the failure at once, unapplied (see `replica_failed`).
+    fn refuse_while_failed(&mut self, batch: Vec<Command>) -> Vec<Command> {
+        let mut kept = Vec::with_capacity(batch.len());
+        for command in batch {
+            match command {
+                Command::ReplicaReset(_) => {
+                    self.replica_failed = None;
+                    command.answer(None);
+                }
+                Command::Replicate(_) if self.replica_failed.is_some() => {
+                    let failed = self.replica_failed.clone();
+                    command.answer(failed.as_ref());
+                }
+                other => kept.push(other),
+            }
+        }
+        kept
     }
 
     /// Runs every request of the batch in one transaction, storing each one's outcome in
@@ -692,6 +733,7 @@ impl ShardWriter {
                     *result = Some(r);
                 }
                 Command::Barrier(_) | Command::Compact(_) => txn.force_checkpoint = true,
+                Command::ReplicaReset(_) => {}
                 Command::Replicate(Replicate { raft_index, commands, outcomes, .. }) => {
                     let commands: &[Replicated] = commands;
                     self.apply_entry(&mut txn, *raft_index, commands, &installed, outcomes)?;

@@ -12,17 +12,19 @@
 
 use crate::atoms;
 use crate::error::{encode_result, guard, NifResult, Reason};
-use crate::reply;
 use crate::store::StoreResource;
 use crate::term::{bin, decode_events, decode_expected, decode_id, AppendedTerm};
 use kuma_core::replica::{
     AppendRequest, Outcome, PreparedAppend, PreparedErase, Replicated, SealedEvent, COMMAND_ID_LEN,
 };
 use kuma_core::{Error, Expected, Result};
+use rustler::env::OwnedEnv;
 use rustler::types::binary::Binary;
-use rustler::{Atom, Encoder, Env, ResourceArc, Term};
+use rustler::{Atom, Encoder, Env, LocalPid, ResourceArc, Term};
 
 rustler::atoms! {
+    kuma_applied,
+    kuma_apply_failed,
     kuma_prepared,
     kuma_erase,
     appended,
@@ -142,11 +144,7 @@ fn encode_outcomes(env: Env, outcomes: Vec<Outcome>) -> Term {
     items.encode(env)
 }
 
-/// Prepares appends on a shard's leader: `requests` are `{command_id, entity_id,
-/// expected_seq | nil, events}`; one `{:ok, prepared} | {:error, reason}` each, in order.
-/// Seals every event, so it runs on a dirty CPU scheduler.
-#[rustler::nif(schedule = "DirtyCpu")]
-fn cluster_prepare<'a>(env: Env<'a>, store: ResourceArc<StoreResource>, requests: Term<'a>) -> NifResult<Term<'a>> {
+fn prepare<'a>(env: Env<'a>, store: ResourceArc<StoreResource>, requests: Term<'a>) -> NifResult<Term<'a>> {
     guard(|| {
         let raw: Vec<(Term, Term, Term, Term)> = requests
             .decode()
@@ -168,21 +166,107 @@ fn cluster_prepare<'a>(env: Env<'a>, store: ResourceArc<StoreResource>, requests
     })
 }
 
-/// Queues the commands of Raft entry `raft_index` of `shard` for its writer: answered with
-/// `{:kuma_reply, ref, {:ok, outcomes} | {:error, reason}}`.
+/// Prepares appends on a shard's leader: `requests` are `{command_id, entity_id,
+/// expected_seq | nil, events}`; one `{:ok, prepared} | {:error, reason}` each, in order.
+/// Seals every event: the caller picks the `_dirty` twin (a dirty CPU scheduler) for
+/// large batches, as for local writes.
+#[rustler::nif]
+fn cluster_prepare<'a>(env: Env<'a>, store: ResourceArc<StoreResource>, requests: Term<'a>) -> NifResult<Term<'a>> {
+    prepare(env, store, requests)
+}
+
 #[rustler::nif(schedule = "DirtyCpu")]
+fn cluster_prepare_dirty<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    requests: Term<'a>,
+) -> NifResult<Term<'a>> {
+    prepare(env, store, requests)
+}
+
+/// Queues the commands of Raft entry `raft_index` of `shard` for its writer and returns at
+/// once: the state machine does not wait for the disk (a replay after a crash applies again
+/// what was not committed, see kuma_core's replica module), and the writer commits the
+/// entries queued meanwhile together. Once committed, `reply_to` (a local pid, or nil)
+/// gets `{:kuma_applied, ref, {:ok, outcomes} | {:error, reason}}`; if the entry could not
+/// be applied, `watcher` (a local pid, or nil) also gets `{:kuma_apply_failed, shard,
+/// raft_index, reason}`.
+#[rustler::nif]
+#[allow(clippy::too_many_arguments)]
 fn cluster_apply<'a>(
     env: Env<'a>,
     store: ResourceArc<StoreResource>,
-    reference: Term<'a>,
     shard: u32,
     raft_index: u64,
     commands: Term<'a>,
+    reply_to: Term<'a>,
+    reference: Term<'a>,
+    watcher: Term<'a>,
 ) -> NifResult<Atom> {
+    apply(env, store, shard, raft_index, commands, reply_to, reference, watcher)
+}
+
+/// `cluster_apply` on a dirty CPU scheduler, for large entries (decoding copies them).
+#[rustler::nif(schedule = "DirtyCpu")]
+#[allow(clippy::too_many_arguments)]
+fn cluster_apply_dirty<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    shard: u32,
+    raft_index: u64,
+    commands: Term<'a>,
+    reply_to: Term<'a>,
+    reference: Term<'a>,
+    watcher: Term<'a>,
+) -> NifResult<Atom> {
+    apply(env, store, shard, raft_index, commands, reply_to, reference, watcher)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    shard: u32,
+    raft_index: u64,
+    commands: Term<'a>,
+    reply_to: Term<'a>,
+    reference: Term<'a>,
+    watcher: Term<'a>,
+) -> NifResult<Atom> {
+    // A pid that is not (or no longer: a previous run of this node) a process here is no
+    // one to tell.
+    let reply_to: Option<LocalPid> = reply_to.decode().ok();
+    let watcher: Option<LocalPid> = watcher.decode().ok();
     guard(|| {
         let list: Vec<Term> = commands.decode().map_err(|_| bad("commands", "must be a list"))?;
         let commands = list.into_iter().map(decode_command).collect::<Result<Vec<_>>>()?;
-        store.store.replicate(shard, raft_index, commands, reply::later(env, reference, encode_outcomes)?)?;
+        let mut owned = OwnedEnv::new();
+        let saved = owned.save(reference);
+        let reply = move |result: Result<Vec<Outcome>>| {
+            if let (Err(e), Some(watcher)) = (&result, watcher) {
+                let _ = OwnedEnv::new().send_and_clear(&watcher, |e2| {
+                    (kuma_apply_failed(), shard, raft_index, Reason(e.clone())).encode(e2)
+                });
+            }
+            if let Some(pid) = reply_to {
+                let _ = owned.send_and_clear(&pid, |e| {
+                    (kuma_applied(), saved.load(e), encode_result(e, result, encode_outcomes)).encode(e)
+                });
+            }
+        };
+        let _ = env;
+        store.store.replicate(shard, raft_index, commands, Box::new(reply))?;
+        Ok(atoms::ok())
+    })
+}
+
+/// Lets `shard`'s replica apply again after a failed apply: `:ok` once its writer took it.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_replica_reset(store: ResourceArc<StoreResource>, shard: u32) -> NifResult<Atom> {
+    guard(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        store.store.replica_reset(shard, Box::new(move |r| drop(tx.send(r))))?;
+        rx.recv().map_err(|_| Error::Closed)??;
         Ok(atoms::ok())
     })
 }

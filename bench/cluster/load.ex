@@ -1,0 +1,126 @@
+# Loads that run on the nodes of a benchmark cluster (CLUSTER in bench/workloads/cluster.exs
+# compiles this file and loads the modules onto every node).
+
+defmodule Kuma.Bench.ClusterLoad do
+  @moduledoc false
+
+  @doc """
+  The W1 shape from this node: `writers` processes share `calls` appends of `batch`
+  (a list of events) to random entities among `entities`. Returns {microseconds, events}.
+  """
+  def w1(store, writers, calls, batch, entities, seed) do
+    {micros, counts} =
+      :timer.tc(fn ->
+        1..writers
+        |> Enum.map(fn w ->
+          Task.async(fn ->
+            :rand.seed(:exsss, {seed, w, 31})
+
+            for _ <- 1..Range.size(w..calls//writers)//1, reduce: 0 do
+              n ->
+                {:ok, _} = Kuma.append(store, "user_#{:rand.uniform(entities)}", batch, timeout: 60_000)
+                n + length(batch)
+            end
+          end)
+        end)
+        |> Task.await_many(:infinity)
+      end)
+
+    {micros, Enum.sum(counts)}
+  end
+
+  @doc """
+  The W2 shape from this node: one process per entity id in `ids` runs single-event
+  commands for `seconds`. Returns {events, latencies in µs}.
+  """
+  def w2(store, ids, event, seconds) do
+    deadline = System.monotonic_time(:millisecond) + seconds * 1000
+
+    results =
+      ids
+      |> Enum.map(fn id ->
+        Task.async(fn ->
+          entity = Kuma.entity(store, Kuma.Bench.ClusterAccount, id)
+          {:ok, _} = Kuma.fetch(entity)
+          loop(entity, event, deadline, 0, [])
+        end)
+      end)
+      |> Task.await_many(:infinity)
+
+    {Enum.sum(Enum.map(results, &elem(&1, 0))), Enum.flat_map(results, &elem(&1, 1))}
+  end
+
+  defp loop(entity, event, deadline, n, lat) do
+    if System.monotonic_time(:millisecond) >= deadline do
+      {n, lat}
+    else
+      t0 = System.monotonic_time(:microsecond)
+      {:ok, _} = Kuma.execute(entity, {:deposit, event}, timeout: 60_000)
+      loop(entity, event, deadline, n + 1, [System.monotonic_time(:microsecond) - t0 | lat])
+    end
+  end
+
+  @doc """
+  Appends to `id` without pause until told to stop; returns `{issued, acknowledged}` OS
+  times (ms) of the acknowledged appends (what a failover is measured by).
+  """
+  def probe(store, id) do
+    spawn(fn -> probe_loop(store, id, []) end)
+  end
+
+  def stop_probe(pid) do
+    ref = make_ref()
+    send(pid, {:stop, self(), ref})
+
+    receive do
+      {^ref, acks} -> acks
+    after
+      30_000 -> []
+    end
+  end
+
+  defp probe_loop(store, id, acks) do
+    receive do
+      {:stop, from, ref} -> send(from, {ref, Enum.reverse(acks)})
+    after
+      0 ->
+        issued = System.os_time(:millisecond)
+
+        case Kuma.append(store, id, {:probe, 1}, timeout: 5_000) do
+          {:ok, _} ->
+            probe_loop(store, id, [{issued, System.os_time(:millisecond)} | acks])
+
+          error ->
+            if System.get_env("KUMA_PROBE_DEBUG"),
+              do: IO.inspect({issued, System.os_time(:millisecond), error}, label: "probe")
+
+            probe_loop(store, id, acks)
+        end
+    end
+  end
+
+  @doc "Whether this node leads `id`'s shard now (its member is the leader and serves it)."
+  def leads?(store, id) do
+    {:ok, s} = Kuma.Store.lookup(store)
+    Kuma.Cluster.Shards.leader?(s, Kuma.Cluster.Route.shard(s, id))
+  end
+
+  @doc "The node leading `id`'s shard now, as Raft says (not a cached route)."
+  def leader_of(store, id) do
+    {:ok, s} = Kuma.Store.lookup(store)
+    group = Kuma.Cluster.shard_group(s.cluster, Kuma.Cluster.Route.shard(s, id))
+
+    case Kuma.Cluster.Consensus.engine().leader(group, node(), 5_000) do
+      {:ok, node} -> node
+      _ -> Process.sleep(200) && leader_of(store, id)
+    end
+  end
+end
+
+defmodule Kuma.Bench.ClusterAccount do
+  @moduledoc false
+  @behaviour Kuma.Aggregate
+  def init(_id), do: 0
+  def handle(_count, {:deposit, event}), do: {:ok, [event]}
+  def apply(count, _event), do: count + 1
+end
