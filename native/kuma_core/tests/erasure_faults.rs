@@ -170,3 +170,40 @@ fn reads_racing_an_erasure_get_the_events_or_erased_never_corrupt() {
         }
     }
 }
+
+/// Cluster mode: a replica whose apply failed (here, a replicated erasure failing at
+/// COMMIT) refuses every later entry, unapplied, until it is reset: an entry applied after
+/// a failed one would leave a hole in the replica. After the reset it applies again.
+#[test]
+fn a_replica_that_failed_to_apply_refuses_later_entries_until_reset() {
+    use kuma_core::replica::{AppendRequest, PreparedErase, Replicated};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = StoreConfig::new(dir.path());
+    c.shards = 1;
+    c.master_key = Some(Key::from_bytes(&[7u8; 32]).unwrap());
+    c.cluster_key = Some([9; 32]);
+    let store = Store::open(c).unwrap();
+    let append = |cid: u8, who: &[u8]| {
+        let request = AppendRequest {
+            command_id: [cid; 16],
+            entity_id: who.to_vec(),
+            expected: Expected::Any,
+            events: vec![ev(1)],
+        };
+        vec![Replicated::Append(store.prepare(vec![request]).remove(0).unwrap())]
+    };
+    store.replicate_wait(0, 1, append(1, b"bob")).unwrap();
+    let victim = id(FAIL_COMMIT_PREFIX, "alice");
+    let erase = vec![Replicated::Erase(PreparedErase { command_id: [2; 16], entity_id: victim, timestamp_us: 1 })];
+    assert!(matches!(store.replicate_wait(0, 2, erase), Err(Error::Storage { context: "commit", .. })));
+    // Refused, unapplied: bob stays at seq 1, the applied index at 1.
+    let later = append(3, b"bob");
+    assert!(matches!(store.replicate_wait(0, 3, later.clone()), Err(Error::Storage { .. })));
+    assert_eq!(store.head(b"bob").unwrap().unwrap().seq, 1);
+    assert_eq!(store.applied_index(0).unwrap(), 1);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    store.replica_reset(0, Box::new(move |r| drop(tx.send(r)))).unwrap();
+    rx.recv().unwrap().unwrap();
+    assert!(store.replicate_wait(0, 3, later).is_ok());
+    assert_eq!(store.head(b"bob").unwrap().unwrap().seq, 2);
+}
