@@ -74,6 +74,10 @@ defmodule Kuma do
     not reach, and their rows stay out of old copies (see `Kuma.ReadModel`, "Files and
     backups")
 
+  * `:cluster` - run the store on several nodes, each shard replicated by Raft:
+    `[seeds: [node, ...], replicas: 3]`, the same on every node (see `Kuma.Cluster`).
+    Without it (the default) the store runs on this node only and nothing of Raft starts
+
   Opening an existing directory with a different `:shards` fails with
   `{:shard_count_mismatch, stored, requested}`.
 

@@ -62,6 +62,21 @@ defmodule Kuma.Error do
     from another entity or position); never returned as garbage data
   * `{:forget_unconfirmed, pids}` - `Kuma.delete/3` erased the data but some listeners did not confirm
 
+  ## Cluster mode
+
+  * `{:outcome_unknown, why}` - a write whose leader died or was deposed before it could
+    answer, and whose retries (with the same command id) did not get an answer either before
+    the timeout: it may or may not have been written, never twice; read the entity to know
+  * `:not_leader`, `{:no_leader, why}`, `{:unreachable, node, why}` - the shard's leader
+    could not be found or reached before the timeout (a partition, a majority down)
+  * `{:not_supported_in_cluster, what}` - not available in cluster mode yet (`Kuma.Cluster`)
+  * `{:cluster_mismatch, why}` - this node's settings, or its data dir, belong to another
+    cluster (or a cluster's data dir was started without `:cluster`)
+  * `{:cluster_not_formed, why}` - no majority of the seeds was reachable within `:start_timeout`
+  * `{:ra_missing, why}` - the Raft library is not installed (run `bin/setup`)
+  * `{:raft, reason}`, `{:shard_member_failed, shard, reason}` - Raft refused to start a member
+  * `:replicated` - a local write to a store whose shards are replicas (a Kuma bug if seen)
+
   ## Projections and read models
 
   * `{:unknown_projection, name}` - no projection or read model of that name is running
@@ -162,6 +177,23 @@ defmodule Kuma.Error do
   def format(:nothing_to_skip), do: "the projection is not stuck on an event"
   def format(:projection_stopped), do: "the projection stopped while waiting"
   def format(:timeout), do: "timed out waiting for the commit; the write may still complete"
+
+  def format({:outcome_unknown, why}),
+    do: "the write's outcome is unknown (#{inspect(why)}): it may or may not be written, never twice; read it back"
+
+  def format(:not_leader), do: "no node leads the entity's shard yet (an election is under way); try again"
+  def format({:no_leader, why}), do: "the shard's leader could not be found: #{inspect(why)}"
+  def format({:unreachable, node, why}), do: "the shard's leader #{node} could not be reached: #{inspect(why)}"
+  def format({:not_supported_in_cluster, what}), do: "not available in cluster mode yet: #{what} (see Kuma.Cluster)"
+  def format({:cluster_mismatch, why}), do: "this node does not belong to this cluster: #{why}"
+  def format({:cluster_not_formed, why}), do: "the cluster could not be formed: #{why}"
+  def format({:ra_missing, why}), do: "cluster mode needs the ra library: #{why}"
+  def format({:raft, reason}), do: "Raft refused: #{inspect(reason)}"
+
+  def format({:shard_member_failed, shard, reason}),
+    do: "shard #{shard}'s Raft member did not start: #{inspect(reason)}"
+
+  def format(:replicated), do: "this store's shards are replicas: writes go through their leaders"
   def format({:raised, text}), do: text
   def format({:bad_return, callback, value}), do: "#{callback} returned #{inspect(value, limit: 20)}"
   def format({:skipped, reason}), do: "skipped by an operator after: " <> format(reason)

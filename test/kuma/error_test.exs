@@ -53,7 +53,18 @@ defmodule Kuma.ErrorTest do
     :projection_stopped,
     {:raised, "** (RuntimeError) boom"},
     {:bad_return, :handle_event, :oops},
-    {:skipped, {:raised, "boom"}}
+    {:skipped, {:raised, "boom"}},
+    {:outcome_unknown, :timeout},
+    :not_leader,
+    {:no_leader, :timeout},
+    {:unreachable, :b@host, :noconnection},
+    {:not_supported_in_cluster, :projections},
+    {:cluster_mismatch, "the cluster has shards 16"},
+    {:cluster_not_formed, "1 of 3 seeds reachable"},
+    {:ra_missing, "run bin/setup"},
+    {:raft, :system_not_started},
+    {:shard_member_failed, 3, :timeout},
+    :replicated
   ]
 
   test "every documented reason has its own sentence" do
