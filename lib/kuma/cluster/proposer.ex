@@ -30,14 +30,25 @@ defmodule Kuma.Cluster.Proposer do
 
   defp via(store, shard), do: Store.via(store, {:proposer, shard})
 
-  @doc "Stops the proposer of `shard` (this node no longer leads it); its callers get `:not_leader`."
+  @doc """
+  Stops the proposer of `shard` (this node no longer leads it); its callers get
+  `:not_leader` (and send their writes again, to the new leader). One waiting for its
+  entry is killed rather than waited for: its callers' writes keep their command ids.
+  """
   def stop(store, shard) do
     case Store.whereis(store, {:proposer, shard}) do
-      nil -> :ok
-      pid -> GenServer.stop(pid, :normal, 5_000)
+      nil ->
+        :ok
+
+      pid ->
+        try do
+          GenServer.stop(pid, :normal, 1_000)
+        catch
+          :exit, _ -> Process.exit(pid, :kill)
+        end
+
+        :ok
     end
-  catch
-    :exit, _ -> :ok
   end
 
   @doc """
