@@ -135,9 +135,11 @@ defmodule Kuma.CrashTest do
     new_key = String.duplicate("5a", 32)
     old_key = System.fetch_env!("KUMA_MASTER_KEY")
 
-    # Kill at two points: early in the rotation and (likely) after it.
+    # Kill at two points: as soon as the rotation starts and (likely) after it ends. Where
+    # exactly the first kill lands depends on the machine's speed; the promise holds
+    # wherever it lands, so that is what is asserted.
     outcomes =
-      for {delay, round} <- Enum.with_index([25, 1_000]) do
+      for {delay, round} <- Enum.with_index([0, 1_000]) do
         round_dir = "#{dir}-#{round}"
         on_exit(fn -> File.rm_rf!(round_dir) end)
         port = spawn_child(script, [round_dir, new_key, Integer.to_string(@rotation_entities)])
@@ -164,12 +166,12 @@ defmodule Kuma.CrashTest do
           end
 
         assert Enum.sort(opens) == [:opened, :refused], "round #{round}: #{inspect(opens)}"
-        # The new key opens exactly when the child finished rotating (or was about to).
+        # A child that reported the rotation done had committed it: only the new key opens.
+        if rotated, do: assert(opens == [:refused, :opened], "round #{round}: #{inspect(opens)}")
         {delay, rotated, opens}
       end
 
-    # The early kill landed before the rotation committed: the old key still opens.
-    assert [{25, false, [:opened, :refused]} | _] = outcomes
+    IO.puts("rotation kills (delay ms, reported done, [old key, new key]): #{inspect(outcomes)}")
   end
 
   # Runs in a separate BEAM: a store with the Counter read model (it increments a count per
