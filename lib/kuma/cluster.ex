@@ -23,6 +23,9 @@ defmodule Kuma.Cluster do
     scales by adding nodes rather than by copying.
   * `:start_timeout` - ms `Kuma.start/1` waits for a majority of the seeds to form the
     cluster (default 60,000).
+  * `:snapshot_every` - Raft log entries per shard between two snapshots (default 20,000).
+    A snapshot is a copy of the shard file; Raft's log is truncated up to it, and a member
+    that missed the truncated entries catches up from it.
 
   ## How it works (docs/cluster.md has the whole design)
 
@@ -47,11 +50,10 @@ defmodule Kuma.Cluster do
   Projections, read models and subscriptions (`{:error, {:not_supported_in_cluster,
   what}}`), master key rotation, and moving shards between nodes (seeds are fixed).
   Values about a subject (`Kuma.sensitive/3`) need the subject's key on the writing node.
-  Raft's log is kept whole (no snapshots yet), so its files grow with the writes.
   """
 
   @enforce_keys [:seeds, :replicas, :start_timeout, :system]
-  defstruct [:seeds, :replicas, :start_timeout, :system, :id, :routes]
+  defstruct [:seeds, :replicas, :start_timeout, :system, :id, :routes, snapshot_every: 20_000]
 
   @type t :: %__MODULE__{
           seeds: [node()],
@@ -59,7 +61,8 @@ defmodule Kuma.Cluster do
           start_timeout: pos_integer(),
           system: atom(),
           id: String.t() | nil,
-          routes: :ets.tid() | nil
+          routes: :ets.tid() | nil,
+          snapshot_every: pos_integer()
         }
 
   @doc false
@@ -71,12 +74,13 @@ defmodule Kuma.Cluster do
     seeds = Keyword.get(opts, :seeds)
     replicas = Keyword.get(opts, :replicas, 3)
     timeout = Keyword.get(opts, :start_timeout, 60_000)
+    snapshot_every = Keyword.get(opts, :snapshot_every, 20_000)
 
     cond do
       not Keyword.keyword?(opts) ->
         invalid("must be a keyword list")
 
-      (unknown = Keyword.keys(opts) -- [:seeds, :replicas, :start_timeout]) != [] ->
+      (unknown = Keyword.keys(opts) -- [:seeds, :replicas, :start_timeout, :snapshot_every]) != [] ->
         {:error, {:unknown_option, {:cluster, hd(unknown)}}}
 
       not (is_list(seeds) and seeds != [] and Enum.all?(seeds, &is_atom/1)) ->
@@ -91,6 +95,9 @@ defmodule Kuma.Cluster do
       not is_integer(timeout) or timeout < 1 ->
         invalid(":start_timeout must be a positive integer (ms)")
 
+      not is_integer(snapshot_every) or snapshot_every < 1 ->
+        invalid(":snapshot_every must be a positive integer (log entries)")
+
       node() == :nonode@nohost ->
         invalid("this VM is not a distributed node: start it with --sname or --name")
 
@@ -98,7 +105,14 @@ defmodule Kuma.Cluster do
         invalid("this node (#{node()}) is not among the seeds")
 
       true ->
-        {:ok, %__MODULE__{seeds: Enum.sort(seeds), replicas: replicas, start_timeout: timeout, system: system(name)}}
+        {:ok,
+         %__MODULE__{
+           seeds: Enum.sort(seeds),
+           replicas: replicas,
+           start_timeout: timeout,
+           system: system(name),
+           snapshot_every: snapshot_every
+         }}
     end
   end
 

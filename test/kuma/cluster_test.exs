@@ -27,13 +27,44 @@ defmodule Kuma.ClusterTest do
     if ctx[:skip] do
       :ok
     else
-      {:ok, c} = Cluster.start(3, @store)
+      {:ok, c} = Cluster.start(3, @store, Map.get(ctx, :store_opts, []))
       on_exit(fn -> Cluster.stop(c) end)
       %{c: c}
     end
   end
 
   defp call(c, name, f, a), do: Cluster.call(c, name, Kuma, f, a)
+
+  @tag store_opts: [cluster: [snapshot_every: 5]]
+  test "a member that missed entries Raft no longer has catches up from a snapshot", %{c: c} do
+    [a, b, n3] = Cluster.names(c)
+    {:ok, _} = call(c, a, :append, [@store, "before", {:x, 0}])
+    assert_replicas_identical(c)
+    # n3 is down while the others write enough for several snapshots of every shard: their
+    # logs are truncated past what n3 has.
+    Cluster.kill9(c, n3)
+
+    for i <- 1..120 do
+      {:ok, _} = call(c, Enum.at([a, b], rem(i, 2)), :append, [@store, "e#{rem(i, 24)}", {:x, i}])
+    end
+
+    {:ok, %{events_deleted: 5}} = call(c, a, :delete, [@store, "e1"])
+    snapshots = fn -> Path.wildcard(Path.join(Cluster.data_dir(c, a), "raft/**/shard.kuma")) end
+
+    assert Kuma.StoreCase.eventually(fn -> snapshots.() != [] end),
+           "no snapshot was written: #{inspect(Path.wildcard(Path.join(Cluster.data_dir(c, a), "raft/**")))}"
+
+    {{:ok, _}, c} = Cluster.restart(c, n3)
+    # n3 took the snapshots (and the keys it lacked) and the entries after them.
+    assert_replicas_identical(c)
+    assert {:ok, events} = call(c, n3, :events, [@store, "e5"])
+    assert length(events) == 5
+    assert {:error, :entity_erased} = call(c, n3, :events, [@store, "e1"])
+    # n3 serves as leader with what it took: its copy answers once the others are gone.
+    Cluster.kill9(c, a)
+    Cluster.kill9(c, b)
+    for shard <- 0..3, do: assert({:ok, _} = Cluster.call(c, n3, ClusterProbe, :read_local, [@store, shard]))
+  end
 
   test "writes from any node are read on every node, and every replica holds the same", %{c: c} do
     [a, b, n3] = Cluster.names(c)
@@ -109,6 +140,8 @@ defmodule Kuma.ClusterTest do
 
   for kind <- [:kill9, :pause, :partition] do
     @tag fault: kind
+    # Snapshots every 25 entries: the fault rounds also make members catch up from them.
+    @tag store_opts: [cluster: [snapshot_every: 25]]
     test "#{kind}: #{@rounds} rounds, no acknowledged write lost or doubled", %{c: c} = ctx do
       :rand.seed(:exsss, {@seed, :erlang.phash2(ctx.fault), 1})
 

@@ -76,6 +76,15 @@ defmodule Kuma.Test.ClusterProbe do
     end
   end
 
+  @doc "Every event of this node's copy of `shard`, decrypted with this node's keys."
+  def read_local(store, shard) do
+    {:ok, s} = Store.lookup(store)
+
+    with {:ok, {events, _, _}} <- Native.read_query(s.native, shard, 0, %Kuma.Query{}, 100_000) do
+      {:ok, length(events)}
+    end
+  end
+
   @doc "Whether the entity's process runs on this node."
   def live?(store, id) do
     {:ok, s} = Store.lookup(store)

@@ -21,7 +21,8 @@ defmodule Kuma.Cluster.Boot do
     with :ok <- ra_available(engine),
          :ok <- engine.start_system(cluster.system, Path.join(config.data_dir, "raft")),
          _ = connect(cluster.seeds),
-         :ok <- engine.ensure_member(cluster.system, Cluster.meta_group(cluster), {MetaMachine, %{}}, cluster.seeds),
+         :ok <-
+           engine.ensure_member(cluster.system, Cluster.meta_group(cluster), {MetaMachine, %{}}, cluster.seeds, []),
          {:ok, identity} <- agree(engine, cluster, proposal(config), deadline),
          :ok <- check(identity, config) do
       {:ok, %{cluster | id: identity.cluster_id}, identity.key}

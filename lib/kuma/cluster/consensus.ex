@@ -15,8 +15,13 @@ defmodule Kuma.Cluster.Consensus do
   @doc "Makes the engine usable on this node, its files under `dir`."
   @callback start_system(system :: atom(), dir :: Path.t()) :: :ok | {:error, term()}
 
-  @doc "Runs this node's member of `group` (recovered from its files, or new)."
-  @callback ensure_member(system :: atom(), group(), machine(), members :: [node()]) :: :ok | {:error, term()}
+  @doc """
+  Runs this node's member of `group` (recovered from its files, or new). Options:
+  `:snapshot_interval` - log entries between two snapshots the engine takes when the
+  machine allows one.
+  """
+  @callback ensure_member(system :: atom(), group(), machine(), members :: [node()], keyword()) ::
+              :ok | {:error, term()}
 
   @doc "Stops this node's member of `group` (its files stay)."
   @callback stop_member(system :: atom(), group()) :: :ok

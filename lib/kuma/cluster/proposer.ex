@@ -74,6 +74,16 @@ defmodule Kuma.Cluster.Proposer do
       Enum.map(requests, fn _ -> {:error, {:outcome_unknown, reason}} end)
   end
 
+  @doc "Has the proposer commit an empty entry (so that Raft replicates to every member)."
+  def nudge(store, shard) do
+    case Store.whereis(store, {:proposer, shard}) do
+      nil -> :ok
+      pid -> send(pid, :nudge)
+    end
+
+    :ok
+  end
+
   @impl true
   def init({store, shard}) do
     {:ok, s} = Store.lookup(store)
@@ -108,6 +118,11 @@ defmodule Kuma.Cluster.Proposer do
     answers = commit(st, requests, @conflict_rounds)
     reply_each(callers, answers)
     {:noreply, %{st | queue: [], flush: false}}
+  end
+
+  def handle_info(:nudge, %{ready: true} = st) do
+    _ = propose(st, [])
+    {:noreply, st}
   end
 
   def handle_info(_other, st), do: {:noreply, st}

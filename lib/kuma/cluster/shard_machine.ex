@@ -24,11 +24,28 @@ defmodule Kuma.Cluster.ShardMachine do
   alias Kuma.{Native, Store}
 
   @impl :ra_machine
-  def init(%{store: store, shard: shard}), do: %{store: store, shard: shard}
+  def init(%{store: store, shard: shard} = config),
+    do: %{store: store, shard: shard, every: Map.get(config, :snapshot_every, 20_000), since: 0}
+
+  # Every `every` entries, a snapshot at this one (Kuma.Cluster.ShardSnapshot): ra then
+  # truncates its log up to it.
+  @impl :ra_machine
+  def apply(%{index: index}, {:batch, commands, reply_to}, state) do
+    reply = queue(state, index, commands, reply_to)
+    since = state.since + 1
+
+    if since >= state.every do
+      state = %{state | since: 0}
+      {state, reply, [{:release_cursor, index, state}]}
+    else
+      {%{state | since: since}, reply}
+    end
+  end
+
+  def apply(_meta, _other, state), do: {state, {:error, :unknown_command}}
 
   @impl :ra_machine
-  def apply(%{index: index}, {:batch, commands, reply_to}, state), do: {state, queue(state, index, commands, reply_to)}
-  def apply(_meta, _other, state), do: {state, {:error, :unknown_command}}
+  def snapshot_module, do: Kuma.Cluster.ShardSnapshot
 
   @impl :ra_machine
   def state_enter(role, %{store: store, shard: shard}),

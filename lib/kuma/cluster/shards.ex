@@ -38,14 +38,12 @@ defmodule Kuma.Cluster.Shards do
 
     started =
       Enum.reduce_while(Cluster.local_shards(cluster, s.shards), :ok, fn shard, :ok ->
-        machine = {ShardMachine, %{store: name, shard: shard}}
+        machine = {ShardMachine, %{store: name, shard: shard, snapshot_every: cluster.snapshot_every}}
 
-        case engine.ensure_member(
-               cluster.system,
-               Cluster.shard_group(cluster, shard),
-               machine,
-               Cluster.members(cluster, shard)
-             ) do
+        group = Cluster.shard_group(cluster, shard)
+        opts = [snapshot_interval: cluster.snapshot_every]
+
+        case engine.ensure_member(cluster.system, group, machine, Cluster.members(cluster, shard), opts) do
           :ok -> {:cont, :ok}
           {:error, reason} -> {:halt, {:error, {:shard_member_failed, shard, reason}}}
         end
@@ -60,6 +58,7 @@ defmodule Kuma.Cluster.Shards do
         end
 
         send(self(), :refresh)
+        :ok = :net_kernel.monitor_nodes(true)
         {:ok, %{store: name, leading: MapSet.new(), leaderless: %{}, restarting: %{}}}
 
       {:error, reason} ->
@@ -81,6 +80,16 @@ defmodule Kuma.Cluster.Shards do
     st =
       Enum.reduce(Cluster.local_shards(s.cluster, s.shards), st, fn shard, st ->
         group = Cluster.shard_group(s.cluster, shard)
+
+        # A member that stopped (ra gave up restarting it: a copy it could not take, say)
+        # is started again.
+        if Process.whereis(group) == nil do
+          machine = {ShardMachine, %{store: st.store, shard: shard, snapshot_every: s.cluster.snapshot_every}}
+          members = Cluster.members(s.cluster, shard)
+
+          _ =
+            engine.ensure_member(s.cluster.system, group, machine, members, snapshot_interval: s.cluster.snapshot_every)
+        end
 
         case engine.leader(group, node(), 500) do
           {:ok, leader} when leader == node() ->
@@ -121,9 +130,11 @@ defmodule Kuma.Cluster.Shards do
     group = Cluster.shard_group(s.cluster, shard)
     engine.stop_member(s.cluster.system, group)
     _ = Native.cluster_replica_reset(s.native, shard)
-    machine = {ShardMachine, %{store: st.store, shard: shard}}
+    machine = {ShardMachine, %{store: st.store, shard: shard, snapshot_every: s.cluster.snapshot_every}}
 
-    case engine.ensure_member(s.cluster.system, group, machine, Cluster.members(s.cluster, shard)) do
+    opts = [snapshot_interval: s.cluster.snapshot_every]
+
+    case engine.ensure_member(s.cluster.system, group, machine, Cluster.members(s.cluster, shard), opts) do
       :ok ->
         {:noreply, %{st | restarting: Map.delete(st.restarting, shard)}}
 
@@ -131,6 +142,19 @@ defmodule Kuma.Cluster.Shards do
         Process.send_after(self(), {:restart_member, shard}, 2_000)
         {:noreply, st}
     end
+  end
+
+  # A member's node came back (a restart, a healed partition): Raft replicates to a member
+  # only when its leader has an entry to send, so each shard led here commits an empty one,
+  # and the member catches up (from a snapshot if the log no longer reaches back to it).
+  def handle_info({:nodeup, node}, st) do
+    {:ok, s} = Store.lookup(st.store)
+
+    for shard <- st.leading, node in Cluster.members(s.cluster, shard) do
+      Proposer.nudge(st.store, shard)
+    end
+
+    {:noreply, st}
   end
 
   def handle_info(_other, st), do: {:noreply, st}

@@ -65,6 +65,11 @@ impl Heads {
         self.map.write().unwrap_or_else(|p| p.into_inner()).entry(entity_id.into()).or_insert(head);
     }
 
+    /// Writer only: forget every head (the shard file was replaced, see writer.rs).
+    pub(crate) fn clear(&self) {
+        self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Writer only: forget an entity (used when its events are deleted).
     pub(crate) fn remove(&self, entity_id: &[u8]) {
         self.map.write().unwrap_or_else(|p| p.into_inner()).remove(entity_id);

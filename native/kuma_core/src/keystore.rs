@@ -449,6 +449,80 @@ impl Keystore {
         }
     }
 
+    /// Cluster mode: of these keyed hashes, those erased here (a tombstone).
+    pub fn erased_of(&self, indexes: &[[u8; 32]]) -> Result<Vec<[u8; 32]>> {
+        let mut out = Vec::new();
+        for index in indexes {
+            if self.is_erased_index(index)? {
+                out.push(*index);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cluster mode: the wrapped keys of these keyed hashes, as stored (those it has), for a
+    /// replica that installs a shard copy and lacks them (see `install`).
+    pub fn export(&self, indexes: &[[u8; 32]]) -> Result<Vec<([u8; 32], Vec<u8>)>> {
+        self.check_open()?;
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut select = conn
+            .prepare_cached("SELECT wrapped FROM keys WHERE idx = ?1")
+            .map_err(Error::storage("export data keys"))?;
+        let mut out = Vec::new();
+        for index in indexes {
+            let wrapped: Option<Vec<u8>> =
+                select.query_row([&index[..]], |r| r.get(0)).optional().map_err(Error::storage("export data keys"))?;
+            if let Some(w) = wrapped {
+                out.push((*index, w));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The keyed hashes among `indexes` that have neither a key nor a tombstone here.
+    pub fn missing(&self, indexes: &[[u8; 32]]) -> Result<Vec<[u8; 32]>> {
+        let mut out = Vec::new();
+        for index in indexes {
+            if self.get_by_index(index)?.is_none() && !self.is_erased_index(index)? {
+                out.push(*index);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cluster mode: deletes the data keys of entities whose shard moved to other nodes
+    /// (zeroed by secure_delete, WAL truncated). Unlike `destroy`, no tombstone: the
+    /// entities live on elsewhere. Returns how many keys were here.
+    pub fn forget(&self, indexes: &[[u8; 32]]) -> Result<u64> {
+        self.check_open()?;
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("forget data keys"))?;
+        let deleted = (|| -> Result<u64> {
+            let mut delete =
+                conn.prepare_cached("DELETE FROM keys WHERE idx = ?1").map_err(Error::storage("forget data keys"))?;
+            let mut n = 0;
+            for index in indexes {
+                n += delete.execute([&index[..]]).map_err(Error::storage("forget data keys"))? as u64;
+            }
+            Ok(n)
+        })()
+        .and_then(|n| conn.execute_batch("COMMIT").map(|_| n).map_err(Error::storage("forget data keys")));
+        let n = match deleted {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        for index in indexes {
+            cache.remove(index);
+        }
+        drop(cache);
+        sqlite::truncate_wal(&conn, "keystore checkpoint")?;
+        Ok(n)
+    }
+
     /// Destroys an entity's data key: the row is deleted (zeroed by secure_delete) and the
     /// WAL truncated. Returns whether a key existed.
     pub fn destroy(&self, entity_id: &[u8]) -> Result<bool> {

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::sqlite;
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Most idle connections kept per shard; more are opened under load and closed after use.
@@ -20,11 +20,18 @@ pub(crate) struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
     closed: AtomicBool,
+    /// Bumped when the file is replaced (cluster mode): older connections are not pooled.
+    generation: AtomicU64,
 }
 
 impl Readers {
     pub fn new(path: &Path) -> Readers {
-        Readers { path: path.to_path_buf(), idle: Mutex::new(Vec::new()), closed: AtomicBool::new(false) }
+        Readers {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        }
     }
 
     /// Runs `f` inside one read transaction on a pooled (or new) connection.
@@ -32,6 +39,7 @@ impl Readers {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut conn = match pooled {
             Some(c) => c,
@@ -41,10 +49,21 @@ impl Readers {
         let result = f(&mut conn);
         let _ = conn.execute_batch("COMMIT");
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE && !self.closed.load(Ordering::Acquire) {
+        if idle.len() < MAX_IDLE
+            && !self.closed.load(Ordering::Acquire)
+            && self.generation.load(Ordering::Acquire) == generation
+        {
             idle.push(conn);
         }
         result
+    }
+
+    /// The file was replaced (a cluster replica installed a snapshot): connections to the
+    /// old one are closed as they come back, and new ones open the new file.
+    pub fn reset(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        idle.clear();
     }
 
     /// Closes every idle connection; later reads fail with `Closed`.

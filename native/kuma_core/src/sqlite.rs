@@ -40,6 +40,14 @@ pub(crate) fn create_file(path: &Path, mode: u32, context: &'static str) -> Resu
     }
 }
 
+/// Sets a file's permissions (a file Kuma did not create itself, such as a `VACUUM INTO`
+/// copy, which SQLite creates with the process's umask).
+pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::Storage { context: "set file mode", message: format!("{}: {e}", path.display()) })
+}
+
 /// How long a connection waits for a lock held by a reader or a checkpoint before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 

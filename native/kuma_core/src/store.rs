@@ -591,6 +591,105 @@ impl Store {
         self.writers.send(shard, Command::replica_reset(reply))
     }
 
+    /// Cluster mode, a Raft snapshot: writes a copy of `shard`'s file to `path` once every
+    /// command queued before is committed; the applied index it holds.
+    pub fn backup(&self, shard: u32, path: PathBuf, reply: Reply<Result<u64>>) -> Result<()> {
+        self.check_replica_shard(shard)?;
+        self.writers.send(shard, Command::backup(path, reply))
+    }
+
+    /// Cluster mode: replaces `shard`'s file by a copy another replica made with `backup`
+    /// (the keys its entities need must be here first, `install_keys`), and waits. The
+    /// applied index it holds.
+    pub fn install_wait(&self, shard: u32, path: PathBuf) -> Result<u64> {
+        self.check_replica_shard(shard)?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writers.send(shard, Command::install(path, Box::new(move |r| drop(tx.send(r)))))?;
+        let result = rx.recv().map_err(|_| Error::Closed)?;
+        self.shards[shard as usize].readers.reset();
+        result
+    }
+
+    /// Cluster mode: this node no longer holds a replica of `shard` (it moved away): the
+    /// keys of its entities are deleted here and its file emptied. Waits; answers how many
+    /// keys were deleted.
+    pub fn release_wait(&self, shard: u32) -> Result<u64> {
+        self.check_replica_shard(shard)?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writers.send(shard, Command::release(Box::new(move |r| drop(tx.send(r)))))?;
+        let result = rx.recv().map_err(|_| Error::Closed)?;
+        self.shards[shard as usize].readers.reset();
+        result
+    }
+
+    fn check_replica_shard(&self, shard: u32) -> Result<()> {
+        if !self.replicated {
+            return Err(Error::invalid("shard copy", "not a cluster-mode store"));
+        }
+        if shard >= self.shard_count() {
+            return Err(Error::invalid("shard", format!("no shard {shard} (store has {})", self.shard_count())));
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: the keyed hashes of the entities in a shard copy (`backup`'s file).
+    pub fn copy_indexes(path: &std::path::Path) -> Result<Vec<[u8; 32]>> {
+        let conn = crate::sqlite::open_reader(path)?;
+        let mut st = conn.prepare("SELECT idx FROM entities").map_err(Error::storage("read shard copy"))?;
+        let rows = st
+            .query_map([], |r| Ok(crate::heads::hash_from(crate::reader::bytes(r.get_ref(0)?))))
+            .map_err(Error::storage("read shard copy"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(Error::storage("read shard copy"))
+    }
+
+    /// Cluster mode: of these keyed hashes, those whose key this node lacks (and that are
+    /// not erased here).
+    pub fn missing_keys(&self, indexes: &[[u8; 32]]) -> Result<Vec<[u8; 32]>> {
+        match self.protection.keystore() {
+            Some(keystore) => keystore.missing(indexes),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Cluster mode: the wrapped keys of these keyed hashes that this node has.
+    pub fn export_keys(&self, indexes: &[[u8; 32]]) -> Result<Vec<([u8; 32], Vec<u8>)>> {
+        match self.protection.keystore() {
+            Some(keystore) => keystore.export(indexes),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Cluster mode: of these keyed hashes, those erased on this node (their keys are gone:
+    /// a replica taking a copy from before their erasure records the erasure instead).
+    pub fn erased_keys(&self, indexes: &[[u8; 32]]) -> Result<Vec<[u8; 32]>> {
+        match self.protection.keystore() {
+            Some(keystore) => keystore.erased_of(indexes),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Cluster mode: records erasures (keyed hashes) told by another node, so that no key is
+    /// ever made here for them.
+    pub fn record_erased_keys(&self, indexes: &[[u8; 32]]) -> Result<()> {
+        match self.protection.keystore() {
+            Some(keystore) => keystore.record_erased(indexes),
+            None => Ok(()),
+        }
+    }
+
+    /// Cluster mode: installs wrapped keys (from `export_keys` on another node).
+    pub fn install_keys(&self, keys: &[([u8; 32], Vec<u8>)]) -> Result<()> {
+        if let Some(keystore) = self.protection.keystore() {
+            for r in keystore.install(keys)? {
+                match r {
+                    Ok(_) | Err(Error::Erased) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Cluster mode: the last Raft index applied to `shard`'s file.
     pub fn applied_index(&self, shard: u32) -> Result<u64> {
         self.with_reader(shard, |c, _| {

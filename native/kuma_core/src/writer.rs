@@ -121,6 +121,9 @@ pub enum Command {
     Compact(Compact),
     Replicate(Replicate),
     ReplicaReset(Barrier),
+    Backup(FileCommand),
+    Install(FileCommand),
+    Release(Release),
 }
 
 /// Append entries; the reply gets one result per entry, in order.
@@ -155,6 +158,22 @@ pub struct Erase {
 pub struct Compact {
     reply: Reply<Result<()>>,
     result: Option<Result<()>>,
+}
+
+/// Cluster mode, for Raft snapshots (see replica.rs): `Backup` copies the shard file as it
+/// is once everything queued before is committed (`VACUUM INTO path`); `Install` replaces
+/// the shard file by such a copy from another replica. Both answer the applied index the
+/// file holds, and run alone, between transactions.
+pub struct FileCommand {
+    path: PathBuf,
+    reply: Reply<Result<u64>>,
+}
+
+/// Cluster mode: this node no longer holds a replica of the shard (it moved to other
+/// nodes). The keys of its entities are deleted here and the file replaced by an empty
+/// one; answers how many keys were deleted. Runs alone, between transactions.
+pub struct Release {
+    reply: Reply<Result<u64>>,
 }
 
 /// Cluster mode: apply the commands of one Raft log entry (see replica.rs). The reply gets
@@ -196,6 +215,18 @@ impl Command {
         Command::ReplicaReset(Barrier { reply })
     }
 
+    pub fn backup(path: PathBuf, reply: Reply<Result<u64>>) -> Command {
+        Command::Backup(FileCommand { path, reply })
+    }
+
+    pub fn install(path: PathBuf, reply: Reply<Result<u64>>) -> Command {
+        Command::Install(FileCommand { path, reply })
+    }
+
+    pub fn release(reply: Reply<Result<u64>>) -> Command {
+        Command::Release(Release { reply })
+    }
+
     /// How much of a transaction's budget (`max_txn_events`) the request uses.
     fn weight(&self) -> usize {
         match self {
@@ -209,7 +240,11 @@ impl Command {
                 })
                 .sum(),
             Command::Snapshot(_) | Command::Barrier(_) | Command::ReplicaReset(_) => 1,
-            Command::Erase(_) | Command::Compact(_) => 1000,
+            Command::Erase(_)
+            | Command::Compact(_)
+            | Command::Backup(_)
+            | Command::Install(_)
+            | Command::Release(_) => 1000,
         }
     }
 
@@ -232,6 +267,11 @@ impl Command {
             (Command::Erase(d), Some(e)) => (d.reply)(Err(e.clone())),
             (Command::Compact(c), None) => (c.reply)(c.result.unwrap_or(Ok(()))),
             (Command::Compact(c), Some(e)) => (c.reply)(Err(e.clone())),
+            (Command::Backup(FileCommand { reply, .. }) | Command::Install(FileCommand { reply, .. }), Some(e))
+            | (Command::Release(Release { reply }), Some(e)) => reply(Err(e.clone())),
+            // Answered by `ShardWriter::file_command`, never in a batch.
+            (Command::Backup(FileCommand { reply, .. }) | Command::Install(FileCommand { reply, .. }), None)
+            | (Command::Release(Release { reply }), None) => reply(Err(Error::invalid("file command", "not run"))),
             (Command::Replicate(r), None) => (r.reply)(Ok(r.outcomes)),
             (Command::Replicate(r), Some(e)) => (r.reply)(Err(e.clone())),
         }));
@@ -286,6 +326,12 @@ pub(crate) struct ShardWriter {
     /// applied after a failed one would leave a hole in this replica, so none is, and the
     /// replica applies them again, in order, when its Raft member is restarted.
     replica_failed: Option<Error>,
+    /// What reopening the file needs (`Install`).
+    path: PathBuf,
+    identity: ShardIdentity,
+    sync: SyncMode,
+    file_mode: u32,
+    replicated: bool,
 }
 
 /// A shard a writer thread opens (or creates) and then serves.
@@ -458,9 +504,7 @@ fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
             }
         }
         for (w, batch) in shards.iter_mut().zip(batches) {
-            if !batch.is_empty() || w.checkpoint_due() {
-                w.group_commit(batch);
-            }
+            w.run(batch);
         }
     }
     // Clean shutdown: persist every head so the next open replays nothing.
@@ -521,17 +565,46 @@ impl ShardWriter {
     /// Prepares a writer on an opened shard: finds the next position and recovers the heads
     /// changed after the last checkpoint by scanning the events written since then.
     fn recover(spec: ShardSpec, conn: Connection, shared: &Shared) -> Result<Self> {
-        let ShardSpec { index, heads, stats, .. } = spec;
-        let (commits, protection, config) = (shared.commits.clone(), shared.protection.clone(), shared.config);
+        let ShardSpec { index, heads, stats, path } = spec;
+        let mut writer = ShardWriter {
+            index,
+            commits: shared.commits.clone(),
+            conn,
+            heads,
+            protection: shared.protection.clone(),
+            config: shared.config,
+            next_pos: 1,
+            dirty: HashMap::new(),
+            events_since_checkpoint: 0,
+            dirty_since: None,
+            chainer: Chainer::new(),
+            stats,
+            erasures_pending: false,
+            applied_index: None,
+            replica_failed: None,
+            path,
+            identity: ShardIdentity { index, ..shared.identity.clone() },
+            sync: shared.sync,
+            file_mode: shared.file_mode,
+            replicated: shared.replicated,
+        };
+        writer.load()?;
+        Ok(writer)
+    }
+
+    /// (Re)reads what the writer keeps of its file: the next position, the applied index,
+    /// the heads changed since the last checkpoint, unfinished erasures.
+    fn load(&mut self) -> Result<()> {
+        let conn = &self.conn;
         let checkpoint: u64 =
-            meta_get::<i64>(&conn, "checkpoint_pos").map_err(Error::storage("read checkpoint"))?.unwrap_or(0) as u64;
+            meta_get::<i64>(conn, "checkpoint_pos").map_err(Error::storage("read checkpoint"))?.unwrap_or(0) as u64;
         let floor: u64 =
-            meta_get::<i64>(&conn, "pos_floor").map_err(Error::storage("read pos floor"))?.unwrap_or(0) as u64;
+            meta_get::<i64>(conn, "pos_floor").map_err(Error::storage("read pos floor"))?.unwrap_or(0) as u64;
         let max_pos: u64 = conn
             .query_row("SELECT coalesce(max(pos), 0) FROM events", [], |r| r.get::<_, i64>(0))
             .map_err(Error::storage("read last position"))? as u64;
-        let applied = meta_get::<i64>(&conn, "applied_index").map_err(Error::storage("read applied index"))?;
-        let applied_index = if shared.replicated {
+        let applied = meta_get::<i64>(conn, "applied_index").map_err(Error::storage("read applied index"))?;
+        self.applied_index = if self.replicated {
             conn.execute_batch(replica::SCHEMA).map_err(Error::storage("prepare replica tables"))?;
             Some(applied.unwrap_or(0) as u64)
         } else if applied.is_some() {
@@ -542,30 +615,141 @@ impl ShardWriter {
         } else {
             None
         };
-        let mut writer = ShardWriter {
-            index,
-            commits,
-            conn,
-            heads,
-            protection,
-            config,
-            next_pos: max_pos.max(floor) + 1,
-            dirty: HashMap::new(),
-            events_since_checkpoint: 0,
-            dirty_since: None,
-            chainer: Chainer::new(),
-            stats,
-            erasures_pending: false,
-            applied_index,
-            replica_failed: None,
-        };
-        writer.replay_tail(checkpoint)?;
+        self.next_pos = max_pos.max(floor) + 1;
+        self.dirty.clear();
+        self.events_since_checkpoint = 0;
+        self.dirty_since = None;
+        self.replay_tail(checkpoint)?;
         // An erasure that cannot be finished now (the keystore's disk is full) does not
         // keep the store closed: it is retried while the store runs.
-        writer.erasures_pending = writer.finish_erasures().is_err();
-        writer.record_erasures_in_keystore()?;
-        writer.commits.publish(index, writer.next_pos - 1);
-        Ok(writer)
+        self.erasures_pending = self.finish_erasures().is_err();
+        self.record_erasures_in_keystore()?;
+        self.commits.publish(self.index, self.next_pos - 1);
+        Ok(())
+    }
+
+    /// Runs what a writer thread drained for this shard: group commits, except that a
+    /// `Backup` or `Install` runs alone, after the commands queued before it committed.
+    fn run(&mut self, batch: Vec<Command>) {
+        let mut pending = Vec::new();
+        for command in batch {
+            match command {
+                Command::Backup(_) | Command::Install(_) | Command::Release(_) => {
+                    if !pending.is_empty() {
+                        self.group_commit(std::mem::take(&mut pending));
+                    }
+                    self.file_command(command);
+                }
+                other => pending.push(other),
+            }
+        }
+        if !pending.is_empty() || self.checkpoint_due() {
+            self.group_commit(pending);
+        }
+    }
+
+    fn file_command(&mut self, command: Command) {
+        let outcome = |w: &mut ShardWriter, c: &Command| match c {
+            Command::Backup(f) => w.backup(&f.path),
+            Command::Install(f) => w.install(&f.path),
+            Command::Release(_) => w.release(),
+            _ => Err(Error::invalid("file command", "not a file command")),
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| outcome(self, &command)))
+            .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
+        if let Command::Backup(FileCommand { reply, .. })
+        | Command::Install(FileCommand { reply, .. })
+        | Command::Release(Release { reply }) = command
+        {
+            let _ = catch_unwind(AssertUnwindSafe(|| reply(result)));
+        }
+    }
+
+    /// A copy of the shard file as it is now (every command queued before is committed).
+    fn backup(&mut self, path: &std::path::Path) -> Result<u64> {
+        if let Some(e) = &self.replica_failed {
+            return Err(e.clone());
+        }
+        let shown = path.to_string_lossy().into_owned();
+        self.conn.execute("VACUUM INTO ?1", [&shown]).map_err(Error::storage("copy shard"))?;
+        sqlite::set_mode(path, self.file_mode)?;
+        Ok(self.applied_index.unwrap_or(0))
+    }
+
+    /// Replaces the shard file by a copy of another replica's (made by `backup`): the copy
+    /// is given this store's identity, swapped in, and read as the writer reads a file it
+    /// opens. Entities erased in it lose their keys here too. The store resets its readers.
+    fn install(&mut self, from: &std::path::Path) -> Result<u64> {
+        if !self.replicated {
+            return Err(Error::invalid("install", "not a cluster-mode store"));
+        }
+        let incoming = self.path.with_extension("kuma-install");
+        let _ = std::fs::remove_file(&incoming);
+        std::fs::copy(from, &incoming).map_err(Error::io("install shard: copy"))?;
+        sqlite::set_mode(&incoming, self.file_mode)?;
+        {
+            let c = Connection::open(&incoming).map_err(Error::storage("install shard: open copy"))?;
+            c.execute("UPDATE meta SET value = ?1 WHERE key = 'store_id'", [&self.identity.store_id])
+                .map_err(Error::storage("install shard: identity"))?;
+        }
+        // Our connection goes first (closing the file and its WAL), then the file.
+        self.conn = Connection::open_in_memory().map_err(Error::storage("install shard"))?;
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
+        }
+        std::fs::rename(&incoming, &self.path).map_err(Error::io("install shard: swap"))?;
+        let (conn, _format) = shard::open(&self.path, &self.identity, self.sync)?;
+        self.conn = conn;
+        self.heads.clear();
+        self.replica_failed = None;
+        if let Some(keystore) = self.protection.keystore() {
+            let erased: Vec<[u8; 32]> = self
+                .conn
+                .prepare("SELECT idx FROM tombstones")
+                .map_err(Error::storage("read tombstones"))?
+                .query_map([], |r| Ok(hash_from(bytes(r.get_ref(0)?))))
+                .map_err(Error::storage("read tombstones"))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(Error::storage("read tombstones"))?;
+            for idx in &erased {
+                keystore.destroy_index(idx)?;
+            }
+        }
+        self.load()?;
+        Ok(self.applied_index.unwrap_or(0))
+    }
+
+    /// This node no longer holds the shard: the keys of its entities go (they live on in
+    /// the other replicas, so no tombstone), then an empty file replaces it. Keys first: a
+    /// crash in between leaves rows without keys here, and the release is done again.
+    fn release(&mut self) -> Result<u64> {
+        if !self.replicated {
+            return Err(Error::invalid("release", "not a cluster-mode store"));
+        }
+        let indexes: Vec<[u8; 32]> = self
+            .conn
+            .prepare("SELECT idx FROM entities")
+            .map_err(Error::storage("read entities"))?
+            .query_map([], |r| Ok(hash_from(bytes(r.get_ref(0)?))))
+            .map_err(Error::storage("read entities"))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(Error::storage("read entities"))?;
+        let forgotten = match self.protection.keystore() {
+            Some(keystore) => keystore.forget(&indexes)?,
+            None => 0,
+        };
+        let empty = self.path.with_extension("kuma-empty");
+        let remove = |p: &std::path::Path| {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
+            }
+        };
+        remove(&empty);
+        drop(shard::create(&empty, &self.identity, self.sync, self.file_mode)?);
+        let installed = self.install(&empty);
+        remove(&empty);
+        installed?;
+        Ok(forgotten)
     }
 
     /// Heads changed after the last checkpoint, from the events written since: all go to
@@ -733,7 +917,7 @@ impl ShardWriter {
                     *result = Some(r);
                 }
                 Command::Barrier(_) | Command::Compact(_) => txn.force_checkpoint = true,
-                Command::ReplicaReset(_) => {}
+                Command::ReplicaReset(_) | Command::Backup(_) | Command::Install(_) | Command::Release(_) => {}
                 Command::Replicate(Replicate { raft_index, commands, outcomes, .. }) => {
                     let commands: &[Replicated] = commands;
                     self.apply_entry(&mut txn, *raft_index, commands, &installed, outcomes)?;

@@ -277,3 +277,93 @@ fn a_replica_refuses_local_writes_and_other_clusters_files() {
     let single = Store::open(c).unwrap();
     assert!(matches!(single.replicate_wait(0, 1, vec![]), Err(Error::Invalid { .. })));
 }
+
+#[test]
+fn a_replica_catches_up_from_another_replicas_copy_of_the_shard() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = open(dirs[0].path(), true);
+    let b = open(dirs[1].path(), true);
+    let ids = ids_in_shard0(&a, 3);
+    // B applied the first entry, then was down while A applied four more (one erasing).
+    let first = prepared(&a, vec![request(1, &ids[2], Expected::Any, &["doomed"])]);
+    a.replicate_wait(0, 1, first.clone()).unwrap();
+    b.replicate_wait(0, 1, first).unwrap();
+    for n in 2..=4u8 {
+        let entry = prepared(
+            &a,
+            vec![request(n, &ids[0], Expected::Any, &["x", "y"]), request(n + 50, &ids[1], Expected::Any, &["z"])],
+        );
+        a.replicate_wait(0, u64::from(n), entry).unwrap();
+    }
+    let erase = vec![Replicated::Erase(PreparedErase {
+        command_id: cid(9),
+        entity_id: ids[2].as_bytes().to_vec(),
+        timestamp_us: 9,
+    })];
+    a.replicate_wait(0, 5, erase).unwrap();
+
+    // A's copy (a Raft snapshot), then B takes it: first the keys it lacks, then the file.
+    let copy = dirs[0].path().join("snapshot.kuma");
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    a.backup(0, copy.clone(), Box::new(move |r| drop(tx.send(r)))).unwrap();
+    assert_eq!(rx.recv().unwrap().unwrap(), 5);
+    let wanted = Store::copy_indexes(&copy).unwrap();
+    let missing = b.missing_keys(&wanted).unwrap();
+    assert_eq!(missing.len(), 2, "B lacks the keys of the two entities it never saw");
+    b.install_keys(&a.export_keys(&missing).unwrap()).unwrap();
+    assert_eq!(b.install_wait(0, copy).unwrap(), 5);
+
+    assert_eq!(b.applied_index(0).unwrap(), 5);
+    for (id, first) in [(&ids[0], &b"payload-x"[..]), (&ids[1], &b"payload-z"[..])] {
+        assert_eq!(rows(&b, id), rows(&a, id));
+        // B opens them with the keys it was given.
+        assert_eq!(b.read_entity(id.as_bytes(), 1, 10).unwrap()[0].payload, first);
+    }
+    // The entity erased in the copy is erased here too (B had its key: it is destroyed).
+    assert!(matches!(b.read_entity(ids[2].as_bytes(), 1, 10), Err(Error::Erased)));
+    // The entries it holds are not applied again; the next one is.
+    let next = prepared(&a, vec![request(60, &ids[0], Expected::Seq(6), &["w"])]);
+    let want = a.replicate_wait(0, 6, next.clone()).unwrap();
+    assert_eq!(b.replicate_wait(0, 6, next).unwrap(), want);
+    assert_eq!(rows(&b, &ids[0]), rows(&a, &ids[0]));
+    assert!(matches!(b.verify_entity(ids[0].as_bytes()).unwrap(), EntityVerdict::Intact { events: 7, .. }));
+}
+
+#[test]
+fn a_released_shard_leaves_no_event_or_key_of_its_entities_on_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path(), true);
+    let moved = ids_in_shard0(&a, 2);
+    let kept = (0..).map(|i| format!("k{i}")).find(|id| a.shard_for(id.as_bytes()) == 1).unwrap();
+    let entry = prepared(
+        &a,
+        vec![request(1, &moved[0], Expected::Any, &["m1", "m2"]), request(2, &moved[1], Expected::Any, &["m3"])],
+    );
+    a.replicate_wait(0, 1, entry).unwrap();
+    a.replicate_wait(1, 1, prepared(&a, vec![request(3, &kept, Expected::Any, &["k1"])])).unwrap();
+    a.flush().unwrap();
+
+    // What would betray the moved entities: their sealed events and their wrapped keys.
+    let sealed: Vec<Vec<u8>> = moved.iter().flat_map(|id| rows(&a, id)).map(|e| e.payload[..16].to_vec()).collect();
+    let indexes = Store::copy_indexes(&kuma_core::shard::shard_path(&dir.path().join("shards"), 0)).unwrap();
+    let wrapped: Vec<Vec<u8>> = a.export_keys(&indexes).unwrap().into_iter().map(|(_, w)| w).collect();
+
+    assert_eq!(a.release_wait(0).unwrap(), 2, "the keys of both moved entities are deleted");
+    assert_eq!(a.applied_index(0).unwrap(), 0);
+    for id in &moved {
+        assert!(a.read_entity(id.as_bytes(), 1, 10).unwrap().is_empty());
+        assert!(a.head(id.as_bytes()).unwrap().is_none());
+    }
+    // The other shard is untouched.
+    assert_eq!(a.read_entity(kept.as_bytes(), 1, 10).unwrap()[0].payload, b"payload-k1");
+    a.close().unwrap();
+    drop(a);
+
+    assert_eq!(wrapped.len(), 2, "both keys were exported before the release");
+    for f in walk(dir.path()) {
+        let bytes = std::fs::read(&f).unwrap();
+        for needle in sealed.iter().chain(wrapped.iter()) {
+            assert!(!bytes.windows(needle.len()).any(|w| w == &needle[..]), "{f:?} still holds moved bytes");
+        }
+    }
+}

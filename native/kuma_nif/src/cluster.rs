@@ -276,3 +276,90 @@ fn cluster_replica_reset(store: ResourceArc<StoreResource>, shard: u32) -> NifRe
 fn cluster_applied_index(store: ResourceArc<StoreResource>, shard: u32) -> NifResult<u64> {
     guard(|| store.store.applied_index(shard))
 }
+
+// -- Raft snapshots: a copy of a shard file, and the keys a replica needs to take one ------
+
+fn indexes(list: Vec<Binary>) -> Result<Vec<[u8; 32]>> {
+    list.into_iter().map(|b| b.as_slice().try_into().map_err(|_| bad("index", "must be 32 bytes"))).collect()
+}
+
+/// Writes a copy of `shard`'s file to `path` once everything queued before is committed:
+/// `{:ok, applied_index}`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_backup(store: ResourceArc<StoreResource>, shard: u32, path: String) -> NifResult<u64> {
+    guard(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        store.store.backup(shard, path.into(), Box::new(move |r| drop(tx.send(r))))?;
+        rx.recv().map_err(|_| Error::Closed)?
+    })
+}
+
+/// This node no longer holds `shard` (it moved away): its entities' keys are deleted here
+/// and its file emptied. `{:ok, keys_deleted}`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_release(store: ResourceArc<StoreResource>, shard: u32) -> NifResult<u64> {
+    guard(|| store.store.release_wait(shard))
+}
+
+/// Replaces `shard`'s file by a copy from another replica: `{:ok, applied_index}`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_install(store: ResourceArc<StoreResource>, shard: u32, path: String) -> NifResult<u64> {
+    guard(|| store.store.install_wait(shard, path.into()))
+}
+
+/// The keyed hashes of the entities in a shard copy.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_copy_indexes<'a>(env: Env<'a>, path: String) -> NifResult<Term<'a>> {
+    guard(|| {
+        let list = kuma_core::Store::copy_indexes(std::path::Path::new(&path))?;
+        Ok(list.iter().map(|i| bin(env, i)).collect::<Vec<_>>().encode(env))
+    })
+}
+
+/// Of these keyed hashes, those whose key this node lacks.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_missing_keys<'a>(env: Env<'a>, store: ResourceArc<StoreResource>, list: Vec<Binary>) -> NifResult<Term<'a>> {
+    guard(|| {
+        let missing = store.store.missing_keys(&indexes(list)?)?;
+        Ok(missing.iter().map(|i| bin(env, i)).collect::<Vec<_>>().encode(env))
+    })
+}
+
+/// The wrapped keys of these keyed hashes that this node has, and those erased here:
+/// `{[{index, wrapped}], [index]}`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_export_keys<'a>(env: Env<'a>, store: ResourceArc<StoreResource>, list: Vec<Binary>) -> NifResult<Term<'a>> {
+    guard(|| {
+        let wanted = indexes(list)?;
+        let keys = store.store.export_keys(&wanted)?;
+        let erased = store.store.erased_keys(&wanted)?;
+        let keys = keys.iter().map(|(i, w)| (bin(env, i), bin(env, w))).collect::<Vec<_>>();
+        let erased = erased.iter().map(|i| bin(env, i)).collect::<Vec<_>>();
+        Ok((keys, erased).encode(env))
+    })
+}
+
+/// Records erasures (keyed hashes) told by another node.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_record_erased(store: ResourceArc<StoreResource>, list: Vec<Binary>) -> NifResult<Atom> {
+    guard(|| {
+        store.store.record_erased_keys(&indexes(list)?)?;
+        Ok(atoms::ok())
+    })
+}
+
+/// Installs wrapped keys exported by another node.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_install_keys(store: ResourceArc<StoreResource>, keys: Vec<(Binary, Binary)>) -> NifResult<Atom> {
+    guard(|| {
+        let keys = keys
+            .into_iter()
+            .map(|(i, w)| {
+                let index: [u8; 32] = i.as_slice().try_into().map_err(|_| bad("index", "must be 32 bytes"))?;
+                Ok((index, w.as_slice().to_vec()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        store.store.install_keys(&keys)?;
+        Ok(atoms::ok())
+    })
+}

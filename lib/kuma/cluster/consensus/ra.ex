@@ -38,7 +38,7 @@ defmodule Kuma.Cluster.Consensus.Ra do
   end
 
   @impl true
-  def ensure_member(system, group, {module, init}, members) do
+  def ensure_member(system, group, {module, init}, members, opts) do
     id = {group, node()}
 
     case :ra.restart_server(system, id) do
@@ -56,7 +56,7 @@ defmodule Kuma.Cluster.Consensus.Ra do
           id: id,
           uid: uid,
           initial_members: Enum.map(members, &{group, &1}),
-          log_init_args: %{uid: uid},
+          log_init_args: Map.merge(%{uid: uid}, Map.new(Keyword.take(opts, [:snapshot_interval]))),
           machine: {:module, module, init}
         }
 
