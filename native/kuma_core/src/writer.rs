@@ -692,14 +692,22 @@ impl ShardWriter {
             c.execute("UPDATE meta SET value = ?1 WHERE key = 'store_id'", [&self.identity.store_id])
                 .map_err(Error::storage("install shard: identity"))?;
         }
-        // Our connection goes first (closing the file and its WAL), then the file.
-        self.conn = Connection::open_in_memory().map_err(Error::storage("install shard"))?;
-        for suffix in ["-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
+        // Copied into the live file with SQLite's backup API, in one write transaction:
+        // readers (other connections) see the old content or the new, never a mix, and no
+        // open connection is left on a file swapped away under it.
+        let restored = (|| -> Result<()> {
+            let src = Connection::open(&incoming).map_err(Error::storage("install shard: open copy"))?;
+            let backup = rusqlite::backup::Backup::new(&src, &mut self.conn)
+                .map_err(Error::storage("install shard: restore"))?;
+            match backup.step(-1).map_err(Error::storage("install shard: restore"))? {
+                rusqlite::backup::StepResult::Done => Ok(()),
+                other => Err(Error::Storage { context: "install shard: restore", message: format!("{other:?}") }),
+            }
+        })();
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", incoming.display()));
         }
-        std::fs::rename(&incoming, &self.path).map_err(Error::io("install shard: swap"))?;
-        let (conn, _format) = shard::open(&self.path, &self.identity, self.sync)?;
-        self.conn = conn;
+        restored?;
         self.heads.clear();
         self.replica_failed = None;
         if let Some(keystore) = self.protection.keystore() {

@@ -312,6 +312,11 @@ fn a_replica_catches_up_from_another_replicas_copy_of_the_shard() {
     assert_eq!(missing.len(), 2, "B lacks the keys of the two entities it never saw");
     b.install_keys(&a.export_keys(&missing).unwrap()).unwrap();
     assert_eq!(b.install_wait(0, copy).unwrap(), 5);
+    // Restored into the live file, which stays in WAL mode.
+    let shard_file = kuma_core::shard::shard_path(&dirs[1].path().join("shards"), 0);
+    let mode: String =
+        rusqlite::Connection::open(&shard_file).unwrap().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "wal");
 
     assert_eq!(b.applied_index(0).unwrap(), 5);
     for (id, first) in [(&ids[0], &b"payload-x"[..]), (&ids[1], &b"payload-z"[..])] {
