@@ -127,6 +127,45 @@ defmodule Kuma do
   @spec stop(store()) :: :ok | {:error, reason()}
   def stop(store), do: Store.Supervisor.stop(store)
 
+  # -- cluster --------------------------------------------------------------------------
+
+  @doc """
+  Cluster mode: takes this node out of the cluster. Its shards move to the other nodes
+  first, while writes go on (each move adds a replica elsewhere, waits until it has caught
+  up, then removes this one and deletes its copy and the keys of its entities here); then
+  the node is removed from the cluster's nodes and the store stops here.
+
+  Options: `:timeout` - ms to wait for the moves (default 10 minutes); on timeout
+  `{:error, {:leave_unfinished, shards}}`, the moves go on, and a second call waits again.
+  Seeds cannot leave (`:seed_cannot_leave`), nor a node whose departure would leave fewer
+  active nodes than `:replicas` (`{:too_few_nodes, left, replicas}`). `:not_a_cluster` on
+  a single-node store. See `Kuma.Cluster`.
+  """
+  @spec leave(store(), keyword()) :: :ok | {:error, reason()}
+  def leave(store, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- Validate.keys(opts, [:timeout]) do
+      Kuma.Cluster.leave(s, Keyword.get(opts, :timeout, 600_000))
+    end
+  end
+
+  @doc """
+  Cluster mode: the cluster as this node sees it, for monitoring:
+
+      %{cluster_id: id, node: this_node,
+        nodes: %{node => %{state: :active | :leaving, reachable: boolean, seed: boolean}},
+        shards: [%{shard: 0, members: [node], leader: node | nil, term: t,
+                   commit_index: i, applied_index: %{node => i}, lag: entries}],
+        moves: [%{shard: s, from: node | nil, to: node | nil, since: unix_ms}]}
+
+  A member on a node that cannot be reached has no applied index (and counts as lagging
+  by the whole commit index). `:not_a_cluster` on a single-node store.
+  """
+  @spec cluster_info(store()) :: {:ok, map()} | {:error, reason()}
+  def cluster_info(store) do
+    with {:ok, s} <- Store.lookup(store), do: Kuma.Cluster.info(s)
+  end
+
   # -- writing --------------------------------------------------------------------------
 
   @doc """

@@ -13,8 +13,9 @@ defmodule Kuma.Cluster do
 
   ## Options (`cluster: [...]`)
 
-  * `:seeds` (required) - the nodes of the cluster, this one among them. Every node is
-    started with the same list (and the same `:shards`, `:encryption` and master key).
+  * `:seeds` (required) - the nodes that found the cluster and hold its metadata. Every
+    node is started with the same list (and the same `:shards`, `:encryption` and master
+    key). A node that is not a seed joins the cluster through them, and shards move to it.
   * `:replicas` - members of each shard's Raft group (default 3, at most the number of
     seeds). `replicas: 3` keeps every acknowledged write on a majority (2 of 3 nodes): one
     node can die or be cut off and its shards go on elsewhere within about a second.
@@ -26,6 +27,14 @@ defmodule Kuma.Cluster do
   * `:snapshot_every` - Raft log entries per shard between two snapshots (default 20,000).
     A snapshot is a copy of the shard file; Raft's log is truncated up to it, and a member
     that missed the truncated entries catches up from it.
+  * `:max_moves` - shard moves per rebalancing round (default 2; each node takes part in
+    at most one per round).
+  * `:move_timeout` - ms a new replica has to catch up before its move is rolled back and
+    tried again later (default 60,000).
+  * `:replace_after` - ms a node may stay unreachable before it is removed from the
+    cluster's nodes and its replicas are rebuilt on the others (default 60,000). A node
+    that returns sooner rejoins as a follower; one that returns later registers again,
+    drops its old replicas, and receives shards like a new node.
 
   ## How it works (docs/cluster.md has the whole design)
 
@@ -33,8 +42,9 @@ defmodule Kuma.Cluster do
     the replica count and the key of the keyed hashes of ids (every replica must find an
     entity under the same hash). A node started with other settings is refused with
     `{:cluster_mismatch, why}`.
-  * Shard `i` is a Raft group (ra, RabbitMQ's Raft library) of `replicas` seeds, placed by
-    `members/2`. Its leader owns it: the shard's entity processes run there only, and its
+  * Shard `i` is a Raft group (ra, RabbitMQ's Raft library) of `replicas` nodes, placed by
+    `placement/4` over the active nodes; shards move when nodes join or leave
+    (`Kuma.leave/2`, `Kuma.cluster_info/1`). Its leader owns it: the shard's entity processes run there only, and its
     writes are prepared there (seqs, timestamp, sealed bytes, new keys wrapped), then
     committed through Raft and applied by every member into its own copy of the shard
     file, in one transaction that records the Raft index. So every copy holds the same
@@ -48,12 +58,24 @@ defmodule Kuma.Cluster do
   ## What cluster mode does not do yet
 
   Projections, read models and subscriptions (`{:error, {:not_supported_in_cluster,
-  what}}`), master key rotation, and moving shards between nodes (seeds are fixed).
+  what}}`), master key rotation, seeds leaving, and rebuilding a dead node's replicas
+  elsewhere.
   Values about a subject (`Kuma.sensitive/3`) need the subject's key on the writing node.
   """
 
   @enforce_keys [:seeds, :replicas, :start_timeout, :system]
-  defstruct [:seeds, :replicas, :start_timeout, :system, :id, :routes, snapshot_every: 20_000]
+  defstruct [
+    :seeds,
+    :replicas,
+    :start_timeout,
+    :system,
+    :id,
+    :routes,
+    snapshot_every: 20_000,
+    max_moves: 2,
+    move_timeout: 60_000,
+    replace_after: 60_000
+  ]
 
   @type t :: %__MODULE__{
           seeds: [node()],
@@ -62,8 +84,13 @@ defmodule Kuma.Cluster do
           system: atom(),
           id: String.t() | nil,
           routes: :ets.tid() | nil,
-          snapshot_every: pos_integer()
+          snapshot_every: pos_integer(),
+          max_moves: pos_integer(),
+          move_timeout: pos_integer(),
+          replace_after: pos_integer()
         }
+
+  @options [:seeds, :replicas, :start_timeout, :snapshot_every, :max_moves, :move_timeout, :replace_after]
 
   @doc false
   # Validates the `:cluster` option of `Kuma.start/1` (nil: single node).
@@ -75,12 +102,15 @@ defmodule Kuma.Cluster do
     replicas = Keyword.get(opts, :replicas, 3)
     timeout = Keyword.get(opts, :start_timeout, 60_000)
     snapshot_every = Keyword.get(opts, :snapshot_every, 20_000)
+    max_moves = Keyword.get(opts, :max_moves, 2)
+    move_timeout = Keyword.get(opts, :move_timeout, 60_000)
+    replace_after = Keyword.get(opts, :replace_after, 60_000)
 
     cond do
       not Keyword.keyword?(opts) ->
         invalid("must be a keyword list")
 
-      (unknown = Keyword.keys(opts) -- [:seeds, :replicas, :start_timeout, :snapshot_every]) != [] ->
+      (unknown = Keyword.keys(opts) -- @options) != [] ->
         {:error, {:unknown_option, {:cluster, hd(unknown)}}}
 
       not (is_list(seeds) and seeds != [] and Enum.all?(seeds, &is_atom/1)) ->
@@ -98,11 +128,17 @@ defmodule Kuma.Cluster do
       not is_integer(snapshot_every) or snapshot_every < 1 ->
         invalid(":snapshot_every must be a positive integer (log entries)")
 
+      not is_integer(max_moves) or max_moves < 1 ->
+        invalid(":max_moves must be a positive integer (shard moves per round)")
+
+      not is_integer(move_timeout) or move_timeout < 1 ->
+        invalid(":move_timeout must be a positive integer (ms)")
+
+      not is_integer(replace_after) or replace_after < 1 ->
+        invalid(":replace_after must be a positive integer (ms)")
+
       node() == :nonode@nohost ->
         invalid("this VM is not a distributed node: start it with --sname or --name")
-
-      node() not in seeds ->
-        invalid("this node (#{node()}) is not among the seeds")
 
       true ->
         {:ok,
@@ -111,7 +147,10 @@ defmodule Kuma.Cluster do
            replicas: replicas,
            start_timeout: timeout,
            system: system(name),
-           snapshot_every: snapshot_every
+           snapshot_every: snapshot_every,
+           max_moves: max_moves,
+           move_timeout: move_timeout,
+           replace_after: replace_after
          }}
     end
   end
@@ -125,18 +164,141 @@ defmodule Kuma.Cluster do
   def system(name), do: :"kuma_#{name}"
 
   @doc """
-  The nodes holding shard `shard`'s replicas: `replicas` consecutive seeds (in sorted
-  order) starting at `shard mod seeds`, so every node holds the same number of shards.
+  Where shard `shard` goes among `nodes`: the `replicas` nodes that score highest for it
+  (rendezvous hashing on the cluster id, the shard and the node). Adding a node moves only
+  the shards it now scores highest for; removing one moves only its own. The first node is
+  the one the shard's leadership is handed to, which spreads leaders as evenly as shards.
   """
-  @spec members(t(), non_neg_integer()) :: [node()]
-  def members(%__MODULE__{seeds: seeds, replicas: replicas}, shard) do
-    n = length(seeds)
-    for k <- 0..(replicas - 1), do: Enum.at(seeds, rem(shard + k, n))
+  @spec placement(String.t(), [node()], non_neg_integer(), pos_integer()) :: [node()]
+  def placement(cluster_id, nodes, shard, replicas) do
+    nodes
+    |> Enum.sort_by(&:crypto.hash(:sha256, [cluster_id, <<shard::32>>, Atom.to_string(&1)]), :desc)
+    |> Enum.take(replicas)
   end
 
-  @doc "The shards this node holds a replica of."
-  @spec local_shards(t(), pos_integer()) :: [non_neg_integer()]
-  def local_shards(%__MODULE__{} = c, shards), do: for(i <- 0..(shards - 1), node() in members(c, i), do: i)
+  @doc """
+  The members of shard `shard` as this node last learned them (from the metadata group,
+  refreshed every second by `Kuma.Cluster.Shards`, and at once by this node's moves).
+  """
+  @spec members(t(), non_neg_integer()) :: [node()]
+  def members(%__MODULE__{routes: routes}, shard) do
+    case :ets.lookup(routes, {:members, shard}) do
+      [{_, members}] -> members
+      [] -> []
+    end
+  end
+
+  @doc false
+  def put_members(%__MODULE__{routes: routes}, shard, members),
+    do: :ets.insert(routes, {{:members, shard}, members})
+
+  @doc """
+  Takes this node out of the cluster (`Kuma.leave/2`): marks it leaving, waits while its
+  shards move to the other nodes (Kuma.Cluster.Rebalancer), then removes it from the
+  cluster's nodes and stops the store here. Logs progress every 10 s.
+  """
+  @spec leave(Kuma.Store.t(), timeout()) :: :ok | {:error, term()}
+  def leave(%Kuma.Store{cluster: nil}, _timeout), do: {:error, :not_a_cluster}
+
+  def leave(%Kuma.Store{cluster: c} = s, timeout) do
+    deadline = if timeout == :infinity, do: :infinity, else: System.monotonic_time(:millisecond) + timeout
+
+    case Kuma.Cluster.Meta.command(c, {:leave, node()}) do
+      :ok -> wait_moved_away(s, deadline, 0)
+      {:error, :seed} -> {:error, :seed_cannot_leave}
+      {:error, :not_a_member} -> Kuma.Store.Supervisor.stop(s.name)
+      {:error, {:too_few_nodes, _, _}} = error -> error
+      {:error, reason} -> {:error, reason}
+    end
+  end
+
+  defp wait_moved_away(s, deadline, round) do
+    holding =
+      case Kuma.Cluster.Meta.view(s.cluster) do
+        {:ok, view} -> for {shard, members} <- view.shards, node() in members, do: shard
+        _ -> :unknown
+      end
+
+    cond do
+      holding == [] ->
+        with :ok <- Kuma.Cluster.Meta.command(s.cluster, {:forget, node()}), do: Kuma.Store.Supervisor.stop(s.name)
+
+      deadline != :infinity and System.monotonic_time(:millisecond) > deadline ->
+        {:error, {:leave_unfinished, if(holding == :unknown, do: [], else: holding)}}
+
+      true ->
+        if rem(round, 20) == 19 do
+          require Logger
+          Logger.info("leaving the cluster: #{inspect(holding)} shards still to move away")
+        end
+
+        Process.sleep(500)
+        wait_moved_away(s, deadline, round + 1)
+    end
+  end
+
+  @doc """
+  The cluster as seen from this node (`Kuma.cluster_info/1`): its nodes and their state,
+  and for every shard its members, leader, term, commit index, each member's applied
+  index and the largest lag, and the moves under way.
+  """
+  @spec info(Kuma.Store.t()) :: {:ok, map()} | {:error, term()}
+  def info(%Kuma.Store{cluster: nil}), do: {:error, :not_a_cluster}
+
+  def info(%Kuma.Store{cluster: c} = s) do
+    with {:ok, view} <- Kuma.Cluster.Meta.view(c) do
+      up = MapSet.new([node() | Node.list()])
+      groups = for shard <- 0..(s.shards - 1), do: shard_group(c, shard)
+
+      statuses =
+        view.nodes
+        |> Map.keys()
+        |> Enum.filter(&MapSet.member?(up, &1))
+        |> Map.new(fn n -> {n, member_statuses(n, groups)} end)
+
+      shards =
+        for shard <- 0..(s.shards - 1) do
+          group = shard_group(c, shard)
+          members = Map.get(view.shards, shard, [])
+          of = for n <- members, st = get_in(statuses, [n, group]), into: %{}, do: {n, st}
+          leader = Enum.find_value(of, fn {n, st} -> if st.role == :leader, do: n end)
+          commit = of |> Map.values() |> Enum.map(& &1.commit_index) |> Enum.max(fn -> 0 end)
+          applied = Map.new(of, fn {n, st} -> {n, st.applied_index} end)
+
+          %{
+            shard: shard,
+            members: members,
+            leader: leader,
+            term: of |> Map.values() |> Enum.map(& &1.term) |> Enum.max(fn -> nil end),
+            commit_index: commit,
+            applied_index: applied,
+            lag: Enum.max(for(n <- members, do: commit - Map.get(applied, n, 0)), fn -> 0 end)
+          }
+        end
+
+      nodes =
+        Map.new(view.nodes, fn {n, state} ->
+          {n, %{state: state, reachable: MapSet.member?(up, n), seed: n in c.seeds}}
+        end)
+
+      moves = for {shard, m} <- Enum.sort(view.moves), do: Map.put(m, :shard, shard)
+      {:ok, %{cluster_id: c.id, node: node(), nodes: nodes, shards: shards, moves: moves}}
+    end
+  end
+
+  defp member_statuses(n, groups) when n == node(), do: local_statuses(groups)
+
+  defp member_statuses(n, groups) do
+    :erpc.call(n, __MODULE__, :local_statuses, [groups], 5_000)
+  catch
+    _, _ -> %{}
+  end
+
+  @doc false
+  def local_statuses(groups) do
+    engine = Kuma.Cluster.Consensus.engine()
+    for g <- groups, st = engine.local_status(g), into: %{}, do: {g, st}
+  end
 
   @doc false
   # The Raft group names of a store: its metadata group and each shard's group.

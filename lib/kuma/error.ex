@@ -76,6 +76,11 @@ defmodule Kuma.Error do
   * `{:ra_missing, why}` - the Raft library is not installed (run `bin/setup`)
   * `{:raft, reason}`, `{:shard_member_failed, shard, reason}` - Raft refused to start a member
   * `:replicated` - a local write to a store whose shards are replicas (a Kuma bug if seen)
+  * `:not_a_cluster` - `Kuma.leave/2`, `Kuma.cluster_info/1` on a single-node store
+  * `:seed_cannot_leave` - `Kuma.leave/2` on a seed (seeds hold the cluster's metadata)
+  * `{:too_few_nodes, left, replicas}` - leaving would leave fewer active nodes than replicas
+  * `{:leave_unfinished, shards}` - `Kuma.leave/2` timed out with these shards still here
+    (the moves go on; call it again)
 
   ## Projections and read models
 
@@ -192,6 +197,15 @@ defmodule Kuma.Error do
 
   def format({:shard_member_failed, shard, reason}),
     do: "shard #{shard}'s Raft member did not start: #{inspect(reason)}"
+
+  def format(:not_a_cluster), do: "the store runs on a single node (no :cluster option)"
+  def format(:seed_cannot_leave), do: "a seed node cannot leave: the seeds hold the cluster's metadata"
+
+  def format({:too_few_nodes, left, replicas}),
+    do: "leaving would leave #{left} active nodes for #{replicas} replicas per shard"
+
+  def format({:leave_unfinished, shards}),
+    do: "#{length(shards)} shards still have a replica here (the moves go on; call leave again)"
 
   def format(:replicated), do: "this store's shards are replicas: writes go through their leaders"
   def format({:raised, text}), do: text

@@ -114,6 +114,217 @@ defmodule Kuma.ClusterTest do
     assert {:ok, 1} = call(c, a, :append, [@store, "after", {:x, 1}])
   end
 
+  @cycles String.to_integer(System.get_env("KUMA_CLUSTER_MOVE_CYCLES", "3"))
+
+  test "nodes join and leave under load (3 -> 4 -> 5 -> 4 -> 3, #{@cycles} times): nothing lost or doubled", %{c: c} do
+    [a, b, _] = Cluster.names(c)
+
+    {c, _} =
+      Enum.reduce(1..@cycles, {c, 0}, fn _cycle, {c, round} ->
+        {c, d} = join_round(c, [a, b], round + 1)
+        {c, e} = join_round(c, [a, b], round + 2)
+        c = leave_round(c, [a, b], round + 3, e)
+        c = leave_round(c, [a, b], round + 4, d)
+        {c, round + 4}
+      end)
+
+    # (The nodes added are stopped with the others.)
+    on_exit(fn -> Cluster.stop(c) end)
+  end
+
+  @tag store_opts: [cluster: [replace_after: 3_000]]
+  test "a node dead past the grace period is replaced while writes go on; back, it takes shards again", %{c: c} do
+    [a, b, victim] = Cluster.names(c)
+    {c, _d} = join_round(c, [a, b], 1)
+    vn = Cluster.node_of(c, victim)
+    {:ok, before} = call(c, a, :cluster_info, [@store])
+    assert Enum.any?(before.shards, &(vn in &1.members))
+
+    # Killed, and not back within the grace period: its replicas are rebuilt on the others.
+    :ok =
+      with_writers(c, [a, b], 2, fn c ->
+        Cluster.kill9(c, victim)
+
+        assert Kuma.StoreCase.eventually(
+                 fn ->
+                   match?({:ok, %{nodes: nodes}} when not is_map_key(nodes, vn), call(c, a, :cluster_info, [@store]))
+                 end,
+                 300,
+                 100
+               ),
+               "#{vn} was not removed"
+
+        placed(c, a)
+        :ok
+      end)
+
+    {:ok, info} = call(c, a, :cluster_info, [@store])
+    refute Map.has_key?(info.nodes, vn)
+    assert Enum.all?(info.shards, &(length(&1.members) == 3 and vn not in &1.members))
+    assert_members_identical(c, info)
+
+    # Back (same data dir): it drops its old replicas, registers, and shards move to it.
+    {c, _} =
+      with_writers(c, [a, b], 3, fn c ->
+        {{:ok, _}, c} = Cluster.restart(c, victim)
+        placed(c, a)
+        {c, :ok}
+      end)
+
+    info = balanced(c, a)
+    assert info.nodes[vn].state == :active
+    assert Enum.any?(info.shards, &(vn in &1.members))
+    on_exit(fn -> Cluster.stop(c) end)
+  end
+
+  # A node joins while writers append on `writers`: shards move to it until every shard's
+  # members are the placement over the active nodes.
+  defp join_round(c, writers, round) do
+    {{:ok, _}, d, c} =
+      with_writers(c, writers, round, fn c ->
+        added = Cluster.add_node(c)
+        placed(c, hd(writers))
+        added
+      end)
+
+    dn = Cluster.node_of(c, d)
+    info = balanced(c, hd(writers))
+    assert info.nodes[dn] == %{state: :active, reachable: true, seed: false}
+    assert Enum.any?(info.shards, &(dn in &1.members)), "no shard moved to #{dn}"
+    # The new node serves reads and writes like the others.
+    assert {:ok, _} = call(c, d, :append, [@store, "from-#{d}", {:x, round}])
+    assert {:ok, [_ | _]} = call(c, d, :events, [@store, "j#{round}-shared-1"])
+    {c, d}
+  end
+
+  # Node `d` leaves while writers append: its shards move back, and it keeps no copy.
+  defp leave_round(c, writers, round, d) do
+    dn = Cluster.node_of(c, d)
+    {:ok, before} = call(c, hd(writers), :cluster_info, [@store])
+    holding = for sh <- before.shards, dn in sh.members, do: sh.shard
+
+    :ok =
+      with_writers(c, writers, round, fn c ->
+        Cluster.call(c, d, Kuma, :leave, [@store, [timeout: 120_000]], 150_000)
+      end)
+
+    info = balanced(c, hd(writers))
+    refute Map.has_key?(info.nodes, dn)
+    assert Enum.all?(info.shards, &(dn not in &1.members))
+
+    # Its store stopped; the files of the shards it held have not one entity left.
+    for shard <- holding do
+      file = Path.join([Cluster.data_dir(c, d), "shards", String.pad_leading("#{shard}", 3, "0") <> ".kuma"])
+      assert {:ok, []} = Kuma.Native.cluster_copy_indexes(file)
+    end
+
+    c
+  end
+
+  # Waits until no move is under way and every shard's members are its placement over the
+  # active nodes; then every shard's copy is the same on each of its members.
+  defp balanced(c, name) do
+    placed(c, name)
+    {:ok, info} = call(c, name, :cluster_info, [@store])
+    assert_members_identical(c, info)
+    info
+  end
+
+  defp placed(c, name) do
+    placed? = fn info ->
+      active = for {n, %{state: :active}} <- info.nodes, do: n
+
+      info.moves == [] and
+        Enum.all?(info.shards, fn sh ->
+          Enum.sort(sh.members) == Enum.sort(Kuma.Cluster.placement(info.cluster_id, active, sh.shard, 3))
+        end)
+    end
+
+    assert Kuma.StoreCase.eventually(
+             fn ->
+               case call(c, name, :cluster_info, [@store]) do
+                 {:ok, info} -> placed?.(info)
+                 _ -> false
+               end
+             end,
+             600,
+             100
+           ),
+           "not balanced: #{inspect(call(c, name, :cluster_info, [@store]))}"
+  end
+
+  test "leave and cluster_info refuse what they cannot do", %{c: c} do
+    [a, _, _] = Cluster.names(c)
+    assert {:error, :seed_cannot_leave} = call(c, a, :leave, [@store])
+    {:ok, 1} = call(c, a, :append, [@store, "x", {:x, 1}])
+
+    assert wait_balanced(c, a, 4, fn info ->
+             Enum.all?(info.shards, &(&1.leader in &1.members and &1.lag >= 0 and &1.term >= 1))
+           end)
+
+    assert {:error, :not_a_cluster} = Kuma.cluster_info(start_single_node())
+  end
+
+  defp start_single_node do
+    dir = Path.join(System.tmp_dir!(), "kuma_single_#{System.unique_integer([:positive])}")
+    on_exit(fn -> File.rm_rf!(dir) end)
+    {:ok, store} = Kuma.start(name: :kct_single, data_dir: dir, shards: 2)
+    on_exit(fn -> Kuma.stop(store) end)
+    store
+  end
+
+  # Runs `fun.(c)` while writers on `names` append, then checks their history; `fun`'s result.
+  defp with_writers(c, names, round, fun) do
+    shared = for i <- 1..2, do: "j#{round}-shared-#{i}"
+    ids = for w <- names, do: for(i <- 1..6, do: "j#{round}-#{w}-#{i}") ++ shared
+
+    pids =
+      for {w, mine} <- Enum.zip(names, ids),
+          do: {w, Cluster.call(c, w, ClusterWriter, :start, [@store, {round, w}, mine])}
+
+    Process.sleep(300)
+    result = fun.(c)
+    Process.sleep(300)
+    history = Enum.concat(for {w, pid} <- pids, do: Cluster.call(c, w, ClusterWriter, :stop, [pid], 60_000))
+    read = fn id -> read_values(c, hd(names), id) end
+    assert {:ok, counts} = ClusterChecker.check(history, read), inspect(ClusterChecker.check(history, read), limit: 20)
+    assert counts.acked > 0
+    IO.puts("membership round #{round}: #{inspect(counts)}")
+    result
+  end
+
+  # No move under way, every shard with 3 members, and `extra` holds.
+  defp wait_balanced(c, name, shards, extra) do
+    Kuma.StoreCase.eventually(
+      fn ->
+        case call(c, name, :cluster_info, [@store]) do
+          {:ok, info} ->
+            info.moves == [] and length(info.shards) == shards and
+              Enum.all?(info.shards, &(length(&1.members) == 3)) and extra.(info)
+
+          _ ->
+            false
+        end
+      end,
+      600,
+      100
+    )
+  end
+
+  # Every shard's copy is the same on each of its members.
+  defp assert_members_identical(c, info) do
+    by_node = Map.new(Cluster.names(c), &{Cluster.node_of(c, &1), &1})
+
+    for %{shard: shard, members: members} <- info.shards do
+      same? = fn ->
+        digests = for m <- members, do: Cluster.call(c, by_node[m], ClusterProbe, :digest, [@store, shard])
+        length(Enum.uniq(digests)) == 1
+      end
+
+      assert Kuma.StoreCase.eventually(same?, 200, 50), "shard #{shard} differs between its members #{inspect(members)}"
+    end
+  end
+
   # Every shard's copy is the same on every node (positions, ids, seqs, chain hashes), once
   # every node has applied what was committed, and every copy verifies.
   defp assert_replicas_identical(c, shards \\ 4) do

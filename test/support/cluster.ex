@@ -12,7 +12,7 @@ defmodule Kuma.Test.Cluster do
   with the same name and data dir).
   """
 
-  defstruct [:base, :store, :names, :opts, load: [], nodes: %{}]
+  defstruct [:base, :tag, :store, :names, :opts, load: [], nodes: %{}]
 
   @cookie ~c"kuma_cluster_test"
 
@@ -26,7 +26,7 @@ defmodule Kuma.Test.Cluster do
     tag = System.unique_integer([:positive])
     base = Path.join(System.tmp_dir!(), "kuma_cluster_#{System.pid()}_#{tag}")
     names = for i <- 1..n, do: :"k#{tag}n#{i}"
-    c = %__MODULE__{base: base, store: store, names: names, opts: store_opts, load: load}
+    c = %__MODULE__{base: base, tag: tag, store: store, names: names, opts: store_opts, load: load}
     c = Enum.reduce(names, c, fn name, c -> boot(c, name) end)
     seeds = Enum.map(names, &node_of(c, &1))
     cluster = Keyword.merge([seeds: seeds, replicas: min(3, n)], Keyword.get(store_opts, :cluster, []))
@@ -81,6 +81,16 @@ defmodule Kuma.Test.Cluster do
     if text =~ "Connection attempt from node", do: :stop, else: event
   rescue
     _ -> event
+  end
+
+  @doc """
+  Starts one more node (not a seed) and its store, with the options of the others: it
+  joins the cluster. Returns `{start_store_result, name, c}`.
+  """
+  def add_node(c) do
+    name = :"k#{c.tag}n#{length(c.names) + 1}"
+    c = boot(%{c | names: c.names ++ [name]}, name)
+    {start_store(c, name), name, c}
   end
 
   @doc "Starts (or starts again) the store on node `name`."

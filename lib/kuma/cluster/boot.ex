@@ -2,7 +2,8 @@ defmodule Kuma.Cluster.Boot do
   @moduledoc false
   # How a node joins its store's cluster when the store starts (Kuma.Store.Owner): start
   # the store's Raft system (files under <data_dir>/raft), connect to the seeds, run this
-  # node's member of the metadata group, and agree on the cluster's identity through it.
+  # node's member of the metadata group (seeds only), agree on the cluster's identity
+  # through it, and register this node among the cluster's nodes.
   # The first node to propose an identity sets it; every other node reads the same one and
   # is refused if its own settings differ. Waits for a majority of the seeds, at most
   # `:start_timeout`.
@@ -10,7 +11,7 @@ defmodule Kuma.Cluster.Boot do
   require Logger
 
   alias Kuma.Cluster
-  alias Kuma.Cluster.{Consensus, MetaMachine}
+  alias Kuma.Cluster.{Consensus, Meta, MetaMachine}
 
   @doc "Joins the cluster: `{:ok, cluster, key}` (the key of keyed hashes of ids) or an error."
   @spec join(map()) :: {:ok, Cluster.t(), binary()} | {:error, term()}
@@ -21,16 +22,45 @@ defmodule Kuma.Cluster.Boot do
     with :ok <- ra_available(engine),
          :ok <- engine.start_system(cluster.system, Path.join(config.data_dir, "raft")),
          _ = connect(cluster.seeds),
-         :ok <-
-           engine.ensure_member(cluster.system, Cluster.meta_group(cluster), {MetaMachine, %{}}, cluster.seeds, []),
+         :ok <- meta_member(engine, cluster),
          {:ok, identity} <- agree(engine, cluster, proposal(config), deadline),
-         :ok <- check(identity, config) do
-      {:ok, %{cluster | id: identity.cluster_id}, identity.key}
+         :ok <- check(identity, config),
+         cluster = %{cluster | id: identity.cluster_id},
+         {:ok, _status} <- register(cluster, deadline) do
+      {:ok, cluster, identity.key}
     end
   end
 
-  @doc "Stops this node's metadata member (when the store stops)."
-  def leave(%Cluster{} = cluster), do: Consensus.engine().stop_member(cluster.system, Cluster.meta_group(cluster))
+  # Only seeds run members of the metadata group; a node that joins later reaches it
+  # through them (Kuma.Cluster.Meta).
+  defp meta_member(engine, cluster) do
+    if node() in cluster.seeds,
+      do: engine.ensure_member(cluster.system, Cluster.meta_group(cluster), {MetaMachine, %{}}, cluster.seeds, []),
+      else: :ok
+  end
+
+  # This node among the cluster's nodes (a node that is not a seed joins here; shards then
+  # move to it, Kuma.Cluster.Rebalancer).
+  defp register(cluster, deadline) do
+    case Meta.command(cluster, {:register, node()}) do
+      {:ok, status} ->
+        {:ok, status}
+
+      other ->
+        if System.monotonic_time(:millisecond) >= deadline do
+          {:error, {:cluster_not_formed, "could not register this node: #{inspect(other)}"}}
+        else
+          Process.sleep(200)
+          register(cluster, deadline)
+        end
+    end
+  end
+
+  @doc "Stops this node's metadata member, if it runs one (when the store stops)."
+  def leave(%Cluster{} = cluster) do
+    if node() in cluster.seeds, do: Consensus.engine().stop_member(cluster.system, Cluster.meta_group(cluster))
+    :ok
+  end
 
   defp ra_available(engine) do
     case engine.available() do
@@ -41,14 +71,20 @@ defmodule Kuma.Cluster.Boot do
 
   defp connect(seeds), do: for(seed <- seeds, seed != node(), do: Node.connect(seed))
 
+  # The identity this node would give a new cluster, and where the shards would start:
+  # placed on the seeds.
   defp proposal(config) do
+    id = Base.encode16(:crypto.strong_rand_bytes(16), case: :lower)
+    %{seeds: seeds, replicas: replicas} = config.cluster
+
     %{
-      cluster_id: Base.encode16(:crypto.strong_rand_bytes(16), case: :lower),
+      cluster_id: id,
       key: :crypto.strong_rand_bytes(32),
       shards: config.shards,
-      replicas: config.cluster.replicas,
-      seeds: config.cluster.seeds,
-      encrypted: config.encryption
+      replicas: replicas,
+      seeds: seeds,
+      encrypted: config.encryption,
+      shard_members: Map.new(0..(config.shards - 1), &{&1, Cluster.placement(id, seeds, &1, replicas)})
     }
   end
 
@@ -58,11 +94,15 @@ defmodule Kuma.Cluster.Boot do
   defp agree(engine, cluster, proposal, deadline, round \\ 0) do
     group = Cluster.meta_group(cluster)
 
-    if (round == 0 and node() == hd(cluster.seeds)) or (round >= 3 and :rand.uniform(3) == 1) do
+    seed? = node() in cluster.seeds
+
+    if seed? and ((round == 0 and node() == hd(cluster.seeds)) or (round >= 3 and :rand.uniform(3) == 1)) do
       engine.trigger_election(group)
     end
 
-    case engine.command(group, node(), {:join, proposal}, 2_000) do
+    via = if seed?, do: node(), else: Enum.at(cluster.seeds, rem(round, length(cluster.seeds)))
+
+    case engine.command(group, via, {:join, proposal}, 2_000) do
       {:ok, {:ok, identity}, _leader} ->
         {:ok, identity}
 

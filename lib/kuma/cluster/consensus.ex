@@ -6,8 +6,9 @@ defmodule Kuma.Cluster.Consensus do
   # by an atom; its members are nodes, at most one member per node.
   #
   # ra 2.2.0 has no non-voting members: every member votes, so a member that is catching up
-  # counts towards the quorum it cannot yet serve. Cluster I fixes the members at start;
-  # Cluster II (adding members) must add a node only once it has caught up.
+  # counts towards the quorum it cannot yet serve. A move therefore adds a member to a full
+  # group (3 -> 4: the old three still make a quorum) and removes the old one only once the
+  # new one has caught up (Kuma.Cluster.Rebalancer).
 
   @type group :: atom()
   @type machine :: {module(), map()}
@@ -42,6 +43,37 @@ defmodule Kuma.Cluster.Consensus do
   restarted: the caller triggers one when it finds none.
   """
   @callback trigger_election(group()) :: :ok
+
+  @doc "The members of `group` and its leader, asking member `via`."
+  @callback members(group(), via :: node(), timeout()) :: {:ok, [node()], leader :: node()} | {:error, term()}
+
+  @doc """
+  Adds `node` to `group` (asking `via`, redirected to the leader). Its member must be
+  running already (`ensure_member/5` on that node, with the group's members and itself).
+  """
+  @callback add_member(group(), via :: node(), node(), timeout()) :: :ok | {:error, term()}
+
+  @doc "Removes `node` from `group` (asking `via`). Its member stops taking part."
+  @callback remove_member(group(), via :: node(), node(), timeout()) :: :ok | {:error, term()}
+
+  @doc "Asks `group`'s leader, on `from`, to hand leadership to the member on `to`."
+  @callback transfer_leadership(group(), from :: node(), to :: node()) :: :ok | {:error, term()}
+
+  @doc "Stops this node's member of `group` and deletes its files (log and snapshots)."
+  @callback delete_member(system :: atom(), group()) :: :ok | {:error, term()}
+
+  @doc "The groups this node has a member of (running or not), by name."
+  @callback local_groups(system :: atom()) :: [group()]
+
+  @doc """
+  This node's member of `group`, as the engine sees it: `%{role, term, commit_index,
+  applied_index, snapshot_index}` (role: `:leader`, `:follower`, ...), or nil when it runs
+  none.
+  """
+  @callback local_status(group()) :: map() | nil
+
+  @doc "Runs `{m, f, a}` (called with the machine's state first) on `group`'s leader."
+  @callback query(group(), via :: node(), {module(), atom(), list()}, timeout()) :: {:ok, term()} | {:error, term()}
 
   @doc "Whether the engine's code is present: `:ok` or `{:error, why}`."
   @callback available() :: :ok | {:error, String.t()}

@@ -126,17 +126,22 @@ defmodule Kuma.Cluster.Route do
         {:ok, node}
 
       [] ->
-        members = Cluster.members(c, shard)
-        via = if node() in members, do: node(), else: Enum.random(members)
+        case Cluster.members(c, shard) do
+          [] ->
+            {:error, :members_unknown}
 
-        case Consensus.engine().leader(Cluster.shard_group(c, shard), via, 2_000) do
-          {:ok, node} ->
-            # This node's own leadership is entered by Kuma.Cluster.Shards only.
-            if node != node(), do: :ets.insert(c.routes, {shard, node})
-            {:ok, node}
+          members ->
+            via = if node() in members, do: node(), else: Enum.random(members)
 
-          error ->
-            error
+            case Consensus.engine().leader(Cluster.shard_group(c, shard), via, 2_000) do
+              {:ok, node} ->
+                # This node's own leadership is entered by Kuma.Cluster.Shards only.
+                if node != node(), do: :ets.insert(c.routes, {shard, node})
+                {:ok, node}
+
+              error ->
+                error
+            end
         end
     end
   end

@@ -1,17 +1,23 @@
 defmodule Kuma.Cluster.Shards do
   @moduledoc false
   # Cluster mode: this node's members of the store's shard groups. Runs them (recovered
-  # from their files or new), and follows which shards this node leads: a shard it leads
+  # from their files, or new), and follows which shards this node leads: a shard it leads
   # gets a proposer (Kuma.Cluster.Proposer) and a route entry pointing here; a shard it
   # stops leading loses both, and its entity processes here are stopped, so that entities
   # of a shard live on its leader only (their next call is routed to the new one, where
   # they load from that node's copy, which holds every write acknowledged before).
+  #
+  # Which shards this node holds changes when shards move (Kuma.Cluster.Rebalancer): a move
+  # adds a member here (`add_local/3`) or drops one (`drop_local/2`: the member, its Raft
+  # files, and this node's copy of the shard with its entities' keys go). A member this node
+  # still runs for a shard whose group no longer counts it (it was removed while this node
+  # was down) is dropped the same way when found.
   use GenServer
 
   require Logger
 
   alias Kuma.{Cluster, Native, Store}
-  alias Kuma.Cluster.{Consensus, Proposer, ShardMachine}
+  alias Kuma.Cluster.{Consensus, Meta, Proposer, ShardMachine}
 
   def start_link(name), do: GenServer.start_link(__MODULE__, name, name: Store.via(name, :cluster))
 
@@ -29,40 +35,142 @@ defmodule Kuma.Cluster.Shards do
   @spec leader?(Store.t(), non_neg_integer()) :: boolean()
   def leader?(%Store{cluster: %{routes: routes}}, shard), do: :ets.lookup(routes, shard) == [{shard, node()}]
 
+  @doc """
+  Runs a member of `shard` on this node, for a move that adds this node to the shard's
+  group: `members` are the group's members with this node. It catches up once added.
+  """
+  @spec add_local(atom(), non_neg_integer(), [node()]) :: :ok | {:error, term()}
+  def add_local(name, shard, members),
+    do: GenServer.call(Store.via(name, :cluster), {:add_local, shard, members}, 60_000)
+
+  @doc """
+  This node no longer holds `shard` (a move removed it from the group): its member stops,
+  its Raft files are deleted, and its copy of the shard is emptied, its entities' keys
+  deleted (they live on in the other members).
+  """
+  @spec drop_local(atom(), non_neg_integer()) :: :ok | {:error, term()}
+  def drop_local(name, shard), do: GenServer.call(Store.via(name, :cluster), {:drop_local, shard}, 120_000)
+
+  @doc "The shards this node runs a member of."
+  @spec local(atom()) :: [non_neg_integer()]
+  def local(name), do: GenServer.call(Store.via(name, :cluster), :local)
+
   @impl true
   def init(name) do
     Process.flag(:trap_exit, true)
     {:ok, s} = Store.lookup(name)
     cluster = s.cluster
+
+    with {:ok, view} <- Meta.view(cluster),
+         :ok <- learn(cluster, view),
+         registered = MapSet.new(Consensus.engine().local_groups(cluster.system)),
+         has? = &(Cluster.shard_group(cluster, &1) in registered),
+         local =
+           for(shard <- 0..(s.shards - 1), mine?(view, shard) or (has?.(shard) and coming?(view, shard)), do: shard),
+         # Members of groups this node was removed from while it was down (replaced, or a
+         # move that finished without it): their files go before anything starts.
+         _ = for(shard <- 0..(s.shards - 1), has?.(shard), shard not in local, do: delete_stale(s, shard)),
+         :ok <- start_members(name, s, view, local) do
+      release_leftovers(s, local)
+      send(self(), :refresh)
+      :ok = :net_kernel.monitor_nodes(true)
+      {:ok, %{store: name, local: MapSet.new(local), leading: MapSet.new(), leaderless: %{}, restarting: %{}}}
+    else
+      {:error, reason} -> {:stop, reason}
+    end
+  end
+
+  defp mine?(view, shard), do: node() in Map.get(view.shards, shard, [])
+  defp coming?(view, shard), do: match?(%{to: to} when to == node(), Map.get(view.moves, shard))
+
+  defp delete_stale(s, shard) do
+    Logger.info("shard #{shard}: this node no longer holds it; deleting its old member")
+    Consensus.engine().delete_member(s.cluster.system, Cluster.shard_group(s.cluster, shard))
+  end
+
+  # The members of every shard, as the metadata group has them, for routing.
+  defp learn(cluster, view) do
+    for {shard, members} <- view.shards, do: Cluster.put_members(cluster, shard, members)
+    :ok
+  end
+
+  defp start_members(name, s, view, shards) do
     engine = Consensus.engine()
 
     started =
-      Enum.reduce_while(Cluster.local_shards(cluster, s.shards), :ok, fn shard, :ok ->
-        machine = {ShardMachine, %{store: name, shard: shard, snapshot_every: cluster.snapshot_every}}
-
-        group = Cluster.shard_group(cluster, shard)
-        opts = [snapshot_interval: cluster.snapshot_every]
-
-        case engine.ensure_member(cluster.system, group, machine, Cluster.members(cluster, shard), opts) do
+      Enum.reduce_while(shards, :ok, fn shard, :ok ->
+        case ensure(name, s, shard, Map.get(view.shards, shard, [node()])) do
           :ok -> {:cont, :ok}
           {:error, reason} -> {:halt, {:error, {:shard_member_failed, shard, reason}}}
         end
       end)
 
-    case started do
-      :ok ->
-        # Each shard's first member stands for election (a new group elects no leader by
-        # itself); roles may have been told before this process ran (a restart): ask.
-        for shard <- Cluster.local_shards(cluster, s.shards), hd(Cluster.members(cluster, shard)) == node() do
-          engine.trigger_election(Cluster.shard_group(cluster, shard))
-        end
+    # Each shard's first member stands for election (a new group elects no leader by
+    # itself); roles may have been told before this process ran (a restart): asked below.
+    if started == :ok do
+      for shard <- shards,
+          List.first(Map.get(view.shards, shard, [])) == node(),
+          do: engine.trigger_election(Cluster.shard_group(s.cluster, shard))
+    end
 
-        send(self(), :refresh)
-        :ok = :net_kernel.monitor_nodes(true)
-        {:ok, %{store: name, leading: MapSet.new(), leaderless: %{}, restarting: %{}}}
+    started
+  end
+
+  defp ensure(name, s, shard, members) do
+    machine = {ShardMachine, %{store: name, shard: shard, snapshot_every: s.cluster.snapshot_every}}
+    opts = [snapshot_interval: s.cluster.snapshot_every]
+    Consensus.engine().ensure_member(s.cluster.system, Cluster.shard_group(s.cluster, shard), machine, members, opts)
+  end
+
+  # Copies of shards this node no longer holds, left by a move that stopped between
+  # removing this node and emptying its copy (a crash): emptied now.
+  defp release_leftovers(s, local) do
+    for shard <- 0..(s.shards - 1), shard not in local do
+      case Native.cluster_applied_index(s.native, shard) do
+        {:ok, applied} when applied > 0 -> release(s, shard)
+        _ -> :ok
+      end
+    end
+  end
+
+  defp release(s, shard) do
+    case Native.cluster_release(s.native, shard) do
+      {:ok, keys} ->
+        Logger.info("shard #{shard}: moved away from this node; its copy here is emptied (#{keys} keys deleted)")
+        :ok
 
       {:error, reason} ->
-        {:stop, reason}
+        Logger.error("shard #{shard}: emptying this node's copy failed: #{Kuma.Error.format(reason)}")
+        {:error, reason}
+    end
+  end
+
+  @impl true
+  def handle_call({:add_local, shard, members}, _from, st) do
+    {:ok, s} = Store.lookup(st.store)
+
+    case ensure(st.store, s, shard, members) do
+      :ok -> {:reply, :ok, %{st | local: MapSet.put(st.local, shard)}}
+      error -> {:reply, error, st}
+    end
+  end
+
+  def handle_call({:drop_local, shard}, _from, st) do
+    {:ok, s} = Store.lookup(st.store)
+    {reply, st} = drop(st, s, shard)
+    {:reply, reply, st}
+  end
+
+  def handle_call(:local, _from, st), do: {:reply, Enum.sort(st.local), st}
+
+  defp drop(st, s, shard) do
+    st = step_down(st, shard)
+
+    with :ok <- Consensus.engine().delete_member(s.cluster.system, Cluster.shard_group(s.cluster, shard)),
+         :ok <- release(s, shard) do
+      {:ok, %{st | local: MapSet.delete(st.local, shard), leaderless: Map.delete(st.leaderless, shard)}}
+    else
+      error -> {error, st}
     end
   end
 
@@ -70,25 +178,23 @@ defmodule Kuma.Cluster.Shards do
   def handle_info({:role, shard, :leader}, st), do: {:noreply, lead(st, shard)}
   def handle_info({:role, shard, _other}, st), do: {:noreply, step_down(st, shard)}
 
-  # Every second: this node's role in each of its shards, and an election where a shard
-  # has had no leader for two checks running (all its members restarted, or the first
-  # member is down); a member that leads is started as leader here if not yet.
+  # Every second: the shards' members from the metadata group; this node's role in each of
+  # its shards, and an election where a shard has had no leader for two checks running
+  # (all its members restarted, or the first member is down); a member that leads is
+  # started as leader here if not yet; a member the group no longer counts is dropped.
   def handle_info(:refresh, st) do
     {:ok, s} = Store.lookup(st.store)
     engine = Consensus.engine()
+    view = with({:ok, view} <- Meta.view(s.cluster, 2_000), :ok <- learn(s.cluster, view), do: view, else: (_ -> nil))
 
     st =
-      Enum.reduce(Cluster.local_shards(s.cluster, s.shards), st, fn shard, st ->
+      Enum.reduce(st.local, st, fn shard, st ->
         group = Cluster.shard_group(s.cluster, shard)
 
         # A member that stopped (ra gave up restarting it: a copy it could not take, say)
         # is started again.
-        if Process.whereis(group) == nil do
-          machine = {ShardMachine, %{store: st.store, shard: shard, snapshot_every: s.cluster.snapshot_every}}
-          members = Cluster.members(s.cluster, shard)
-
-          _ =
-            engine.ensure_member(s.cluster.system, group, machine, members, snapshot_interval: s.cluster.snapshot_every)
+        if Process.whereis(group) == nil and not Map.has_key?(st.restarting, shard) do
+          _ = ensure(st.store, s, shard, Cluster.members(s.cluster, shard))
         end
 
         case engine.leader(group, node(), 500) do
@@ -105,6 +211,7 @@ defmodule Kuma.Cluster.Shards do
         end
       end)
 
+    st = if view, do: drop_stale(st, s, view), else: st
     Process.send_after(self(), :refresh, 1_000)
     {:noreply, st}
   end
@@ -126,15 +233,10 @@ defmodule Kuma.Cluster.Shards do
 
   def handle_info({:restart_member, shard}, st) do
     {:ok, s} = Store.lookup(st.store)
-    engine = Consensus.engine()
-    group = Cluster.shard_group(s.cluster, shard)
-    engine.stop_member(s.cluster.system, group)
+    Consensus.engine().stop_member(s.cluster.system, Cluster.shard_group(s.cluster, shard))
     _ = Native.cluster_replica_reset(s.native, shard)
-    machine = {ShardMachine, %{store: st.store, shard: shard, snapshot_every: s.cluster.snapshot_every}}
 
-    opts = [snapshot_interval: s.cluster.snapshot_every]
-
-    case engine.ensure_member(s.cluster.system, group, machine, Cluster.members(s.cluster, shard), opts) do
+    case ensure(st.store, s, shard, Cluster.members(s.cluster, shard)) do
       :ok ->
         {:noreply, %{st | restarting: Map.delete(st.restarting, shard)}}
 
@@ -158,6 +260,25 @@ defmodule Kuma.Cluster.Shards do
   end
 
   def handle_info(_other, st), do: {:noreply, st}
+
+  # Members here of shards that the metadata group places elsewhere, with no move bringing
+  # them here: dropped if their group, asked, does not count this node.
+  defp drop_stale(st, s, view) do
+    Enum.reduce(st.local, st, fn shard, st ->
+      members = Map.get(view.shards, shard, [])
+
+      with false <- node() in members or coming?(view, shard) or members == [],
+           {:ok, actual, _leader} <-
+             Consensus.engine().members(Cluster.shard_group(s.cluster, shard), Enum.random(members), 2_000),
+           false <- node() in actual do
+        Logger.info("shard #{shard}: this node's member was removed from its group; dropping it")
+        {_, st} = drop(st, s, shard)
+        st
+      else
+        _ -> st
+      end
+    end)
+  end
 
   defp lead(st, shard) do
     {:ok, s} = Store.lookup(st.store)
@@ -196,10 +317,7 @@ defmodule Kuma.Cluster.Shards do
   def terminate(_reason, st) do
     with {:ok, s} <- Store.lookup(st.store) do
       engine = Consensus.engine()
-
-      for shard <- Cluster.local_shards(s.cluster, s.shards) do
-        engine.stop_member(s.cluster.system, Cluster.shard_group(s.cluster, shard))
-      end
+      for shard <- st.local, do: engine.stop_member(s.cluster.system, Cluster.shard_group(s.cluster, shard))
     end
 
     :ok

@@ -92,7 +92,8 @@ defmodule Kuma.Store.Supervisor do
       if config.cluster,
         do: [
           {DynamicSupervisor, name: Store.via(config.name, :proposers), strategy: :one_for_one},
-          %{id: Kuma.Cluster.Shards, start: {Kuma.Cluster.Shards, :start_link, [config.name]}, shutdown: 30_000}
+          %{id: Kuma.Cluster.Shards, start: {Kuma.Cluster.Shards, :start_link, [config.name]}, shutdown: 30_000},
+          {Kuma.Cluster.Rebalancer, config.name}
         ],
         else: []
 

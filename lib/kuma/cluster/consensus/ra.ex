@@ -97,6 +97,111 @@ defmodule Kuma.Cluster.Consensus.Ra do
   end
 
   @impl true
+  def members(group, via, timeout) do
+    case :ra.members({group, via}, timeout) do
+      {:ok, members, {_, leader}} -> {:ok, Enum.map(members, &elem(&1, 1)), leader}
+      {:timeout, _} -> {:error, :timeout}
+      {:error, reason} -> {:error, reason}
+    end
+  catch
+    :exit, reason -> {:error, {:exit, reason}}
+  end
+
+  @impl true
+  def add_member(group, via, node, timeout) do
+    case :ra.add_member({group, via}, {group, node}, timeout) do
+      {:ok, _, _} -> :ok
+      {:error, :already_member} -> :ok
+      {:timeout, _} -> {:error, :timeout}
+      {:error, reason} -> {:error, reason}
+    end
+  catch
+    :exit, reason -> {:error, {:exit, reason}}
+  end
+
+  @impl true
+  def remove_member(group, via, node, timeout) do
+    case :ra.remove_member({group, via}, {group, node}, timeout) do
+      {:ok, _, _} -> :ok
+      {:error, :not_member} -> :ok
+      {:timeout, _} -> {:error, :timeout}
+      {:error, reason} -> {:error, reason}
+    end
+  catch
+    :exit, reason -> {:error, {:exit, reason}}
+  end
+
+  @impl true
+  def transfer_leadership(group, from, to) do
+    case :ra.transfer_leadership({group, from}, {group, to}) do
+      :ok -> :ok
+      :already_leader -> :ok
+      {:timeout, _} -> {:error, :timeout}
+      {:error, reason} -> {:error, reason}
+    end
+  catch
+    :exit, reason -> {:error, {:exit, reason}}
+  end
+
+  @impl true
+  def delete_member(system, group) do
+    case :ra.force_delete_server(system, {group, node()}) do
+      :ok -> forget_name(system, group)
+      {:error, reason} -> {:error, reason}
+      other -> {:error, other}
+    end
+  end
+
+  # ra 2.2 unregisters a deleted server's name only if the server ran since the VM
+  # started; a member deleted before it ever started here (a stale one, at boot) would stay
+  # registered, its files gone, and no member of that group could be started here again.
+  defp forget_name(system, group) do
+    case :ra_system.lookup_name(system, :directory_rev) do
+      {:ok, table} -> :ok = :dets.delete(table, group)
+      _ -> :ok
+    end
+  end
+
+  @impl true
+  def local_groups(system) do
+    for {name, _uid} <- :ra_directory.list_registered(system), do: name
+  catch
+    _, _ -> []
+  end
+
+  # ra's metrics table (ra_server:metrics/1 in ra 2.2.0): {name, term, snapshot_index,
+  # last_applied, commit_index, last_written, commit_latency}.
+  @impl true
+  def local_status(group) do
+    case :ets.lookup(:ra_metrics, group) do
+      [{^group, term, snapshot, applied, commit, _written, _latency}] ->
+        role =
+          case :ets.lookup(:ra_state, group) do
+            [{_, role}] -> role
+            _ -> :unknown
+          end
+
+        %{role: role, term: term, snapshot_index: snapshot, applied_index: applied, commit_index: commit}
+
+      _ ->
+        nil
+    end
+  catch
+    :error, :badarg -> nil
+  end
+
+  @impl true
+  def query(group, via, mfa, timeout) do
+    case :ra.leader_query({group, via}, mfa, timeout) do
+      {:ok, {_index_term, result}, _leader} -> {:ok, result}
+      {:timeout, _} -> {:error, :timeout}
+      {:error, reason} -> {:error, reason}
+    end
+  catch
+    :exit, reason -> {:error, {:exit, reason}}
+  end
+
+  @impl true
   def leader(group, via, timeout) do
     case :ra.members({group, via}, timeout) do
       {:ok, _members, {_, leader}} -> {:ok, leader}

@@ -1,0 +1,280 @@
+defmodule Kuma.Cluster.Rebalancer do
+  @moduledoc false
+  # Cluster mode: moves shards so that each is held by the nodes `Kuma.Cluster.placement/4`
+  # picks among the active nodes. Runs on every node and acts only where this node's member
+  # of the metadata group leads (one rebalancer at a time; a new one takes over when that
+  # leader changes, and resumes from what Raft says, never from what it remembers).
+  #
+  # Every round (2 s): nodes unreachable for `:replace_after` are removed from the cluster's
+  # nodes, then at most `:max_moves` moves, each node in at most one of them. A move of
+  # shard S from A to B (either may be absent: only an add, or only a removal):
+  #
+  #   1. recorded as under way in the metadata group (so B's new member is not taken for a
+  #      stale one, and `Kuma.cluster_info/1` shows it);
+  #   2. B runs a member, which is added to S's group. ra 2.2 has no non-voting members,
+  #      so B votes at once: with 3 members the 4-member group still commits on the old
+  #      three; with `replicas: 1` writes wait for B to catch up;
+  #   3. wait until B has applied what the group had committed when it was added (from a
+  #      snapshot, a copy of the shard file, and the log), at most `:move_timeout`; a move
+  #      that misses it is rolled back (B removed, its files deleted) and tried again in a
+  #      later round;
+  #   4. if A leads S, leadership goes to another member first; then A is removed from the
+  #      group, and A drops its member, its Raft files, and its copy of S with its entities'
+  #      keys (if A is down, it does so when it comes back: Kuma.Cluster.Shards);
+  #   5. the new members are recorded in the metadata group, and the move as done.
+  #
+  # When A is down (being replaced), 4 comes before 2: the remaining members commit without
+  # A, and writes never wait for B to catch up.
+  #
+  # Every step reads the group's actual members first, so a move interrupted anywhere (a
+  # crash of A, B, or this node) is finished or rolled back by the next round.
+  use GenServer
+
+  require Logger
+
+  alias Kuma.{Cluster, Store}
+  alias Kuma.Cluster.{Consensus, Meta, Shards}
+
+  @round_ms 2_000
+
+  def start_link(name), do: GenServer.start_link(__MODULE__, name, name: Store.via(name, :rebalancer))
+
+  @impl true
+  def init(name) do
+    Process.send_after(self(), :round, @round_ms)
+    {:ok, %{store: name, down_since: %{}}}
+  end
+
+  @impl true
+  def handle_info(:round, st) do
+    st =
+      with {:ok, s} <- Store.lookup(st.store),
+           true <- node() in s.cluster.seeds,
+           {:ok, leader} <- Consensus.engine().leader(Cluster.meta_group(s.cluster), node(), 1_000),
+           true <- leader == node(),
+           {:ok, view} <- Meta.view(s.cluster) do
+        st = replace_dead(st, s.cluster, view)
+        for {shard, from, to} <- plan(view, s.shards, s.cluster.max_moves), do: move(s, shard, from, to)
+        st
+      else
+        _ -> %{st | down_since: %{}}
+      end
+
+    Process.send_after(self(), :round, @round_ms)
+    {:noreply, st}
+  end
+
+  def handle_info(_other, st), do: {:noreply, st}
+
+  # Nodes unreachable from here for `:replace_after` are removed from the cluster's nodes:
+  # the next rounds rebuild their replicas elsewhere. (Only the metadata leader counts, and
+  # its count starts again when leadership moves: a node is never removed sooner.)
+  defp replace_dead(st, c, view) do
+    now = System.monotonic_time(:millisecond)
+    up = MapSet.new([node() | Node.list()])
+
+    down_since = for {n, _} <- view.nodes, not MapSet.member?(up, n), into: %{}, do: {n, Map.get(st.down_since, n, now)}
+
+    for {n, since} <- down_since, now - since >= c.replace_after do
+      case Meta.command(c, {:remove_node, n}) do
+        :ok ->
+          Logger.warning(
+            "node #{n} unreachable for #{div(now - since, 1000)} s: removed; its replicas are rebuilt elsewhere"
+          )
+
+        _ ->
+          :ok
+      end
+    end
+
+    %{st | down_since: down_since}
+  end
+
+  @doc """
+  The moves to make now: `{shard, from, to}` (`from` or `to` may be nil), the moves recorded
+  as under way first (to finish or roll back), then shards whose members differ from their
+  placement, at most `max` in all and each node in at most one.
+  """
+  @spec plan(map(), pos_integer(), pos_integer()) :: [{non_neg_integer(), node() | nil, node() | nil}]
+  def plan(view, shards, max) do
+    active = for {node, :active} <- view.nodes, do: node
+    replicas = view.identity.replicas
+
+    if length(active) < replicas do
+      []
+    else
+      unfinished = for {shard, %{from: from, to: to}} <- Enum.sort(view.moves), do: {shard, from, to}
+
+      wanted =
+        for shard <- 0..(shards - 1), not Map.has_key?(view.moves, shard) do
+          current = Map.get(view.shards, shard, [])
+          target = Cluster.placement(view.identity.cluster_id, active, shard, replicas)
+          {shard, List.first(current -- target), List.first(target -- current)}
+        end
+
+      (unfinished ++ Enum.reject(wanted, &match?({_, nil, nil}, &1)))
+      |> Enum.reduce({[], MapSet.new()}, fn {_, from, to} = m, {picked, busy} ->
+        nodes = Enum.reject([from, to], &is_nil/1)
+
+        if length(picked) < max and not Enum.any?(nodes, &MapSet.member?(busy, &1)),
+          do: {[m | picked], Enum.into(nodes, busy)},
+          else: {picked, busy}
+      end)
+      |> elem(0)
+      |> Enum.reverse()
+    end
+  end
+
+  @doc "Moves shard `shard` from node `from` to node `to` (see the module's notes)."
+  @spec move(Store.t(), non_neg_integer(), node() | nil, node() | nil) :: :ok | {:error, term()}
+  def move(s, shard, from, to) do
+    c = s.cluster
+    started = System.monotonic_time(:millisecond)
+
+    result =
+      with :ok <- Meta.command(c, {:move, shard, %{from: from, to: to, since: System.os_time(:millisecond)}}),
+           {:ok, actual, leader} <- actual(c, shard),
+           {:ok, actual} <- add_and_remove(s, shard, actual, leader, from, to) do
+        record(c, shard, actual)
+      end
+
+    case result do
+      :ok ->
+        Logger.info(
+          "shard #{shard}: moved from #{inspect(from)} to #{inspect(to)} in #{System.monotonic_time(:millisecond) - started} ms"
+        )
+
+      {:error, reason} ->
+        Logger.warning("shard #{shard}: move from #{inspect(from)} to #{inspect(to)} failed: #{inspect(reason)}")
+    end
+
+    _ = Meta.command(c, {:move, shard, nil})
+    result
+  end
+
+  # The group's members and leader, as Raft has them now, asking the members this node
+  # knows of in turn.
+  defp actual(c, shard) do
+    group = Cluster.shard_group(c, shard)
+
+    Enum.find_value(Cluster.members(c, shard), {:error, {:no_leader, shard}}, fn via ->
+      case Consensus.engine().members(group, via, 2_000) do
+        {:ok, members, leader} -> {:ok, members, leader}
+        _ -> nil
+      end
+    end)
+  end
+
+  # A member on a node that is down is removed first: the others commit without it, and
+  # writes never wait for the new member to catch up. Otherwise the new member comes first,
+  # so the group never has fewer members than `replicas`.
+  defp add_and_remove(s, shard, actual, leader, from, to) do
+    if from != nil and from != node() and from not in Node.list() do
+      with {:ok, actual} <- remove(s, shard, actual, from),
+           {:ok, _, leader} <- actual(s.cluster, shard),
+           do: add(s, shard, actual, leader, to)
+    else
+      with {:ok, actual} <- add(s, shard, actual, leader, to), do: remove(s, shard, actual, from)
+    end
+  end
+
+  defp add(_s, _shard, actual, _leader, nil), do: {:ok, actual}
+
+  defp add(s, shard, actual, leader, to) do
+    c = s.cluster
+    group = Cluster.shard_group(c, shard)
+    engine = Consensus.engine()
+
+    with %{commit_index: _} = status <- remote(leader, engine, :local_status, [group]),
+         :ok <- if(to in actual, do: :ok, else: remote(to, Shards, :add_local, [s.name, shard, actual ++ [to]])),
+         :ok <- engine.add_member(group, leader, to, 10_000),
+         members = Enum.uniq(actual ++ [to]),
+         _ = Cluster.put_members(c, shard, members),
+         :ok <- caught_up(to, group, status.commit_index, System.monotonic_time(:millisecond) + c.move_timeout) do
+      record(c, shard, members)
+      {:ok, members}
+    else
+      error ->
+        # Rolled back: the new member goes, and the group is as it was.
+        _ = engine.remove_member(group, leader, to, 10_000)
+        _ = remote(to, Shards, :drop_local, [s.name, shard])
+        Cluster.put_members(c, shard, actual)
+        {:error, {:not_added, to, error}}
+    end
+  end
+
+  defp caught_up(node, group, index, deadline) do
+    case remote(node, Consensus.engine(), :local_status, [group]) do
+      %{applied_index: applied} when applied >= index ->
+        :ok
+
+      _ ->
+        if System.monotonic_time(:millisecond) > deadline do
+          {:error, :catch_up_timeout}
+        else
+          Process.sleep(100)
+          caught_up(node, group, index, deadline)
+        end
+    end
+  end
+
+  defp remove(_s, _shard, actual, nil), do: {:ok, actual}
+
+  defp remove(s, shard, actual, from) do
+    c = s.cluster
+    group = Cluster.shard_group(c, shard)
+    engine = Consensus.engine()
+
+    with true <- from in actual,
+         {:ok, _, leader} <- actual(c, shard),
+         {:ok, leader} <- hand_over(c, shard, leader, from, actual -- [from]),
+         :ok <- engine.remove_member(group, leader, from, 10_000) do
+      members = actual -- [from]
+      record(c, shard, members)
+      # A node that is down drops its member when it comes back (Kuma.Cluster.Shards).
+      _ = remote(from, Shards, :drop_local, [s.name, shard])
+      {:ok, members}
+    else
+      false -> {:ok, actual}
+      error -> {:error, {:not_removed, from, error}}
+    end
+  end
+
+  # Leadership leaves a node about to be removed: to the next member, then wait until
+  # the group has a leader other than it.
+  defp hand_over(_c, _shard, leader, from, _others) when leader != from, do: {:ok, leader}
+
+  defp hand_over(c, shard, from, from, [next | _]) do
+    group = Cluster.shard_group(c, shard)
+    _ = Consensus.engine().transfer_leadership(group, from, next)
+    deadline = System.monotonic_time(:millisecond) + 10_000
+
+    Stream.repeatedly(fn ->
+      Process.sleep(100)
+      actual(c, shard)
+    end)
+    |> Enum.find_value(fn
+      {:ok, _, leader} when leader != from -> {:ok, leader}
+      _ -> if System.monotonic_time(:millisecond) > deadline, do: {:error, :leadership_not_handed_over}
+    end)
+  end
+
+  defp hand_over(_c, _shard, _leader, _from, []), do: {:error, :no_other_member}
+
+  defp record(c, shard, members) do
+    Cluster.put_members(c, shard, members)
+
+    case Meta.command(c, {:members, shard, members}) do
+      :ok -> :ok
+      error -> {:error, {:not_recorded, error}}
+    end
+  end
+
+  defp remote(node, m, f, a) when node == node(), do: apply(m, f, a)
+
+  defp remote(node, m, f, a) do
+    :erpc.call(node, m, f, a, 60_000)
+  catch
+    kind, reason -> {:error, {:unreachable, node, {kind, reason}}}
+  end
+end
