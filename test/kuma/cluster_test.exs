@@ -177,6 +177,58 @@ defmodule Kuma.ClusterTest do
     on_exit(fn -> Cluster.stop(c) end)
   end
 
+  for victim <- [:target, :source, :meta_leader] do
+    @tag victim: victim
+    test "kill -9 of the #{victim} in the middle of a move: it finishes or rolls back, nothing lost", %{c: c} = ctx do
+      seeds = Cluster.names(c)
+      [a | _] = seeds
+      {:ok, info} = call(c, a, :cluster_info, [@store])
+      joining = :"k#{c.tag}n#{length(seeds) + 1}@localhost"
+      # Where the shards will go once the fourth node joins: the first move's source.
+      moves =
+        for sh <- info.shards,
+            target = Kuma.Cluster.placement(info.cluster_id, Map.keys(info.nodes) ++ [joining], sh.shard, 3),
+            from = List.first(sh.members -- target),
+            do: {sh.shard, from}
+
+      {_, source} = hd(moves)
+
+      {:ok, meta_leader} =
+        Cluster.call(c, a, Kuma.Cluster.Consensus.Ra, :leader, [:kuma_kct_meta, Cluster.node_of(c, a), 5_000])
+
+      victim_node =
+        case ctx.victim do
+          :target -> joining
+          :source -> source
+          :meta_leader -> meta_leader
+        end
+
+      victim = Enum.find(seeds ++ [:"k#{c.tag}n#{length(seeds) + 1}"], &(:"#{&1}@localhost" == victim_node))
+      writers = seeds -- [victim]
+
+      {c, _} =
+        with_writers(c, writers, 1, fn c ->
+          {{:ok, _}, _d, c} = Cluster.add_node(c)
+          # Killed as soon as a move is under way.
+          assert Kuma.StoreCase.eventually(
+                   fn -> match?({:ok, %{moves: [_ | _]}}, call(c, hd(writers), :cluster_info, [@store])) end,
+                   400,
+                   25
+                 )
+
+          c = Cluster.kill9(c, victim)
+          Process.sleep(1_000)
+          {{:ok, _}, c} = Cluster.restart(c, victim)
+          placed(c, hd(writers))
+          {c, :ok}
+        end)
+
+      info = balanced(c, hd(writers))
+      assert Enum.all?(info.shards, &(length(&1.members) == 3))
+      on_exit(fn -> Cluster.stop(c) end)
+    end
+  end
+
   # A node joins while writers append on `writers`: shards move to it until every shard's
   # members are the placement over the active nodes.
   defp join_round(c, writers, round) do
