@@ -30,6 +30,57 @@ defmodule Kuma.Bench.ClusterLoad do
   end
 
   @doc """
+  The W1 shape until stopped (`steady_stop/1`): `writers` processes append `batch` to random
+  entities. The OS time (ms) of every acknowledged append is what `steady_stop/1` returns.
+  """
+  def steady_start(store, writers, batch, entities, seed) do
+    spawn(fn ->
+      flag = :atomics.new(1, [])
+
+      tasks =
+        for w <- 1..writers do
+          Task.async(fn ->
+            :rand.seed(:exsss, {seed, w, 47})
+            steady_loop(store, batch, entities, flag, [])
+          end)
+        end
+
+      receive do
+        {:stop, from, ref} ->
+          :atomics.put(flag, 1, 1)
+          send(from, {ref, tasks |> Task.await_many(:infinity) |> Enum.concat()})
+      end
+    end)
+  end
+
+  def steady_stop(pid) do
+    ref = make_ref()
+    send(pid, {:stop, self(), ref})
+
+    receive do
+      {^ref, acks} -> acks
+    after
+      120_000 -> []
+    end
+  end
+
+  defp steady_loop(store, batch, entities, flag, acks) do
+    if :atomics.get(flag, 1) == 1 do
+      acks
+    else
+      case Kuma.append(store, "user_#{:rand.uniform(entities)}", batch, timeout: 60_000) do
+        {:ok, _} -> steady_loop(store, batch, entities, flag, [System.os_time(:millisecond) | acks])
+        _ -> steady_loop(store, batch, entities, flag, acks)
+      end
+    end
+  end
+
+  @doc "Bytes of this node's shard files (with their WAL)."
+  def shard_bytes(dir) do
+    Path.wildcard(Path.join([dir, "shards", "*"])) |> Enum.map(&File.stat!(&1).size) |> Enum.sum()
+  end
+
+  @doc """
   The W2 shape from this node: one process per entity id in `ids` runs single-event
   commands for `seconds`. Returns {events, latencies in µs}.
   """
@@ -97,6 +148,12 @@ defmodule Kuma.Bench.ClusterLoad do
             probe_loop(store, id, acks)
         end
     end
+  end
+
+  @doc "The shard of an entity id."
+  def shard_of(store, id) do
+    {:ok, s} = Kuma.Store.lookup(store)
+    Kuma.Cluster.Route.shard(s, id)
   end
 
   @doc "Whether this node leads `id`'s shard now (its member is the leader and serves it)."

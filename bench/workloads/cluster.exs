@@ -11,6 +11,7 @@ defmodule Kuma.Bench.ClusterBench do
   @w1_ratio 0.30
   @w2_ratio 0.30
   @failover_p99_ms 1_000
+  @pause_p99_ms 500
 
   def run(quick) do
     # The peer harness of the tests and the loads run on the nodes, loaded onto them.
@@ -39,7 +40,7 @@ defmodule Kuma.Bench.ClusterBench do
           shards: p.shards,
           master_key: key,
           aggregates: [Kuma.Bench.ClusterAccount],
-          cluster: [replicas: replicas]
+          cluster: [replicas: replicas, replace_after: 3_000]
         ]
 
         {:ok, c} = Kuma.Test.Cluster.start(3, @store, opts, modules)
@@ -47,9 +48,11 @@ defmodule Kuma.Bench.ClusterBench do
         try do
           w1 = w1(c, p)
           w2 = w2(c, seconds)
-          failover = if replicas == 3, do: failover(c, kills), else: nil
-          row = %{replicas: replicas, w1: w1, w2: w2, failover: failover}
+          {c, failover} = if replicas == 3, do: failover(c, kills), else: {c, nil}
+          {c, membership} = if replicas == 3, do: membership(c, p, seconds), else: {c, nil}
+          row = %{replicas: replicas, w1: w1, w2: w2, failover: failover, membership: membership}
           print(row, single_w1, single_w2)
+          Kuma.Test.Cluster.stop(c)
           row
         after
           Kuma.Test.Cluster.stop(c)
@@ -61,7 +64,8 @@ defmodule Kuma.Bench.ClusterBench do
     IO.puts(
       "targets (replicas: 3): W1 >= #{round(@w1_ratio * 100)}% of single node: #{Table.verdict(r3.w1.events_per_sec >= @w1_ratio * single_w1)}; " <>
         "W2 >= #{round(@w2_ratio * 100)}%: #{Table.verdict(r3.w2.events_per_sec >= @w2_ratio * single_w2)}; " <>
-        "failover p99 <= #{@failover_p99_ms} ms: #{Table.verdict(r3.failover.p99_ms <= @failover_p99_ms)}\n"
+        "failover p99 <= #{@failover_p99_ms} ms: #{Table.verdict(r3.failover.p99_ms <= @failover_p99_ms)}; " <>
+        "write pause per moved shard p99 <= #{@pause_p99_ms} ms: #{Table.verdict(r3.membership.pause_p99_ms <= @pause_p99_ms)}\n"
     )
 
     %{single: %{w1_events_per_sec: single_w1, w2_events_per_sec: single_w2}, rows: rows}
@@ -76,6 +80,19 @@ defmodule Kuma.Bench.ClusterBench do
     if f = row.failover do
       IO.puts(
         "  failover after kill -9 of a leader: p50 #{f.p50_ms} ms, p99 #{f.p99_ms} ms, max #{f.max_ms} ms (#{f.kills} kills)"
+      )
+    end
+
+    if m = row.membership do
+      IO.puts(
+        "  join (3 -> 4 nodes): #{m.moved_shards} shards moved in #{m.rebalance_ms} ms; W1-shaped load #{Progress.fmt(m.throughput_before)} ev/s before, " <>
+          "#{Progress.fmt(m.throughput_during)} ev/s during; write pause per moved shard p50 #{m.pause_p50_ms} ms, p99 #{m.pause_p99_ms} ms " <>
+          "(longest gap before the join, same shards: p50 #{m.gap_before_p50_ms} ms, p99 #{m.gap_before_p99_ms} ms)"
+      )
+
+      IO.puts(
+        "  node loss (4 -> 3): #{m.restore_shards} shards back to 3 replicas #{m.restore_ms} ms after the grace period " <>
+          "(#{Float.round(m.restore_bytes / 1.0e6, 1)} MB of shard files on the lost node: #{m.restore_ms_per_gb} ms per GB)"
       )
     end
   end
@@ -164,8 +181,129 @@ defmodule Kuma.Bench.ClusterBench do
         {c, [took || 2_500 | times]}
       end)
 
-    _ = c
     %{0.5 => p50, 0.99 => p99} = Kuma.Bench.Table.percentiles(times, [0.5, 0.99])
-    %{kills: kills, p50_ms: p50, p99_ms: p99, max_ms: Enum.max(times), all_ms: Enum.reverse(times)}
+    {c, %{kills: kills, p50_ms: p50, p99_ms: p99, max_ms: Enum.max(times), all_ms: Enum.reverse(times)}}
+  end
+
+  # A fourth node joins under a steady W1-shaped load from the three others, with a probe
+  # appending to one entity of every shard without pause: the time until every shard is
+  # where placement puts it, the load's throughput before and during the rebalance, and
+  # each moved shard's longest gap between two acknowledged probe appends (its write
+  # pause). Then the new node is killed: the time until its replicas are rebuilt on the
+  # others (after the 3 s grace period), per GB of shard data moved.
+  defp membership(c, p, seconds) do
+    alias Kuma.Test.Cluster
+    names = Cluster.names(c)
+    [a | _] = names
+    {:ok, before} = Cluster.call(c, a, Kuma, :cluster_info, [@store])
+    probes = probe_ids(c, a, length(before.shards))
+    pids = for id <- probes, do: Cluster.call(c, a, Kuma.Bench.ClusterLoad, :probe, [@store, id])
+    batch = List.duplicate(Payload.event(p.payload), p.batch)
+    IO.puts("  membership: a 4th node joins under a W1-shaped load from 3 nodes ...")
+
+    load =
+      for {name, i} <- Enum.with_index(names) do
+        args = [@store, div(p.writers, 3), batch, p.entities, 100 + i]
+        {name, Cluster.call(c, name, Kuma.Bench.ClusterLoad, :steady_start, args)}
+      end
+
+    t0 = System.os_time(:millisecond)
+    Process.sleep(seconds * 1000)
+    t_add = System.os_time(:millisecond)
+    {{:ok, _}, d, c} = Cluster.add_node(c)
+    t_started = System.os_time(:millisecond)
+    wait_placed(c, a)
+    t_done = System.os_time(:millisecond)
+
+    acks =
+      Enum.flat_map(load, fn {name, pid} ->
+        Cluster.call(c, name, Kuma.Bench.ClusterLoad, :steady_stop, [pid], 150_000)
+      end)
+
+    probe_acks = for pid <- pids, do: Cluster.call(c, a, Kuma.Bench.ClusterLoad, :stop_probe, [pid])
+    {:ok, after_join} = Cluster.call(c, a, Kuma, :cluster_info, [@store])
+
+    rate = fn from, to ->
+      round(Enum.count(acks, &(&1 >= from and &1 < to)) * p.batch / max((to - from) / 1000, 0.001))
+    end
+
+    moved =
+      for {b, x} <- Enum.zip(before.shards, after_join.shards),
+          Enum.sort(b.members) != Enum.sort(x.members),
+          do: b.shard
+
+    # A shard's longest gap between two acknowledged probe appends within a window.
+    gap = fn shard, from, to ->
+      probe_acks
+      |> Enum.at(shard)
+      |> Enum.map(&elem(&1, 1))
+      |> Enum.filter(&(&1 >= from and &1 <= to))
+      |> Enum.chunk_every(2, 1, :discard)
+      |> Enum.map(fn [x, y] -> y - x end)
+      |> Enum.max(fn -> to - from end)
+    end
+
+    pauses = for shard <- moved, do: gap.(shard, t_add, t_done + 1_000)
+    # The same under the load alone, before the join, for comparison.
+    baseline = for shard <- moved, do: gap.(shard, t0 + 1_000, t_add)
+    pct = &Kuma.Bench.Table.percentiles(if(&1 == [], do: [0], else: &1), [0.5, 0.99])
+    %{0.5 => pause_p50, 0.99 => pause_p99} = pct.(pauses)
+    %{0.5 => base_p50, 0.99 => base_p99} = pct.(baseline)
+
+    # The new node dies; its replicas are rebuilt on the three others.
+    dn = Cluster.node_of(c, d)
+    held = for sh <- after_join.shards, dn in sh.members, do: sh.shard
+    bytes = Cluster.call(c, d, Kuma.Bench.ClusterLoad, :shard_bytes, [Cluster.data_dir(c, d)])
+    t_kill = System.os_time(:millisecond)
+    c = Cluster.kill9(c, d)
+    wait_placed(c, a, &(not Map.has_key?(&1.nodes, dn)))
+    restore_ms = System.os_time(:millisecond) - t_kill - 3_000
+
+    result = %{
+      rebalance_ms: t_done - t_started,
+      moved_shards: length(moved),
+      throughput_before: rate.(t0 + 1_000, t_add),
+      throughput_during: rate.(t_started, max(t_done, t_started + 1_000)),
+      pause_p50_ms: pause_p50,
+      pause_p99_ms: pause_p99,
+      gap_before_p50_ms: base_p50,
+      gap_before_p99_ms: base_p99,
+      restore_ms: restore_ms,
+      restore_shards: length(held),
+      restore_bytes: bytes,
+      restore_ms_per_gb: round(restore_ms / max(bytes / 1.0e9, 1.0e-9))
+    }
+
+    {c, result}
+  end
+
+  # One probe entity per shard.
+  defp probe_ids(c, name, shards) do
+    found =
+      Enum.reduce_while(Stream.iterate(0, &(&1 + 1)), %{}, fn i, acc ->
+        id = "probe-#{i}"
+        shard = Kuma.Test.Cluster.call(c, name, Kuma.Bench.ClusterLoad, :shard_of, [@store, id])
+        acc = Map.put_new(acc, shard, id)
+        if map_size(acc) == shards, do: {:halt, acc}, else: {:cont, acc}
+      end)
+
+    for shard <- 0..(shards - 1), do: found[shard]
+  end
+
+  defp wait_placed(c, name, extra \\ fn _ -> true end) do
+    {:ok, info} = Kuma.Test.Cluster.call(c, name, Kuma, :cluster_info, [@store])
+    active = for {n, %{state: :active}} <- info.nodes, do: n
+
+    placed =
+      info.moves == [] and extra.(info) and
+        Enum.all?(
+          info.shards,
+          &(Enum.sort(&1.members) == Enum.sort(Kuma.Cluster.placement(info.cluster_id, active, &1.shard, 3)))
+        )
+
+    unless placed do
+      Process.sleep(100)
+      wait_placed(c, name, extra)
+    end
   end
 end

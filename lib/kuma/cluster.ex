@@ -27,8 +27,8 @@ defmodule Kuma.Cluster do
   * `:snapshot_every` - Raft log entries per shard between two snapshots (default 20,000).
     A snapshot is a copy of the shard file; Raft's log is truncated up to it, and a member
     that missed the truncated entries catches up from it.
-  * `:max_moves` - shard moves per rebalancing round (default 2; each node takes part in
-    at most one per round).
+  * `:max_moves` - shard moves per rebalancing round, run side by side (default 4).
+  * `:max_moves_per_node` - moves a node takes part in per round (default 2).
   * `:move_timeout` - ms a new replica has to catch up before its move is rolled back and
     tried again later (default 60,000).
   * `:replace_after` - ms a node may stay unreachable before it is removed from the
@@ -72,7 +72,8 @@ defmodule Kuma.Cluster do
     :id,
     :routes,
     snapshot_every: 20_000,
-    max_moves: 2,
+    max_moves: 4,
+    max_moves_per_node: 2,
     move_timeout: 60_000,
     replace_after: 60_000
   ]
@@ -86,11 +87,21 @@ defmodule Kuma.Cluster do
           routes: :ets.tid() | nil,
           snapshot_every: pos_integer(),
           max_moves: pos_integer(),
+          max_moves_per_node: pos_integer(),
           move_timeout: pos_integer(),
           replace_after: pos_integer()
         }
 
-  @options [:seeds, :replicas, :start_timeout, :snapshot_every, :max_moves, :move_timeout, :replace_after]
+  @options [
+    :seeds,
+    :replicas,
+    :start_timeout,
+    :snapshot_every,
+    :max_moves,
+    :max_moves_per_node,
+    :move_timeout,
+    :replace_after
+  ]
 
   @doc false
   # Validates the `:cluster` option of `Kuma.start/1` (nil: single node).
@@ -102,7 +113,8 @@ defmodule Kuma.Cluster do
     replicas = Keyword.get(opts, :replicas, 3)
     timeout = Keyword.get(opts, :start_timeout, 60_000)
     snapshot_every = Keyword.get(opts, :snapshot_every, 20_000)
-    max_moves = Keyword.get(opts, :max_moves, 2)
+    max_moves = Keyword.get(opts, :max_moves, 4)
+    max_moves_per_node = Keyword.get(opts, :max_moves_per_node, 2)
     move_timeout = Keyword.get(opts, :move_timeout, 60_000)
     replace_after = Keyword.get(opts, :replace_after, 60_000)
 
@@ -131,6 +143,9 @@ defmodule Kuma.Cluster do
       not is_integer(max_moves) or max_moves < 1 ->
         invalid(":max_moves must be a positive integer (shard moves per round)")
 
+      not is_integer(max_moves_per_node) or max_moves_per_node < 1 ->
+        invalid(":max_moves_per_node must be a positive integer (moves a node takes part in per round)")
+
       not is_integer(move_timeout) or move_timeout < 1 ->
         invalid(":move_timeout must be a positive integer (ms)")
 
@@ -149,6 +164,7 @@ defmodule Kuma.Cluster do
            system: system(name),
            snapshot_every: snapshot_every,
            max_moves: max_moves,
+           max_moves_per_node: max_moves_per_node,
            move_timeout: move_timeout,
            replace_after: replace_after
          }}

@@ -5,9 +5,10 @@ defmodule Kuma.Cluster.Rebalancer do
   # of the metadata group leads (one rebalancer at a time; a new one takes over when that
   # leader changes, and resumes from what Raft says, never from what it remembers).
   #
-  # Every round (2 s): nodes unreachable for `:replace_after` are removed from the cluster's
-  # nodes, then at most `:max_moves` moves, each node in at most one of them. A move of
-  # shard S from A to B (either may be absent: only an add, or only a removal):
+  # Every round (2 s, or at once after a round that moved shards): nodes unreachable for
+  # `:replace_after` are removed from the cluster's nodes, then at most `:max_moves` moves
+  # run side by side, each node in at most `:max_moves_per_node` of them. A move of shard
+  # S from A to B (either may be absent: only an add, or only a removal):
   #
   #   1. recorded as under way in the metadata group (so B's new member is not taken for a
   #      stale one, and `Kuma.cluster_info/1` shows it);
@@ -42,7 +43,7 @@ defmodule Kuma.Cluster.Rebalancer do
   @impl true
   def init(name) do
     Process.send_after(self(), :round, @round_ms)
-    {:ok, %{store: name, down_since: %{}}}
+    {:ok, %{store: name, down_since: %{}, moved: false}}
   end
 
   @impl true
@@ -54,13 +55,22 @@ defmodule Kuma.Cluster.Rebalancer do
            true <- leader == node(),
            {:ok, view} <- Meta.view(s.cluster) do
         st = replace_dead(st, s.cluster, view)
-        for {shard, from, to} <- plan(view, s.shards, s.cluster.max_moves), do: move(s, shard, from, to)
-        st
+        moves = plan(view, s.shards, s.cluster.max_moves, s.cluster.max_moves_per_node)
+
+        moves
+        |> Task.async_stream(fn {shard, from, to} -> move(s, shard, from, to) end,
+          max_concurrency: max(length(moves), 1),
+          timeout: :infinity
+        )
+        |> Stream.run()
+
+        %{st | moved: moves != []}
       else
-        _ -> %{st | down_since: %{}}
+        _ -> %{st | down_since: %{}, moved: false}
       end
 
-    Process.send_after(self(), :round, @round_ms)
+    # After a round that moved shards, the next one starts at once.
+    Process.send_after(self(), :round, if(st.moved, do: 50, else: @round_ms))
     {:noreply, st}
   end
 
@@ -93,10 +103,10 @@ defmodule Kuma.Cluster.Rebalancer do
   @doc """
   The moves to make now: `{shard, from, to}` (`from` or `to` may be nil), the moves recorded
   as under way first (to finish or roll back), then shards whose members differ from their
-  placement, at most `max` in all and each node in at most one.
+  placement; at most `max` in all, and each node in at most `per_node` of them.
   """
-  @spec plan(map(), pos_integer(), pos_integer()) :: [{non_neg_integer(), node() | nil, node() | nil}]
-  def plan(view, shards, max) do
+  @spec plan(map(), pos_integer(), pos_integer(), pos_integer()) :: [{non_neg_integer(), node() | nil, node() | nil}]
+  def plan(view, shards, max, per_node) do
     active = for {node, :active} <- view.nodes, do: node
     replicas = view.identity.replicas
 
@@ -113,11 +123,11 @@ defmodule Kuma.Cluster.Rebalancer do
         end
 
       (unfinished ++ Enum.reject(wanted, &match?({_, nil, nil}, &1)))
-      |> Enum.reduce({[], MapSet.new()}, fn {_, from, to} = m, {picked, busy} ->
+      |> Enum.reduce({[], %{}}, fn {_, from, to} = m, {picked, busy} ->
         nodes = Enum.reject([from, to], &is_nil/1)
 
-        if length(picked) < max and not Enum.any?(nodes, &MapSet.member?(busy, &1)),
-          do: {[m | picked], Enum.into(nodes, busy)},
+        if length(picked) < max and Enum.all?(nodes, &(Map.get(busy, &1, 0) < per_node)),
+          do: {[m | picked], Enum.reduce(nodes, busy, &Map.update(&2, &1, 1, fn n -> n + 1 end))},
           else: {picked, busy}
       end)
       |> elem(0)

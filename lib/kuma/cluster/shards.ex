@@ -185,7 +185,10 @@ defmodule Kuma.Cluster.Shards do
   def handle_info(:refresh, st) do
     {:ok, s} = Store.lookup(st.store)
     engine = Consensus.engine()
-    view = with({:ok, view} <- Meta.view(s.cluster, 2_000), :ok <- learn(s.cluster, view), do: view, else: (_ -> nil))
+    # The metadata group is asked from another process: its leader may be a node that just
+    # died, and role changes must not wait behind that call.
+    me = self()
+    Task.start(fn -> send(me, {:view, Meta.view(s.cluster, 2_000)}) end)
 
     st =
       Enum.reduce(st.local, st, fn shard, st ->
@@ -211,10 +214,17 @@ defmodule Kuma.Cluster.Shards do
         end
       end)
 
-    st = if view, do: drop_stale(st, s, view), else: st
     Process.send_after(self(), :refresh, 1_000)
     {:noreply, st}
   end
+
+  def handle_info({:view, {:ok, view}}, st) do
+    {:ok, s} = Store.lookup(st.store)
+    :ok = learn(s.cluster, view)
+    {:noreply, drop_stale(st, s, view)}
+  end
+
+  def handle_info({:view, _error}, st), do: {:noreply, st}
 
   # A member that could not apply an entry (see Kuma.Cluster.ShardMachine) is restarted,
   # once, after its writer is reset: it applies the entries again from the log.
