@@ -40,7 +40,7 @@ defmodule Kuma.Bench.ClusterBench do
           shards: p.shards,
           master_key: key,
           aggregates: [Kuma.Bench.ClusterAccount],
-          cluster: [replicas: replicas, replace_after: 3_000]
+          cluster: [replicas: replicas]
         ]
 
         {:ok, c} = Kuma.Test.Cluster.start(3, @store, opts, modules)
@@ -49,10 +49,12 @@ defmodule Kuma.Bench.ClusterBench do
           w1 = w1(c, p)
           w2 = w2(c, seconds)
           {c, failover} = if replicas == 3, do: failover(c, kills), else: {c, nil}
-          {c, membership} = if replicas == 3, do: membership(c, p, seconds), else: {c, nil}
+          Kuma.Test.Cluster.stop(c)
+          # Membership changes on a cluster of their own, whose dead nodes are replaced
+          # after 3 s (the failover kills above must not start replacements).
+          membership = if replicas == 3, do: membership(opts, modules, p, seconds), else: nil
           row = %{replicas: replicas, w1: w1, w2: w2, failover: failover, membership: membership}
           print(row, single_w1, single_w2)
-          Kuma.Test.Cluster.stop(c)
           row
         after
           Kuma.Test.Cluster.stop(c)
@@ -191,6 +193,19 @@ defmodule Kuma.Bench.ClusterBench do
   # each moved shard's longest gap between two acknowledged probe appends (its write
   # pause). Then the new node is killed: the time until its replicas are rebuilt on the
   # others (after the 3 s grace period), per GB of shard data moved.
+  defp membership(opts, modules, p, seconds) do
+    alias Kuma.Test.Cluster
+    opts = Keyword.update!(opts, :cluster, &Keyword.put(&1, :replace_after, 3_000))
+    {:ok, c} = Cluster.start(3, @store, opts, modules)
+
+    try do
+      _ = w1(c, p)
+      membership(c, p, seconds)
+    after
+      Cluster.stop(c)
+    end
+  end
+
   defp membership(c, p, seconds) do
     alias Kuma.Test.Cluster
     names = Cluster.names(c)
@@ -258,8 +273,9 @@ defmodule Kuma.Bench.ClusterBench do
     c = Cluster.kill9(c, d)
     wait_placed(c, a, &(not Map.has_key?(&1.nodes, dn)))
     restore_ms = System.os_time(:millisecond) - t_kill - 3_000
+    Cluster.stop(c)
 
-    result = %{
+    %{
       rebalance_ms: t_done - t_started,
       moved_shards: length(moved),
       throughput_before: rate.(t0 + 1_000, t_add),
@@ -273,8 +289,6 @@ defmodule Kuma.Bench.ClusterBench do
       restore_bytes: bytes,
       restore_ms_per_gb: round(restore_ms / max(bytes / 1.0e9, 1.0e-9))
     }
-
-    {c, result}
   end
 
   # One probe entity per shard.

@@ -72,7 +72,8 @@ defmodule Kuma.Error do
   * `{:not_supported_in_cluster, what}` - not available in cluster mode yet (`Kuma.Cluster`)
   * `{:cluster_mismatch, why}` - this node's settings, or its data dir, belong to another
     cluster (or a cluster's data dir was started without `:cluster`)
-  * `{:cluster_not_formed, why}` - no majority of the seeds was reachable within `:start_timeout`
+  * `{:cluster_not_formed, why}` - within `:start_timeout`, not every seed was reachable to
+    create a new cluster, or no majority of them to join an existing one
   * `{:ra_missing, why}` - the Raft library is not installed (run `bin/setup`)
   * `{:raft, reason}`, `{:shard_member_failed, shard, reason}` - Raft refused to start a member
   * `:replicated` - a local write to a store whose shards are replicas (a Kuma bug if seen)

@@ -101,6 +101,27 @@ defmodule Kuma.ClusterTest do
              call(c, a, :rotate_master_key, [@store, :crypto.strong_rand_bytes(32)])
   end
 
+  test "a new cluster is founded only with every seed: two of three wait, then form it with the third", %{c: c} do
+    names = Cluster.names(c)
+    seeds = Enum.map(names, &Cluster.node_of(c, &1))
+
+    start = fn name, timeout ->
+      opts = [name: :kct_new, data_dir: Cluster.data_dir(c, name) <> "-new", shards: 2]
+      opts = opts ++ [cluster: [seeds: seeds, start_timeout: timeout]]
+      Cluster.call(c, name, Kuma, :start, [opts], timeout + 10_000)
+    end
+
+    [a, b, n3] = names
+    # Two seeds alone: no cluster is founded.
+    results = Cluster.parallel([a, b], &start.(&1, 3_000))
+    assert Enum.all?(results, &match?({:error, {:cluster_not_formed, _}}, &1)), inspect(results)
+
+    # All three: it forms.
+    results = Cluster.parallel([a, b, n3], &start.(&1, 60_000))
+    assert Enum.all?(results, &match?({:ok, _}, &1)), inspect(results)
+    assert {:ok, 1} = call(c, b, :append, [:kct_new, "x", {:x, 1}])
+  end
+
   test "a node started with other settings, or on another cluster's data dir, is refused", %{c: c} do
     [a, _b, _n3] = Cluster.names(c)
     :ok = call(c, a, :stop, [@store])

@@ -101,18 +101,22 @@ defmodule Kuma.Cluster.Boot do
     end
 
     via = if seed?, do: node(), else: Enum.at(cluster.seeds, rem(round, length(cluster.seeds)))
+    # A new cluster is created only while every seed runs its metadata member: a majority
+    # of seeds started on fresh data dirs while another seed is away never founds a second
+    # cluster (it waits for that seed); an existing cluster is joined with any majority.
+    reachable = Enum.count(cluster.seeds, &engine.running?(group, &1))
+    offer = if reachable == length(cluster.seeds), do: proposal, else: :existing
 
-    case engine.command(group, via, {:join, proposal}, 2_000) do
+    case engine.command(group, via, {:join, offer}, 2_000) do
       {:ok, {:ok, identity}, _leader} ->
         {:ok, identity}
 
       other ->
         if System.monotonic_time(:millisecond) >= deadline do
-          reachable = Enum.count(cluster.seeds, &(&1 == node() or &1 in Node.list()))
-
           {:error,
            {:cluster_not_formed,
-            "#{reachable} of #{length(cluster.seeds)} seeds reachable, a majority is needed (last answer: #{inspect(other)})"}}
+            "#{reachable} of #{length(cluster.seeds)} seeds running: a new cluster needs all of them, " <>
+              "an existing one a majority (last answer: #{inspect(other)})"}}
         else
           connect(cluster.seeds)
           Process.sleep(200)

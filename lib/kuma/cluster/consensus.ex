@@ -75,6 +75,9 @@ defmodule Kuma.Cluster.Consensus do
   @doc "Runs `{m, f, a}` (called with the machine's state first) on `group`'s leader."
   @callback query(group(), via :: node(), {module(), atom(), list()}, timeout()) :: {:ok, term()} | {:error, term()}
 
+  @doc "Whether `node` runs its member of `group` now."
+  @callback running?(group(), node()) :: boolean()
+
   @doc "Whether the engine's code is present: `:ok` or `{:error, why}`."
   @callback available() :: :ok | {:error, String.t()}
 

@@ -23,6 +23,8 @@ defmodule Kuma.Cluster.MetaMachine do
   def init(_config), do: %{identity: nil, nodes: %{}, shards: %{}, moves: %{}}
 
   @impl :ra_machine
+  def apply(_meta, {:join, :existing}, %{identity: nil} = state), do: {state, {:error, :not_formed}}
+
   def apply(_meta, {:join, proposed}, %{identity: nil} = state) do
     {members, identity} = Map.pop(proposed, :shard_members, %{})
     nodes = Map.new(identity.seeds, &{&1, :active})

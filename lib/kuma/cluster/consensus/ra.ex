@@ -202,6 +202,15 @@ defmodule Kuma.Cluster.Consensus.Ra do
   end
 
   @impl true
+  def running?(group, node) when node == node(), do: Process.whereis(group) != nil
+
+  def running?(group, node) do
+    :erpc.call(node, Process, :whereis, [group], 2_000) != nil
+  catch
+    _, _ -> false
+  end
+
+  @impl true
   def leader(group, via, timeout) do
     case :ra.members({group, via}, timeout) do
       {:ok, _members, {_, leader}} -> {:ok, leader}
