@@ -24,7 +24,7 @@ defmodule Kuma.Cluster do
     scales by adding nodes rather than by copying.
   * `:start_timeout` - ms `Kuma.start/1` waits for a majority of the seeds to form the
     cluster (default 60,000).
-  * `:snapshot_every` - Raft log entries per shard between two snapshots (default 20,000).
+  * `:snapshot_every` - Raft log entries per shard between two snapshots (default 5,000).
     A snapshot is a copy of the shard file; Raft's log is truncated up to it, and a member
     that missed the truncated entries catches up from it.
   * `:max_moves` - shard moves per rebalancing round, run side by side (default 4).
@@ -71,7 +71,7 @@ defmodule Kuma.Cluster do
     :system,
     :id,
     :routes,
-    snapshot_every: 20_000,
+    snapshot_every: 5_000,
     max_moves: 4,
     max_moves_per_node: 2,
     move_timeout: 60_000,
@@ -112,7 +112,7 @@ defmodule Kuma.Cluster do
     seeds = Keyword.get(opts, :seeds)
     replicas = Keyword.get(opts, :replicas, 3)
     timeout = Keyword.get(opts, :start_timeout, 60_000)
-    snapshot_every = Keyword.get(opts, :snapshot_every, 20_000)
+    snapshot_every = Keyword.get(opts, :snapshot_every, 5_000)
     max_moves = Keyword.get(opts, :max_moves, 4)
     max_moves_per_node = Keyword.get(opts, :max_moves_per_node, 2)
     move_timeout = Keyword.get(opts, :move_timeout, 60_000)

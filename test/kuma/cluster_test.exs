@@ -49,7 +49,8 @@ defmodule Kuma.ClusterTest do
     end
 
     {:ok, %{events_deleted: 5}} = call(c, a, :delete, [@store, "e1"])
-    snapshots = fn -> Path.wildcard(Path.join(Cluster.data_dir(c, a), "raft/**/shard.kuma")) end
+    # Snapshots are taken (ra's `meta` file, no copy yet: the shard file is the state).
+    snapshots = fn -> Path.wildcard(Path.join(Cluster.data_dir(c, a), "raft/**/meta")) end
 
     assert Kuma.StoreCase.eventually(fn -> snapshots.() != [] end),
            "no snapshot was written: #{inspect(Path.wildcard(Path.join(Cluster.data_dir(c, a), "raft/**")))}"
@@ -57,6 +58,9 @@ defmodule Kuma.ClusterTest do
     {{:ok, _}, c} = Cluster.restart(c, n3)
     # n3 took the snapshots (and the keys it lacked) and the entries after them.
     assert_replicas_identical(c)
+    # Copies of the shard exist only in transit: none is left in any node's Raft files.
+    copies = for name <- [a, b, n3], do: Path.wildcard(Path.join(Cluster.data_dir(c, name), "raft/**/*.kuma"))
+    assert Enum.concat(copies) == []
     assert {:ok, events} = call(c, n3, :events, [@store, "e5"])
     assert length(events) == 5
     assert {:error, :entity_erased} = call(c, n3, :events, [@store, "e1"])

@@ -25,7 +25,7 @@ defmodule Kuma.Cluster.ShardMachine do
 
   @impl :ra_machine
   def init(%{store: store, shard: shard} = config),
-    do: %{store: store, shard: shard, every: Map.get(config, :snapshot_every, 20_000), since: 0}
+    do: %{store: store, shard: shard, every: Map.get(config, :snapshot_every, 5_000), since: 0}
 
   # Every `every` entries, a snapshot at this one (Kuma.Cluster.ShardSnapshot): ra then
   # truncates its log up to it.

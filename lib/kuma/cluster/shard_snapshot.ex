@@ -1,22 +1,20 @@
 defmodule Kuma.Cluster.ShardSnapshot do
   @moduledoc false
-  # Raft snapshots of a shard (the `:ra_snapshot` behaviour). A snapshot is a directory
-  # that ra names after its index and term, holding:
+  # Raft snapshots of a shard (the `:ra_snapshot` behaviour). The state a snapshot stands
+  # for is the member's shard file itself, which holds every entry applied (its own
+  # `applied_index` says how far; entries at or below it are skipped when replayed). So
+  # taking a snapshot costs almost nothing: the member's writer commits what is queued
+  # (a barrier), and ra writes a directory named after the index and term holding:
   #
-  #   shard.kuma  a copy of the member's shard file (VACUUM INTO), made by its writer once
-  #               every entry queued before is committed, so it holds at least the
-  #               snapshot's index (its own `applied_index` says exactly how far it goes,
-  #               and entries at or below that are skipped when replayed)
   #   meta        term_to_binary({ra's snapshot meta, the machine's state})
   #
-  # ra truncates its log up to the index, and sends the directory in chunks to a member
-  # that needs entries it no longer has. That member, in `recover/1`, takes the copy as
-  # its shard file if its own is behind: it first fetches the data keys it lacks from a
-  # member that has them (snapshots carry no keys, so that an erasure's destroyed key
-  # survives in no snapshot), then has its writer swap the file in.
-  #
-  # The copies are crypto-shredded like backups: an entity erased after a snapshot keeps
-  # rows there, sealed under the key its erasure destroyed; the next snapshot drops them.
+  # ra then truncates its log up to the index. Only when ra sends the snapshot to a member
+  # that needs entries the log no longer has is a copy of the file made, from a read
+  # transaction (the writer goes on), and sent in chunks after `meta` as `shard.kuma`. The
+  # receiving member, in `recover/1`, takes the copy if its own file is behind: it first
+  # fetches the data keys it lacks from a member that has them (copies carry no keys, so
+  # that an erasure's destroyed key survives in no snapshot), then its writer restores the
+  # copy into the live file, and the copy is deleted. So copies exist only in transit.
   @behaviour :ra_snapshot
 
   alias Kuma.{Cluster, Native, Store}
@@ -27,48 +25,53 @@ defmodule Kuma.Cluster.ShardSnapshot do
   def prepare(_meta, machine_state), do: machine_state
 
   @impl :ra_snapshot
-  def write(dir, meta, %{store: name, shard: shard} = machine_state) do
+  def write(dir, %{index: index} = meta, %{store: name, shard: shard} = machine_state) do
     dir = to_string(dir)
 
     with {:ok, s} <- Store.lookup(name),
-         {:ok, _applied} <- Native.cluster_backup(s.native, shard, Path.join(dir, "shard.kuma")) do
+         {:ok, applied} <- Native.cluster_snapshot_point(s.native, shard),
+         :ok <- if(applied >= index, do: :ok, else: {:error, {:shard_behind_snapshot, applied, index}}) do
       File.write(Path.join(dir, "meta"), :erlang.term_to_binary({meta, machine_state}))
     end
   end
 
-  # The files are opened once: ra may replace this snapshot by a newer one (and delete its
-  # directory) while it is being sent, and an open file stays readable.
+  # The copy is made for each send, into a file of the store's own that is unlinked as soon
+  # as it is open: ra may replace this snapshot by a newer one (and delete its directory)
+  # while it is being sent, and no copy is left behind once it is sent.
   @impl :ra_snapshot
   def begin_read(dir) do
-    with {:ok, meta} <- read_meta(dir),
-         {:ok, files} <- open_all(to_string(dir)) do
-      {:ok, meta, files}
+    dir = to_string(dir)
+
+    with {:ok, bin} <- File.read(Path.join(dir, "meta")),
+         {meta, %{store: name, shard: shard}} <- :erlang.binary_to_term(bin),
+         {:ok, s} <- Store.lookup(name),
+         {:ok, fd} <- private_copy(s, shard) do
+      {:ok, meta, [{"meta", {:data, bin}}, {"shard.kuma", fd, 0}]}
     end
   end
 
-  defp open_all(dir) do
-    Enum.reduce_while(@files, {:ok, []}, fn file, {:ok, acc} ->
-      case :file.open(String.to_charlist(Path.join(dir, file)), [:read, :binary, :raw]) do
-        {:ok, fd} ->
-          {:cont, {:ok, acc ++ [{file, fd, 0}]}}
+  defp private_copy(s, shard) do
+    tmp = Path.join([s.data_dir, "raft", "sending", "shard-#{shard}-#{System.unique_integer([:positive])}.kuma"])
 
-        error ->
-          Enum.each(acc, fn {_, fd, _} -> :file.close(fd) end)
-          {:halt, error}
-      end
-    end)
+    with :ok <- File.mkdir_p(Path.dirname(tmp)),
+         {:ok, _applied} <- Native.cluster_copy(s.native, shard, tmp),
+         {:ok, fd} <- :file.open(String.to_charlist(tmp), [:read, :binary, :raw]) do
+      File.rm(tmp)
+      {:ok, fd}
+    else
+      error ->
+        File.rm(tmp)
+        error
+    end
   end
 
   @impl :ra_snapshot
-  def read_chunk([{file, fd, offset} | rest], size, _dir) do
-    data =
-      case :file.pread(fd, offset, size) do
-        {:ok, data} -> {:ok, data}
-        :eof -> {:ok, <<>>}
-        error -> error
-      end
+  def read_chunk([{file, {:data, data}} | rest], _size, _dir) do
+    if rest == [], do: {:ok, {file, data}, :last}, else: {:ok, {file, data}, {:next, rest}}
+  end
 
-    case data do
+  def read_chunk([{file, fd, offset} | rest], size, _dir) do
+    case :file.pread(fd, offset, size) do
       {:ok, data} when byte_size(data) == size ->
         {:ok, {file, data}, {:next, [{file, fd, offset + size} | rest]}}
 
@@ -76,8 +79,12 @@ defmodule Kuma.Cluster.ShardSnapshot do
         :file.close(fd)
         if rest == [], do: {:ok, {file, data}, :last}, else: {:ok, {file, data}, {:next, rest}}
 
+      :eof ->
+        :file.close(fd)
+        if rest == [], do: {:ok, {file, <<>>}, :last}, else: {:ok, {file, <<>>}, {:next, rest}}
+
       {:error, _} = error ->
-        Enum.each([{file, fd, offset} | rest], fn {_, fd, _} -> :file.close(fd) end)
+        :file.close(fd)
         error
     end
   end
@@ -114,11 +121,7 @@ defmodule Kuma.Cluster.ShardSnapshot do
 
   @impl :ra_snapshot
   def validate(dir) do
-    dir = to_string(dir)
-
-    with {:ok, _} <- read(dir) do
-      if File.regular?(Path.join(dir, "shard.kuma")), do: :ok, else: {:error, :no_shard_copy}
-    end
+    with {:ok, _} <- read(to_string(dir)), do: :ok
   end
 
   @impl :ra_snapshot
@@ -134,25 +137,31 @@ defmodule Kuma.Cluster.ShardSnapshot do
     ArgumentError -> {:error, :invalid_format}
   end
 
-  # A member whose shard file is behind the snapshot takes the copy: the keys it lacks,
-  # from another member, then the file.
+  # A member whose shard file is behind the snapshot takes the copy that came with it: the
+  # keys it lacks, from another member, then the file. The copy then goes: the shard file
+  # holds the snapshot, and no copy of the shard lingers in ra's files.
   defp take(dir, %{index: index}, %{store: name, shard: shard}) do
-    with {:ok, s} <- Store.lookup(name),
-         {:ok, applied} <- Native.cluster_applied_index(s.native, shard) do
-      if applied >= index do
-        :ok
-      else
-        copy = Path.join(dir, "shard.kuma")
+    copy = Path.join(dir, "shard.kuma")
 
-        with {:ok, indexes} <- Native.cluster_copy_indexes(copy),
-             {:ok, missing} <- Native.cluster_missing_keys(s.native, indexes),
-             :ok <- fetch_keys(s, shard, missing),
-             {:ok, now} <- Native.cluster_install(s.native, shard, copy) do
-          # The machine's cache of what the file holds (Kuma.Cluster.ShardMachine).
-          Process.put({:kuma_applied, shard}, now)
-          :ok
-        end
-      end
+    with {:ok, s} <- Store.lookup(name),
+         {:ok, applied} <- Native.cluster_applied_index(s.native, shard),
+         :ok <- take(s, shard, copy, applied, index) do
+      File.rm(copy)
+      :ok
+    end
+  end
+
+  defp take(_s, _shard, _copy, applied, index) when applied >= index, do: :ok
+
+  defp take(s, shard, copy, applied, index) do
+    with true <- File.regular?(copy) || {:error, {:shard_behind_snapshot, applied, index}},
+         {:ok, indexes} <- Native.cluster_copy_indexes(copy),
+         {:ok, missing} <- Native.cluster_missing_keys(s.native, indexes),
+         :ok <- fetch_keys(s, shard, missing),
+         {:ok, now} <- Native.cluster_install(s.native, shard, copy) do
+      # The machine's cache of what the file holds (Kuma.Cluster.ShardMachine).
+      Process.put({:kuma_applied, shard}, now)
+      :ok
     end
   end
 

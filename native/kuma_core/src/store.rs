@@ -104,6 +104,8 @@ pub struct Store {
     lock: Mutex<Option<(File, File)>>,
     /// Cluster mode: written only through `replicate` (see replica.rs).
     replicated: bool,
+    /// Permissions of the files the store creates (shard copies too).
+    file_mode: u32,
 }
 
 impl Store {
@@ -226,6 +228,7 @@ impl Store {
             commits,
             lock: Mutex::new(Some((lock, lock_file))),
             replicated: config.cluster_key.is_some(),
+            file_mode: mode,
         })
     }
 
@@ -591,11 +594,35 @@ impl Store {
         self.writers.send(shard, Command::replica_reset(reply))
     }
 
-    /// Cluster mode, a Raft snapshot: writes a copy of `shard`'s file to `path` once every
-    /// command queued before is committed; the applied index it holds.
-    pub fn backup(&self, shard: u32, path: PathBuf, reply: Reply<Result<u64>>) -> Result<()> {
+    /// Cluster mode, a Raft snapshot: returns once every command queued for `shard` before
+    /// is committed, with the applied index its file then holds. The snapshot is the file
+    /// itself; a copy is made only when a snapshot is sent (`copy_shard`).
+    pub fn snapshot_point(&self, shard: u32) -> Result<u64> {
         self.check_replica_shard(shard)?;
-        self.writers.send(shard, Command::backup(path, reply))
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writers.send(shard, Command::barrier(Box::new(move |r| drop(tx.send(r)))))?;
+        rx.recv().map_err(|_| Error::Closed)??;
+        self.applied_index(shard)
+    }
+
+    /// Cluster mode: a copy of `shard`'s file at `path` (`VACUUM INTO`), made in a read
+    /// transaction: the writer goes on meanwhile. The applied index the copy holds.
+    pub fn copy_shard(&self, shard: u32, path: &std::path::Path) -> Result<u64> {
+        self.check_replica_shard(shard)?;
+        let _ = std::fs::remove_file(path);
+        let shown = path.to_string_lossy().into_owned();
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        // A connection of its own: VACUUM runs outside any transaction (the pooled
+        // readers' reads run in one).
+        let conn = crate::sqlite::open_reader(&shard::shard_path(&self.data_dir.join("shards"), shard))?;
+        conn.execute("VACUUM INTO ?1", [&shown]).map_err(Error::storage("copy shard"))?;
+        crate::sqlite::set_mode(path, self.file_mode)?;
+        let copy = crate::sqlite::open_reader(path)?;
+        Ok(crate::shard::meta_get::<i64>(&copy, "applied_index")
+            .map_err(Error::storage("read applied index"))?
+            .unwrap_or(0) as u64)
     }
 
     /// Cluster mode: replaces `shard`'s file by a copy another replica made with `backup`

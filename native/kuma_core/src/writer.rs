@@ -121,7 +121,6 @@ pub enum Command {
     Compact(Compact),
     Replicate(Replicate),
     ReplicaReset(Barrier),
-    Backup(FileCommand),
     Install(FileCommand),
     Release(Release),
 }
@@ -160,10 +159,9 @@ pub struct Compact {
     result: Option<Result<()>>,
 }
 
-/// Cluster mode, for Raft snapshots (see replica.rs): `Backup` copies the shard file as it
-/// is once everything queued before is committed (`VACUUM INTO path`); `Install` replaces
-/// the shard file by such a copy from another replica. Both answer the applied index the
-/// file holds, and run alone, between transactions.
+/// Cluster mode, for Raft snapshots (see replica.rs): `Install` replaces the shard file by
+/// a copy of another replica's (`Store::copy_shard`). Answers the applied index the file
+/// then holds, and runs alone, between transactions.
 pub struct FileCommand {
     path: PathBuf,
     reply: Reply<Result<u64>>,
@@ -215,10 +213,6 @@ impl Command {
         Command::ReplicaReset(Barrier { reply })
     }
 
-    pub fn backup(path: PathBuf, reply: Reply<Result<u64>>) -> Command {
-        Command::Backup(FileCommand { path, reply })
-    }
-
     pub fn install(path: PathBuf, reply: Reply<Result<u64>>) -> Command {
         Command::Install(FileCommand { path, reply })
     }
@@ -240,11 +234,7 @@ impl Command {
                 })
                 .sum(),
             Command::Snapshot(_) | Command::Barrier(_) | Command::ReplicaReset(_) => 1,
-            Command::Erase(_)
-            | Command::Compact(_)
-            | Command::Backup(_)
-            | Command::Install(_)
-            | Command::Release(_) => 1000,
+            Command::Erase(_) | Command::Compact(_) | Command::Install(_) | Command::Release(_) => 1000,
         }
     }
 
@@ -267,11 +257,13 @@ impl Command {
             (Command::Erase(d), Some(e)) => (d.reply)(Err(e.clone())),
             (Command::Compact(c), None) => (c.reply)(c.result.unwrap_or(Ok(()))),
             (Command::Compact(c), Some(e)) => (c.reply)(Err(e.clone())),
-            (Command::Backup(FileCommand { reply, .. }) | Command::Install(FileCommand { reply, .. }), Some(e))
-            | (Command::Release(Release { reply }), Some(e)) => reply(Err(e.clone())),
+            (Command::Install(FileCommand { reply, .. }) | Command::Release(Release { reply }), Some(e)) => {
+                reply(Err(e.clone()))
+            }
             // Answered by `ShardWriter::file_command`, never in a batch.
-            (Command::Backup(FileCommand { reply, .. }) | Command::Install(FileCommand { reply, .. }), None)
-            | (Command::Release(Release { reply }), None) => reply(Err(Error::invalid("file command", "not run"))),
+            (Command::Install(FileCommand { reply, .. }) | Command::Release(Release { reply }), None) => {
+                reply(Err(Error::invalid("file command", "not run")))
+            }
             (Command::Replicate(r), None) => (r.reply)(Ok(r.outcomes)),
             (Command::Replicate(r), Some(e)) => (r.reply)(Err(e.clone())),
         }));
@@ -628,13 +620,13 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Runs what a writer thread drained for this shard: group commits, except that a
-    /// `Backup` or `Install` runs alone, after the commands queued before it committed.
+    /// Runs what a writer thread drained for this shard: group commits, except that an
+    /// `Install` or `Release` runs alone, after the commands queued before it committed.
     fn run(&mut self, batch: Vec<Command>) {
         let mut pending = Vec::new();
         for command in batch {
             match command {
-                Command::Backup(_) | Command::Install(_) | Command::Release(_) => {
+                Command::Install(_) | Command::Release(_) => {
                     if !pending.is_empty() {
                         self.group_commit(std::mem::take(&mut pending));
                     }
@@ -650,30 +642,15 @@ impl ShardWriter {
 
     fn file_command(&mut self, command: Command) {
         let outcome = |w: &mut ShardWriter, c: &Command| match c {
-            Command::Backup(f) => w.backup(&f.path),
             Command::Install(f) => w.install(&f.path),
             Command::Release(_) => w.release(),
             _ => Err(Error::invalid("file command", "not a file command")),
         };
         let result = catch_unwind(AssertUnwindSafe(|| outcome(self, &command)))
             .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
-        if let Command::Backup(FileCommand { reply, .. })
-        | Command::Install(FileCommand { reply, .. })
-        | Command::Release(Release { reply }) = command
-        {
+        if let Command::Install(FileCommand { reply, .. }) | Command::Release(Release { reply }) = command {
             let _ = catch_unwind(AssertUnwindSafe(|| reply(result)));
         }
-    }
-
-    /// A copy of the shard file as it is now (every command queued before is committed).
-    fn backup(&mut self, path: &std::path::Path) -> Result<u64> {
-        if let Some(e) = &self.replica_failed {
-            return Err(e.clone());
-        }
-        let shown = path.to_string_lossy().into_owned();
-        self.conn.execute("VACUUM INTO ?1", [&shown]).map_err(Error::storage("copy shard"))?;
-        sqlite::set_mode(path, self.file_mode)?;
-        Ok(self.applied_index.unwrap_or(0))
     }
 
     /// Replaces the shard file by a copy of another replica's (made by `backup`): the copy
@@ -925,7 +902,7 @@ impl ShardWriter {
                     *result = Some(r);
                 }
                 Command::Barrier(_) | Command::Compact(_) => txn.force_checkpoint = true,
-                Command::ReplicaReset(_) | Command::Backup(_) | Command::Install(_) | Command::Release(_) => {}
+                Command::ReplicaReset(_) | Command::Install(_) | Command::Release(_) => {}
                 Command::Replicate(Replicate { raft_index, commands, outcomes, .. }) => {
                     let commands: &[Replicated] = commands;
                     self.apply_entry(&mut txn, *raft_index, commands, &installed, outcomes)?;

@@ -283,15 +283,18 @@ fn indexes(list: Vec<Binary>) -> Result<Vec<[u8; 32]>> {
     list.into_iter().map(|b| b.as_slice().try_into().map_err(|_| bad("index", "must be 32 bytes"))).collect()
 }
 
-/// Writes a copy of `shard`'s file to `path` once everything queued before is committed:
+/// A Raft snapshot point: returns once everything queued for `shard` is committed,
 /// `{:ok, applied_index}`.
 #[rustler::nif(schedule = "DirtyIo")]
-fn cluster_backup(store: ResourceArc<StoreResource>, shard: u32, path: String) -> NifResult<u64> {
-    guard(|| {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        store.store.backup(shard, path.into(), Box::new(move |r| drop(tx.send(r))))?;
-        rx.recv().map_err(|_| Error::Closed)?
-    })
+fn cluster_snapshot_point(store: ResourceArc<StoreResource>, shard: u32) -> NifResult<u64> {
+    guard(|| store.store.snapshot_point(shard))
+}
+
+/// A copy of `shard`'s file at `path`, made in a read transaction (the writer goes on):
+/// `{:ok, applied_index_of_the_copy}`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn cluster_copy(store: ResourceArc<StoreResource>, shard: u32, path: String) -> NifResult<u64> {
+    guard(|| store.store.copy_shard(shard, std::path::Path::new(&path)))
 }
 
 /// This node no longer holds `shard` (it moved away): its entities' keys are deleted here
