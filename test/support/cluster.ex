@@ -78,8 +78,7 @@ defmodule Kuma.Test.Cluster do
         {format, args} when is_list(args) -> :io_lib.format(format, args) |> IO.chardata_to_string()
       end
 
-    # ...nor dets repairing ra's tables after a kill -9, which the kill rounds provoke.
-    if text =~ "Connection attempt from node" or text =~ "not properly closed, repairing", do: :stop, else: event
+    if text =~ "Connection attempt from node", do: :stop, else: event
   rescue
     _ -> event
   end
