@@ -159,11 +159,13 @@ defmodule Kuma.ClusterTest do
 
   @tag store_opts: [cluster: [replace_after: 3_000]]
   test "a node dead past the grace period is replaced while writes go on; back, it takes shards again", %{c: c} do
-    [a, b, victim] = Cluster.names(c)
-    {c, _d} = join_round(c, [a, b], 1)
-    vn = Cluster.node_of(c, victim)
+    [a, b, n3] = Cluster.names(c)
+    {c, d} = join_round(c, [a, b], 1)
     {:ok, before} = call(c, a, :cluster_info, [@store])
-    assert Enum.any?(before.shards, &(vn in &1.members))
+    # The victim: a node that is not writing and holds shards (placement may give a node
+    # none of the 4).
+    victim = Enum.find([n3, d], fn n -> Enum.any?(before.shards, &(Cluster.node_of(c, n) in &1.members)) end)
+    vn = Cluster.node_of(c, victim)
 
     # Killed, and not back within the grace period: its replicas are rebuilt on the others.
     :ok =
@@ -198,12 +200,18 @@ defmodule Kuma.ClusterTest do
 
     info = balanced(c, a)
     assert info.nodes[vn].state == :active
-    assert Enum.any?(info.shards, &(vn in &1.members))
+
+    assert Enum.sort(for sh <- info.shards, vn in sh.members, do: sh.shard) ==
+             Enum.sort(for sh <- before.shards, vn in sh.members, do: sh.shard)
+
     on_exit(fn -> Cluster.stop(c) end)
   end
 
   for victim <- [:target, :source, :meta_leader] do
     @tag victim: victim
+    # 8 shards: the joining node is then all but sure to be placed on some (with 4, on none
+    # about one time in 250).
+    @tag store_opts: [shards: 8]
     test "kill -9 of the #{victim} in the middle of a move: it finishes or rolls back, nothing lost", %{c: c} = ctx do
       seeds = Cluster.names(c)
       [a | _] = seeds
@@ -267,7 +275,8 @@ defmodule Kuma.ClusterTest do
     dn = Cluster.node_of(c, d)
     info = balanced(c, hd(writers))
     assert info.nodes[dn] == %{state: :active, reachable: true, seed: false}
-    assert Enum.any?(info.shards, &(dn in &1.members)), "no shard moved to #{dn}"
+    # (`balanced/2` checked that every shard's members are its placement: with 4 shards a
+    # new node may be placed on none, about one time in forty with 5 nodes.)
     # The new node serves reads and writes like the others.
     assert {:ok, _} = call(c, d, :append, [@store, "from-#{d}", {:x, round}])
     assert {:ok, [_ | _]} = call(c, d, :events, [@store, "j#{round}-shared-1"])
@@ -328,6 +337,37 @@ defmodule Kuma.ClusterTest do
              100
            ),
            "not balanced: #{inspect(call(c, name, :cluster_info, [@store]))}"
+  end
+
+  test "after a failover, leadership goes back to where placement puts it", %{c: c} do
+    [a, b, n3] = Cluster.names(c)
+    {:ok, 1} = call(c, a, :append, [@store, "x", {:x, 1}])
+    {:ok, info} = call(c, a, :cluster_info, [@store])
+    preferred = fn info, shard -> hd(Kuma.Cluster.placement(info.cluster_id, Map.keys(info.nodes), shard, 3)) end
+    # The node that leads the most shards dies and comes back: its shards are led elsewhere.
+    victim = Enum.max_by([a, b, n3], fn n -> Enum.count(info.shards, &(&1.leader == Cluster.node_of(c, n))) end)
+    vn = Cluster.node_of(c, victim)
+    led = for sh <- info.shards, sh.leader == vn, do: sh.shard
+    assert led != []
+    Cluster.kill9(c, victim)
+    {{:ok, _}, c} = Cluster.restart(c, victim)
+    on_exit(fn -> Cluster.stop(c) end)
+    watcher = hd([a, b, n3] -- [victim])
+
+    assert Kuma.StoreCase.eventually(
+             fn ->
+               {:ok, info} = call(c, watcher, :cluster_info, [@store])
+               Enum.all?(info.shards, &(&1.leader == preferred.(info, &1.shard)))
+             end,
+             120,
+             500
+           ),
+           "leaders not back: #{inspect(call(c, watcher, :cluster_info, [@store]))}"
+
+    # The node that came back leads again the shards placement gives it first.
+    {:ok, info} = call(c, watcher, :cluster_info, [@store])
+    mine = for sh <- info.shards, preferred.(info, sh.shard) == vn, do: sh.shard
+    assert Enum.all?(mine, &(Enum.at(info.shards, &1).leader == vn))
   end
 
   test "leave and cluster_info refuse what they cannot do", %{c: c} do

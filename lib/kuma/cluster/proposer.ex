@@ -11,7 +11,8 @@ defmodule Kuma.Cluster.Proposer do
   # head, after a change of leader) is prepared again, at most three times.
   #
   # When it starts (its node just became leader) it first commits a barrier, so that this
-  # node has applied everything the previous leader committed before it prepares anything.
+  # node has applied everything the previous leader committed before it prepares anything
+  # or serves a read; only then does it enter this node as the shard's route.
   use GenServer
 
   require Logger
@@ -44,7 +45,14 @@ defmodule Kuma.Cluster.Proposer do
         try do
           GenServer.stop(pid, :normal, 1_000)
         catch
-          :exit, _ -> Process.exit(pid, :kill)
+          :exit, _ ->
+            # Dead for sure before the caller goes on (it removes the route next).
+            ref = Process.monitor(pid)
+            Process.exit(pid, :kill)
+
+            receive do
+              {:DOWN, ^ref, _, _, _} -> :ok
+            end
         end
 
         :ok
@@ -96,6 +104,10 @@ defmodule Kuma.Cluster.Proposer do
     # An empty entry: once this node applied it, it applied everything before it.
     case propose(st, []) do
       [] ->
+        # Only now does this node serve the shard's calls (Kuma.Cluster.Shards): its copy
+        # holds everything committed before this term.
+        {:ok, s} = Store.lookup(st.store)
+        :ets.insert(s.cluster.routes, {st.shard, node()})
         {:noreply, schedule(%{st | ready: true})}
 
       other ->

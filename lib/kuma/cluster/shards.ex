@@ -290,10 +290,10 @@ defmodule Kuma.Cluster.Shards do
     end)
   end
 
+  # The proposer enters this node as the shard's route once its barrier is applied: until
+  # then this node's copy may lack entries the previous leader committed, and calls get
+  # `:not_leader` (and are retried) rather than a stale read.
   defp lead(st, shard) do
-    {:ok, s} = Store.lookup(st.store)
-    :ets.insert(s.cluster.routes, {shard, node()})
-
     if MapSet.member?(st.leading, shard) do
       st
     else
@@ -304,12 +304,10 @@ defmodule Kuma.Cluster.Shards do
 
   defp step_down(st, shard) do
     with {:ok, s} <- Store.lookup(st.store) do
+      # The proposer first: it could otherwise enter the route again after it is removed.
+      if MapSet.member?(st.leading, shard), do: Proposer.stop(st.store, shard)
       :ets.match_delete(s.cluster.routes, {shard, node()})
-
-      if MapSet.member?(st.leading, shard) do
-        Proposer.stop(st.store, shard)
-        stop_entities(s, shard)
-      end
+      if MapSet.member?(st.leading, shard), do: stop_entities(s, shard)
     end
 
     %{st | leading: MapSet.delete(st.leading, shard)}
