@@ -688,20 +688,23 @@ impl ShardWriter {
         self.heads.clear();
         self.replica_failed = None;
         if let Some(keystore) = self.protection.keystore() {
-            let erased: Vec<[u8; 32]> = self
-                .conn
-                .prepare("SELECT idx FROM tombstones")
-                .map_err(Error::storage("read tombstones"))?
-                .query_map([], |r| Ok(hash_from(bytes(r.get_ref(0)?))))
-                .map_err(Error::storage("read tombstones"))?
-                .collect::<rusqlite::Result<_>>()
-                .map_err(Error::storage("read tombstones"))?;
-            for idx in &erased {
+            for idx in &self.keyed_hashes("SELECT idx FROM tombstones", "read tombstones")? {
                 keystore.destroy_index(idx)?;
             }
         }
         self.load()?;
         Ok(self.applied_index.unwrap_or(0))
+    }
+
+    /// The keyed hashes (`idx`) a one-column query of the shard file returns.
+    fn keyed_hashes(&self, sql: &str, context: &'static str) -> Result<Vec<[u8; 32]>> {
+        self.conn
+            .prepare(sql)
+            .map_err(Error::storage(context))?
+            .query_map([], |r| Ok(hash_from(bytes(r.get_ref(0)?))))
+            .map_err(Error::storage(context))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(Error::storage(context))
     }
 
     /// This node no longer holds the shard: the keys of its entities go (they live on in
@@ -711,14 +714,7 @@ impl ShardWriter {
         if !self.replicated {
             return Err(Error::invalid("release", "not a cluster-mode store"));
         }
-        let indexes: Vec<[u8; 32]> = self
-            .conn
-            .prepare("SELECT idx FROM entities")
-            .map_err(Error::storage("read entities"))?
-            .query_map([], |r| Ok(hash_from(bytes(r.get_ref(0)?))))
-            .map_err(Error::storage("read entities"))?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(Error::storage("read entities"))?;
+        let indexes = self.keyed_hashes("SELECT idx FROM entities", "read entities")?;
         let forgotten = match self.protection.keystore() {
             Some(keystore) => keystore.forget(&indexes)?,
             None => 0,

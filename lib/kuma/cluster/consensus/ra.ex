@@ -98,34 +98,36 @@ defmodule Kuma.Cluster.Consensus.Ra do
 
   @impl true
   def members(group, via, timeout) do
-    case :ra.members({group, via}, timeout) do
+    ra(fn -> :ra.members({group, via}, timeout) end, fn
       {:ok, members, {_, leader}} -> {:ok, Enum.map(members, &elem(&1, 1)), leader}
-      {:timeout, _} -> {:error, :timeout}
       {:error, reason} -> {:error, reason}
-    end
-  catch
-    :exit, reason -> {:error, {:exit, reason}}
+    end)
   end
 
   @impl true
   def add_member(group, via, node, timeout) do
-    case :ra.add_member({group, via}, {group, node}, timeout) do
+    ra(fn -> :ra.add_member({group, via}, {group, node}, timeout) end, fn
       {:ok, _, _} -> :ok
       {:error, :already_member} -> :ok
-      {:timeout, _} -> {:error, :timeout}
       {:error, reason} -> {:error, reason}
-    end
-  catch
-    :exit, reason -> {:error, {:exit, reason}}
+    end)
   end
 
   @impl true
   def remove_member(group, via, node, timeout) do
-    case :ra.remove_member({group, via}, {group, node}, timeout) do
+    ra(fn -> :ra.remove_member({group, via}, {group, node}, timeout) end, fn
       {:ok, _, _} -> :ok
       {:error, :not_member} -> :ok
-      {:timeout, _} -> {:error, :timeout}
       {:error, reason} -> {:error, reason}
+    end)
+  end
+
+  # A call to ra whose answers `answer` maps; a timeout, or an exit (the member's node is
+  # down, say), becomes `{:error, reason}`.
+  defp ra(call, answer) do
+    case call.() do
+      {:timeout, _} -> {:error, :timeout}
+      other -> answer.(other)
     end
   catch
     :exit, reason -> {:error, {:exit, reason}}
