@@ -58,25 +58,23 @@ defmodule Kuma.Cluster do
   ## What cluster mode does not do yet
 
   Projections, read models and subscriptions (`{:error, {:not_supported_in_cluster,
-  what}}`), master key rotation, seeds leaving, and rebuilding a dead node's replicas
-  elsewhere.
+  what}}`), master key rotation, and seeds leaving.
   Values about a subject (`Kuma.sensitive/3`) need the subject's key on the writing node.
   """
 
-  @enforce_keys [:seeds, :replicas, :start_timeout, :system]
-  defstruct [
-    :seeds,
-    :replicas,
-    :start_timeout,
-    :system,
-    :id,
-    :routes,
-    snapshot_every: 5_000,
-    max_moves: 4,
-    max_moves_per_node: 2,
-    move_timeout: 60_000,
-    replace_after: 60_000
+  # The options that take a positive integer: their defaults, and what they count (said in
+  # the error for a bad value).
+  @counts [
+    start_timeout: {60_000, "ms"},
+    snapshot_every: {5_000, "log entries"},
+    max_moves: {4, "shard moves per round"},
+    max_moves_per_node: {2, "moves a node takes part in per round"},
+    move_timeout: {60_000, "ms"},
+    replace_after: {60_000, "ms"}
   ]
+
+  @enforce_keys [:seeds, :replicas, :system]
+  defstruct [:seeds, :replicas, :system, :id, :routes] ++ for({key, {default, _}} <- @counts, do: {key, default})
 
   @type t :: %__MODULE__{
           seeds: [node()],
@@ -92,16 +90,9 @@ defmodule Kuma.Cluster do
           replace_after: pos_integer()
         }
 
-  @options [
-    :seeds,
-    :replicas,
-    :start_timeout,
-    :snapshot_every,
-    :max_moves,
-    :max_moves_per_node,
-    :move_timeout,
-    :replace_after
-  ]
+  require Logger
+
+  @options [:seeds, :replicas | Keyword.keys(@counts)]
 
   @doc false
   # Validates the `:cluster` option of `Kuma.start/1` (nil: single node).
@@ -111,12 +102,7 @@ defmodule Kuma.Cluster do
   def validate(opts, name) when is_list(opts) do
     seeds = Keyword.get(opts, :seeds)
     replicas = Keyword.get(opts, :replicas, 3)
-    timeout = Keyword.get(opts, :start_timeout, 60_000)
-    snapshot_every = Keyword.get(opts, :snapshot_every, 5_000)
-    max_moves = Keyword.get(opts, :max_moves, 4)
-    max_moves_per_node = Keyword.get(opts, :max_moves_per_node, 2)
-    move_timeout = Keyword.get(opts, :move_timeout, 60_000)
-    replace_after = Keyword.get(opts, :replace_after, 60_000)
+    counts = for {key, {default, _}} <- @counts, do: {key, Keyword.get(opts, key, default)}
 
     cond do
       not Keyword.keyword?(opts) ->
@@ -134,40 +120,16 @@ defmodule Kuma.Cluster do
       not is_integer(replicas) or replicas < 1 or replicas > length(seeds) ->
         invalid(":replicas must be an integer from 1 to the number of seeds (#{length(seeds)})")
 
-      not is_integer(timeout) or timeout < 1 ->
-        invalid(":start_timeout must be a positive integer (ms)")
-
-      not is_integer(snapshot_every) or snapshot_every < 1 ->
-        invalid(":snapshot_every must be a positive integer (log entries)")
-
-      not is_integer(max_moves) or max_moves < 1 ->
-        invalid(":max_moves must be a positive integer (shard moves per round)")
-
-      not is_integer(max_moves_per_node) or max_moves_per_node < 1 ->
-        invalid(":max_moves_per_node must be a positive integer (moves a node takes part in per round)")
-
-      not is_integer(move_timeout) or move_timeout < 1 ->
-        invalid(":move_timeout must be a positive integer (ms)")
-
-      not is_integer(replace_after) or replace_after < 1 ->
-        invalid(":replace_after must be a positive integer (ms)")
+      (bad = Enum.find(counts, fn {_key, value} -> not (is_integer(value) and value >= 1) end)) != nil ->
+        {key, _value} = bad
+        {_default, unit} = @counts[key]
+        invalid(":#{key} must be a positive integer (#{unit})")
 
       node() == :nonode@nohost ->
         invalid("this VM is not a distributed node: start it with --sname or --name")
 
       true ->
-        {:ok,
-         %__MODULE__{
-           seeds: Enum.sort(seeds),
-           replicas: replicas,
-           start_timeout: timeout,
-           system: system(name),
-           snapshot_every: snapshot_every,
-           max_moves: max_moves,
-           max_moves_per_node: max_moves_per_node,
-           move_timeout: move_timeout,
-           replace_after: replace_after
-         }}
+        {:ok, struct!(__MODULE__, [seeds: Enum.sort(seeds), replicas: replicas, system: system(name)] ++ counts)}
     end
   end
 
@@ -244,7 +206,6 @@ defmodule Kuma.Cluster do
 
       true ->
         if rem(round, 20) == 19 do
-          require Logger
           Logger.info("leaving the cluster: #{inspect(holding)} shards still to move away")
         end
 

@@ -43,7 +43,7 @@ defmodule Kuma.Cluster.Rebalancer do
   @impl true
   def init(name) do
     Process.send_after(self(), :round, @round_ms)
-    {:ok, %{store: name, down_since: %{}, moved: false, rounds: 0}}
+    {:ok, %{store: name, down_since: %{}, moved: false}}
   end
 
   @impl true
@@ -64,7 +64,7 @@ defmodule Kuma.Cluster.Rebalancer do
         )
         |> Stream.run()
 
-        %{st | moved: moves != [], rounds: st.rounds + 1}
+        %{st | moved: moves != []}
       else
         _ -> %{st | down_since: %{}, moved: false}
       end
