@@ -8,9 +8,9 @@ defmodule Kuma.Cluster.Route do
   # the caller's timeout. Writes carry their command id through these retries, so a write
   # that did happen is answered, not done twice (Kuma.Cluster.Proposer).
   #
-  # Leaders are cached per store (an ETS table the store owner holds): this node's own
-  # shards are entered by Kuma.Cluster.Shards; others are asked of Raft and cached until a
-  # call finds them wrong.
+  # Leaders are cached per store (an ETS table the store owner holds): a shard this node
+  # leads is entered by its proposer once caught up (Kuma.Cluster.Proposer); others are
+  # asked of Raft and cached until a call finds them wrong.
 
   alias Kuma.{Cluster, Native, Store}
   alias Kuma.Cluster.{Consensus, Shards}
@@ -135,7 +135,7 @@ defmodule Kuma.Cluster.Route do
 
             case Consensus.engine().leader(Cluster.shard_group(c, shard), via, 2_000) do
               {:ok, node} ->
-                # This node's own leadership is entered by Kuma.Cluster.Shards only.
+                # This node's own leadership is entered only by its proposer, once caught up.
                 if node != node(), do: :ets.insert(c.routes, {shard, node})
                 {:ok, node}
 
