@@ -112,6 +112,40 @@ defmodule Kuma.Bench.ClusterLoad do
   end
 
   @doc """
+  Reads of entity state from this node: one process per id in `ids` calls `Kuma.fetch/1`
+  in a loop for `seconds`. Returns `{reads, latencies in µs of entities whose shard this
+  node leads, latencies of the others (sent to their leader)}`.
+  """
+  def reads(store, ids, seconds) do
+    deadline = System.monotonic_time(:millisecond) + seconds * 1000
+
+    results =
+      ids
+      |> Enum.map(fn id ->
+        Task.async(fn ->
+          entity = Kuma.entity(store, Kuma.Bench.ClusterAccount, id)
+          {:ok, _} = Kuma.fetch(entity)
+          {n, lat} = read_loop(entity, deadline, 0, [])
+          {n, leads?(store, id), lat}
+        end)
+      end)
+      |> Task.await_many(:infinity)
+
+    {Enum.sum(for({n, _, _} <- results, do: n)), for({_, true, lat} <- results, t <- lat, do: t),
+     for({_, false, lat} <- results, t <- lat, do: t)}
+  end
+
+  defp read_loop(entity, deadline, n, lat) do
+    if System.monotonic_time(:millisecond) >= deadline do
+      {n, lat}
+    else
+      t0 = System.monotonic_time(:microsecond)
+      {:ok, _} = Kuma.fetch(entity)
+      read_loop(entity, deadline, n + 1, [System.monotonic_time(:microsecond) - t0 | lat])
+    end
+  end
+
+  @doc """
   Appends to `id` without pause until told to stop; returns `{issued, acknowledged}` OS
   times (ms) of the acknowledged appends (what a failover is measured by).
   """

@@ -48,12 +48,13 @@ defmodule Kuma.Bench.ClusterBench do
         try do
           w1 = w1(c, p)
           w2 = w2(c, seconds)
+          reads = reads(c, seconds)
           {c, failover} = if replicas == 3, do: failover(c, kills), else: {c, nil}
           Kuma.Test.Cluster.stop(c)
           # Membership changes on a cluster of their own, whose dead nodes are replaced
           # after 3 s (the failover kills above must not start replacements).
           membership = if replicas == 3, do: membership(opts, modules, p, seconds), else: nil
-          row = %{replicas: replicas, w1: w1, w2: w2, failover: failover, membership: membership}
+          row = %{replicas: replicas, w1: w1, w2: w2, reads: reads, failover: failover, membership: membership}
           print(row, single_w1, single_w2)
           row
         after
@@ -77,6 +78,13 @@ defmodule Kuma.Bench.ClusterBench do
     IO.puts(
       "  replicas: #{row.replicas}: W1 #{Progress.fmt(row.w1.events_per_sec)} ev/s (#{pct(row.w1.events_per_sec, single_w1)} of single node), " <>
         "W2 #{Progress.fmt(row.w2.events_per_sec)} ev/s (#{pct(row.w2.events_per_sec, single_w2)}), p50 #{row.w2.p50_us} us p99 #{row.w2.p99_us} us"
+    )
+
+    r = row.reads
+
+    IO.puts(
+      "  reads (Kuma.fetch, 200 entities from 3 nodes): #{Progress.fmt(r.reads_per_sec)}/s; on the leader's node " <>
+        "p50 #{r.local_p50_us} us p99 #{r.local_p99_us} us; from another node p50 #{r.remote_p50_us} us p99 #{r.remote_p99_us} us"
     )
 
     if f = row.failover do
@@ -147,6 +155,39 @@ defmodule Kuma.Bench.ClusterBench do
     events = results |> Enum.map(&elem(&1, 0)) |> Enum.sum()
     %{0.5 => p50, 0.99 => p99} = Kuma.Bench.Table.percentiles(Enum.flat_map(results, &elem(&1, 1)), [0.5, 0.99])
     %{events_per_sec: round(events / seconds), p50_us: p50, p99_us: p99}
+  end
+
+  # Reads of the W2 entities' state, each entity read by a process on one of the nodes:
+  # on the leader's node a read is confirmed with the group (Kuma.Cluster.Route), from
+  # another it is also sent there.
+  defp reads(c, seconds) do
+    names = Kuma.Test.Cluster.names(c)
+    IO.puts("  reads cluster: 200 entities, #{seconds} s ...")
+
+    results =
+      names
+      |> Enum.with_index()
+      |> Enum.map(fn {name, i} ->
+        ids = for n <- 1..200, rem(n, length(names)) == i, do: "w2:#{n}"
+
+        Task.async(fn ->
+          Kuma.Test.Cluster.call(c, name, Kuma.Bench.ClusterLoad, :reads, [@store, ids, seconds], :infinity)
+        end)
+      end)
+      |> Task.await_many(:infinity)
+
+    reads = results |> Enum.map(&elem(&1, 0)) |> Enum.sum()
+    pct = fn lat -> Kuma.Bench.Table.percentiles(lat, [0.5, 0.99]) end
+    local = pct.(Enum.flat_map(results, &elem(&1, 1)))
+    remote = pct.(Enum.flat_map(results, &elem(&1, 2)))
+
+    %{
+      reads_per_sec: round(reads / seconds),
+      local_p50_us: local[0.5],
+      local_p99_us: local[0.99],
+      remote_p50_us: remote[0.5],
+      remote_p99_us: remote[0.99]
+    }
   end
 
   # The node whose member leads `id`'s shard and serves it (asked of each node: a cached

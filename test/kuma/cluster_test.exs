@@ -105,6 +105,37 @@ defmodule Kuma.ClusterTest do
              call(c, a, :rotate_master_key, [@store, :crypto.strong_rand_bytes(32)])
   end
 
+  # A leader cut off by a partition still believes it leads (Raft tells it otherwise only
+  # when it hears from the new leader). A node whose route still names it must not get a
+  # stale answer from it once the partition heals: not the events, not an entity's state.
+  test "a deposed leader that does not know it yet serves no stale read", %{c: c} do
+    names = Cluster.names(c)
+    id = "stale-read"
+    entity = Kuma.Entity.new(@store, Kuma.Aggregate.Latest, id)
+    {:ok, _} = call(c, hd(names), :append, [entity, {:x, 0}])
+    {:ok, info} = call(c, hd(names), :cluster_info, [@store])
+    {:ok, s} = Cluster.call(c, hd(names), Kuma.Store, :lookup, [@store])
+    shard = Cluster.call(c, hd(names), Kuma.Cluster.Route, :shard, [s, id])
+    %{leader: leader_node} = Enum.find(info.shards, &(&1.shard == shard))
+    old = Enum.find(names, &(Cluster.node_of(c, &1) == leader_node))
+    [reader, writer] = names -- [old]
+
+    # The reader's route names the old leader (and its entity runs there).
+    assert {:ok, [_]} = call(c, reader, :events, [@store, id])
+    assert {:ok, {:x, 0}} = call(c, reader, :fetch, [entity])
+
+    Cluster.partition(c, old)
+    # The majority elects a new leader and acknowledges writes the old one never sees.
+    acked = for i <- 1..5, do: call(c, writer, :append, [entity, {:x, i}])
+    assert acked == Enum.map(2..6, &{:ok, &1})
+    Cluster.heal(c, old)
+
+    assert {:ok, events} = call(c, reader, :events, [@store, id])
+    assert length(events) == 6
+    assert {:ok, {:x, 5}} = call(c, reader, :fetch, [entity])
+    assert {:ok, %{events: 6}} = call(c, reader, :verify, [@store, id])
+  end
+
   test "a new cluster is founded only with every seed: two of three wait, then form it with the third", %{c: c} do
     names = Cluster.names(c)
     seeds = Enum.map(names, &Cluster.node_of(c, &1))

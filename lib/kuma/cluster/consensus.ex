@@ -72,6 +72,17 @@ defmodule Kuma.Cluster.Consensus do
   """
   @callback local_status(group()) :: map() | nil
 
+  @doc """
+  Confirms that this node's member of `group` still leads it in `term`: `:ok` once the
+  member itself says it leads in `term` and a majority of the group's members (itself
+  included) say their current term is no later than `term`, asked after this call began.
+  No member of that majority can have voted for a newer leader before answering, and a
+  newer leader needs the votes of a majority, which shares a member with this one: so no
+  newer leader had acknowledged anything when this call began. `{:error, :not_leader}`
+  otherwise, or when the answers do not come within `timeout`.
+  """
+  @callback confirm_leader(group(), term :: non_neg_integer(), timeout()) :: :ok | {:error, :not_leader}
+
   @doc "Runs `{m, f, a}` (called with the machine's state first) on `group`'s leader."
   @callback query(group(), via :: node(), {module(), atom(), list()}, timeout()) :: {:ok, term()} | {:error, term()}
 

@@ -102,12 +102,13 @@ defmodule Kuma.Cluster.Proposer do
   @impl true
   def handle_continue(:barrier, st) do
     # An empty entry: once this node applied it, it applied everything before it.
-    case propose(st, []) do
-      [] ->
+    case submit(st, []) do
+      {:ok, [], term} ->
         # Only now does this node serve the shard's calls (Kuma.Cluster.Shards): its copy
-        # holds everything committed before this term.
+        # holds everything committed before this term. Reads confirm the term before they
+        # are served (Kuma.Cluster.Route).
         {:ok, s} = Store.lookup(st.store)
-        :ets.insert(s.cluster.routes, {st.shard, node()})
+        Kuma.Cluster.Route.enter_self(s, st.shard, term)
         {:noreply, schedule(%{st | ready: true})}
 
       other ->
@@ -234,12 +235,20 @@ defmodule Kuma.Cluster.Proposer do
   # Commits the commands as one log entry and waits until this node's writer applied it
   # (it tells us, see Kuma.Cluster.ShardMachine): one outcome each, or {:unknown, why}.
   defp propose(st, commands) do
+    case submit(st, commands) do
+      {:ok, outcomes, _term} -> outcomes
+      unknown -> unknown
+    end
+  end
+
+  # `propose/2`, with the term of the entry: {:ok, outcomes, term} or {:unknown, why}.
+  defp submit(st, commands) do
     ref = make_ref()
 
     case Consensus.engine().command(st.group, node(), {:batch, commands, {self(), ref}}, @timeout) do
-      {:ok, :queued, leader} when leader == node() ->
+      {:ok, {:queued, term}, leader} when leader == node() ->
         receive do
-          {:kuma_applied, ^ref, {:ok, outcomes}} -> outcomes
+          {:kuma_applied, ^ref, {:ok, outcomes}} -> {:ok, outcomes, term}
           {:kuma_applied, ^ref, {:error, reason}} -> {:unknown, reason}
         after
           @timeout -> {:unknown, :timeout}

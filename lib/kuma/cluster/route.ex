@@ -11,9 +11,12 @@ defmodule Kuma.Cluster.Route do
   # Leaders are cached per store (an ETS table the store owner holds): a shard this node
   # leads is entered by its proposer once caught up (Kuma.Cluster.Proposer); others are
   # asked of Raft and cached until a call finds them wrong.
+  #
+  # A read is served by a leader only once it has confirmed that it still leads
+  # (Kuma.Cluster.ReadGate). Writes need no such check: a deposed leader cannot commit them.
 
   alias Kuma.{Cluster, Native, Store}
-  alias Kuma.Cluster.{Consensus, Shards}
+  alias Kuma.Cluster.{Consensus, ReadGate, Shards}
 
   # Set in the process that runs a call sent from another node: it must run here or say
   # :not_leader, never be sent on (no call goes round in circles).
@@ -29,15 +32,39 @@ defmodule Kuma.Cluster.Route do
   def run(%Store{cluster: nil}, _shard, _mfa, _timeout, local, _opts), do: local.()
 
   def run(%Store{} = s, shard, mfa, timeout, local, opts) do
+    write? = Keyword.get(opts, :write, false)
+    here = fn -> if serves?(s, shard, write?, timeout), do: local.(), else: {:error, :not_leader} end
+
     if Process.get(@routed) do
-      if Shards.leader?(s, shard), do: local.(), else: {:error, :not_leader}
+      here.()
     else
       # A write carries its command id through every attempt: one whose outcome is unknown
       # (its leader died or was deposed before answering) is sent again, and answered the
       # first outcome if it had been committed.
-      retry = if Keyword.get(opts, :write, false), do: &retry_write?/1, else: &retry?/1
-      attempt(s, shard, mfa, local, deadline(timeout), 0, {:error, :not_leader}, retry)
+      retry = if write?, do: &retry_write?/1, else: &retry?/1
+      attempt(s, shard, mfa, here, deadline(timeout), 0, {:error, :not_leader}, retry)
     end
+  end
+
+  @doc """
+  Enters this node as `shard`'s route, leading it in Raft term `term` (the term of its
+  proposer's first entry, which this node's copy has applied).
+  """
+  @spec enter_self(Store.t(), non_neg_integer(), non_neg_integer()) :: true
+  def enter_self(%Store{cluster: c}, shard, term),
+    do: :ets.insert(c.routes, [{shard, node()}, {{:term, shard}, term}])
+
+  @doc "Removes this node as `shard`'s route (it no longer leads it)."
+  @spec leave_self(Store.t(), non_neg_integer()) :: true
+  def leave_self(%Store{cluster: c}, shard) do
+    :ets.match_delete(c.routes, {shard, node()})
+    :ets.delete(c.routes, {:term, shard})
+  end
+
+  # Whether this node serves a call about `shard` now: it leads it, and for a read, it has
+  # confirmed that it still does.
+  defp serves?(s, shard, write?, timeout) do
+    Shards.leader?(s, shard) and (write? or ReadGate.confirm(s, shard, timeout))
   end
 
   @doc """
@@ -81,7 +108,7 @@ defmodule Kuma.Cluster.Route do
       result =
         case leader(s, shard) do
           {:ok, node} when node == node() ->
-            if Shards.leader?(s, shard), do: local.(), else: {:error, :not_leader}
+            local.()
 
           {:ok, node} ->
             remote(node, m, f, a, left(deadline))

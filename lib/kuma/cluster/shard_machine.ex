@@ -28,10 +28,11 @@ defmodule Kuma.Cluster.ShardMachine do
     do: %{store: store, shard: shard, every: Map.get(config, :snapshot_every, 5_000), since: 0}
 
   # Every `every` entries, a snapshot at this one (Kuma.Cluster.ShardSnapshot): ra then
-  # truncates its log up to it.
+  # truncates its log up to it. The reply names the entry's term: a proposer's first entry
+  # (its barrier) tells it the term it leads in (Kuma.Cluster.Route confirms reads by it).
   @impl :ra_machine
-  def apply(%{index: index}, {:batch, commands, reply_to}, state) do
-    reply = queue(state, index, commands, reply_to)
+  def apply(%{index: index, term: term}, {:batch, commands, reply_to}, state) do
+    reply = {queue(state, index, commands, reply_to), term}
     since = state.since + 1
 
     if since >= state.every do

@@ -306,7 +306,7 @@ defmodule Kuma.Cluster.Shards do
     with {:ok, s} <- Store.lookup(st.store) do
       # The proposer first: it could otherwise enter the route again after it is removed.
       if MapSet.member?(st.leading, shard), do: Proposer.stop(st.store, shard)
-      :ets.match_delete(s.cluster.routes, {shard, node()})
+      Kuma.Cluster.Route.leave_self(s, shard)
       if MapSet.member?(st.leading, shard), do: stop_entities(s, shard)
     end
 

@@ -86,12 +86,14 @@ defmodule Kuma.Store.Supervisor do
   def init(config) do
     if config.master_key, do: Kuma.Keys.Vault.claim(config.master_key, self())
 
-    # Cluster mode: this node's shard members, and a proposer for each shard it leads,
-    # right after the owner (which joined the cluster and opened the shards).
+    # Cluster mode: this node's shard members, a proposer for each shard it leads, and the
+    # gate its reads pass, right after the owner (which joined the cluster and opened the
+    # shards).
     cluster =
       if config.cluster,
         do: [
           {DynamicSupervisor, name: Store.via(config.name, :proposers), strategy: :one_for_one},
+          {Kuma.Cluster.ReadGate, config.name},
           %{id: Kuma.Cluster.Shards, start: {Kuma.Cluster.Shards, :start_link, [config.name]}, shutdown: 30_000},
           {Kuma.Cluster.Rebalancer, config.name}
         ],

@@ -203,6 +203,46 @@ defmodule Kuma.Cluster.Consensus.Ra do
     :exit, reason -> {:error, {:exit, reason}}
   end
 
+  # ra 2.2.0's own consistent query (`ra:consistent_query/3`) is not used: it counts
+  # heartbeat replies by a query index that a follower can carry over from another leader,
+  # and can confirm a leader cut off in a minority (changed in later ra releases: "Reset
+  # consistent query state on new term", rabbitmq/ra#483). Here each member is asked its
+  # current term directly: a local query answers from the member's own process, in order
+  # with the votes it casts. The queries to the others go out together
+  # (`gen_statem:send_request/2` with the request ra's `ra:local_query/3` makes), so a
+  # confirmation costs one round trip and no process.
+  @term_query {__MODULE__, :nothing, []}
+
+  @impl true
+  def confirm_leader(group, term, timeout) do
+    deadline = System.monotonic_time(:millisecond) + timeout
+
+    with {:ok, members, {^group, leader}} when leader == node() <- :ra.members({:local, {group, node()}}, timeout),
+         others = for({^group, n} <- members, n != node(), do: n),
+         requests = for(n <- others, do: :gen_statem.send_request({group, n}, {:local_query, @term_query})),
+         {:ok, {{_applied, ^term}, _}, {^group, leader}} when leader == node() <-
+           :ra.local_query({group, node()}, @term_query, timeout) do
+      confirming = 1 + Enum.count(requests, &(answered_term(&1, deadline) in 0..term))
+      if 2 * confirming > length(others) + 1, do: :ok, else: {:error, :not_leader}
+    else
+      _ -> {:error, :not_leader}
+    end
+  catch
+    :exit, _ -> {:error, :not_leader}
+  end
+
+  # The term a member answered with, or nil if it did not answer in time.
+  defp answered_term(request, deadline) do
+    case :gen_statem.receive_response(request, max(deadline - System.monotonic_time(:millisecond), 0)) do
+      {:reply, {:ok, {{_applied, term}, _}, _leader}} -> term
+      _ -> nil
+    end
+  end
+
+  @doc false
+  # The query `confirm_leader/3` asks each member: only its term (which ra adds) matters.
+  def nothing(_machine_state), do: :ok
+
   @impl true
   def running?(group, node) when node == node(), do: Process.whereis(group) != nil
 
