@@ -370,6 +370,37 @@ defmodule Kuma.ClusterTest do
            "not balanced: #{inspect(call(c, name, :cluster_info, [@store]))}"
   end
 
+  test "after a failover, leadership goes back to where placement puts it", %{c: c} do
+    [a, b, n3] = Cluster.names(c)
+    {:ok, 1} = call(c, a, :append, [@store, "x", {:x, 1}])
+    {:ok, info} = call(c, a, :cluster_info, [@store])
+    preferred = fn info, shard -> hd(Kuma.Cluster.placement(info.cluster_id, Map.keys(info.nodes), shard, 3)) end
+    # The node that leads the most shards dies and comes back: its shards are led elsewhere.
+    victim = Enum.max_by([a, b, n3], fn n -> Enum.count(info.shards, &(&1.leader == Cluster.node_of(c, n))) end)
+    vn = Cluster.node_of(c, victim)
+    led = for sh <- info.shards, sh.leader == vn, do: sh.shard
+    assert led != []
+    Cluster.kill9(c, victim)
+    {{:ok, _}, c} = Cluster.restart(c, victim)
+    on_exit(fn -> Cluster.stop(c) end)
+    watcher = hd([a, b, n3] -- [victim])
+
+    assert Kuma.StoreCase.eventually(
+             fn ->
+               {:ok, info} = call(c, watcher, :cluster_info, [@store])
+               Enum.all?(info.shards, &(&1.leader == preferred.(info, &1.shard)))
+             end,
+             120,
+             500
+           ),
+           "leaders not back: #{inspect(call(c, watcher, :cluster_info, [@store]))}"
+
+    # The node that came back leads again the shards placement gives it first.
+    {:ok, info} = call(c, watcher, :cluster_info, [@store])
+    mine = for sh <- info.shards, preferred.(info, sh.shard) == vn, do: sh.shard
+    assert Enum.all?(mine, &(Enum.at(info.shards, &1).leader == vn))
+  end
+
   test "leave and cluster_info refuse what they cannot do", %{c: c} do
     [a, _, _] = Cluster.names(c)
     assert {:error, :seed_cannot_leave} = call(c, a, :leave, [@store])

@@ -27,6 +27,11 @@ defmodule Kuma.Cluster.Rebalancer do
   # When A is down (being replaced), 4 comes before 2: the remaining members commit without
   # A, and writes never wait for B to catch up.
   #
+  # In quiet rounds, leaders are handed back to the first node of each shard's placement
+  # (`balance_leaders/3`), so that failovers do not leave them piled on a few nodes. A
+  # leader that changes is safe for readers: a read is served only by a leader that has
+  # confirmed it still leads (Kuma.Cluster.ReadGate).
+  #
   # Every step reads the group's actual members first, so a move interrupted anywhere (a
   # crash of A, B, or this node) is finished or rolled back by the next round.
   use GenServer
@@ -43,7 +48,7 @@ defmodule Kuma.Cluster.Rebalancer do
   @impl true
   def init(name) do
     Process.send_after(self(), :round, @round_ms)
-    {:ok, %{store: name, down_since: %{}, moved: false}}
+    {:ok, %{store: name, down_since: %{}, moved: false, misled: %{}, quiet: 0}}
   end
 
   @impl true
@@ -64,9 +69,11 @@ defmodule Kuma.Cluster.Rebalancer do
         )
         |> Stream.run()
 
-        %{st | moved: moves != []}
+        quiet = moves == [] and view.moves == %{}
+        st = %{st | moved: moves != [], quiet: if(quiet, do: st.quiet + 1, else: 0)}
+        if quiet, do: balance_leaders(st, s, view), else: st
       else
-        _ -> %{st | down_since: %{}, moved: false}
+        _ -> %{st | down_since: %{}, moved: false, misled: %{}, quiet: 0}
       end
 
     # After a round that moved shards, the next one starts at once.
@@ -98,6 +105,39 @@ defmodule Kuma.Cluster.Rebalancer do
     end
 
     %{st | down_since: down_since}
+  end
+
+  # Leaders spread as placement spreads them: every fifth quiet round (about 10 s), a shard
+  # whose leader is not the first node of its placement, found so in two such checks in a
+  # row (not in the middle of an election after a restart), hands leadership to that node
+  # if it is a member and reachable; at most `:max_moves` shards per check.
+  defp balance_leaders(%{quiet: quiet} = st, _s, _view) when rem(quiet, 5) != 0, do: st
+
+  defp balance_leaders(st, s, view) do
+    c = s.cluster
+    active = for {n, :active} <- view.nodes, do: n
+    up = MapSet.new([node() | Node.list()])
+
+    misled =
+      for {shard, members} <- view.shards,
+          preferred = hd(Cluster.placement(view.identity.cluster_id, active, shard, view.identity.replicas)),
+          preferred in members and MapSet.member?(up, preferred),
+          {:ok, _, leader} <- [actual(c, shard)],
+          leader != preferred,
+          into: %{},
+          do: {shard, {leader, preferred}}
+
+    misled
+    |> Enum.filter(fn {shard, _} -> Map.has_key?(st.misled, shard) end)
+    |> Enum.take(c.max_moves)
+    |> Enum.each(fn {shard, {leader, preferred}} ->
+      case Consensus.engine().transfer_leadership(Cluster.shard_group(c, shard), leader, preferred) do
+        :ok -> Logger.info("shard #{shard}: leadership handed from #{leader} to #{preferred} (placement)")
+        _ -> :ok
+      end
+    end)
+
+    %{st | misled: misled}
   end
 
   @doc """
