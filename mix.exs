@@ -85,7 +85,7 @@ defmodule Kuma.MixProject do
       aliases: aliases(),
       test_coverage: [summary: [threshold: 0]],
       # ra is optional (cluster mode only) and not a hex dependency here: see above.
-      xref: [exclude: [:ra, :ra_system, :ra_directory]],
+      xref: [exclude: [:ra, :ra_system, :ra_directory, :ra_env, :ra_log_wal, :ra_log_segment]],
       name: "Kuma",
       docs: [main: "readme"]
     ]

@@ -467,6 +467,31 @@ defmodule Kuma do
   end
 
   @doc """
+  Whether the erasure of `entity_id` is complete everywhere it must be:
+  `{:ok, %{complete: boolean, members: %{node => status}}}`, one status per node holding
+  the entity's shard:
+
+  * `:done` - the node applied the erasure, and none of its files holds anything of the
+    entity (in cluster mode, including Raft's log files: see docs/cluster.md, "Erasure");
+  * `:pending` - applied, but Raft's log files there still hold entries from before it
+    (they are pushed out within seconds while the node is up);
+  * `:not_applied` - the node has not applied an erasure of this id (it is down, or
+    catching up, or the entity was never erased);
+  * `:unreachable` - the node did not answer.
+
+  `complete` is true when every node is `:done`. On a single node the erasure is complete
+  as soon as `delete/3` returns.
+  """
+  @spec erasure_status(store(), entity_id()) ::
+          {:ok, %{complete: boolean(), members: %{node() => :done | :pending | :not_applied | :unreachable}}}
+          | {:error, reason()}
+  def erasure_status(store, entity_id) do
+    with {:ok, s} <- Store.lookup(store), :ok <- Validate.entity_id(entity_id) do
+      Kuma.Erasure.status(s, entity_id)
+    end
+  end
+
+  @doc """
   Whether `entity_id` was erased with `delete/3`.
   """
   @spec erased?(store(), entity_id()) :: {:ok, boolean()} | {:error, reason()}

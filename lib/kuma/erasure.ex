@@ -73,6 +73,29 @@ defmodule Kuma.Erasure do
   end
 
   @doc false
+  # Kuma.erasure_status/2: single node, complete once erased; cluster mode, each node that
+  # holds the entity's shard answers for itself (Kuma.Cluster.Purge.status/2).
+  @spec status(Store.t(), binary()) :: {:ok, %{complete: boolean(), members: map()}} | {:error, term()}
+  def status(%Store{cluster: nil} = s, id) do
+    with {:ok, erased?} <- Kuma.Native.read_erased(s.native, id) do
+      {:ok, %{complete: erased?, members: %{node() => if(erased?, do: :done, else: :not_applied)}}}
+    end
+  end
+
+  def status(%Store{} = s, id) do
+    members = Kuma.Cluster.members(s.cluster, Kuma.Cluster.Route.shard(s, id))
+    answers = :erpc.multicall(members, Kuma.Cluster.Purge, :status, [s.name, id], 5_000)
+
+    statuses =
+      Map.new(Enum.zip(members, answers), fn
+        {node, {:ok, status}} when status in [:done, :pending, :not_applied] -> {node, status}
+        {node, _} -> {node, :unreachable}
+      end)
+
+    {:ok, %{complete: members != [] and Enum.all?(Map.values(statuses), &(&1 == :done)), members: statuses}}
+  end
+
+  @doc false
   @spec delete(Store.t(), binary(), keyword()) :: {:ok, %{events_deleted: non_neg_integer()}} | {:error, term()}
   def delete(%Store{} = s, id, opts) do
     timeout = Keyword.get(opts, :timeout, @default_timeout)

@@ -136,6 +136,59 @@ defmodule Kuma.ClusterTest do
     assert {:ok, %{events: 6}} = call(c, reader, :verify, [@store, id])
   end
 
+  # The Raft log holds the entity's id, sealed events and wrapped data key (and the
+  # erasure entry itself names the id): an erasure is complete only once no node's files,
+  # Raft's WAL and segments included, hold any of it; a member that was down completes it
+  # when it comes back.
+  test "an erasure leaves no byte of the entity in any node's files, Raft's log included, with a member down", %{c: c} do
+    names = Cluster.names(c)
+    id = "erase-me-" <> Base.encode16(:crypto.strong_rand_bytes(6))
+    marker = "clear-" <> Base.encode16(:crypto.strong_rand_bytes(6))
+    for i <- 1..5, do: {:ok, ^i} = call(c, hd(names), :append, [@store, id, {:note, marker}])
+    {:ok, _} = call(c, hd(names), :append, [@store, "bystander", {:x, 1}])
+    {:ok, info} = call(c, hd(names), :cluster_info, [@store])
+    {:ok, s} = Cluster.call(c, hd(names), Kuma.Store, :lookup, [@store])
+    shard = Cluster.call(c, hd(names), Kuma.Cluster.Route, :shard, [s, id])
+    %{leader: leader_node} = Enum.find(info.shards, &(&1.shard == shard))
+    [down | _] = for n <- names, Cluster.node_of(c, n) != leader_node, do: n
+    [asker | _] = names -- [down]
+
+    holds? = fn name ->
+      Path.wildcard(Path.join(Cluster.data_dir(c, name), "**"), match_dot: true)
+      |> Enum.filter(&File.regular?/1)
+      |> Enum.filter(fn f ->
+        b = File.read!(f)
+        String.contains?(b, id) or String.contains?(b, marker)
+      end)
+    end
+
+    # Before the erasure the id is in the Raft log of every node (the test can see it).
+    assert holds?.(asker) != []
+
+    Cluster.kill9(c, down)
+    assert {:ok, %{events_deleted: 5}} = call(c, asker, :delete, [@store, id])
+    {:ok, status} = call(c, asker, :erasure_status, [@store, id])
+    refute status.complete
+    assert status.members[Cluster.node_of(c, down)] == :unreachable
+
+    live_done = fn ->
+      {:ok, st} = call(c, asker, :erasure_status, [@store, id])
+      Enum.all?(names -- [down], &(st.members[Cluster.node_of(c, &1)] == :done))
+    end
+
+    assert Kuma.StoreCase.eventually(live_done, 300, 100), inspect(call(c, asker, :erasure_status, [@store, id]))
+    for name <- names -- [down], do: assert(holds?.(name) == [], "#{name} still holds #{inspect(holds?.(name))}")
+
+    {{:ok, _}, c} = Cluster.restart(c, down)
+    on_exit(fn -> Cluster.stop(c) end)
+    complete = fn -> match?({:ok, %{complete: true}}, call(c, asker, :erasure_status, [@store, id])) end
+    assert Kuma.StoreCase.eventually(complete, 300, 100), inspect(call(c, asker, :erasure_status, [@store, id]))
+
+    for name <- names, do: assert(holds?.(name) == [], "#{name} still holds #{inspect(holds?.(name))}")
+    assert {:ok, [_]} = call(c, down, :events, [@store, "bystander"])
+    assert {:error, :entity_erased} = call(c, down, :events, [@store, id])
+  end
+
   test "a new cluster is founded only with every seed: two of three wait, then form it with the third", %{c: c} do
     names = Cluster.names(c)
     seeds = Enum.map(names, &Cluster.node_of(c, &1))

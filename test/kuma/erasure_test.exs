@@ -97,6 +97,11 @@ defmodule Kuma.ErasureTest do
       assert {:error, :entity_erased} = Kuma.events(store, alice)
       assert {:ok, true} = Kuma.erased?(store, alice)
       assert {:ok, false} = Kuma.erased?(store, "bob")
+      # On a single node an erasure is complete once delete returns.
+      me = node()
+      assert {:ok, %{complete: true, members: %{^me => :done}}} = Kuma.erasure_status(store, alice)
+      assert {:ok, %{complete: false, members: %{^me => :not_applied}}} = Kuma.erasure_status(store, "bob")
+      assert {:error, {:invalid, :entity_id, _}} = Kuma.erasure_status(store, "")
     end
   end
 

@@ -83,6 +83,20 @@ defmodule Kuma.Cluster.Consensus do
   """
   @callback confirm_leader(group(), term :: non_neg_integer(), timeout()) :: :ok | {:error, :not_leader}
 
+  @doc """
+  Starts pushing entries at or below `index` out of this node's files of `group` (an
+  erasure was applied at `index`): the engine's write-ahead log starts a new file. Returns
+  what `purged?/3` needs, including `upto`: the member's last written index now (a snapshot
+  past it lets the engine drop the log files that hold `index`).
+  """
+  @callback purge_begin(system :: atom(), group()) :: %{upto: non_neg_integer()}
+
+  @doc """
+  Whether no file of this node's member of `group` holds an entry at or below `index`
+  any more (`token` from `purge_begin/2`).
+  """
+  @callback purged?(system :: atom(), group(), index :: non_neg_integer(), token :: map()) :: boolean()
+
   @doc "Runs `{m, f, a}` (called with the machine's state first) on `group`'s leader."
   @callback query(group(), via :: node(), {module(), atom(), list()}, timeout()) :: {:ok, term()} | {:error, term()}
 

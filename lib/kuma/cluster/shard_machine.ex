@@ -31,11 +31,19 @@ defmodule Kuma.Cluster.ShardMachine do
   # truncates its log up to it. The reply names the entry's term: a proposer's first entry
   # (its barrier) tells it the term it leads in (Kuma.Cluster.Route confirms reads by it).
   @impl :ra_machine
+  #
+  # An entry with an erasure starts a purge of the log on this member (Kuma.Cluster.Purge),
+  # and while one is pending, every entry past it offers a snapshot too (release_cursor is
+  # one of the effects ra runs on every member).
   def apply(%{index: index, term: term}, {:batch, commands, reply_to}, state) do
     reply = {queue(state, index, commands, reply_to), term}
     since = state.since + 1
 
-    if since >= state.every do
+    # (Called here, not as an effect: ra runs a machine's effects on the leader only.)
+    erase? = Enum.any?(commands, &match?({:kuma_erase, _, _, _}, &1))
+    if erase?, do: Kuma.Cluster.Purge.erased(state.store, state.shard, index)
+
+    if since >= state.every or (not erase? and Kuma.Cluster.Purge.due?(state.store, state.shard, index)) do
       state = %{state | since: 0}
       {state, reply, [{:release_cursor, index, state}]}
     else

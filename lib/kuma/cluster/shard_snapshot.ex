@@ -161,6 +161,9 @@ defmodule Kuma.Cluster.ShardSnapshot do
          {:ok, now} <- Native.cluster_install(s.native, shard, copy) do
       # The machine's cache of what the file holds (Kuma.Cluster.ShardMachine).
       Process.put({:kuma_applied, shard}, now)
+      # The copy may hold erasures this member never applied from the log, whose earlier
+      # entries its own log files still hold: push everything up to the snapshot out.
+      Kuma.Cluster.Purge.erased(s.name, shard, index)
       :ok
     end
   end

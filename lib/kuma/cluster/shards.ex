@@ -189,6 +189,10 @@ defmodule Kuma.Cluster.Shards do
     # died, and role changes must not wait behind that call.
     me = self()
     Task.start(fn -> send(me, {:view, Meta.view(s.cluster, 2_000)}) end)
+    # Erasures still in Raft's files here (Kuma.Cluster.Purge), also from a task: it may
+    # ask Raft for a leader.
+    local = st.local
+    Task.start(fn -> Kuma.Cluster.Purge.check(s, local) end)
 
     st =
       Enum.reduce(st.local, st, fn shard, st ->

@@ -243,6 +243,79 @@ defmodule Kuma.Cluster.Consensus.Ra do
   # The query `confirm_leader/3` asks each member: only its term (which ra adds) matters.
   def nothing(_machine_state), do: :ok
 
+  # Erasure through ra's files. ra 2.2 keeps entries in its write-ahead log (one per system,
+  # shared by its groups) until the file rolls over and its entries are written to the
+  # member's segment files; a segment file is deleted once a snapshot lies past its last
+  # entry. So: roll the WAL now, note the member's last written index, and (the machine
+  # offers a snapshot at every entry past that index, Kuma.Cluster.ShardMachine) the
+  # entries are gone once the WAL files that were there are deleted and no segment file
+  # starts at or below the erasure's index.
+  @impl true
+  def purge_begin(system, group) do
+    dir = wal_dir(system)
+    wals = if dir, do: wal_files(dir), else: []
+    upto = with [{^group, _, _, _, _, written, _}] <- :ets.lookup(:ra_metrics, group), do: written, else: (_ -> 0)
+    :ok = :ra_log_wal.force_roll_over(:ra_system.derive_names(system).wal)
+    %{upto: upto, wals: wals}
+  catch
+    _, _ -> %{upto: 0, wals: []}
+  end
+
+  @impl true
+  def purged?(system, group, index, %{wals: wals}) do
+    left = wal_files(wal_dir(system))
+
+    Enum.all?(wals, &(&1 not in left)) and
+      case uid(system, group) do
+        {:ok, uid} ->
+          dir = system |> :ra_env.server_data_dir(uid) |> to_string()
+          dir |> Path.join("*.segment") |> Path.wildcard() |> Enum.all?(&segment_after?(&1, index))
+
+        :error ->
+          true
+      end
+  catch
+    _, _ -> false
+  end
+
+  defp wal_dir(system) do
+    case :ra_system.fetch(system) do
+      %{wal_data_dir: dir} -> dir
+      _ -> nil
+    end
+  end
+
+  defp wal_files(nil), do: []
+  defp wal_files(dir), do: dir |> to_string() |> Path.join("*.wal") |> Path.wildcard()
+
+  defp uid(system, group) do
+    case :ra_directory.uid_of(system, group) do
+      :undefined -> :error
+      uid -> {:ok, uid}
+    end
+  end
+
+  # Whether every entry of a segment file lies after `index` (an empty or vanished file
+  # holds none).
+  defp segment_after?(path, index) do
+    case :ra_log_segment.open(String.to_charlist(path), %{mode: :read}) do
+      {:ok, seg} ->
+        range = :ra_log_segment.range(seg)
+        _ = :ra_log_segment.close(seg)
+
+        case range do
+          {from, _to} -> from > index
+          _ -> true
+        end
+
+      {:error, :enoent} ->
+        true
+
+      _ ->
+        false
+    end
+  end
+
   @impl true
   def running?(group, node) when node == node(), do: Process.whereis(group) != nil
 
