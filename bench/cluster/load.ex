@@ -85,30 +85,8 @@ defmodule Kuma.Bench.ClusterLoad do
   commands for `seconds`. Returns {events, latencies in µs}.
   """
   def w2(store, ids, event, seconds) do
-    deadline = System.monotonic_time(:millisecond) + seconds * 1000
-
-    results =
-      ids
-      |> Enum.map(fn id ->
-        Task.async(fn ->
-          entity = Kuma.entity(store, Kuma.Bench.ClusterAccount, id)
-          {:ok, _} = Kuma.fetch(entity)
-          loop(entity, event, deadline, 0, [])
-        end)
-      end)
-      |> Task.await_many(:infinity)
-
-    {Enum.sum(Enum.map(results, &elem(&1, 0))), Enum.flat_map(results, &elem(&1, 1))}
-  end
-
-  defp loop(entity, event, deadline, n, lat) do
-    if System.monotonic_time(:millisecond) >= deadline do
-      {n, lat}
-    else
-      t0 = System.monotonic_time(:microsecond)
-      {:ok, _} = Kuma.execute(entity, {:deposit, event}, timeout: 60_000)
-      loop(entity, event, deadline, n + 1, [System.monotonic_time(:microsecond) - t0 | lat])
-    end
+    results = per_entity(store, ids, seconds, &Kuma.execute(&1, {:deposit, event}, timeout: 60_000))
+    {Enum.sum(for({_, n, _} <- results, do: n)), for({_, _, lat} <- results, t <- lat, do: t)}
   end
 
   @doc """
@@ -117,31 +95,36 @@ defmodule Kuma.Bench.ClusterLoad do
   node leads, latencies of the others (sent to their leader)}`.
   """
   def reads(store, ids, seconds) do
-    deadline = System.monotonic_time(:millisecond) + seconds * 1000
-
-    results =
-      ids
-      |> Enum.map(fn id ->
-        Task.async(fn ->
-          entity = Kuma.entity(store, Kuma.Bench.ClusterAccount, id)
-          {:ok, _} = Kuma.fetch(entity)
-          {n, lat} = read_loop(entity, deadline, 0, [])
-          {n, leads?(store, id), lat}
-        end)
-      end)
-      |> Task.await_many(:infinity)
-
-    {Enum.sum(for({n, _, _} <- results, do: n)), for({_, true, lat} <- results, t <- lat, do: t),
-     for({_, false, lat} <- results, t <- lat, do: t)}
+    results = per_entity(store, ids, seconds, &Kuma.fetch/1)
+    local = for {id, _, lat} <- results, leads?(store, id), t <- lat, do: t
+    remote = for {id, _, lat} <- results, not leads?(store, id), t <- lat, do: t
+    {Enum.sum(for({_, n, _} <- results, do: n)), local, remote}
   end
 
-  defp read_loop(entity, deadline, n, lat) do
+  # One process per id runs `call` on its entity (loaded first) until `seconds` are up:
+  # [{id, calls, latencies in µs}]. A call must answer {:ok, _}.
+  defp per_entity(store, ids, seconds, call) do
+    deadline = System.monotonic_time(:millisecond) + seconds * 1000
+
+    ids
+    |> Enum.map(fn id ->
+      Task.async(fn ->
+        entity = Kuma.entity(store, Kuma.Bench.ClusterAccount, id)
+        {:ok, _} = Kuma.fetch(entity)
+        {n, lat} = loop(fn -> {:ok, _} = call.(entity) end, deadline, 0, [])
+        {id, n, lat}
+      end)
+    end)
+    |> Task.await_many(:infinity)
+  end
+
+  defp loop(call, deadline, n, lat) do
     if System.monotonic_time(:millisecond) >= deadline do
       {n, lat}
     else
       t0 = System.monotonic_time(:microsecond)
-      {:ok, _} = Kuma.fetch(entity)
-      read_loop(entity, deadline, n + 1, [System.monotonic_time(:microsecond) - t0 | lat])
+      call.()
+      loop(call, deadline, n + 1, [System.monotonic_time(:microsecond) - t0 | lat])
     end
   end
 

@@ -136,45 +136,37 @@ defmodule Kuma.Bench.ClusterBench do
   # W2: 200 entities, each driven by a process on one of the nodes (commands are routed to
   # the entity's shard leader).
   defp w2(c, seconds) do
-    names = Kuma.Test.Cluster.names(c)
     event = Payload.event(200)
     IO.puts("  W2 cluster: 200 entities, #{seconds} s ...")
 
-    results =
-      names
-      |> Enum.with_index()
-      |> Enum.map(fn {name, i} ->
-        ids = for n <- 1..200, rem(n, length(names)) == i, do: "w2:#{n}"
-
-        Task.async(fn ->
-          Kuma.Test.Cluster.call(c, name, Kuma.Bench.ClusterLoad, :w2, [@store, ids, event, seconds], :infinity)
-        end)
-      end)
-      |> Task.await_many(:infinity)
+    results = on_w2_entities(c, fn ids -> {:w2, [@store, ids, event, seconds]} end)
 
     events = results |> Enum.map(&elem(&1, 0)) |> Enum.sum()
     %{0.5 => p50, 0.99 => p99} = Kuma.Bench.Table.percentiles(Enum.flat_map(results, &elem(&1, 1)), [0.5, 0.99])
     %{events_per_sec: round(events / seconds), p50_us: p50, p99_us: p99}
   end
 
+  # Runs a Kuma.Bench.ClusterLoad function on every node at once, each node given a third
+  # of the 200 W2 entities (`load.(ids)` names it and its arguments); their results.
+  defp on_w2_entities(c, load) do
+    names = Kuma.Test.Cluster.names(c)
+
+    names
+    |> Enum.with_index()
+    |> Enum.map(fn {name, i} ->
+      {fun, args} = load.(for n <- 1..200, rem(n, length(names)) == i, do: "w2:#{n}")
+      Task.async(fn -> Kuma.Test.Cluster.call(c, name, Kuma.Bench.ClusterLoad, fun, args, :infinity) end)
+    end)
+    |> Task.await_many(:infinity)
+  end
+
   # Reads of the W2 entities' state, each entity read by a process on one of the nodes:
   # on the leader's node a read is confirmed with the group (Kuma.Cluster.Route), from
   # another it is also sent there.
   defp reads(c, seconds) do
-    names = Kuma.Test.Cluster.names(c)
     IO.puts("  reads cluster: 200 entities, #{seconds} s ...")
 
-    results =
-      names
-      |> Enum.with_index()
-      |> Enum.map(fn {name, i} ->
-        ids = for n <- 1..200, rem(n, length(names)) == i, do: "w2:#{n}"
-
-        Task.async(fn ->
-          Kuma.Test.Cluster.call(c, name, Kuma.Bench.ClusterLoad, :reads, [@store, ids, seconds], :infinity)
-        end)
-      end)
-      |> Task.await_many(:infinity)
+    results = on_w2_entities(c, fn ids -> {:reads, [@store, ids, seconds]} end)
 
     reads = results |> Enum.map(&elem(&1, 0)) |> Enum.sum()
     pct = fn lat -> Kuma.Bench.Table.percentiles(lat, [0.5, 0.99]) end
