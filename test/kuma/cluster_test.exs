@@ -136,6 +136,40 @@ defmodule Kuma.ClusterTest do
     assert {:ok, %{events: 6}} = call(c, reader, :verify, [@store, id])
   end
 
+  # ra saves a new member's record (name -> uid) only every 500 ms: a member killed before
+  # that came back as a new, empty member with no memory of its term or vote, and the old
+  # one's files stayed behind. Killed right after the store started, every member comes
+  # back as itself, and no member's files are left unowned.
+  test "kill -9 right after the members are made: each comes back as itself", %{c: c} do
+    names = [_a, _b, n3] = Cluster.names(c)
+    seeds = Enum.map(names, &Cluster.node_of(c, &1))
+
+    opts = fn name ->
+      [name: :kct_new, data_dir: Cluster.data_dir(c, name) <> "-new", shards: 4, cluster: [seeds: seeds]]
+    end
+
+    system = Kuma.Cluster.system(:kct_new)
+
+    uids = fn c ->
+      for sh <- 0..3, do: Cluster.call(c, n3, :ra_directory, :uid_of, [system, :"#{system}_shard_#{sh}"])
+    end
+
+    # A new store: its members are made now, and n3 is killed at once.
+    results = Cluster.parallel(names, &Cluster.call(c, &1, Kuma, :start, [opts.(&1)], 70_000))
+    assert Enum.all?(results, &match?({:ok, _}, &1)), inspect(results)
+    before = uids.(c)
+    Cluster.kill9(c, n3)
+    {{:ok, _}, c} = Cluster.restart(c, n3)
+    on_exit(fn -> Cluster.stop(c) end)
+    assert {:ok, _} = Cluster.call(c, n3, Kuma, :start, [opts.(n3)], 70_000)
+    assert uids.(c) == before
+
+    dir = Path.join(Cluster.data_dir(c, n3) <> "-new", "raft")
+    dirs = dir |> File.ls!() |> Enum.filter(&File.dir?(Path.join(dir, &1)))
+    registered = for {_, uid} <- Cluster.call(c, n3, :ra_directory, :list_registered, [system]), do: uid
+    assert Enum.sort(dirs) == Enum.sort(registered)
+  end
+
   # The Raft log holds the entity's id, sealed events and wrapped data key (and the
   # erasure entry itself names the id): an erasure is complete only once no node's files,
   # Raft's WAL and segments included, hold any of it; a member that was down completes it

@@ -30,7 +30,7 @@ defmodule Kuma.Cluster.Consensus.Ra do
       }
 
       case :ra_system.start(config) do
-        {:ok, _} -> :ok
+        {:ok, _} -> drop_orphans(system, dir)
         {:error, {:already_started, _}} -> :ok
         {:error, reason} -> {:error, {:raft, reason}}
       end
@@ -61,7 +61,7 @@ defmodule Kuma.Cluster.Consensus.Ra do
         }
 
         case :ra.start_server(system, config) do
-          :ok -> :ok
+          :ok -> sync_directory(system)
           {:error, {:already_started, _}} -> :ok
           {:error, reason} -> {:error, {:raft, reason}}
         end
@@ -159,9 +159,37 @@ defmodule Kuma.Cluster.Consensus.Ra do
   # registered, its files gone, and no member of that group could be started here again.
   defp forget_name(system, group) do
     case :ra_system.lookup_name(system, :directory_rev) do
-      {:ok, table} -> :ok = :dets.delete(table, group)
+      {:ok, table} ->
+        :ok = :dets.delete(table, group)
+        :dets.sync(table)
+
+      _ ->
+        :ok
+    end
+  end
+
+  # ra 2.2 records a new member's name -> uid in a dets table saved every 500 ms. A kill
+  # -9 before that loses the record: the member is started again as a new one (new uid,
+  # empty log, no memory of its term or vote) and its old files stay behind. So the table
+  # is saved at once.
+  defp sync_directory(system) do
+    case :ra_system.lookup_name(system, :directory_rev) do
+      {:ok, table} -> :dets.sync(table)
       _ -> :ok
     end
+  end
+
+  # A member's files are a directory named by its uid in the system's data dir. One whose
+  # uid is not registered belongs to no member (its record was lost, see above, and the
+  # member was made again): nothing reads it, and it may hold entries of an erased entity.
+  defp drop_orphans(system, dir) do
+    registered = MapSet.new(for {_name, uid} <- :ra_directory.list_registered(system), do: to_string(uid))
+
+    for entry <- File.ls!(dir), path = Path.join(dir, entry), File.dir?(path), entry not in registered do
+      File.rm_rf!(path)
+    end
+
+    :ok
   end
 
   @impl true
@@ -219,11 +247,17 @@ defmodule Kuma.Cluster.Consensus.Ra do
 
     with {:ok, members, {^group, leader}} when leader == node() <- :ra.members({:local, {group, node()}}, timeout),
          others = for({^group, n} <- members, n != node(), do: n),
-         requests = for(n <- others, do: :gen_statem.send_request({group, n}, {:local_query, @term_query})),
+         requests =
+           Enum.reduce(others, :gen_statem.reqids_new(), fn n, ids ->
+             :gen_statem.send_request({group, n}, {:local_query, @term_query}, n, ids)
+           end),
          {:ok, {{_applied, ^term}, _}, {^group, leader}} when leader == node() <-
            :ra.local_query({group, node()}, @term_query, timeout) do
-      confirming = 1 + Enum.count(requests, &(answered_term(&1, deadline) in 0..term))
-      if 2 * confirming > length(others) + 1, do: :ok, else: {:error, :not_leader}
+      # This member counts, so the others must bring a majority less one. Their answers are
+      # taken as they come, and the first majority ends the wait (a member busy taking a
+      # snapshot need not be waited for).
+      needed = div(length(others) + 1, 2)
+      if confirmed(requests, term, needed, deadline), do: :ok, else: {:error, :not_leader}
     else
       _ -> {:error, :not_leader}
     end
@@ -231,11 +265,22 @@ defmodule Kuma.Cluster.Consensus.Ra do
     :exit, _ -> {:error, :not_leader}
   end
 
-  # The term a member answered with, or nil if it did not answer in time.
-  defp answered_term(request, deadline) do
-    case :gen_statem.receive_response(request, max(deadline - System.monotonic_time(:millisecond), 0)) do
-      {:reply, {:ok, {{_applied, term}, _}, _leader}} -> term
-      _ -> nil
+  # Whether `needed` of the outstanding requests answer a term no later than `term` before
+  # the deadline.
+  defp confirmed(_requests, _term, needed, _deadline) when needed <= 0, do: true
+
+  defp confirmed(requests, term, needed, deadline) do
+    wait = max(deadline - System.monotonic_time(:millisecond), 0)
+
+    case :gen_statem.receive_response(requests, wait, true) do
+      {{:reply, {:ok, {{_applied, t}, _}, _leader}}, _node, requests} when t <= term ->
+        confirmed(requests, term, needed - 1, deadline)
+
+      {_other, _node, requests} ->
+        confirmed(requests, term, needed, deadline)
+
+      _no_request_or_timeout ->
+        false
     end
   end
 
