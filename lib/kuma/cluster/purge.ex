@@ -23,7 +23,11 @@ defmodule Kuma.Cluster.Purge do
   alias Kuma.{Cluster, Native, Store}
   alias Kuma.Cluster.{Consensus, Proposer, Route}
 
-  @doc "In a member's Raft process, after it applied an entry with an erasure at `index`."
+  @doc """
+  In a member's Raft process, after it applied an entry with an erasure at `index`, or
+  took a snapshot at `index` (which may hold erasures it never applied from the log): from
+  now on, entries at or below `index` are to leave this member's Raft files.
+  """
   @spec erased(atom(), non_neg_integer(), non_neg_integer()) :: :ok
   def erased(store, shard, index) do
     with {:ok, %Store{cluster: c}} <- Store.lookup(store) do

@@ -29,12 +29,13 @@ defmodule Kuma.Cluster.ShardMachine do
 
   # Every `every` entries, a snapshot at this one (Kuma.Cluster.ShardSnapshot): ra then
   # truncates its log up to it. The reply names the entry's term: a proposer's first entry
-  # (its barrier) tells it the term it leads in (Kuma.Cluster.Route confirms reads by it).
-  @impl :ra_machine
+  # (its barrier) tells it the term it leads in (Kuma.Cluster.ReadGate confirms reads by
+  # it).
   #
   # An entry with an erasure starts a purge of the log on this member (Kuma.Cluster.Purge),
   # and while one is pending, every entry past it offers a snapshot too (release_cursor is
   # one of the effects ra runs on every member).
+  @impl :ra_machine
   def apply(%{index: index, term: term}, {:batch, commands, reply_to}, state) do
     reply = {queue(state, index, commands, reply_to), term}
     since = state.since + 1
