@@ -7,7 +7,10 @@ defmodule Kuma.Test.ClusterChecker do
   * every acknowledged append is stored exactly once, at the seq it was acknowledged with;
   * every refused append (`wrong_expected_seq`, erased, invalid) is absent;
   * an append whose outcome is unknown (timeout, lost leader) is stored at most once;
-  * nothing is stored that was never attempted.
+  * nothing is stored that was never attempted;
+  * every read a writer made right after an acknowledged append (`{:read, id, acked_seq,
+    seen}`) saw at least that seq: reads are linearizable, from any node, whatever the
+    leader went through (a read that failed is not counted).
 
   Returns `{:ok, counts}` or `{:error, problems}`.
   """
@@ -15,11 +18,14 @@ defmodule Kuma.Test.ClusterChecker do
   @refused [:wrong_expected_seq, :entity_erased, :invalid]
 
   def check(history, read) do
-    counts = %{acked: 0, refused: 0, unknown: 0, unknown_stored: 0}
+    {reads, writes} = Enum.split_with(history, &match?({:read, _, _, _}, &1))
+    checked = for {:read, id, acked, seen} <- reads, is_integer(seen), do: {id, acked, seen}
+    stale = for {id, acked, seen} <- checked, seen < acked, do: {id, :stale_read, acked, seen}
+    counts = %{acked: 0, refused: 0, unknown: 0, unknown_stored: 0, reads: length(checked)}
 
-    history
+    writes
     |> Enum.group_by(&elem(&1, 0))
-    |> Enum.reduce({counts, []}, fn {id, attempts}, {counts, problems} ->
+    |> Enum.reduce({counts, stale}, fn {id, attempts}, {counts, problems} ->
       case read.(id) do
         {:ok, stored} -> check_entity(id, attempts, stored, counts, problems)
         other -> {counts, [{id, :unreadable, other} | problems]}

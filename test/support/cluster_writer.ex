@@ -3,7 +3,9 @@ defmodule Kuma.Test.ClusterWriter do
   Runs on a node of a test cluster: appends to its own entities, one event at a time,
   until stopped, and records every attempt as `{entity_id, value, expected_seq, result}`.
   Every other append is conditional (`expected_seq` = the last seq it knows, when it knows
-  one), so conflicts and their refusals are part of the history. Values are unique.
+  one), so conflicts and their refusals are part of the history. Values are unique. After
+  every third acknowledged append it reads the entity's head and records `{:read, id,
+  acked_seq, seen_seq | error}`: a linearizable read sees at least what was acknowledged.
   """
 
   @doc "Starts a writer on this node; returns its pid."
@@ -20,6 +22,14 @@ defmodule Kuma.Test.ClusterWriter do
       {^ref, history} -> history
     after
       wait -> :no_answer
+    end
+  end
+
+  defp read(store, id, {:ok, acked}) do
+    case Kuma.head(store, id) do
+      {:ok, %{seq: seen}} -> {:read, id, acked, seen}
+      {:ok, nil} -> {:read, id, acked, 0}
+      other -> {:read, id, acked, other}
     end
   end
 
@@ -41,7 +51,9 @@ defmodule Kuma.Test.ClusterWriter do
             _ -> Map.delete(known, id)
           end
 
-        loop(store, prefix, ids, timeout, n + 1, known, [{id, value, expected, result} | history])
+        history = [{id, value, expected, result} | history]
+        history = if match?({:ok, _}, result) and rem(n, 3) == 0, do: [read(store, id, result) | history], else: history
+        loop(store, prefix, ids, timeout, n + 1, known, history)
     end
   end
 end
@@ -82,6 +94,45 @@ defmodule Kuma.Test.ClusterProbe do
 
     with {:ok, {events, _, _}} <- Native.read_query(s.native, shard, 0, %Kuma.Query{}, 100_000) do
       {:ok, length(events)}
+    end
+  end
+
+  @doc """
+  Subscribes to `store` from a process on this node that keeps `{entity_id, seq}` of every
+  event it receives; returns its pid (`received/1` asks it).
+  """
+  def subscriber(store, opts) do
+    caller = self()
+
+    pid =
+      spawn(fn ->
+        {:ok, _} = Kuma.subscribe(store, opts)
+        send(caller, {:subscribed, self()})
+        collect([])
+      end)
+
+    receive do
+      {:subscribed, ^pid} -> pid
+    after
+      30_000 -> raise "no subscription"
+    end
+  end
+
+  defp collect(acc) do
+    receive do
+      {:kuma_event, e} -> collect([{e.entity_id, e.seq} | acc])
+      {:received, from} -> send(from, {:received, Enum.reverse(acc)}) && collect(acc)
+    end
+  end
+
+  @doc "What the subscriber `pid` received so far."
+  def received(pid) do
+    send(pid, {:received, self()})
+
+    receive do
+      {:received, list} -> list
+    after
+      5_000 -> :no_answer
     end
   end
 
