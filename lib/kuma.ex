@@ -133,10 +133,11 @@ defmodule Kuma do
   Cluster mode: takes this node out of the cluster. Its shards move to the other nodes
   first, while writes go on (each move adds a replica elsewhere, waits until it has caught
   up, then removes this one and deletes its copy and the keys of its entities here); then
-  the node is removed from the cluster's nodes and the store stops here.
+  the node is removed from the cluster's nodes and the store stops here. Projections that
+  run here move to other nodes too (`Kuma.Cluster`, "Projections").
 
   Options: `:timeout` - ms to wait for the moves (default 10 minutes); on timeout
-  `{:error, {:leave_unfinished, shards}}`, the moves go on, and a second call waits again.
+  `{:error, {:leave_unfinished, left}}` (shards, and `{:projection, name}` entries), the moves go on, and a second call waits again.
   Seeds cannot leave (`:seed_cannot_leave`), nor a node whose departure would leave fewer
   active nodes than `:replicas` (`{:too_few_nodes, left, replicas}`). `:not_a_cluster` on
   a single-node store. See `Kuma.Cluster`.
@@ -156,7 +157,8 @@ defmodule Kuma do
         nodes: %{node => %{state: :active | :leaving, reachable: boolean, seed: boolean}},
         shards: [%{shard: 0, members: [node], leader: node | nil, term: t,
                    commit_index: i, applied_index: %{node => i}, lag: entries}],
-        moves: [%{shard: s, from: node | nil, to: node | nil, since: unix_ms}]}
+        moves: [%{shard: s, from: node | nil, to: node | nil, since: unix_ms}],
+        projections: %{name => %{kind: :projection | :read_model, owner: node | nil, epoch: n}}}
 
   A member on a node that cannot be reached has no applied index (and counts as lagging
   by the whole commit index). `:not_a_cluster` on a single-node store.
@@ -373,7 +375,6 @@ defmodule Kuma do
   @spec subscribe(store(), keyword()) :: {:ok, pid()} | {:error, reason()}
   def subscribe(store, opts \\ []) do
     with {:ok, s} <- Store.lookup(store),
-         :ok <- single_node(s, :subscriptions),
          {:ok, spec} <- Kuma.Projection.Spec.subscription(s, opts) do
       Kuma.Projection.Supervisor.start_runner(s, spec)
     end
@@ -632,11 +633,6 @@ defmodule Kuma do
       route.run(s, route.shard(s, entity_id), {__MODULE__, fun, [s.name | args]}, timeout, local, opts)
     end
   end
-
-  @doc false
-  # What cluster mode does not do yet (Kuma.Cluster).
-  def single_node(%Store{cluster: nil}, _what), do: :ok
-  def single_node(_s, what), do: {:error, {:not_supported_in_cluster, what}}
 
   # -- errors ---------------------------------------------------------------------------
 

@@ -35,6 +35,23 @@ defmodule Kuma.Cluster do
     cluster's nodes and its replicas are rebuilt on the others (default 60,000). A node
     that returns sooner rejoins as a follower; one that returns later registers again,
     drops its old replicas, and receives shards like a new node.
+  * `:projection_failover` - ms a projection's node may stay unreachable before the
+    projection is started on another node (default 5,000; see "Projections" below).
+
+  ## Projections, read models and subscriptions
+
+  Each projection and read model runs once in the cluster, on one node (its owner, placed
+  by rendezvous hashing of its name over the active nodes), whichever node started it; the
+  store's `projections:` option declares them on every node alike. `Kuma.Projection`
+  functions and `Kuma.ReadModel.query/4` work from any node. When the owner leaves, is
+  removed, or stays unreachable for `:projection_failover`, another node takes it over: a
+  projection resumes from its last checkpoint (saved in the metadata group every second,
+  so a few events may be handed over again, as after a restart), a read model is built
+  again from the first event on its new node (its rows lived in a file on the old one).
+  Positions are the same on every replica of a shard, so a checkpoint holds on any node
+  and across failovers. Subscriptions run on the subscriber's node. An erasure tells every
+  node's projections (`forget`); one whose node cannot be reached makes `Kuma.delete/2`
+  answer `{:error, {:forget_unconfirmed, [...]}}`, as on a single node.
 
   ## How it works (docs/cluster.md has the whole design)
 
@@ -57,8 +74,7 @@ defmodule Kuma.Cluster do
 
   ## What cluster mode does not do yet
 
-  Projections, read models and subscriptions (`{:error, {:not_supported_in_cluster,
-  what}}`), master key rotation, and seeds leaving.
+  Master key rotation, and seeds leaving.
   Values about a subject (`Kuma.sensitive/3`) need the subject's key on the writing node.
   """
 
@@ -70,7 +86,8 @@ defmodule Kuma.Cluster do
     max_moves: {4, "shard moves per round"},
     max_moves_per_node: {2, "moves a node takes part in per round"},
     move_timeout: {60_000, "ms"},
-    replace_after: {60_000, "ms"}
+    replace_after: {60_000, "ms"},
+    projection_failover: {5_000, "ms"}
   ]
 
   @enforce_keys [:seeds, :replicas, :system]
@@ -87,7 +104,8 @@ defmodule Kuma.Cluster do
           max_moves: pos_integer(),
           max_moves_per_node: pos_integer(),
           move_timeout: pos_integer(),
-          replace_after: pos_integer()
+          replace_after: pos_integer(),
+          projection_failover: pos_integer()
         }
 
   require Logger
@@ -155,6 +173,20 @@ defmodule Kuma.Cluster do
   end
 
   @doc """
+  Where projection `name` runs when it needs an owner: by rendezvous hashing, like shards,
+  among the active nodes of the metadata `view` that are in `up` (nil if none is).
+  """
+  @spec home(map(), MapSet.t(), atom()) :: node() | nil
+  def home(view, up, name) do
+    key = Atom.to_string(name)
+
+    for({n, :active} <- view.nodes, MapSet.member?(up, n), do: n)
+    |> Enum.max_by(&:crypto.hash(:sha256, [view.identity.cluster_id, "projection", key, Atom.to_string(&1)]), fn ->
+      nil
+    end)
+  end
+
+  @doc """
   The members of shard `shard` as this node last learned them (from the metadata group,
   refreshed every second by `Kuma.Cluster.Shards`, and at once by this node's moves).
   """
@@ -193,8 +225,12 @@ defmodule Kuma.Cluster do
   defp wait_moved_away(s, deadline, round) do
     holding =
       case Kuma.Cluster.Meta.view(s.cluster) do
-        {:ok, view} -> for {shard, members} <- view.shards, node() in members, do: shard
-        _ -> :unknown
+        {:ok, view} ->
+          for({shard, members} <- view.shards, node() in members, do: shard) ++
+            for {name, %{owner: owner}} <- view.projections, owner == node(), do: {:projection, name}
+
+        _ ->
+          :unknown
       end
 
     cond do
@@ -206,7 +242,7 @@ defmodule Kuma.Cluster do
 
       true ->
         if rem(round, 20) == 19 do
-          Logger.info("leaving the cluster: #{inspect(holding)} shards still to move away")
+          Logger.info("leaving the cluster: #{inspect(holding)} still to move away (shards, projections)")
         end
 
         Process.sleep(500)
@@ -217,7 +253,8 @@ defmodule Kuma.Cluster do
   @doc """
   The cluster as seen from this node (`Kuma.cluster_info/1`): its nodes and their state,
   and for every shard its members, leader, term, commit index, each member's applied
-  index and the largest lag, and the moves under way.
+  index and the largest lag, the moves under way, and where each projection runs (its
+  owner and owner epoch).
   """
   @spec info(Kuma.Store.t()) :: {:ok, map()} | {:error, term()}
   def info(%Kuma.Store{cluster: nil}), do: {:error, :not_a_cluster}
@@ -259,7 +296,11 @@ defmodule Kuma.Cluster do
         end)
 
       moves = for {shard, m} <- Enum.sort(view.moves), do: Map.put(m, :shard, shard)
-      {:ok, %{cluster_id: c.id, node: node(), nodes: nodes, shards: shards, moves: moves}}
+
+      projections =
+        Map.new(view.projections, fn {name, p} -> {name, %{kind: p.kind, owner: p.owner, epoch: p.epoch}} end)
+
+      {:ok, %{cluster_id: c.id, node: node(), nodes: nodes, shards: shards, moves: moves, projections: projections}}
     end
   end
 

@@ -39,7 +39,9 @@ defmodule Kuma.Erasure do
   and must call `forgotten(reply_to)` once it dropped everything it holds about
   `entity_id`. `Kuma.delete/2` waits up to `:forget_timeout` ms (default 5,000) for all
   listeners; when some did not answer it returns `{:error, {:forget_unconfirmed, pids}}`
-  (the storage erasure is complete; call delete again to retry the notifications).
+  (the storage erasure is complete; call delete again to retry the notifications). In
+  cluster mode the listeners of every node are told; the list also names the nodes that
+  could not be asked (`Kuma.Cluster`, "Projections").
   """
 
   alias Kuma.{EventLog, Store}
@@ -137,7 +139,32 @@ defmodule Kuma.Erasure do
   end
 
   # Sends {:kuma_forget, ...} to every listener; returns the pids that did not confirm.
-  defp notify(s, id, timeout) do
+  # Cluster mode: the listeners of every node (projections run where the cluster placed
+  # them); a node that owns projections and cannot be reached is returned too.
+  defp notify(%Store{cluster: nil} = s, id, timeout), do: notify_here(s, id, timeout)
+
+  defp notify(%Store{cluster: c} = s, id, timeout) do
+    others = Node.list()
+    here = Task.async(fn -> notify_here(s, id, timeout) end)
+    answers = :erpc.multicall(others, __MODULE__, :notify_here, [s.name, c.id, id, timeout], timeout + 1_000)
+    silent = for {node, answer} <- Enum.zip(others, answers), do: silent_there(node, answer)
+    unreached = Kuma.Cluster.Projections.owners(s.name) -- [node() | others]
+    Task.await(here, :infinity) ++ List.flatten(silent) ++ unreached
+  end
+
+  defp silent_there(_node, {:ok, silent}) when is_list(silent), do: silent
+  defp silent_there(node, _failed), do: [node]
+
+  @doc false
+  # Run on every node of a cluster by the node that erased an entity: this node's listeners.
+  def notify_here(name, cluster_id, id, timeout) do
+    case Store.lookup(name) do
+      {:ok, %Store{cluster: %{id: ^cluster_id}} = s} -> notify_here(s, id, timeout)
+      _ -> []
+    end
+  end
+
+  defp notify_here(s, id, timeout) do
     listeners = Registry.lookup(Kuma.Listeners, {s.name, :forget})
 
     pending =

@@ -110,21 +110,22 @@ defmodule Kuma.Projection do
   def start(store, module, opts \\ []) do
     with {:ok, s} <- Store.lookup(store),
          {:ok, spec} <- Spec.new(s, :projection, module, opts) do
-      start_spec(s, spec)
+      start_spec(s, spec, opts)
     end
   end
 
   @doc false
-  # Starts a projection or read model from its spec (one name runs once in the VM).
-  @spec start_spec(Store.t(), Spec.t()) :: {:ok, pid()} | {:error, term()}
-  def start_spec(s, spec) do
-    with :ok <- Kuma.single_node(s, :projections) do
-      case whereis(spec.name) do
-        nil -> Kuma.Projection.Supervisor.start_runner(s, spec)
-        _pid -> {:error, {:already_started, spec.name}}
-      end
+  # Starts a projection or read model from its spec and the options it was made from (one
+  # name runs once in the VM; in cluster mode, once in the cluster: Kuma.Cluster.Projections).
+  @spec start_spec(Store.t(), Spec.t(), keyword()) :: {:ok, pid()} | {:error, term()}
+  def start_spec(%Store{cluster: nil} = s, spec, _opts) do
+    case whereis(spec.name) do
+      nil -> Kuma.Projection.Supervisor.start_runner(s, spec)
+      _pid -> {:error, {:already_started, spec.name}}
     end
   end
+
+  def start_spec(s, spec, opts), do: Kuma.Cluster.Projections.start(s, spec, opts)
 
   # -- operating -------------------------------------------------------------------------------
 
@@ -190,8 +191,9 @@ defmodule Kuma.Projection do
   """
   @spec stop(name()) :: :ok | {:error, term()}
   def stop(name) do
-    case Registry.lookup(Kuma.Registry, {:projection, name}) do
-      [{pid, %{store: store}}] -> Kuma.Projection.Supervisor.stop_runner(store, name, pid)
+    case {Registry.lookup(Kuma.Registry, {:projection_home, name}), Registry.lookup(Kuma.Registry, {:projection, name})} do
+      {[{_, %{store: store}}], _} -> with {:ok, s} <- Store.lookup(store), do: Kuma.Cluster.Projections.stop(s, name)
+      {_, [{pid, %{store: store}}]} -> Kuma.Projection.Supervisor.stop_runner(store, name, pid)
       _ -> {:error, {:unknown_projection, name}}
     end
   catch
@@ -206,13 +208,36 @@ defmodule Kuma.Projection do
     end
   end
 
+  # A call to the projection's runner: here, or (cluster mode) on the node that runs it.
   defp call(name, message, timeout, wrap) do
+    case {whereis(name), Kuma.Cluster.Projections.home(name)} do
+      {pid, _} when is_pid(pid) -> here(name, message, timeout)
+      {nil, {:ok, node}} when node != node() -> there(node, name, message, timeout)
+      _ -> {:error, {:unknown_projection, name}}
+    end
+    |> case do
+      {:reply, reply} -> wrap.(reply)
+      {:error, reason} -> {:error, reason}
+    end
+  end
+
+  @doc false
+  # Runs on the node of the projection's runner.
+  def here(name, message, timeout) do
     case whereis(name) do
       nil -> {:error, {:unknown_projection, name}}
-      pid -> wrap.(GenServer.call(pid, message, timeout))
+      pid -> {:reply, GenServer.call(pid, message, timeout)}
     end
   catch
     :exit, {:timeout, _} -> {:error, :timeout}
     :exit, _ -> {:error, {:unknown_projection, name}}
+  end
+
+  defp there(node, name, message, timeout) do
+    erpc_timeout = if timeout == :infinity, do: :infinity, else: timeout + 5_000
+    :erpc.call(node, __MODULE__, :here, [name, message, timeout], erpc_timeout)
+  catch
+    :error, {:erpc, :timeout} -> {:error, :timeout}
+    _, _ -> {:error, {:unreachable, node, :projection}}
   end
 end

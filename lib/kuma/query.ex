@@ -101,6 +101,24 @@ defmodule Kuma.Query do
   end
 
   @doc false
+  # The chain hash of the event stored at `pos` in `shard` (nil if none is), and the
+  # shard's last position: from the shard's leader in cluster mode.
+  @spec read_position(Store.t(), non_neg_integer(), non_neg_integer()) ::
+          {:ok, {binary() | nil, non_neg_integer()}} | {:error, term()}
+  def read_position(%Store{cluster: nil} = s, shard, pos), do: Native.read_position(s.native, shard, pos)
+
+  def read_position(%Store{} = s, shard, pos) do
+    mfa = {__MODULE__, :read_position_named, [s.name, shard, pos]}
+    local = fn -> Native.read_position(s.native, shard, pos) end
+    Kuma.Cluster.Route.run(s, shard, mfa, Kuma.EventLog.default_timeout(), local)
+  end
+
+  @doc false
+  def read_position_named(name, shard, pos) do
+    with {:ok, s} <- Store.lookup(name), do: read_position(s, shard, pos)
+  end
+
+  @doc false
   # Kuma.query/2: the filter, a time range and a position to page from, over every shard.
   @spec run(Store.t(), keyword()) :: {:ok, [Kuma.Envelope.t()]} | {:error, term()}
   def run(%Store{} = s, opts) do

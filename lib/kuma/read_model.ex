@@ -129,7 +129,7 @@ defmodule Kuma.ReadModel do
   def start(store, module, opts \\ []) do
     with {:ok, s} <- Store.lookup(store),
          {:ok, spec} <- Kuma.Projection.Spec.new(s, :read_model, module, opts) do
-      Kuma.Projection.start_spec(s, spec)
+      Kuma.Projection.start_spec(s, spec, opts)
     end
   end
 
@@ -164,8 +164,19 @@ defmodule Kuma.ReadModel do
         end
 
       _ ->
-        {:error, {:unknown_projection, name}}
+        # Cluster mode: on the node that runs it.
+        case Kuma.Cluster.Projections.home(name) do
+          {:ok, node} when node != node() -> remote_query(node, name, sql, params, timeout)
+          _ -> {:error, {:unknown_projection, name}}
+        end
     end
+  end
+
+  defp remote_query(node, name, sql, params, timeout) do
+    :erpc.call(node, __MODULE__, :query, [name, sql, params, [timeout: timeout]], timeout + 5_000)
+  catch
+    :error, {:erpc, :timeout} -> {:error, :timeout}
+    _, _ -> {:error, {:unreachable, node, :read_model}}
   end
 
   # Sensitive cells open with their subject's key as it is now (see Kuma.Sensitive).

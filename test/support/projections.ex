@@ -50,6 +50,24 @@ defmodule Kuma.Test.Collector do
   end
 end
 
+defmodule Kuma.Test.Journal do
+  @moduledoc """
+  A projection that appends a line `entity_id seq` to the file named in its args for every
+  event it handles, duplicates included: the nodes of a test cluster share one machine, so
+  the file shows what the projection did wherever it ran.
+  """
+  @behaviour Kuma.Projection
+
+  @impl true
+  def init(path), do: {:ok, path}
+
+  @impl true
+  def handle_event(%Kuma.Envelope{entity_id: id, seq: seq}, path) do
+    File.write!(path, "#{id} #{seq}\n", [:append])
+    {:ok, path}
+  end
+end
+
 defmodule Kuma.Test.SlowCounter do
   @moduledoc """
   `Kuma.Test.Counter`, taking a millisecond per event: widens the time a batch is being

@@ -17,10 +17,15 @@ defmodule Kuma.Cluster.MetaMachine do
   #             change of it is recorded here by Kuma.Cluster.Rebalancer right after).
   #   moves     shard => %{from, to, since}: moves under way (for `Kuma.cluster_info/1`, and
   #             so that a member being added is not taken for a stale one).
+  #   projections  name => %{kind, module, opts, owner, epoch, checkpoint}: the projections
+  #             and read models of the cluster, each run by its owner only
+  #             (Kuma.Cluster.Projections). `epoch` counts owner changes; a checkpoint is
+  #             saved only by the owner of the current epoch, so one that lost its place
+  #             (cut off, then replaced) cannot move it back.
   @behaviour :ra_machine
 
   @impl :ra_machine
-  def init(_config), do: %{identity: nil, nodes: %{}, shards: %{}, moves: %{}}
+  def init(_config), do: %{identity: nil, nodes: %{}, shards: %{}, moves: %{}, projections: %{}}
 
   @impl :ra_machine
   def apply(_meta, {:join, :existing}, %{identity: nil} = state), do: {state, {:error, :not_formed}}
@@ -86,9 +91,61 @@ defmodule Kuma.Cluster.MetaMachine do
   def apply(_meta, {:move, shard, move}, %{identity: %{}} = state),
     do: {%{state | moves: Map.put(state.moves, shard, move)}, :ok}
 
+  # A projection declared (Kuma.Projection.start/3, or a store's `projections:` option on
+  # any node): `{:ok, :new}`, or `{:ok, :existing}` if one of that name is declared already
+  # with the same kind and module (else an error: two projections cannot share a name).
+  def apply(_meta, {:declare_projection, name, decl}, %{identity: %{}} = state) do
+    projections = Map.get(state, :projections, %{})
+
+    case projections do
+      %{^name => %{kind: kind, module: module}} when kind == decl.kind and module == decl.module ->
+        {state, {:ok, :existing}}
+
+      %{^name => _other} ->
+        {state, {:error, {:already_started, name}}}
+
+      _ ->
+        entry = Map.merge(decl, %{owner: nil, epoch: 0, checkpoint: %{}})
+        {Map.put(state, :projections, Map.put(projections, name, entry)), {:ok, :new}}
+    end
+  end
+
+  def apply(_meta, {:undeclare_projection, name}, %{identity: %{}} = state) do
+    projections = Map.get(state, :projections, %{})
+
+    if Map.has_key?(projections, name),
+      do: {Map.put(state, :projections, Map.delete(projections, name)), :ok},
+      else: {state, {:error, {:unknown_projection, name}}}
+  end
+
+  # A new owner for a projection (`only_if`: the owner it replaces, so that two nodes
+  # claiming at once do not both win): `{:ok, owner, epoch}` as it is afterwards.
+  def apply(_meta, {:own_projection, name, node, only_if}, %{identity: %{}} = state) do
+    case Map.get(state, :projections, %{}) do
+      %{^name => %{owner: ^only_if} = p} ->
+        p = %{p | owner: node, epoch: p.epoch + 1}
+        {put_in(state, [:projections, name], p), {:ok, node, p.epoch}}
+
+      %{^name => p} ->
+        {state, {:ok, p.owner, p.epoch}}
+
+      _ ->
+        {state, {:error, {:unknown_projection, name}}}
+    end
+  end
+
+  def apply(_meta, {:projection_checkpoint, name, epoch, marks}, %{identity: %{}} = state) do
+    case Map.get(state, :projections, %{}) do
+      %{^name => %{epoch: ^epoch} = p} -> {put_in(state, [:projections, name], %{p | checkpoint: marks}), :ok}
+      %{^name => _} -> {state, {:error, :not_owner}}
+      _ -> {state, {:error, {:unknown_projection, name}}}
+    end
+  end
+
   def apply(_meta, _other, state), do: {state, {:error, :unknown_command}}
 
   @doc false
-  # A query (run on the leader): the whole state.
-  def view(state), do: state
+  # A query (run on the leader): the whole state (one written before projections were
+  # kept here has none).
+  def view(state), do: Map.put_new(state, :projections, %{})
 end

@@ -6,7 +6,8 @@ defmodule Kuma.Cluster.Rebalancer do
   # leader changes, and resumes from what Raft says, never from what it remembers).
   #
   # Every round (2 s, or at once after a round that moved shards): nodes unreachable for
-  # `:replace_after` are removed from the cluster's nodes, then at most `:max_moves` moves
+  # `:replace_after` are removed from the cluster's nodes, projections whose node is
+  # gone, leaving or unreachable for `:projection_failover` get a new one, then at most `:max_moves` moves
   # run side by side, each node in at most `:max_moves_per_node` of them. A move of shard
   # S from A to B (either may be absent: only an add, or only a removal):
   #
@@ -60,6 +61,7 @@ defmodule Kuma.Cluster.Rebalancer do
            true <- leader == node(),
            {:ok, view} <- Meta.view(s.cluster) do
         st = replace_dead(st, s.cluster, view)
+        place_projections(st, s.cluster, view)
         moves = plan(view, s.shards, s.cluster.max_moves, s.cluster.max_moves_per_node)
 
         moves
@@ -105,6 +107,38 @@ defmodule Kuma.Cluster.Rebalancer do
     end
 
     %{st | down_since: down_since}
+  end
+
+  # A projection gets a new owner (Kuma.Cluster.Projections) when it has none, when its
+  # owner is leaving or no longer a node of the cluster, or when its owner has been
+  # unreachable from here for `:projection_failover`: its home among the active nodes
+  # reachable from here.
+  defp place_projections(st, c, view) do
+    now = System.monotonic_time(:millisecond)
+    up = MapSet.new([node() | Node.list()])
+
+    for {name, p} <- view.projections,
+        why = displaced(p, view, st.down_since, now, c),
+        home = Cluster.home(view, up, name),
+        home != nil do
+      case Meta.command(c, {:own_projection, name, home, p.owner}) do
+        {:ok, ^home, epoch} ->
+          Logger.info("projection #{inspect(name)}: #{why}; it runs on #{home} now (owner epoch #{epoch})")
+
+        _ ->
+          :ok
+      end
+    end
+  end
+
+  defp displaced(%{owner: nil}, _view, _down, _now, _c), do: "no owner yet"
+
+  defp displaced(%{owner: owner}, view, down_since, now, c) do
+    cond do
+      Map.get(view.nodes, owner) != :active -> "#{owner} is leaving or gone"
+      now - Map.get(down_since, owner, now) >= c.projection_failover -> "#{owner} unreachable"
+      true -> nil
+    end
   end
 
   # Leaders spread as placement spreads them: every fifth quiet round (about 10 s), a shard

@@ -20,6 +20,9 @@ defmodule Kuma.Projection.Runner do
 
   @lag_poll 10
 
+  # Cluster mode: how often a projection's checkpoint is saved in the metadata group.
+  @share_ms 1_000
+
   defmodule State do
     @moduledoc false
     # `checkpoint`: the position handled and committed in every shard; `hashes`: the chain
@@ -38,7 +41,8 @@ defmodule Kuma.Projection.Runner do
                   waiters: %{},
                   ahead: %{},
                   lagging: false,
-                  handled: 0
+                  handled: 0,
+                  shared: nil
                 ]
 
     @type t :: %__MODULE__{
@@ -57,7 +61,8 @@ defmodule Kuma.Projection.Runner do
             waiters: %{reference() => {Kuma.Position.t(), GenServer.from()}},
             ahead: map(),
             lagging: boolean(),
-            handled: non_neg_integer()
+            handled: non_neg_integer(),
+            shared: {integer(), reference() | nil} | nil
           }
   end
 
@@ -128,13 +133,17 @@ defmodule Kuma.Projection.Runner do
   # WAL (`sync: :normal` and an OS crash) gives those positions out again: reading on from
   # the checkpoint would skip the events that took them, so the projection stops instead
   # (rebuild or reset it).
+  # In cluster mode this cannot happen: a shard's positions follow from its Raft log,
+  # and a copy that lost its tail applies the same entries again, to the same positions.
+  defp diverged(%Store{cluster: %{}}, _marks), do: nil
+
   defp diverged(s, marks) do
     Enum.find_value(Enum.sort(marks), fn
       {_shard, {pos, hash}} when pos == 0 or hash == nil ->
         nil
 
       {shard, {pos, hash}} ->
-        case Kuma.Native.read_position(s.native, shard, pos) do
+        case Query.read_position(s, shard, pos) do
           {:ok, {^hash, _last}} -> nil
           {:ok, {nil, last}} when pos <= last -> nil
           {:ok, {_other, last}} -> {:shard_diverged, shard, pos, last}
@@ -149,6 +158,8 @@ defmodule Kuma.Projection.Runner do
   def handle_info(:pump, st), do: pump(%{st | pump_scheduled: false})
 
   def handle_info(:retry, st), do: pump(%{st | retry_timer: nil, pump_scheduled: false})
+
+  def handle_info(:share, st), do: {:noreply, share_checkpoint(%{st | shared: {elem(st.shared, 0), nil}})}
 
   def handle_info({:kuma_commit, _store, shard, pos}, st) do
     st = %{st | heads: Map.update(st.heads, shard, pos, &max(&1, pos))}
@@ -209,7 +220,7 @@ defmodule Kuma.Projection.Runner do
     marks = Map.new(checkpoint, fn {shard, pos} -> {shard, {pos, hashes[shard]}} end)
 
     case st.spec.sink.save(st.sink, marks) do
-      :ok -> {:reply, :ok, resume(%{st | checkpoint: checkpoint, hashes: hashes})}
+      :ok -> {:reply, :ok, %{st | checkpoint: checkpoint, hashes: hashes} |> share_now() |> resume()}
       {:error, reason} -> {:reply, {:error, reason}, st}
     end
   end
@@ -238,7 +249,7 @@ defmodule Kuma.Projection.Runner do
     case st.spec.sink.rebuild(st.sink, st.spec, s) do
       {:ok, sink, _marks, stopped} ->
         st = %{st | sink: sink, checkpoint: zero(st.shards), hashes: %{}, failure: nil, status: :running}
-        {:reply, :ok, st |> resume() |> stop_if(stopped)}
+        {:reply, :ok, st |> share_now() |> resume() |> stop_if(stopped)}
 
       {:error, reason} ->
         {:reply, {:error, reason}, st}
@@ -250,8 +261,47 @@ defmodule Kuma.Projection.Runner do
   @impl true
   def terminate(_reason, st) do
     for {_ref, {_token, from}} <- st.waiters, do: GenServer.reply(from, {:error, :projection_stopped})
+    save_shared(st)
     st.spec.sink.close(st.sink)
   end
+
+  # Cluster mode: a projection's checkpoint is also saved in the metadata group, at most
+  # every second (and once more when it stops), so that the node that takes it over resumes
+  # from there (Kuma.Cluster.Projections). The metadata group takes it only from the owner
+  # of the current epoch. Read models keep theirs with their rows, on their node.
+  defp share_checkpoint(%{spec: %{epoch: epoch, kind: :projection, checkpoint: :durable}} = st) when epoch != nil do
+    now = System.monotonic_time(:millisecond)
+
+    case st.shared do
+      {_at, timer} when timer != nil ->
+        st
+
+      {at, nil} when now - at < @share_ms ->
+        %{st | shared: {at, Process.send_after(self(), :share, @share_ms - (now - at))}}
+
+      _ ->
+        spawn(fn -> save_shared(st) end)
+        %{st | shared: {now, nil}}
+    end
+  end
+
+  defp share_checkpoint(st), do: st
+
+  # A checkpoint moved back (reset, rebuild) is saved before the call returns: a node
+  # taking over must not resume from the one before.
+  defp share_now(st) do
+    with {_at, timer} when timer != nil <- st.shared, do: Process.cancel_timer(timer)
+    save_shared(st)
+    %{st | shared: {System.monotonic_time(:millisecond), nil}}
+  end
+
+  defp save_shared(%{spec: %{epoch: epoch, kind: :projection, checkpoint: :durable}} = st) when epoch != nil do
+    with {:ok, %Store{cluster: %{} = c}} <- Store.lookup(st.store_name) do
+      Kuma.Cluster.Meta.command(c, {:projection_checkpoint, st.spec.name, epoch, st.checkpoint}, 2_000)
+    end
+  end
+
+  defp save_shared(_st), do: :ok
 
   # -- the loop ------------------------------------------------------------------------------
 
@@ -315,7 +365,7 @@ defmodule Kuma.Projection.Runner do
         st = %{st | heads: Map.update(st.heads, shard, searched, &max(&1, searched))}
         st = read_ahead(st, s, shard, searched, length(events) == room)
         st = handle_batch(st, s, shard, events, {searched, hash}, envelopes)
-        {:noreply, schedule_pump(answer_waiters(st))}
+        {:noreply, st |> answer_waiters() |> share_checkpoint() |> schedule_pump()}
 
       {:error, reason} ->
         Logger.error("Kuma projection #{inspect(st.spec.name)} could not read shard #{shard}: #{format(reason)}")
@@ -431,7 +481,7 @@ defmodule Kuma.Projection.Runner do
   defp hash_at(_s, _shard, 0), do: nil
 
   defp hash_at(s, shard, pos) do
-    case Kuma.Native.read_position(s.native, shard, pos) do
+    case Query.read_position(s, shard, pos) do
       {:ok, {hash, _last}} -> hash
       _ -> nil
     end

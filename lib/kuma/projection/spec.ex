@@ -22,7 +22,8 @@ defmodule Kuma.Projection.Spec do
                 restart: :permanent,
                 subscriber: nil,
                 from: %{},
-                max_queue: nil
+                max_queue: nil,
+                epoch: nil
               ]
 
   @type kind :: :projection | :read_model | :subscription
@@ -44,7 +45,8 @@ defmodule Kuma.Projection.Spec do
           restart: :permanent | :temporary,
           subscriber: pid() | nil,
           from: :now | Position.t(),
-          max_queue: pos_integer() | nil
+          max_queue: pos_integer() | nil,
+          epoch: non_neg_integer() | nil
         }
 
   @start_keys [:name, :args, :on_error, :max_retries, :retry_backoff, :batch_size, :checkpoint, :path] ++

@@ -19,7 +19,14 @@ defmodule Kuma.Projection.Supervisor do
       {DynamicSupervisor,
        name: Store.via(config.name, :projections), strategy: :one_for_one, max_restarts: 100, max_seconds: 10}
 
-    children = [dynamic | Enum.map(config.projection_specs, &Runner.child_spec/1)]
+    # Cluster mode: the projections run where the cluster places them (one owner each),
+    # started and stopped by Kuma.Cluster.Projections.
+    configured =
+      if config.cluster,
+        do: [{Kuma.Cluster.Projections, config}],
+        else: Enum.map(config.projection_specs, &Runner.child_spec/1)
+
+    children = [dynamic | configured]
     Supervisor.init(children, strategy: :one_for_one, max_restarts: 100, max_seconds: 10)
   end
 

@@ -49,7 +49,6 @@ defmodule Kuma.Store.Config do
          store = %{name: config.name, data_dir: data_dir, projections_dir: projections_dir, file_mode: config.file_mode},
          {:ok, specs} <- Kuma.Projection.Spec.configured(config.projections, store),
          {:ok, cluster} <- Kuma.Cluster.validate(config.cluster, config.name),
-         :ok <- cluster_limits(cluster, specs),
          {:ok, master_key} <- master_key(config) do
       aggregates = Enum.uniq([Kuma.Aggregate.Latest | config.aggregates])
       keystore = config.keystore_path && Path.expand(to_string(config.keystore_path))
@@ -69,11 +68,6 @@ defmodule Kuma.Store.Config do
   end
 
   def validate(_opts), do: {:error, {:invalid, :options, "must be a keyword list"}}
-
-  # What cluster mode does not do yet (Kuma.Cluster's moduledoc).
-  defp cluster_limits(nil, _specs), do: :ok
-  defp cluster_limits(_cluster, []), do: :ok
-  defp cluster_limits(_cluster, _specs), do: {:error, {:not_supported_in_cluster, :projections}}
 
   # The master key, resolved once at start from (in order) :master_key, :master_key_file or
   # the environment variable :master_key_env, and handed to Kuma.Keys.Vault: the config
