@@ -426,14 +426,36 @@ defmodule Kuma.ClusterTest do
   test "nodes join and leave under load (3 -> 4 -> 5 -> 4 -> 3, #{@cycles} times): nothing lost or doubled", %{c: c} do
     [a, b, _] = Cluster.names(c)
 
-    {c, _} =
-      Enum.reduce(1..@cycles, {c, 0}, fn _cycle, {c, round} ->
+    {c, rounds} =
+      Enum.reduce(1..@cycles, {c, 0}, fn cycle, {c, round} ->
         {c, d} = join_round(c, [a, b], round + 1)
+        # A read model placed on the node that joined: it moves when that node leaves,
+        # and it ends exact.
+        if cycle == 1, do: Process.put(:read_model, start_read_model_on(c, a, d))
         {c, e} = join_round(c, [a, b], round + 2)
         c = leave_round(c, [a, b], round + 3, e)
         c = leave_round(c, [a, b], round + 4, d)
         {c, round + 4}
       end)
+
+    {name, first} = Process.get(:read_model)
+    {:ok, info} = call(c, a, :cluster_info, [@store])
+    # It moved when its node left, and runs on a node of the cluster.
+    assert info.projections[name].owner != first and info.projections[name].epoch > 1
+    assert Map.has_key?(info.nodes, info.projections[name].owner)
+    {:ok, heads} = call(c, a, :position, [@store])
+    assert :ok = Cluster.call(c, b, Kuma.Projection, :wait_for, [name, heads, 60_000], 70_000)
+    {:ok, %{rows: rows}} = Cluster.call(c, b, Kuma.ReadModel, :query, [name, "SELECT entity_id, n FROM counts"])
+    counted = Map.new(rows, fn [id, n] -> {id, n} end)
+    writers = for r <- 1..rounds, w <- [a, b], i <- 1..6, do: "j#{r}-#{w}-#{i}"
+    shared = for r <- 1..rounds, i <- 1..2, do: "j#{r}-shared-#{i}"
+
+    for id <- Enum.uniq(Map.keys(counted) ++ writers ++ shared) do
+      {:ok, events} = call(c, a, :events, [@store, id])
+
+      assert Map.get(counted, id, 0) == length(events),
+             "#{id}: #{length(events)} events stored, #{inspect(counted[id])} counted"
+    end
 
     # (The nodes added are stopped with the others.)
     on_exit(fn -> Cluster.stop(c) end)
@@ -563,6 +585,19 @@ defmodule Kuma.ClusterTest do
     assert {:ok, _} = call(c, d, :append, [@store, "from-#{d}", {:x, round}])
     assert {:ok, [_ | _]} = call(c, d, :events, [@store, "j#{round}-shared-1"])
     {c, d}
+  end
+
+  # Starts a read model whose name places it on node `d` (by the cluster's rule,
+  # Kuma.Cluster.home/3); returns its name and that node.
+  defp start_read_model_on(c, from, d) do
+    {:ok, info} = call(c, from, :cluster_info, [@store])
+    view = %{identity: %{cluster_id: info.cluster_id}, nodes: Map.new(info.nodes, fn {n, i} -> {n, i.state} end)}
+    up = MapSet.new(Map.keys(info.nodes))
+    dn = Cluster.node_of(c, d)
+    name = Enum.find(for(i <- 1..200, do: :"mr_counts_#{i}"), &(Kuma.Cluster.home(view, up, &1) == dn))
+    assert {:ok, pid} = Cluster.call(c, from, Kuma.ReadModel, :start, [@store, Kuma.Test.Counter, [name: name]])
+    assert node(pid) == dn
+    {name, dn}
   end
 
   # Node `d` leaves while writers append: its shards move back, and it keeps no copy.
