@@ -387,6 +387,66 @@ defmodule Kuma.ClusterTest do
     assert {:error, :entity_erased} = call(c, down, :events, [@store, id])
   end
 
+  # An erasure while the entity's shard is being copied to a joining node: the copy (a
+  # snapshot, then the log) may be taken before the erasure and arrive after it; the new
+  # member must purge what it received too.
+  @tag store_opts: [shards: 8, cluster: [snapshot_every: 50]]
+  test "an erasure during shard moves leaves no byte of the entity on any node, the new one included", %{c: c} do
+    [a | _] = names = Cluster.names(c)
+    tag = Base.encode16(:crypto.strong_rand_bytes(4))
+    marker = "clear-" <> tag
+    ids = for i <- 1..16, do: "mig-#{tag}-#{i}"
+    # Padding makes the shards big enough for their moves to take a while.
+    pad = String.duplicate("p", 2_000)
+
+    for chunk <- Enum.chunk_every(for(i <- 1..4_000, do: {"pad-#{rem(i, 64)}", {:pad, pad}}), 500) do
+      assert {:ok, _} = call(c, a, :append_batch, [@store, chunk])
+    end
+
+    for id <- ids, do: assert({:ok, 1} = call(c, a, :append, [@store, id, {:note, marker}]))
+
+    holds? = fn name ->
+      Path.wildcard(Path.join(Cluster.data_dir(c, name), "**"), match_dot: true)
+      |> Enum.filter(&File.regular?/1)
+      |> Enum.filter(fn f ->
+        b = File.read!(f)
+        String.contains?(b, "mig-" <> tag) or String.contains?(b, marker)
+      end)
+    end
+
+    assert holds?.(a) != []
+
+    # A fourth node joins; as soon as shards are moving, every id is erased.
+    {{:ok, _}, d, c} = Cluster.add_node(c)
+
+    moving? = fn ->
+      match?({:ok, %{moves: [_ | _]}}, call(c, a, :cluster_info, [@store]))
+    end
+
+    assert Kuma.StoreCase.eventually(moving?, 500, 10), "no move began"
+    {:ok, %{moves: moves}} = call(c, a, :cluster_info, [@store])
+    erased = Cluster.parallel(ids, fn id -> call(c, a, :delete, [@store, id]) end)
+    assert Enum.all?(erased, &match?({:ok, %{events_deleted: 1}}, &1)), inspect(erased)
+    {:ok, s} = Cluster.call(c, a, Kuma.Store, :lookup, [@store])
+    moving_shards = for m <- moves, do: m.shard
+    assert Enum.any?(ids, &(Cluster.call(c, a, Kuma.Cluster.Route, :shard, [s, &1]) in moving_shards))
+
+    placed(c, a)
+    all = names ++ [d]
+
+    for id <- ids do
+      complete = fn -> match?({:ok, %{complete: true}}, call(c, a, :erasure_status, [@store, id])) end
+      assert Kuma.StoreCase.eventually(complete, 300, 100), inspect(call(c, a, :erasure_status, [@store, id]))
+    end
+
+    for name <- all, do: assert(holds?.(name) == [], "#{name} still holds #{inspect(holds?.(name))}")
+    # The new node holds shards, and serves them.
+    {:ok, info} = call(c, a, :cluster_info, [@store])
+    assert Enum.any?(info.shards, &(Cluster.node_of(c, d) in &1.members))
+    for id <- ids, do: assert({:error, :entity_erased} = call(c, d, :events, [@store, id]))
+    on_exit(fn -> Cluster.stop(c) end)
+  end
+
   test "a new cluster is founded only with every seed: two of three wait, then form it with the third", %{c: c} do
     names = Cluster.names(c)
     seeds = Enum.map(names, &Cluster.node_of(c, &1))
