@@ -138,7 +138,9 @@ defmodule Kuma do
 
   Options: `:timeout` - ms to wait for the moves (default 10 minutes); on timeout
   `{:error, {:leave_unfinished, left}}` (shards, and `{:projection, name}` entries), the moves go on, and a second call waits again.
-  Seeds cannot leave (`:seed_cannot_leave`), nor a node whose departure would leave fewer
+  A seed (a node that runs a member of the metadata group) hands its member over to
+  another active node first; with no such node it cannot leave (`:seed_cannot_leave`:
+  start another node first). Nor can a node whose departure would leave fewer
   active nodes than `:replicas` (`{:too_few_nodes, left, replicas}`). `:not_a_cluster` on
   a single-node store. See `Kuma.Cluster`.
   """

@@ -13,9 +13,10 @@ defmodule Kuma.Cluster do
 
   ## Options (`cluster: [...]`)
 
-  * `:seeds` (required) - the nodes that found the cluster and hold its metadata. Every
-    node is started with the same list (and the same `:shards`, `:encryption` and master
-    key). A node that is not a seed joins the cluster through them, and shards move to it.
+  * `:seeds` (required) - the nodes that found the cluster and hold its metadata (a seed
+    that leaves hands its part to another node). Every node is started with the same
+    list (and the same `:shards`, `:encryption` and master key). A node that is not a seed
+    joins the cluster through them, and shards move to it.
   * `:replicas` - members of each shard's Raft group (default 3, at most the number of
     seeds). `replicas: 3` keeps every acknowledged write on a majority (2 of 3 nodes): one
     node can die or be cut off and its shards go on elsewhere within about a second.
@@ -74,7 +75,7 @@ defmodule Kuma.Cluster do
 
   ## What cluster mode does not do yet
 
-  Master key rotation, and seeds leaving.
+  Master key rotation.
   Values about a subject (`Kuma.sensitive/3`) need the subject's key on the writing node.
   """
 
@@ -198,6 +199,23 @@ defmodule Kuma.Cluster do
     end
   end
 
+  @doc """
+  The nodes that run members of the metadata group, as this node last learned them (none
+  before it joined; then refreshed every second by `Kuma.Cluster.Shards`).
+  """
+  @spec meta_members(t()) :: [node()]
+  def meta_members(%__MODULE__{routes: nil}), do: []
+
+  def meta_members(%__MODULE__{routes: routes}) do
+    case :ets.lookup(routes, :meta_members) do
+      [{_, members}] -> members
+      [] -> []
+    end
+  end
+
+  @doc false
+  def put_meta_members(%__MODULE__{routes: routes}, members), do: :ets.insert(routes, {:meta_members, members})
+
   @doc false
   def put_members(%__MODULE__{routes: routes}, shard, members),
     do: :ets.insert(routes, {{:members, shard}, members})
@@ -235,7 +253,9 @@ defmodule Kuma.Cluster do
 
     cond do
       holding == [] ->
-        with :ok <- Kuma.Cluster.Meta.command(s.cluster, {:forget, node()}), do: Kuma.Store.Supervisor.stop(s.name)
+        with :ok <- hand_over_metadata(s),
+             :ok <- Kuma.Cluster.Meta.command(s.cluster, {:forget, node()}),
+             do: Kuma.Store.Supervisor.stop(s.name)
 
       deadline != :infinity and System.monotonic_time(:millisecond) > deadline ->
         {:error, {:leave_unfinished, if(holding == :unknown, do: [], else: holding)}}
@@ -247,6 +267,94 @@ defmodule Kuma.Cluster do
 
         Process.sleep(500)
         wait_moved_away(s, deadline, round + 1)
+    end
+  end
+
+  # A node that runs a member of the metadata group (a seed) hands it over before it goes:
+  # a member is started on another active node and added to the group, it catches up,
+  # leadership moves off this node if it had it, this node's member is removed and deleted,
+  # and the group's members are recorded. Each step reads Raft's membership first, so a
+  # leave cut short finishes when called again.
+  defp hand_over_metadata(%Kuma.Store{cluster: c} = s) do
+    engine = Kuma.Cluster.Consensus.engine()
+    group = meta_group(c)
+
+    with {:ok, members, leader} <- meta_raft_members(c, group) do
+      if node() in members do
+        with {:ok, members, leader} <- add_meta_replacement(s, group, members, leader),
+             {:ok, leader} <- meta_leader_elsewhere(group, leader, members -- [node()]),
+             :ok <- engine.remove_member(group, leader, node(), 10_000) do
+          _ = engine.delete_member(c.system, group)
+
+          Logger.info(
+            "leaving the cluster: this node's metadata member handed over (members now #{inspect(members -- [node()])})"
+          )
+
+          record_meta_members(c, members -- [node()])
+        end
+      else
+        record_meta_members(c, members)
+      end
+    end
+  end
+
+  defp meta_raft_members(c, group) do
+    engine = Kuma.Cluster.Consensus.engine()
+
+    Enum.find_value(Enum.uniq([node() | meta_members(c) ++ c.seeds]), {:error, :metadata_unreachable}, fn via ->
+      case engine.members(group, via, 2_000) do
+        {:ok, members, leader} -> {:ok, members, leader}
+        _ -> nil
+      end
+    end)
+  end
+
+  defp add_meta_replacement(s, group, members, leader) do
+    c = s.cluster
+    engine = Kuma.Cluster.Consensus.engine()
+    up = MapSet.new(Node.list())
+
+    with {:ok, view} <- Kuma.Cluster.Meta.view(c),
+         candidates = for({n, :active} <- Enum.sort(view.nodes), n not in members, MapSet.member?(up, n), do: n),
+         [to | _] <- candidates,
+         %{commit_index: index} <- engine.local_status(group) || {:error, :no_local_member},
+         :ok <- :erpc.call(to, Kuma.Cluster.Boot, :add_meta_member, [s.name, members ++ [to]], 30_000),
+         :ok <- engine.add_member(group, leader, to, 10_000),
+         :ok <- record_meta_members(c, members ++ [to]),
+         :ok <-
+           Kuma.Cluster.Rebalancer.caught_up(to, group, index, System.monotonic_time(:millisecond) + c.move_timeout) do
+      {:ok, members ++ [to], leader}
+    else
+      [] -> {:error, :seed_cannot_leave}
+      {:error, reason} -> {:error, reason}
+      other -> {:error, other}
+    end
+  end
+
+  defp meta_leader_elsewhere(_group, leader, _others) when leader != node(), do: {:ok, leader}
+
+  defp meta_leader_elsewhere(group, _leader, [next | _] = others) do
+    engine = Kuma.Cluster.Consensus.engine()
+    _ = engine.transfer_leadership(group, node(), next)
+
+    Enum.find_value(1..100, {:error, :leadership_not_handed_over}, fn _ ->
+      Process.sleep(100)
+
+      Enum.find_value(others, fn via ->
+        case engine.members(group, via, 1_000) do
+          {:ok, _, leader} when leader != node() -> {:ok, leader}
+          _ -> nil
+        end
+      end)
+    end)
+  end
+
+  defp record_meta_members(c, members) do
+    put_meta_members(c, members)
+
+    case Kuma.Cluster.Meta.command(c, {:meta_members, members}) do
+      :ok -> :ok
+      error -> {:error, {:not_recorded, error}}
     end
   end
 
@@ -292,7 +400,7 @@ defmodule Kuma.Cluster do
 
       nodes =
         Map.new(view.nodes, fn {n, state} ->
-          {n, %{state: state, reachable: MapSet.member?(up, n), seed: n in c.seeds}}
+          {n, %{state: state, reachable: MapSet.member?(up, n), seed: n in c.seeds, metadata: n in view.meta_members}}
         end)
 
       moves = for {shard, m} <- Enum.sort(view.moves), do: Map.put(m, :shard, shard)

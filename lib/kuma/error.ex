@@ -78,7 +78,8 @@ defmodule Kuma.Error do
   * `{:raft, reason}`, `{:shard_member_failed, shard, reason}` - Raft refused to start a member
   * `:replicated` - a local write to a store whose shards are replicas (a Kuma bug if seen)
   * `:not_a_cluster` - `Kuma.leave/2`, `Kuma.cluster_info/1` on a single-node store
-  * `:seed_cannot_leave` - `Kuma.leave/2` on a seed (seeds hold the cluster's metadata)
+  * `:seed_cannot_leave` - `Kuma.leave/2` on a node that runs a member of the metadata group
+    (a seed) while no other active node can take that member over (start one first)
   * `{:too_few_nodes, left, replicas}` - leaving would leave fewer active nodes than replicas
   * `{:leave_unfinished, shards}` - `Kuma.leave/2` timed out with these shards still here
     (the moves go on; call it again)
@@ -200,7 +201,9 @@ defmodule Kuma.Error do
     do: "shard #{shard}'s Raft member did not start: #{inspect(reason)}"
 
   def format(:not_a_cluster), do: "the store runs on a single node (no :cluster option)"
-  def format(:seed_cannot_leave), do: "a seed node cannot leave: the seeds hold the cluster's metadata"
+
+  def format(:seed_cannot_leave),
+    do: "this node holds the cluster's metadata and no other active node can take it over: start another node first"
 
   def format({:too_few_nodes, left, replicas}),
     do: "leaving would leave #{left} active nodes for #{replicas} replicas per shard"

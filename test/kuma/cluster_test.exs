@@ -638,7 +638,7 @@ defmodule Kuma.ClusterTest do
 
     dn = Cluster.node_of(c, d)
     info = balanced(c, hd(writers))
-    assert info.nodes[dn] == %{state: :active, reachable: true, seed: false}
+    assert info.nodes[dn] == %{state: :active, reachable: true, seed: false, metadata: false}
     # (`balanced/2` checked that every shard's members are its placement: with 4 shards a
     # new node may be placed on none, about one time in forty with 5 nodes.)
     # The new node serves reads and writes like the others.
@@ -745,6 +745,39 @@ defmodule Kuma.ClusterTest do
     {:ok, info} = call(c, watcher, :cluster_info, [@store])
     mine = for sh <- info.shards, preferred.(info, sh.shard) == vn, do: sh.shard
     assert Enum.all?(mine, &(Enum.at(info.shards, &1).leader == vn))
+  end
+
+  test "a seed leaves under load: another node takes over its metadata member; the rest restart without it, and it comes back as a plain node",
+       %{c: c} do
+    [a, b, n3] = Cluster.names(c)
+    {c, d} = join_round(c, [b, n3], 1)
+    [an, bn, n3n, dn] = Enum.map([a, b, n3, d], &Cluster.node_of(c, &1))
+
+    :ok =
+      with_writers(c, [b, n3], 2, fn c -> Cluster.call(c, a, Kuma, :leave, [@store, [timeout: 120_000]], 150_000) end)
+
+    info = balanced(c, b)
+    refute Map.has_key?(info.nodes, an)
+    assert Enum.sort(for {n, %{metadata: true}} <- info.nodes, do: n) == Enum.sort([bn, n3n, dn])
+    {:ok, s} = Cluster.call(c, d, Kuma.Store, :lookup, [@store])
+    group = Kuma.Cluster.meta_group(s.cluster)
+    assert is_pid(Cluster.call(c, d, Process, :whereis, [group]))
+    assert Cluster.call(c, a, Process, :whereis, [group]) == nil
+
+    # Every other node killed at once and started again: the metadata group comes back
+    # from its members, the seed that left not among them.
+    for name <- [b, n3, d], do: Cluster.kill9(c, name)
+    {started, c} = Cluster.restart_all(c, [b, n3, d])
+    assert Enum.all?(started, &match?({:ok, _}, &1)), inspect(started)
+    assert {:ok, 1} = call(c, d, :append, [@store, "after-restart", {:x, 1}])
+
+    # The seed that left, started again with the same options, joins as a plain node.
+    assert {:ok, _} = Cluster.start_store(c, a)
+    info = balanced(c, b)
+    assert %{state: :active, metadata: false} = info.nodes[an]
+    assert Cluster.call(c, a, Process, :whereis, [group]) == nil
+    assert {:ok, [_]} = call(c, a, :events, [@store, "after-restart"])
+    on_exit(fn -> Cluster.stop(c) end)
   end
 
   test "leave and cluster_info refuse what they cannot do", %{c: c} do

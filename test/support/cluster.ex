@@ -78,7 +78,8 @@ defmodule Kuma.Test.Cluster do
         {format, args} when is_list(args) -> :io_lib.format(format, args) |> IO.chardata_to_string()
       end
 
-    if text =~ "Connection attempt from node", do: :stop, else: event
+    # And a restarted node (same name) being sent replies meant for its previous incarnation.
+    if text =~ "Connection attempt from node" or text =~ "old incarnation", do: :stop, else: event
   rescue
     _ -> event
   end
@@ -141,6 +142,15 @@ defmodule Kuma.Test.Cluster do
   def restart(c, name) do
     c = boot(c, name)
     {start_store(c, name), c}
+  end
+
+  @doc """
+  New OS processes for several nodes that died, and their stores started side by side
+  (each waits for a majority of the metadata group, which may be among them).
+  """
+  def restart_all(c, names) do
+    c = Enum.reduce(names, c, &boot(&2, &1))
+    {parallel(names, &start_store(c, &1)), c}
   end
 
   @doc """

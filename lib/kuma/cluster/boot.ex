@@ -2,7 +2,8 @@ defmodule Kuma.Cluster.Boot do
   @moduledoc false
   # How a node joins its store's cluster when the store starts (Kuma.Store.Owner): start
   # the store's Raft system (files under <data_dir>/raft), connect to the seeds, run this
-  # node's member of the metadata group (seeds only), agree on the cluster's identity
+  # node's member of the metadata group (seeds, and nodes a leaving seed handed its member
+  # to), agree on the cluster's identity
   # through it, and register this node among the cluster's nodes.
   # The first node to propose an identity sets it; every other node reads the same one and
   # is refused if its own settings differ. Waits for a majority of the seeds, at most
@@ -22,8 +23,8 @@ defmodule Kuma.Cluster.Boot do
     with :ok <- ra_available(engine),
          :ok <- engine.start_system(cluster.system, Path.join(config.data_dir, "raft")),
          _ = connect(cluster.seeds),
-         :ok <- meta_member(engine, cluster),
-         {:ok, identity} <- agree(engine, cluster, proposal(config), deadline),
+         {:ok, member?} <- meta_member(engine, cluster),
+         {:ok, identity} <- agree(engine, cluster, member?, proposal(config), deadline),
          :ok <- check(identity, config),
          cluster = %{cluster | id: identity.cluster_id},
          {:ok, _status} <- register(cluster, deadline) do
@@ -31,12 +32,47 @@ defmodule Kuma.Cluster.Boot do
     end
   end
 
-  # Only seeds run members of the metadata group; a node that joins later reaches it
-  # through them (Kuma.Cluster.Meta).
+  # Whether this node runs a member of the metadata group, started here if so: one it ran
+  # before (a seed, or a node a leaving seed handed its member to), or, on a seed that has
+  # none, a new one (founding the cluster), unless the cluster exists and this seed has
+  # left it (then it joins as any node). Other nodes reach the group through its members
+  # (Kuma.Cluster.Meta).
   defp meta_member(engine, cluster) do
-    if node() in cluster.seeds,
-      do: engine.ensure_member(cluster.system, Cluster.meta_group(cluster), {MetaMachine, %{}}, cluster.seeds, []),
-      else: :ok
+    group = Cluster.meta_group(cluster)
+
+    start? =
+      cond do
+        group in engine.local_groups(cluster.system) -> true
+        node() not in cluster.seeds -> false
+        true -> not left_earlier?(cluster)
+      end
+
+    if start? do
+      with :ok <- engine.ensure_member(cluster.system, group, {MetaMachine, %{}}, cluster.seeds, []), do: {:ok, true}
+    else
+      {:ok, false}
+    end
+  end
+
+  # A seed without a member of the metadata group: did it leave a cluster that goes on?
+  # (If no other seed answers, it is founding one, or its data dir was lost: it starts a
+  # member as the seed it is.)
+  defp left_earlier?(cluster) do
+    case Meta.view(%{cluster | seeds: cluster.seeds -- [node()]}, 1_000) do
+      {:ok, %{identity: %{}, meta_members: members}} -> node() not in members
+      _ -> false
+    end
+  end
+
+  @doc """
+  Run on the node that takes over a leaving node's member of the metadata group: starts a
+  member here that knows `members` (it is added to the group next, and catches up).
+  """
+  @spec add_meta_member(atom(), [node()]) :: :ok | {:error, term()}
+  def add_meta_member(store, members) do
+    with {:ok, s} <- Kuma.Store.lookup(store) do
+      Consensus.engine().ensure_member(s.cluster.system, Cluster.meta_group(s.cluster), {MetaMachine, %{}}, members, [])
+    end
   end
 
   # This node among the cluster's nodes (a node that is not a seed joins here; shards then
@@ -58,7 +94,9 @@ defmodule Kuma.Cluster.Boot do
 
   @doc "Stops this node's metadata member, if it runs one (when the store stops)."
   def leave(%Cluster{} = cluster) do
-    if node() in cluster.seeds, do: Consensus.engine().stop_member(cluster.system, Cluster.meta_group(cluster))
+    engine = Consensus.engine()
+    group = Cluster.meta_group(cluster)
+    if group in engine.local_groups(cluster.system), do: engine.stop_member(cluster.system, group)
     :ok
   end
 
@@ -91,16 +129,14 @@ defmodule Kuma.Cluster.Boot do
   # No leader yet (a new group, or all members restarted): the first seed stands for
   # election at once, the others after a few unanswered rounds (jittered), so that a group
   # whose first seed is down still elects one.
-  defp agree(engine, cluster, proposal, deadline, round \\ 0) do
+  defp agree(engine, cluster, member?, proposal, deadline, round \\ 0) do
     group = Cluster.meta_group(cluster)
 
-    seed? = node() in cluster.seeds
-
-    if seed? and ((round == 0 and node() == hd(cluster.seeds)) or (round >= 3 and :rand.uniform(3) == 1)) do
+    if member? and ((round == 0 and node() == hd(cluster.seeds)) or (round >= 3 and :rand.uniform(3) == 1)) do
       engine.trigger_election(group)
     end
 
-    via = if seed?, do: node(), else: Enum.at(cluster.seeds, rem(round, length(cluster.seeds)))
+    via = if member?, do: node(), else: Enum.at(cluster.seeds, rem(round, length(cluster.seeds)))
     # A new cluster is created only while every seed runs its metadata member: a majority
     # of seeds started on fresh data dirs while another seed is away never founds a second
     # cluster (it waits for that seed); an existing cluster is joined with any majority.
@@ -120,7 +156,7 @@ defmodule Kuma.Cluster.Boot do
         else
           connect(cluster.seeds)
           Process.sleep(200)
-          agree(engine, cluster, proposal, deadline, round + 1)
+          agree(engine, cluster, member?, proposal, deadline, round + 1)
         end
     end
   end

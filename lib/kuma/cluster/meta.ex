@@ -1,8 +1,8 @@
 defmodule Kuma.Cluster.Meta do
   @moduledoc false
   # Calls to a store's metadata group (Kuma.Cluster.MetaMachine) from any node: through
-  # this node's own member if it is a seed, else through the seeds in turn (a node that
-  # joined later runs no member of it).
+  # this node's own member if it runs one, else through the group's members in turn (most
+  # nodes run none: only the seeds, and nodes a leaving seed handed its member to).
 
   alias Kuma.Cluster
   alias Kuma.Cluster.{Consensus, MetaMachine}
@@ -27,9 +27,11 @@ defmodule Kuma.Cluster.Meta do
     first(c, &Consensus.engine().query(Cluster.meta_group(c), &1, {MetaMachine, :view, []}, timeout))
   end
 
-  # The first answer from the seeds, this node first if it is one.
+  # The first answer from the group's members: this node's own if it runs one, then the
+  # members it last heard of (Kuma.Cluster.Shards), then the seeds.
   defp first(c, fun) do
-    vias = if node() in c.seeds, do: [node() | c.seeds -- [node()]], else: c.seeds
+    local = if Process.whereis(Cluster.meta_group(c)), do: [node()], else: []
+    vias = Enum.uniq(local ++ Cluster.meta_members(c) ++ c.seeds)
 
     Enum.reduce_while(vias, {:error, :no_seed_reachable}, fn via, _last ->
       case fun.(via) do

@@ -7,6 +7,8 @@ defmodule Kuma.Cluster.MetaMachine do
   #             (Kuma.Cluster.Boot). `key` keys the hashes that stand for entity ids in
   #             shards and keystores: the same on every node, so every replica of a shard
   #             finds an entity at the same place.
+  #   meta_members  the nodes that run members of this group: the seeds, until one leaves
+  #             and hands its member over to another node (Kuma.Cluster.leave/2).
   #   nodes     node => :active | :leaving. The seeds from the start, other nodes once they
   #             register. Shards are placed on active nodes (Kuma.Cluster.placement/4);
   #             a leaving node's shards move away, then it is forgotten; a node down
@@ -33,7 +35,8 @@ defmodule Kuma.Cluster.MetaMachine do
   def apply(_meta, {:join, proposed}, %{identity: nil} = state) do
     {members, identity} = Map.pop(proposed, :shard_members, %{})
     nodes = Map.new(identity.seeds, &{&1, :active})
-    {%{state | identity: identity, nodes: nodes, shards: members}, {:ok, identity}}
+    state = Map.put(%{state | identity: identity, nodes: nodes, shards: members}, :meta_members, identity.seeds)
+    {state, {:ok, identity}}
   end
 
   def apply(_meta, {:join, _proposed}, %{identity: identity} = state), do: {state, {:ok, identity}}
@@ -50,7 +53,7 @@ defmodule Kuma.Cluster.MetaMachine do
       not Map.has_key?(state.nodes, node) ->
         {state, {:error, :not_a_member}}
 
-      node in identity.seeds ->
+      node in meta_members(state) and replacement(state, node) == nil ->
         {state, {:error, :seed}}
 
       state.nodes[node] == :active and length(active) - 1 < identity.replicas ->
@@ -63,6 +66,7 @@ defmodule Kuma.Cluster.MetaMachine do
 
   def apply(_meta, {:forget, node}, %{identity: %{}} = state) do
     holding = for {shard, members} <- state.shards, node in members, do: shard
+    holding = if node in meta_members(state), do: [:metadata | holding], else: holding
 
     if holding == [] do
       {%{state | nodes: Map.delete(state.nodes, node)}, :ok}
@@ -81,6 +85,11 @@ defmodule Kuma.Cluster.MetaMachine do
       do: {state, {:error, {:too_few_nodes, length(active), identity.replicas}}},
       else: {%{state | nodes: Map.delete(state.nodes, node)}, :ok}
   end
+
+  # The members of the metadata group itself, recorded after every change of it (a
+  # member handed over to another node when its node leaves: Kuma.Cluster.leave/2).
+  def apply(_meta, {:meta_members, members}, %{identity: %{}} = state),
+    do: {Map.put(state, :meta_members, members), :ok}
 
   def apply(_meta, {:members, shard, members}, %{identity: %{}} = state),
     do: {%{state | shards: Map.put(state.shards, shard, members)}, :ok}
@@ -144,8 +153,21 @@ defmodule Kuma.Cluster.MetaMachine do
 
   def apply(_meta, _other, state), do: {state, {:error, :unknown_command}}
 
+  # The nodes that run members of the metadata group: the seeds, until one leaves.
+  defp meta_members(state), do: Map.get(state, :meta_members) || state.identity.seeds
+
+  # An active node that could take over a leaving node's member of the metadata group.
+  defp replacement(state, leaving) do
+    members = meta_members(state)
+    Enum.find(Enum.sort(Map.keys(state.nodes)), &(&1 != leaving and &1 not in members and state.nodes[&1] == :active))
+  end
+
   @doc false
-  # A query (run on the leader): the whole state (one written before projections were
-  # kept here has none).
-  def view(state), do: Map.put_new(state, :projections, %{})
+  # A query (run on the leader): the whole state (one written before projections and the
+  # metadata group's own members were kept here has neither).
+  def view(%{identity: identity} = state) do
+    state
+    |> Map.put_new(:projections, %{})
+    |> Map.put(:meta_members, Map.get(state, :meta_members) || (identity && identity.seeds) || [])
+  end
 end

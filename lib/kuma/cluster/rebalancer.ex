@@ -2,7 +2,7 @@ defmodule Kuma.Cluster.Rebalancer do
   @moduledoc false
   # Cluster mode: moves shards so that each is held by the nodes `Kuma.Cluster.placement/4`
   # picks among the active nodes. Runs on every node and acts only where this node's member
-  # of the metadata group leads (one rebalancer at a time; a new one takes over when that
+  # of the metadata group (if it runs one) leads (one rebalancer at a time; a new one takes over when that
   # leader changes, and resumes from what Raft says, never from what it remembers).
   #
   # Every round (2 s, or at once after a round that moved shards): nodes unreachable for
@@ -56,7 +56,6 @@ defmodule Kuma.Cluster.Rebalancer do
   def handle_info(:round, st) do
     st =
       with {:ok, s} <- Store.lookup(st.store),
-           true <- node() in s.cluster.seeds,
            {:ok, leader} <- Consensus.engine().leader(Cluster.meta_group(s.cluster), node(), 1_000),
            true <- leader == node(),
            {:ok, view} <- Meta.view(s.cluster) do
@@ -287,7 +286,10 @@ defmodule Kuma.Cluster.Rebalancer do
     end
   end
 
-  defp caught_up(node, group, index, deadline) do
+  @doc false
+  # Waits until `node`'s member of `group` has applied `index`, until `deadline`.
+  @spec caught_up(node(), atom(), non_neg_integer(), integer()) :: :ok | {:error, :catch_up_timeout}
+  def caught_up(node, group, index, deadline) do
     case remote(node, Consensus.engine(), :local_status, [group]) do
       %{applied_index: applied} when applied >= index ->
         :ok

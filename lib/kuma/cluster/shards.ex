@@ -91,6 +91,7 @@ defmodule Kuma.Cluster.Shards do
   # The members of every shard, as the metadata group has them, for routing.
   defp learn(cluster, view) do
     for {shard, members} <- view.shards, do: Cluster.put_members(cluster, shard, members)
+    Cluster.put_meta_members(cluster, view.meta_members)
     :ok
   end
 
