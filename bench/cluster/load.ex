@@ -31,9 +31,10 @@ defmodule Kuma.Bench.ClusterLoad do
 
   @doc """
   The W1 shape until stopped (`steady_stop/1`): `writers` processes append `batch` to random
-  entities. The OS time (ms) of every acknowledged append is what `steady_stop/1` returns.
+  entities, each at most one append every `interval_ms` (0: as fast as it can). The OS time
+  (ms) of every acknowledged append is what `steady_stop/1` returns.
   """
-  def steady_start(store, writers, batch, entities, seed) do
+  def steady_start(store, writers, batch, entities, seed, interval_ms \\ 0) do
     spawn(fn ->
       flag = :atomics.new(1, [])
 
@@ -41,7 +42,9 @@ defmodule Kuma.Bench.ClusterLoad do
         for w <- 1..writers do
           Task.async(fn ->
             :rand.seed(:exsss, {seed, w, 47})
-            steady_loop(store, batch, entities, flag, [])
+            # Paced writers start spread over one interval.
+            if interval_ms > 0, do: Process.sleep(:rand.uniform(max(round(interval_ms), 1)))
+            steady_loop(store, batch, entities, flag, {interval_ms, System.monotonic_time(:microsecond)}, [])
           end)
         end
 
@@ -64,15 +67,27 @@ defmodule Kuma.Bench.ClusterLoad do
     end
   end
 
-  defp steady_loop(store, batch, entities, flag, acks) do
+  defp steady_loop(store, batch, entities, flag, pace, acks) do
     if :atomics.get(flag, 1) == 1 do
       acks
     else
+      pace = wait_turn(pace)
+
       case Kuma.append(store, "user_#{:rand.uniform(entities)}", batch, timeout: 60_000) do
-        {:ok, _} -> steady_loop(store, batch, entities, flag, [System.os_time(:millisecond) | acks])
-        _ -> steady_loop(store, batch, entities, flag, acks)
+        {:ok, _} -> steady_loop(store, batch, entities, flag, pace, [System.os_time(:millisecond) | acks])
+        _ -> steady_loop(store, batch, entities, flag, pace, acks)
       end
     end
+  end
+
+  # A paced writer's next turn: one interval after the last; a writer that fell behind
+  # (the cluster stalled) starts again from now, rather than bursting to catch up.
+  defp wait_turn({interval_ms, _due} = pace) when interval_ms == 0, do: pace
+
+  defp wait_turn({interval_ms, due}) do
+    now = System.monotonic_time(:microsecond)
+    if due > now, do: Process.sleep(div(due - now, 1000))
+    {interval_ms, max(due, System.monotonic_time(:microsecond)) + round(interval_ms * 1000)}
   end
 
   @doc "Bytes of this node's shard files (with their WAL)."
