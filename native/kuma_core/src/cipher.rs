@@ -101,6 +101,9 @@ pub enum Binding<'a> {
     DataKey { index: &'a [u8; 32] },
     /// The keystore's index key, wrapped by the master key.
     IndexKey,
+    /// A pre-created data key not yet given to an entity (keystore pool `slot`), wrapped
+    /// by the master key.
+    PoolKey { slot: u64 },
 }
 
 impl Binding<'_> {
@@ -123,6 +126,7 @@ impl Binding<'_> {
             Binding::EntityId { index } => with_id(b"kuma-entity-id-v1", index, None),
             Binding::DataKey { index } => with_id(b"kuma-data-key-v1", index, None),
             Binding::IndexKey => b"kuma-index-key-v1".to_vec(),
+            Binding::PoolKey { slot } => with_id(b"kuma-pool-key-v1", &slot.to_be_bytes(), None),
         }
     }
 }

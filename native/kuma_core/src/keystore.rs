@@ -10,6 +10,14 @@
 //!   before anything is read or written.
 //! - The file uses `synchronous=FULL`: a new data key is on disk before any event sealed
 //!   with it can commit (a shard commit after power loss must never outlive its key).
+//! - Keys for new entities are pre-created in durable batches (`pool`, per shard, wrapped
+//!   under `Binding::PoolKey`), so a group commit with new entities costs no keystore
+//!   fsync. Giving a pool key to an entity (`assign`) writes nothing here: the shard's own
+//!   transaction records the claim (slot -> keyed hash) beside the events sealed with it, so
+//!   the pair is as durable as those events. `settle` later moves claimed keys into `keys`
+//!   in one durable transaction; after a crash, `recover_claims` does it from the shard's
+//!   claims before the shard writes anything. Until settled, a claimed key is found in
+//!   memory (`pending`); destroying it deletes its pool row.
 //! - Destroying a key deletes its row with `secure_delete` on and truncates the WAL, so the
 //!   wrapped key is gone from the file; copies of the shards (backups) then hold ciphertext
 //!   that nothing can decrypt.
@@ -33,9 +41,11 @@ use std::sync::{Mutex, RwLock};
 
 /// `PRAGMA application_id` of a keystore: "KUMK".
 pub const APPLICATION_ID: i64 = 0x4B55_4D4B;
-/// 2: the `erased` table.
-const FORMAT_VERSION: u32 = 2;
+/// 2: the `erased` table. 3: the `pool` table.
+const FORMAT_VERSION: u32 = 3;
 const CACHE_CAP: usize = 200_000;
+/// Keys pre-created per shard in one durable transaction when its pool runs out.
+pub const POOL_REFILL: usize = 512;
 
 const SCHEMA: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value ANY) WITHOUT ROWID;
@@ -46,13 +56,30 @@ CREATE TABLE keys (
 ) WITHOUT ROWID;
 ";
 
-/// Tombstones of erased entities (format 2); created on open in older keystores.
+/// Tombstones of erased entities (format 2) and pre-created keys (format 3); created on
+/// open in older keystores.
 const ERASED: &str = "
 CREATE TABLE IF NOT EXISTS erased (
   idx BLOB PRIMARY KEY NOT NULL,      -- keyed hash of the erased entity id
   ts  INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pool (
+  slot    INTEGER PRIMARY KEY,        -- never reused
+  shard   INTEGER NOT NULL,           -- whose writer may give it out
+  wrapped BLOB NOT NULL               -- the key sealed by the master key (Binding::PoolKey)
+);
 ";
+
+/// A pool key given to an entity whose claim is not settled yet.
+#[derive(Clone)]
+struct Pending {
+    shard: u32,
+    slot: u64,
+    key: Key,
+}
+
+/// A claim as a shard records it: pool slot and the keyed hash of the entity given its key.
+pub type Claim = (u64, [u8; 32]);
 
 pub struct Keystore {
     path: PathBuf,
@@ -60,6 +87,10 @@ pub struct Keystore {
     master: RwLock<Key>,
     index_key: Key,
     cache: RwLock<HashMap<[u8; 32], Key>>,
+    /// Free pre-created keys per shard, loaded at the shard's first claim.
+    pools: Mutex<HashMap<u32, Vec<(u64, Key)>>>,
+    /// Claimed pool keys not yet moved into `keys`, by keyed hash.
+    pending: RwLock<HashMap<[u8; 32], Pending>>,
     /// Held (flock) while open; released by `close`.
     lock: Mutex<Option<File>>,
     closed: std::sync::atomic::AtomicBool,
@@ -123,6 +154,8 @@ impl Keystore {
             master: RwLock::new(master),
             index_key,
             cache: RwLock::new(HashMap::new()),
+            pools: Mutex::new(HashMap::new()),
+            pending: RwLock::new(HashMap::new()),
             lock: Mutex::new(Some(lock)),
             closed: std::sync::atomic::AtomicBool::new(false),
         }
@@ -178,6 +211,8 @@ impl Keystore {
     pub fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::Release);
         self.cache.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.pending.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.pools.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
         // Close the file now (removing -wal and -shm), not whenever the store value is
@@ -210,7 +245,10 @@ impl Keystore {
     }
 
     fn cached(&self, index: &[u8; 32]) -> Option<Key> {
-        self.cache.read().unwrap_or_else(|p| p.into_inner()).get(index).cloned()
+        if let Some(k) = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(index) {
+            return Some(k.clone());
+        }
+        self.pending.read().unwrap_or_else(|p| p.into_inner()).get(index).map(|p| p.key.clone())
     }
 
     fn remember(&self, index: [u8; 32], key: Key) {
@@ -309,6 +347,14 @@ impl Keystore {
             return Ok(());
         }
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        // A writer may have given one of them a pool key meanwhile (`assign` holds `conn`).
+        let missing: Vec<[u8; 32]> = {
+            let pending = self.pending.read().unwrap_or_else(|p| p.into_inner());
+            missing.into_iter().filter(|i| !pending.contains_key(i)).collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
         conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("create data keys"))?;
         let mut found = Vec::with_capacity(missing.len());
         let result = (|| -> Result<()> {
@@ -357,6 +403,273 @@ impl Keystore {
                 }
                 Ok(())
             }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives data keys to the entities among `entity_ids` that have none, from shard
+    /// `shard`'s pool of pre-created keys, without writing anything here: the caller must
+    /// record the returned claims in the same shard transaction as the first events sealed
+    /// with them, or hand them back with `unassign` if that transaction fails. Entities with
+    /// a key (in memory or here) keep it; erased ones (a tombstone here) get none. The pool
+    /// is refilled, `POOL_REFILL` keys or as many as needed, in one durable transaction.
+    pub fn assign<'a>(&self, shard: u32, entity_ids: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<Claim>> {
+        self.check_open()?;
+        let mut wanted: Vec<[u8; 32]> = Vec::new();
+        for id in entity_ids {
+            let index = self.index(id);
+            if self.cached(&index).is_none() && !wanted.contains(&index) {
+                wanted.push(index);
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Held until the claims are in `pending`, so that `ensure` (another thread) sees
+        // either the keys made here or none: an entity never gets two keys.
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        // Those with a key or a tombstone here are not new.
+        let mut fresh = Vec::with_capacity(wanted.len());
+        {
+            let mut select = conn
+                .prepare_cached("SELECT wrapped FROM keys WHERE idx = ?1")
+                .map_err(Error::storage("find data key"))?;
+            let mut erased =
+                conn.prepare_cached("SELECT 1 FROM erased WHERE idx = ?1").map_err(Error::storage("find data key"))?;
+            for index in wanted {
+                if erased.exists([&index[..]]).map_err(Error::storage("find data key"))? {
+                    continue;
+                }
+                let existing: Option<Vec<u8>> =
+                    select.query_row([&index[..]], |r| r.get(0)).optional().map_err(Error::storage("find data key"))?;
+                match existing {
+                    Some(w) => {
+                        let key = self.unwrap_row(&index, &w)?;
+                        self.remember(index, key);
+                    }
+                    None => fresh.push(index),
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = match pools.entry(shard) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.load_pool(&conn, shard)?),
+        };
+        if pool.len() < fresh.len() {
+            let more = self.refill(&conn, shard, POOL_REFILL.max(fresh.len() - pool.len()))?;
+            // Popped from the end: the keys already free go first.
+            let old = std::mem::replace(pool, more);
+            pool.extend(old);
+        }
+        let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
+        let mut claims = Vec::with_capacity(fresh.len());
+        for index in fresh {
+            let (slot, key) = pool.pop().expect("pool refilled above");
+            pending.insert(index, Pending { shard, slot, key });
+            claims.push((slot, index));
+        }
+        Ok(claims)
+    }
+
+    /// Hands claims back to their pool (the shard transaction that was to record them
+    /// failed): their keys were never used by anything durable.
+    pub fn unassign(&self, shard: u32, claims: &[Claim]) {
+        // Lock order everywhere: conn, pools, pending.
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
+        let pool = pools.entry(shard).or_default();
+        for (slot, index) in claims {
+            if let Some(p) = pending.remove(index) {
+                debug_assert_eq!(p.slot, *slot);
+                pool.push((p.slot, p.key));
+            }
+        }
+    }
+
+    /// Moves every claim of `shard` from its pool row into `keys`, in one durable
+    /// transaction. Returns the slots whose claims the shard may now delete. Only the
+    /// shard's writer calls it (between its transactions, so every claim is committed).
+    pub fn settle(&self, shard: u32) -> Result<Vec<u64>> {
+        self.check_open()?;
+        let mine: Vec<([u8; 32], Pending)> = self
+            .pending
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, p)| p.shard == shard)
+            .map(|(i, p)| (*i, p.clone()))
+            .collect();
+        if mine.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let master = self.master.read().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("settle data keys"))?;
+        let result = (|| -> Result<()> {
+            let mut insert = conn
+                .prepare_cached("INSERT OR REPLACE INTO keys(idx, wrapped, created) VALUES (?1, ?2, ?3)")
+                .map_err(Error::storage("settle data keys"))?;
+            let mut delete =
+                conn.prepare_cached("DELETE FROM pool WHERE slot = ?1").map_err(Error::storage("settle data keys"))?;
+            for (index, p) in &mine {
+                let wrapped = cipher::seal(&master, Binding::DataKey { index }, p.key.as_bytes());
+                insert
+                    .execute(params![&index[..], wrapped, clock::now_us()])
+                    .map_err(Error::storage("settle data keys"))?;
+                delete.execute([p.slot as i64]).map_err(Error::storage("settle data keys"))?;
+            }
+            Ok(())
+        })();
+        drop(master);
+        if let Err(e) = result.and_then(|_| conn.execute_batch("COMMIT").map_err(Error::storage("settle data keys"))) {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+        drop(conn);
+        let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
+        let mut slots = Vec::with_capacity(mine.len());
+        for (index, p) in mine {
+            // Still the same claim (not destroyed meanwhile: the writer is the only caller
+            // of both for its shard).
+            if pending.get(&index).is_some_and(|q| q.slot == p.slot) {
+                pending.remove(&index);
+            }
+            self.remember(index, p.key);
+            slots.push(p.slot);
+        }
+        Ok(slots)
+    }
+
+    /// After a crash: settles the claims a shard recorded (with whether the shard holds a
+    /// tombstone of the claimed entity) before its writer gives out anything. A claim whose
+    /// key is already in `keys` only loses its pool row if one is left; an erased entity's
+    /// pool key is destroyed (and its tombstone recorded here); the rest move into `keys`.
+    /// A claim whose key is in neither place is an error: events sealed with it exist.
+    pub fn recover_claims(&self, claims: &[(u64, [u8; 32], bool)]) -> Result<()> {
+        self.check_open()?;
+        if claims.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let master = self.master.read().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("recover data keys"))?;
+        let mut destroyed = false;
+        let result = (|| -> Result<()> {
+            for (slot, index, erased_in_shard) in claims {
+                let erased = *erased_in_shard
+                    || conn
+                        .prepare_cached("SELECT 1 FROM erased WHERE idx = ?1")
+                        .and_then(|mut st| st.exists([&index[..]]))
+                        .map_err(Error::storage("recover data keys"))?;
+                let has_key = conn
+                    .prepare_cached("SELECT 1 FROM keys WHERE idx = ?1")
+                    .and_then(|mut st| st.exists([&index[..]]))
+                    .map_err(Error::storage("recover data keys"))?;
+                let pooled: Option<Vec<u8>> = conn
+                    .prepare_cached("SELECT wrapped FROM pool WHERE slot = ?1")
+                    .and_then(|mut st| st.query_row([*slot as i64], |r| r.get(0)).optional())
+                    .map_err(Error::storage("recover data keys"))?;
+                if erased {
+                    conn.execute("DELETE FROM keys WHERE idx = ?1", [&index[..]])
+                        .map_err(Error::storage("recover data keys"))?;
+                    conn.execute(
+                        "INSERT OR IGNORE INTO erased(idx, ts) VALUES (?1, ?2)",
+                        params![&index[..], clock::now_us()],
+                    )
+                    .map_err(Error::storage("recover data keys"))?;
+                    destroyed = true;
+                } else if let (false, Some(wrapped)) = (has_key, &pooled) {
+                    let key = cipher::open(&master, Binding::PoolKey { slot: *slot }, wrapped)
+                        .map_err(|why| Error::Corrupt { seq: 0, why: format!("pool key in keystore: {why}") })?;
+                    conn.execute(
+                        "INSERT INTO keys(idx, wrapped, created) VALUES (?1, ?2, ?3)",
+                        params![&index[..], cipher::seal(&master, Binding::DataKey { index }, &key), clock::now_us()],
+                    )
+                    .map_err(Error::storage("recover data keys"))?;
+                } else if !has_key {
+                    return Err(Error::Corrupt {
+                        seq: 0,
+                        why: format!("a shard claims pool key {slot}, which the keystore no longer has"),
+                    });
+                }
+                if pooled.is_some() {
+                    conn.execute("DELETE FROM pool WHERE slot = ?1", [*slot as i64])
+                        .map_err(Error::storage("recover data keys"))?;
+                }
+            }
+            Ok(())
+        })();
+        drop(master);
+        if let Err(e) = result.and_then(|_| conn.execute_batch("COMMIT").map_err(Error::storage("recover data keys"))) {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+        if destroyed {
+            sqlite::truncate_wal(&conn, "keystore checkpoint")?;
+        }
+        Ok(())
+    }
+
+    /// The free pre-created keys of `shard` (every pool row of it: the shard's claims were
+    /// recovered when its writer opened).
+    fn load_pool(&self, conn: &Connection, shard: u32) -> Result<Vec<(u64, Key)>> {
+        let rows: Vec<(i64, Vec<u8>)> = conn
+            .prepare_cached("SELECT slot, wrapped FROM pool WHERE shard = ?1 ORDER BY slot DESC")
+            .and_then(|mut st| st.query_map([shard], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .map_err(Error::storage("read key pool"))?;
+        let master = self.master.read().unwrap_or_else(|p| p.into_inner());
+        rows.into_iter()
+            .map(|(slot, wrapped)| {
+                let slot = slot as u64;
+                let bytes = cipher::open(&master, Binding::PoolKey { slot }, &wrapped)
+                    .map_err(|why| Error::Corrupt { seq: 0, why: format!("pool key in keystore: {why}") })?;
+                Ok((slot, Key::from_bytes(&bytes)?))
+            })
+            .collect()
+    }
+
+    /// Creates `n` keys for `shard`'s pool in one durable transaction; returns them, the
+    /// highest slot first (popped last).
+    fn refill(&self, conn: &Connection, shard: u32, n: usize) -> Result<Vec<(u64, Key)>> {
+        let master = self.master.read().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("create data keys"))?;
+        let result = (|| -> Result<Vec<(u64, Key)>> {
+            let mut next: u64 = conn
+                .query_row("SELECT coalesce(max(slot), 0) FROM pool", [], |r| r.get::<_, i64>(0))
+                .map_err(Error::storage("create data keys"))? as u64;
+            // Slots are never reused: one past every slot ever given out is kept in meta.
+            let floor: Option<i64> = conn
+                .query_row("SELECT value FROM meta WHERE key = 'pool_next'", [], |r| r.get(0))
+                .optional()
+                .map_err(Error::storage("create data keys"))?;
+            next = next.max(floor.unwrap_or(0) as u64);
+            let mut insert = conn
+                .prepare_cached("INSERT INTO pool(slot, shard, wrapped) VALUES (?1, ?2, ?3)")
+                .map_err(Error::storage("create data keys"))?;
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                next += 1;
+                let key = Key::random()?;
+                let wrapped = cipher::seal(&master, Binding::PoolKey { slot: next }, key.as_bytes());
+                insert.execute(params![next as i64, shard, wrapped]).map_err(Error::storage("create data keys"))?;
+                out.push((next, key));
+            }
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('pool_next', ?1)", [next as i64])
+                .map_err(Error::storage("create data keys"))?;
+            out.reverse();
+            Ok(out)
+        })();
+        match result
+            .and_then(|out| conn.execute_batch("COMMIT").map(|_| out).map_err(Error::storage("commit data keys")))
+        {
+            Ok(out) => Ok(out),
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
                 Err(e)
@@ -533,12 +846,19 @@ impl Keystore {
     pub fn destroy_index(&self, index: &[u8; 32]) -> Result<bool> {
         self.check_open()?;
         let index = *index;
+        // A key claimed but not settled lives in its pool row.
+        let pending = self.pending.read().unwrap_or_else(|p| p.into_inner()).get(&index).map(|p| p.slot);
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("destroy data key"))?;
         let deleted = (|| -> Result<usize> {
-            let n = conn
+            let mut n = conn
                 .execute("DELETE FROM keys WHERE idx = ?1", [&index[..]])
                 .map_err(Error::storage("destroy data key"))?;
+            if let Some(slot) = pending {
+                n += conn
+                    .execute("DELETE FROM pool WHERE slot = ?1", [slot as i64])
+                    .map_err(Error::storage("destroy data key"))?;
+            }
             conn.execute("INSERT OR IGNORE INTO erased(idx, ts) VALUES (?1, ?2)", params![&index[..], clock::now_us()])
                 .map_err(Error::storage("destroy data key"))?;
             Ok(n)
@@ -552,6 +872,7 @@ impl Keystore {
             }
         };
         self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(&index);
+        self.pending.write().unwrap_or_else(|p| p.into_inner()).remove(&index);
         sqlite::truncate_wal(&conn, "keystore checkpoint")?;
         Ok(n > 0)
     }
@@ -592,6 +913,21 @@ impl Keystore {
                     count += 1;
                 }
             }
+            // Pre-created keys are rewrapped too (a few hundred per shard at most).
+            let pool: Vec<(i64, Vec<u8>)> = conn
+                .prepare("SELECT slot, wrapped FROM pool")
+                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(Error::storage("rotate master key"))?;
+            for (slot, wrapped) in pool {
+                let binding = Binding::PoolKey { slot: slot as u64 };
+                let key = cipher::open(&master, binding, &wrapped)
+                    .map_err(|why| Error::Corrupt { seq: 0, why: format!("pool key in keystore: {why}") })?;
+                conn.execute(
+                    "UPDATE pool SET wrapped = ?2 WHERE slot = ?1",
+                    params![slot, cipher::seal(&new_master, binding, &key)],
+                )
+                .map_err(Error::storage("rotate master key"))?;
+            }
             let wrapped_index = cipher::seal(&new_master, Binding::IndexKey, self.index_key.as_bytes());
             conn.execute("UPDATE meta SET value = ?1 WHERE key = 'index_key'", [wrapped_index])
                 .map_err(Error::storage("rotate master key"))?;
@@ -601,6 +937,8 @@ impl Keystore {
             Ok(count) => {
                 conn.execute_batch("COMMIT").map_err(Error::storage("rotate master key"))?;
                 *master = new_master;
+                // Claimed keys not yet settled are data keys too (rewrapped in the pool).
+                let count = count + self.pending.read().unwrap_or_else(|p| p.into_inner()).len() as u64;
                 // The old wrapped keys must not linger in the WAL.
                 sqlite::truncate_wal(&conn, "keystore checkpoint")?;
                 Ok(count)
@@ -675,5 +1013,129 @@ mod tests {
         let ks = Keystore::open(&path, new, "s1").unwrap();
         let after: Vec<[u8; 32]> = ids.iter().map(|i| *ks.get(i).unwrap().unwrap().as_bytes()).collect();
         assert_eq!(before, after);
+    }
+
+    fn pool_rows(path: &Path) -> Vec<(i64, i64)> {
+        let c = Connection::open(path).unwrap();
+        let mut st = c.prepare("SELECT slot, shard FROM pool ORDER BY slot").unwrap();
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<rusqlite::Result<_>>().unwrap();
+        rows
+    }
+
+    #[test]
+    fn pool_keys_are_claimed_without_a_write_and_settled_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.kuma");
+        let master = Key::random().unwrap();
+        let ks = Keystore::create(&path, master.clone(), "s1", 0o600).unwrap();
+        let claims = ks.assign(3, [&b"alice"[..], &b"bob"[..], &b"alice"[..]]).unwrap();
+        assert_eq!(claims.len(), 2, "one claim per new entity");
+        assert_eq!(claims[0].1, ks.index(b"alice"));
+        // The pool was filled for shard 3, durably; the claimed keys are found in memory.
+        assert_eq!(pool_rows(&path).len(), POOL_REFILL);
+        assert!(pool_rows(&path).iter().all(|(_, shard)| *shard == 3));
+        let alice = ks.get(b"alice").unwrap().unwrap();
+        assert!(ks.is_cached(b"bob"));
+        // Claimed again: no new claim.
+        assert!(ks.assign(3, [&b"alice"[..]]).unwrap().is_empty());
+        // Settling moves them under their entities and out of the pool.
+        let mut slots = ks.settle(3).unwrap();
+        slots.sort();
+        let mut claimed: Vec<u64> = claims.iter().map(|c| c.0).collect();
+        claimed.sort();
+        assert_eq!(slots, claimed);
+        assert_eq!(pool_rows(&path).len(), POOL_REFILL - 2);
+        assert!(ks.settle(3).unwrap().is_empty());
+        drop(ks);
+        let ks = Keystore::open(&path, master.clone(), "s1").unwrap();
+        assert_eq!(ks.get(b"alice").unwrap().unwrap().as_bytes(), alice.as_bytes());
+        assert!(ks.get(b"bob").unwrap().is_some());
+        // The other free keys are given out after a reopen, never the settled ones again.
+        let more = ks.assign(3, [&b"carol"[..]]).unwrap();
+        assert!(!claimed.contains(&more[0].0));
+        // Another shard has its own pool.
+        let other = ks.assign(4, [&b"dave"[..]]).unwrap();
+        assert_eq!(pool_rows(&path).iter().filter(|(_, shard)| *shard == 4).count(), POOL_REFILL);
+        assert!(other[0].0 > more[0].0);
+    }
+
+    #[test]
+    fn claims_left_by_a_crash_are_recovered_from_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.kuma");
+        let master = Key::random().unwrap();
+        let ks = Keystore::create(&path, master.clone(), "s1", 0o600).unwrap();
+        let claims = ks.assign(0, [&b"alice"[..], &b"gone"[..]]).unwrap();
+        let alice = ks.get(b"alice").unwrap().unwrap();
+        // A crash: nothing settled, the claims only in the shard.
+        drop(ks);
+        let ks = Keystore::open(&path, master.clone(), "s1").unwrap();
+        assert!(ks.get(b"alice").unwrap().is_none(), "claimed keys are not under their entities yet");
+        let erased_in_shard = |i: &[u8; 32]| *i == ks.index(b"gone");
+        let recovered: Vec<(u64, [u8; 32], bool)> =
+            claims.iter().map(|(slot, idx)| (*slot, *idx, erased_in_shard(idx))).collect();
+        ks.recover_claims(&recovered).unwrap();
+        assert_eq!(ks.get(b"alice").unwrap().unwrap().as_bytes(), alice.as_bytes());
+        // The erased one lost its key for good and stays keyless.
+        assert!(ks.get(b"gone").unwrap().is_none());
+        assert!(ks.is_erased_index(&ks.index(b"gone")).unwrap());
+        assert!(ks.assign(0, [&b"gone"[..]]).unwrap().is_empty());
+        let slots: Vec<i64> = pool_rows(&path).iter().map(|r| r.0).collect();
+        assert!(claims.iter().all(|(slot, _)| !slots.contains(&(*slot as i64))));
+        // Recovering again (a crash before the shard deleted its claims) changes nothing.
+        ks.recover_claims(&recovered).unwrap();
+        assert_eq!(ks.get(b"alice").unwrap().unwrap().as_bytes(), alice.as_bytes());
+        // A claim whose key is nowhere is refused: events sealed with it would be lost.
+        let lost = [(9_999_999u64, ks.index(b"nobody"), false)];
+        assert!(matches!(ks.recover_claims(&lost), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn unassigned_claims_return_and_destroyed_claims_leave_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.kuma");
+        let master = Key::random().unwrap();
+        let ks = Keystore::create(&path, master.clone(), "s1", 0o600).unwrap();
+        let first = ks.assign(1, [&b"a"[..]]).unwrap();
+        let key = ks.get(b"a").unwrap().unwrap();
+        ks.unassign(1, &first);
+        assert!(ks.get(b"a").unwrap().is_none());
+        // The same pool key goes to the next new entity.
+        let again = ks.assign(1, [&b"b"[..]]).unwrap();
+        assert_eq!(again[0].0, first[0].0);
+        assert_eq!(ks.get(b"b").unwrap().unwrap().as_bytes(), key.as_bytes());
+        // Destroying a claimed key deletes its pool row at once.
+        assert!(ks.destroy(b"b").unwrap());
+        assert!(ks.get(b"b").unwrap().is_none());
+        assert!(!pool_rows(&path).iter().any(|r| r.0 == again[0].0 as i64));
+        assert!(ks.settle(1).unwrap().is_empty());
+        assert!(ks.assign(1, [&b"b"[..]]).unwrap().is_empty(), "erased: never a key again");
+        // `ensure` from another caller does not give a claimed entity a second key.
+        ks.assign(1, [&b"c"[..]]).unwrap();
+        let c = ks.get(b"c").unwrap().unwrap();
+        ks.ensure([&b"c"[..]]).unwrap();
+        ks.settle(1).unwrap();
+        drop(ks);
+        let ks = Keystore::open(&path, master, "s1").unwrap();
+        assert_eq!(ks.get(b"c").unwrap().unwrap().as_bytes(), c.as_bytes());
+    }
+
+    #[test]
+    fn rotation_rewraps_the_pool_and_claimed_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.kuma");
+        let old = Key::random().unwrap();
+        let new = Key::random().unwrap();
+        let ks = Keystore::create(&path, old.clone(), "s1", 0o600).unwrap();
+        let claims = ks.assign(0, [&b"claimed"[..]]).unwrap();
+        let claimed = ks.get(b"claimed").unwrap().unwrap();
+        ks.ensure([&b"plain"[..]]).unwrap();
+        assert_eq!(ks.rotate(new.clone()).unwrap(), 2);
+        drop(ks);
+        let ks = Keystore::open(&path, new, "s1").unwrap();
+        ks.recover_claims(&[(claims[0].0, claims[0].1, false)]).unwrap();
+        assert_eq!(ks.get(b"claimed").unwrap().unwrap().as_bytes(), claimed.as_bytes());
+        // The free pool keys open under the new master key too.
+        assert_eq!(ks.assign(0, [&b"next"[..]]).unwrap().len(), 1);
     }
 }

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 pub const APPLICATION_ID: i64 = 0x4B55_4D41;
 /// `PRAGMA user_version`: the shard format version this build reads and writes.
 /// 2: events.scope and the query indexes. 3: entities are found by a keyed hash of their id
-/// and store the id sealed; snapshots are a rowid table.
-pub const FORMAT_VERSION: u32 = 3;
+/// and store the id sealed; snapshots are a rowid table. 4: `key_claims`.
+pub const FORMAT_VERSION: u32 = 4;
 /// Every `SKIP_EVERY`-th event of an entity gets a row in `skips`.
 pub const SKIP_EVERY: u64 = 64;
 
@@ -75,6 +75,17 @@ CREATE TABLE snapshots (
   data    BLOB NOT NULL
 );
 CREATE UNIQUE INDEX snapshots_by_entity ON snapshots(eid, seq);
+CREATE TABLE key_claims (
+  slot INTEGER PRIMARY KEY,           -- the keystore pool slot whose key this entity got
+  idx  BLOB NOT NULL                  -- keyed hash of the entity id
+);
+";
+
+/// Format 4: pre-created data keys given to new entities, recorded in the transaction of
+/// their first events and deleted once the keystore holds them under the entity (see
+/// keystore.rs). Empty in plain and cluster stores.
+const KEY_CLAIMS: &str = "
+CREATE TABLE IF NOT EXISTS key_claims (slot INTEGER PRIMARY KEY, idx BLOB NOT NULL);
 ";
 
 /// Indexes for queries across entities (format 2). Both are ordered by position after their
@@ -169,6 +180,14 @@ pub fn open(path: &Path, expected: &ShardIdentity, sync: SyncMode) -> Result<(Co
     Ok((conn, version.max(2)))
 }
 
+/// Format 3 -> 4: the `key_claims` table (a new table: nothing is rewritten).
+pub fn migrate_to_4(conn: &Connection) -> Result<()> {
+    conn.execute_batch(&format!("BEGIN IMMEDIATE; {KEY_CLAIMS} PRAGMA user_version = 4; COMMIT;")).map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        Error::storage("upgrade shard to format 4")(e)
+    })
+}
+
 /// Format 1 -> 2: events get their `scope` column and the two query indexes. Adding a
 /// nullable column rewrites nothing; building the indexes reads every event once.
 fn migrate_to_2(conn: &Connection) -> Result<()> {
@@ -222,7 +241,7 @@ pub fn migrate_to_3(conn: &Connection, seal: impl Fn(&[u8]) -> Result<([u8; 32],
                 .execute(rusqlite::params![eid, &idx[..], sealed, seq, pos, ts, hash])
                 .map_err(Error::storage("upgrade shard to format 3"))?;
         }
-        conn.execute_batch(&format!("DROP TABLE entities_v2; PRAGMA user_version = {FORMAT_VERSION};"))
+        conn.execute_batch("DROP TABLE entities_v2; PRAGMA user_version = 3;")
             .map_err(Error::storage("upgrade shard to format 3"))
     };
     if let Err(e) = upgrade() {

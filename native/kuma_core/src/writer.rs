@@ -13,8 +13,9 @@
 //! - Every request gets exactly one answer, also when the transaction fails or a panic is
 //!   caught; the thread itself never unwinds.
 //! - In encrypted stores, the data keys of every entity in a group are durable in the
-//!   keystore before the group's transaction begins; payload, metadata and snapshots are
-//!   sealed here, and the chain hash covers the sealed bytes.
+//!   keystore before the group's transaction begins (a new entity's key was pre-created in
+//!   its shard's pool, and the transaction records its claim: keystore.rs); payload,
+//!   metadata and snapshots are sealed here, and the chain hash covers the sealed bytes.
 //! - An erased entity (tombstone) is never written again: its appends get `Erased`.
 
 use crate::chain::{Chainer, GENESIS};
@@ -22,6 +23,7 @@ use crate::clock;
 use crate::codec::{Expected, NewEvent};
 use crate::error::{Error, Result};
 use crate::heads::{hash_from, Head, Heads};
+use crate::keystore::Claim;
 use crate::protection::Protection;
 use crate::reader::{bytes, head_on_disk};
 use crate::replica::{self, Outcome, PreparedAppend, PreparedErase, Replicated};
@@ -324,7 +326,17 @@ pub(crate) struct ShardWriter {
     sync: SyncMode,
     file_mode: u32,
     replicated: bool,
+    /// Pre-created keys this group is giving to new entities (recorded in its transaction;
+    /// handed back to the pool if it fails).
+    claiming: Vec<Claim>,
+    /// Claims committed and not yet settled in the keystore.
+    unsettled: usize,
 }
+
+/// Claims a shard lets pile up before the keystore settles them (one durable keystore
+/// transaction, then their rows are deleted here); they are settled when idle and at stop
+/// too. Bounded so that recovering them after a crash stays quick.
+const SETTLE_AT: usize = 4096;
 
 /// A shard a writer thread opens (or creates) and then serves.
 pub(crate) struct ShardSpec {
@@ -478,6 +490,9 @@ fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
                     if w.erasures_pending {
                         w.retry_erasures();
                     }
+                    if w.unsettled > 0 {
+                        w.settle_keys();
+                    }
                 }
                 continue;
             }
@@ -499,9 +514,15 @@ fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
             w.run(batch);
         }
     }
-    // Clean shutdown: persist every head so the next open replays nothing.
-    for w in shards.iter_mut().filter(|w| !w.dirty.is_empty()) {
-        w.group_commit(vec![Command::barrier(Box::new(|_| {}))]);
+    // Clean shutdown: persist every head so the next open replays nothing, and settle
+    // every claimed key.
+    for w in shards.iter_mut() {
+        if !w.dirty.is_empty() {
+            w.group_commit(vec![Command::barrier(Box::new(|_| {}))]);
+        }
+        if w.unsettled > 0 {
+            w.settle_keys();
+        }
     }
 }
 
@@ -549,6 +570,9 @@ impl ShardWriter {
                     Ok((idx, p.seal_id(p.data_key(id)?.as_ref(), &idx, id)))
                 })?;
             }
+            if format < 4 {
+                shard::migrate_to_4(&conn)?;
+            }
             conn
         };
         ShardWriter::recover(spec, conn, shared)
@@ -579,6 +603,8 @@ impl ShardWriter {
             sync: shared.sync,
             file_mode: shared.file_mode,
             replicated: shared.replicated,
+            claiming: Vec::new(),
+            unsettled: 0,
         };
         writer.load()?;
         Ok(writer)
@@ -611,6 +637,8 @@ impl ShardWriter {
         self.dirty.clear();
         self.events_since_checkpoint = 0;
         self.dirty_since = None;
+        // Claimed keys first: recovering heads opens the ids sealed under them.
+        self.recover_claims()?;
         self.replay_tail(checkpoint)?;
         // An erasure that cannot be finished now (the keystore's disk is full) does not
         // keep the store closed: it is retried while the store runs.
@@ -802,6 +830,7 @@ impl ShardWriter {
                 if self.next_pos != start_pos {
                     self.commits.publish(self.index, self.next_pos - 1);
                 }
+                self.unsettled += std::mem::take(&mut self.claiming).len();
                 if !erased.is_empty() {
                     self.finish_erased(erased, &mut batch);
                 }
@@ -809,11 +838,18 @@ impl ShardWriter {
                 for command in batch {
                     command.answer(None);
                 }
+                if self.unsettled >= SETTLE_AT {
+                    self.settle_keys();
+                }
             }
             Err(e) => {
                 // Nothing of this transaction is on disk: undo our in-memory view too.
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.next_pos = start_pos;
+                let claiming = std::mem::take(&mut self.claiming);
+                if let (Some(keystore), false) = (self.protection.keystore(), claiming.is_empty()) {
+                    keystore.unassign(self.index, &claiming);
+                }
                 if replicating {
                     self.replica_failed = Some(e.clone());
                 }
@@ -848,8 +884,9 @@ impl ShardWriter {
     /// it, and commits. An error means nothing of the batch was kept and nothing in memory
     /// changed. Returns the ids erased by the batch (committed, their keys still to destroy).
     fn write_transaction(&mut self, batch: &mut [Command]) -> Result<Vec<Vec<u8>>> {
-        // Data keys first, durably, in one keystore transaction for the whole group; never
-        // for an erased id (its appends are refused below, and it must stay keyless).
+        // Data keys first: new entities get pre-created (already durable) keys, claimed in
+        // this transaction; never an erased id (its appends are refused below, and it must
+        // stay keyless).
         if let Some(keystore) = self.protection.keystore() {
             // Keys are made only for entities without events: a key missing for one that has
             // events is an error (KeyMissing), never replaced by a new key under which its
@@ -868,10 +905,19 @@ impl ShardWriter {
                     }
                 }
             }
-            keystore.ensure(fresh)?;
+            self.claiming = keystore.assign(self.index, fresh)?;
         }
         let installed = self.install_replicated_keys(batch)?;
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("begin transaction"))?;
+        if !self.claiming.is_empty() {
+            let mut claim = self
+                .conn
+                .prepare_cached("INSERT INTO key_claims(slot, idx) VALUES (?1, ?2)")
+                .map_err(Error::storage("claim data keys"))?;
+            for (slot, idx) in &self.claiming {
+                claim.execute(params![*slot as i64, &idx[..]]).map_err(Error::storage("claim data keys"))?;
+            }
+        }
         let mut txn = Txn::default();
         for command in batch {
             match command {
@@ -1420,10 +1466,7 @@ impl ShardWriter {
             keystore.destroy(entity_id)?;
         }
         let index = self.protection.index(entity_id);
-        self.conn
-            .execute("UPDATE tombstones SET key_destroyed = 1 WHERE idx = ?1", [&index[..]])
-            .map_err(Error::storage("update tombstone"))?;
-        Ok(())
+        self.key_destroyed(&index[..])
     }
 
     /// Copies the shard's tombstones into the keystore (keystores written before it kept
@@ -1472,10 +1515,78 @@ impl ShardWriter {
             if let (Some(keystore), Ok(index)) = (self.protection.keystore(), <[u8; 32]>::try_from(idx.as_slice())) {
                 keystore.destroy_index(&index)?;
             }
-            self.conn
-                .execute("UPDATE tombstones SET key_destroyed = 1 WHERE idx = ?1", [&idx])
-                .map_err(Error::storage("update tombstone"))?;
+            self.key_destroyed(&idx)?;
         }
+        Ok(())
+    }
+
+    /// Records on an erased entity's tombstone that its key is gone; a claim of a pool key
+    /// it may have had goes with it (the keystore deleted that pool row).
+    fn key_destroyed(&self, idx: &[u8]) -> Result<()> {
+        self.conn
+            .execute("UPDATE tombstones SET key_destroyed = 1 WHERE idx = ?1", [idx])
+            .map_err(Error::storage("update tombstone"))?;
+        self.conn
+            .execute("DELETE FROM key_claims WHERE idx = ?1", [idx])
+            .map_err(Error::storage("update tombstone"))?;
+        Ok(())
+    }
+
+    /// Has the keystore move this shard's claimed keys under their entities, then deletes
+    /// the claims. On failure (a full disk under the keystore) they stay claimed, found in
+    /// memory, and are settled at the next idle tick or open.
+    fn settle_keys(&mut self) {
+        let Some(keystore) = self.protection.keystore() else {
+            self.unsettled = 0;
+            return;
+        };
+        let settled = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
+            let slots = keystore.settle(self.index)?;
+            if slots.is_empty() {
+                return Ok(());
+            }
+            self.conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("delete key claims"))?;
+            let deleted = (|| -> Result<()> {
+                let mut delete = self
+                    .conn
+                    .prepare_cached("DELETE FROM key_claims WHERE slot = ?1")
+                    .map_err(Error::storage("delete key claims"))?;
+                for slot in &slots {
+                    delete.execute([*slot as i64]).map_err(Error::storage("delete key claims"))?;
+                }
+                Ok(())
+            })()
+            .and_then(|_| self.conn.execute_batch("COMMIT").map_err(Error::storage("delete key claims")));
+            if deleted.is_err() {
+                // The claims stay; the next open finds their keys settled and drops them.
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            Ok(())
+        }));
+        if matches!(settled, Ok(Ok(()))) {
+            self.unsettled = 0;
+        }
+    }
+
+    /// After a crash (or a stop that could not settle): the keystore settles the claims
+    /// left in this shard before it gives out any key, then they are deleted.
+    fn recover_claims(&mut self) -> Result<()> {
+        let Some(keystore) = self.protection.keystore() else { return Ok(()) };
+        let claims: Vec<(u64, [u8; 32], bool)> = self
+            .conn
+            .prepare(
+                "SELECT c.slot, c.idx, t.idx IS NOT NULL FROM key_claims c LEFT JOIN tombstones t ON t.idx = c.idx",
+            )
+            .map_err(Error::storage("read key claims"))?
+            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, hash_from(bytes(r.get_ref(1)?)), r.get(2)?)))
+            .map_err(Error::storage("read key claims"))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(Error::storage("read key claims"))?;
+        if claims.is_empty() {
+            return Ok(());
+        }
+        keystore.recover_claims(&claims)?;
+        self.conn.execute("DELETE FROM key_claims", []).map_err(Error::storage("delete key claims"))?;
         Ok(())
     }
 }

@@ -437,3 +437,65 @@ fn no_erased_id_survives_in_the_files_at_scale_encrypted() {
 fn no_erased_id_survives_in_the_files_at_scale_plain() {
     scale_case(false);
 }
+
+/// Copies a data dir while its store runs: what `kill -9` would leave (lock files aside).
+fn crash_copy_all(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            crash_copy_all(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+fn claims_in(dir: &Path) -> i64 {
+    (0..2)
+        .map(|s| {
+            Connection::open(dir.join(format!("shards/{s:03}.kuma")))
+                .unwrap()
+                .query_row("SELECT count(*) FROM key_claims", [], |r| r.get::<_, i64>(0))
+                .unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn keys_given_from_the_pool_survive_a_crash_and_erasure_destroys_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path(), Some(master()))).unwrap();
+    let ids: Vec<String> = (0..50).map(|i| format!("new-{i}")).collect();
+    for id in &ids {
+        store.append_wait(id.as_bytes(), Expected::Any, vec![ev(&format!("{id}-A"))]).unwrap();
+    }
+    // Every new entity got a pool key, claimed in its shard.
+    assert_eq!(claims_in(dir.path()), 50, "claims settled before this check");
+    // Erased while its key is only claimed (not yet settled in the keystore): the pool row
+    // and the claim go.
+    store.delete_wait(b"new-7").unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    crash_copy_all(dir.path(), copy.path());
+    store.close().unwrap();
+    drop(store);
+    // The crash left the keys claimed: the shards hold the claims, the keystore the pool.
+    assert_eq!(claims_in(copy.path()), 49, "the crash copy was taken after the claims settled");
+    let store = Store::open(config(copy.path(), Some(master()))).unwrap();
+    for id in ids.iter().filter(|id| *id != "new-7") {
+        let events = store.read_entity(id.as_bytes(), 1, 10).unwrap();
+        assert_eq!(events[0].payload, format!("payload-{id}-A").into_bytes(), "{id}");
+    }
+    assert!(matches!(store.read_entity(b"new-7", 1, 10), Err(Error::Erased)));
+    assert!(matches!(store.append_wait(b"new-7", Expected::Any, vec![ev("again")]), Err(Error::Erased)));
+    // Settled at open: no claim is left, and entities made after it get keys of their own.
+    assert_eq!(claims_in(copy.path()), 0);
+    store.append_wait(b"after", Expected::Any, vec![ev("after")]).unwrap();
+    store.close().unwrap();
+    drop(store);
+    assert_eq!(claims_in(copy.path()), 0, "a clean stop settles its claims");
+    let store = Store::open(config(copy.path(), Some(master()))).unwrap();
+    assert_eq!(store.read_entity(b"after", 1, 1).unwrap()[0].payload, b"payload-after");
+    assert_eq!(store.read_entity(b"new-3", 1, 1).unwrap()[0].payload, b"payload-new-3-A");
+}
