@@ -26,6 +26,7 @@ defmodule Kuma.Bench do
     {"PROJ", Kuma.Bench.Proj, "projections under W1 load, subscriber, catch-up replay"},
     {"MEM", Kuma.Bench.Memory, "memory per idle live entity"},
     {"PG", Kuma.Bench.Postgres, "W1 and W2 shapes against PostgreSQL, same machine, same run"},
+    {"REDIS", Kuma.Bench.Redis, "W1 and W2 shapes against Redis streams (AOF), same machine, same run"},
     {"NIF", Kuma.Bench.NifCost, "scheduler time of an append NIF call"},
     {"CLUSTER", Kuma.Bench.ClusterBench, "cluster mode on 3 local nodes beside single node: W1, W2, failover"}
   ]
@@ -67,26 +68,47 @@ defmodule Kuma.Bench do
     write_results(facts, quick, results)
   end
 
-  # Kuma beside PostgreSQL when both ran in this session.
-  defp side_by_side(%{"PG" => %{rows: pg}} = results) do
-    IO.puts("Side by side (same machine, same run; PostgreSQL synchronous_commit off/on vs Kuma sync normal/full)")
+  # Kuma beside the peers that ran in this session: PostgreSQL (synchronous_commit off/on)
+  # and Redis (appendfsync everysec/always) beside Kuma's sync normal/full.
+  defp side_by_side(results) do
+    peers =
+      [
+        {"PG", "PostgreSQL", :synchronous_commit, [normal: "off", full: "on"]},
+        {"REDIS", "Redis", :appendfsync, [normal: "everysec", full: "always"]}
+      ]
+      |> Enum.filter(fn {name, _, _, _} -> match?(%{rows: _}, results[name]) end)
 
-    for %{sync: sync} = row <- pg do
-      w1 = get_in(results, ["W1", :rows]) |> List.wrap() |> Enum.find(&(&1.sync == sync))
-      w2 = get_in(results, ["W2", :rows]) |> List.wrap() |> Enum.find(&(&1.sync == sync and &1.op == :execute))
-      kuma_w1 = if w1, do: Kuma.Bench.Progress.fmt(w1.kuma.events_per_sec), else: "(not run)"
-      kuma_w2 = if w2, do: Kuma.Bench.Progress.fmt(w2.events_per_sec), else: "(not run)"
+    if peers != [] and (results["W1"] || results["W2"]) do
+      IO.puts("Side by side (same machine, same run; ratio = Kuma / peer)")
 
-      IO.puts(
-        "  sync=#{sync}: W1 Kuma #{kuma_w1} vs PostgreSQL #{Kuma.Bench.Progress.fmt(row.w1_events_per_sec)} ev/s; " <>
-          "W2 Kuma #{kuma_w2} vs PostgreSQL #{Kuma.Bench.Progress.fmt(row.w2_events_per_sec)} ev/s"
-      )
+      for sync <- [:normal, :full] do
+        w1 = get_in(results, ["W1", :rows]) |> List.wrap() |> Enum.find(&(&1.sync == sync))
+        w2 = get_in(results, ["W2", :rows]) |> List.wrap() |> Enum.find(&(&1.sync == sync and &1.op == :execute))
+        kuma_w1 = w1 && w1.kuma.events_per_sec
+        kuma_w2 = w2 && w2.events_per_sec
+
+        for {name, label, key, modes} <- peers do
+          mode = modes[sync]
+          row = Enum.find(results[name].rows, &(to_string(Map.get(&1, key)) == mode))
+
+          if row do
+            IO.puts(
+              "  Kuma sync=#{sync} vs #{label} #{mode}: W1 #{pair(kuma_w1, row.w1_events_per_sec)}; " <>
+                "W2 #{pair(kuma_w2, row.w2_events_per_sec)}"
+            )
+          end
+        end
+      end
+
+      IO.puts("")
     end
-
-    IO.puts("")
   end
 
-  defp side_by_side(_results), do: :ok
+  defp pair(nil, peer), do: "(Kuma not run) vs #{Kuma.Bench.Progress.fmt(peer)} ev/s"
+
+  defp pair(kuma, peer),
+    do:
+      "#{Kuma.Bench.Progress.fmt(kuma)} vs #{Kuma.Bench.Progress.fmt(peer)} ev/s (#{Float.round(kuma / max(peer, 1), 2)}x)"
 
   defp write_results(facts, quick, results) do
     dir = Path.expand("results", __DIR__)
