@@ -222,7 +222,11 @@ defmodule Kuma do
     with {:ok, s} <- Store.lookup(store), do: Router.append_batch(s, entries, opts)
   end
 
-  @doc "Waits until every append queued before this call is committed, and checkpoints entity heads."
+  @doc """
+  Waits until every append queued before this call is committed, checkpoints entity heads
+  and settles the data keys given to new entities: once it returns, a store that receives
+  no writes changes no file (a file copy of it is consistent).
+  """
   @spec flush(store()) :: :ok | {:error, reason()}
   def flush(store) do
     with {:ok, s} <- Store.lookup(store), do: EventLog.flush(s)

@@ -368,7 +368,8 @@ impl Store {
         self.writers.send(shard, Command::compact(reply))
     }
 
-    /// Blocks until every append queued before this call is committed, and checkpoints heads.
+    /// Blocks until every append queued before this call is committed, checkpoints heads and
+    /// settles claimed keys (keystore.rs): a quiet store changes no file after it.
     pub fn flush(&self) -> Result<()> {
         let mut waits = Vec::new();
         for shard in 0..self.shard_count() {

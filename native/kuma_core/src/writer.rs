@@ -831,6 +831,11 @@ impl ShardWriter {
                     self.commits.publish(self.index, self.next_pos - 1);
                 }
                 self.unsettled += std::mem::take(&mut self.claiming).len();
+                // A flush leaves nothing to change in the files afterwards (a copy of a
+                // quiet store taken after `flush` is consistent): claims are settled first.
+                if self.unsettled > 0 && batch.iter().any(|c| matches!(c, Command::Barrier(_))) {
+                    self.settle_keys();
+                }
                 if !erased.is_empty() {
                     self.finish_erased(erased, &mut batch);
                 }
