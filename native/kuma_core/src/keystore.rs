@@ -33,7 +33,7 @@ use crate::cipher::{self, Binding, Key};
 use crate::clock;
 use crate::error::{Error, Result};
 use crate::sqlite::{self, SyncMode};
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -58,7 +58,7 @@ CREATE TABLE keys (
 
 /// Tombstones of erased entities (format 2) and pre-created keys (format 3); created on
 /// open in older keystores.
-const ERASED: &str = "
+const ADDED_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS erased (
   idx BLOB PRIMARY KEY NOT NULL,      -- keyed hash of the erased entity id
   ts  INTEGER NOT NULL
@@ -136,7 +136,7 @@ impl Keystore {
             None => Key::random()?,
         };
         let wrapped = cipher::seal(&master, Binding::IndexKey, index_key.as_bytes());
-        conn.execute_batch(&format!("BEGIN; {SCHEMA} {ERASED} PRAGMA user_version = {FORMAT_VERSION};"))
+        conn.execute_batch(&format!("BEGIN; {SCHEMA} {ADDED_TABLES} PRAGMA user_version = {FORMAT_VERSION};"))
             .map_err(Error::storage("create keystore"))?;
         conn.execute(
             "INSERT INTO meta(key, value) VALUES ('store_id', ?1), ('index_key', ?2)",
@@ -193,7 +193,7 @@ impl Keystore {
         let index_key = cipher::open(&master, Binding::IndexKey, &wrapped).map_err(|_| Error::WrongMasterKey)?;
         let index_key = Key::from_bytes(&index_key)?;
         sqlite::configure(&conn, SyncMode::Full)?;
-        conn.execute_batch(&format!("{ERASED} PRAGMA user_version = {FORMAT_VERSION};"))
+        conn.execute_batch(&format!("{ADDED_TABLES} PRAGMA user_version = {FORMAT_VERSION};"))
             .map_err(Error::storage("upgrade keystore"))?;
         Ok(Keystore::assemble(path, conn, master, index_key, lock))
     }
@@ -257,6 +257,13 @@ impl Keystore {
             cache.clear();
         }
         cache.insert(index, key);
+    }
+
+    /// A pool key from its row (`Binding::PoolKey`).
+    fn open_pool_key(master: &Key, slot: u64, wrapped: &[u8]) -> Result<Key> {
+        let bytes = cipher::open(master, Binding::PoolKey { slot }, wrapped)
+            .map_err(|why| Error::Corrupt { seq: 0, why: format!("pool key in keystore: {why}") })?;
+        Key::from_bytes(&bytes)
     }
 
     fn unwrap_row(&self, index: &[u8; 32], wrapped: &[u8]) -> Result<Key> {
@@ -509,15 +516,17 @@ impl Keystore {
         if mine.is_empty() {
             return Ok(Vec::new());
         }
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let master = self.master.read().unwrap_or_else(|p| p.into_inner());
-        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("settle data keys"))?;
-        let result = (|| -> Result<()> {
-            let mut insert = conn
+        {
+            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            let master = self.master.read().unwrap_or_else(|p| p.into_inner());
+            // Rolled back when dropped uncommitted.
+            let tx = Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)
+                .map_err(Error::storage("settle data keys"))?;
+            let mut insert = tx
                 .prepare_cached("INSERT OR REPLACE INTO keys(idx, wrapped, created) VALUES (?1, ?2, ?3)")
                 .map_err(Error::storage("settle data keys"))?;
             let mut delete =
-                conn.prepare_cached("DELETE FROM pool WHERE slot = ?1").map_err(Error::storage("settle data keys"))?;
+                tx.prepare_cached("DELETE FROM pool WHERE slot = ?1").map_err(Error::storage("settle data keys"))?;
             for (index, p) in &mine {
                 let wrapped = cipher::seal(&master, Binding::DataKey { index }, p.key.as_bytes());
                 insert
@@ -525,14 +534,9 @@ impl Keystore {
                     .map_err(Error::storage("settle data keys"))?;
                 delete.execute([p.slot as i64]).map_err(Error::storage("settle data keys"))?;
             }
-            Ok(())
-        })();
-        drop(master);
-        if let Err(e) = result.and_then(|_| conn.execute_batch("COMMIT").map_err(Error::storage("settle data keys"))) {
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(e);
+            drop((insert, delete));
+            tx.commit().map_err(Error::storage("settle data keys"))?;
         }
-        drop(conn);
         let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
         let mut slots = Vec::with_capacity(mine.len());
         for (index, p) in mine {
@@ -559,58 +563,55 @@ impl Keystore {
         }
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let master = self.master.read().unwrap_or_else(|p| p.into_inner());
-        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("recover data keys"))?;
+        // Rolled back when dropped uncommitted.
+        let tx = Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)
+            .map_err(Error::storage("recover data keys"))?;
         let mut destroyed = false;
-        let result = (|| -> Result<()> {
-            for (slot, index, erased_in_shard) in claims {
-                let erased = *erased_in_shard
-                    || conn
-                        .prepare_cached("SELECT 1 FROM erased WHERE idx = ?1")
-                        .and_then(|mut st| st.exists([&index[..]]))
-                        .map_err(Error::storage("recover data keys"))?;
-                let has_key = conn
-                    .prepare_cached("SELECT 1 FROM keys WHERE idx = ?1")
+        for (slot, index, erased_in_shard) in claims {
+            let has_row = |sql: &str| {
+                tx.prepare_cached(sql)
                     .and_then(|mut st| st.exists([&index[..]]))
+                    .map_err(Error::storage("recover data keys"))
+            };
+            let erased = *erased_in_shard || has_row("SELECT 1 FROM erased WHERE idx = ?1")?;
+            let has_key = has_row("SELECT 1 FROM keys WHERE idx = ?1")?;
+            let pooled: Option<Vec<u8>> = tx
+                .prepare_cached("SELECT wrapped FROM pool WHERE slot = ?1")
+                .and_then(|mut st| st.query_row([*slot as i64], |r| r.get(0)).optional())
+                .map_err(Error::storage("recover data keys"))?;
+            if erased {
+                tx.execute("DELETE FROM keys WHERE idx = ?1", [&index[..]])
                     .map_err(Error::storage("recover data keys"))?;
-                let pooled: Option<Vec<u8>> = conn
-                    .prepare_cached("SELECT wrapped FROM pool WHERE slot = ?1")
-                    .and_then(|mut st| st.query_row([*slot as i64], |r| r.get(0)).optional())
-                    .map_err(Error::storage("recover data keys"))?;
-                if erased {
-                    conn.execute("DELETE FROM keys WHERE idx = ?1", [&index[..]])
-                        .map_err(Error::storage("recover data keys"))?;
-                    conn.execute(
-                        "INSERT OR IGNORE INTO erased(idx, ts) VALUES (?1, ?2)",
-                        params![&index[..], clock::now_us()],
-                    )
-                    .map_err(Error::storage("recover data keys"))?;
-                    destroyed = true;
-                } else if let (false, Some(wrapped)) = (has_key, &pooled) {
-                    let key = cipher::open(&master, Binding::PoolKey { slot: *slot }, wrapped)
-                        .map_err(|why| Error::Corrupt { seq: 0, why: format!("pool key in keystore: {why}") })?;
-                    conn.execute(
-                        "INSERT INTO keys(idx, wrapped, created) VALUES (?1, ?2, ?3)",
-                        params![&index[..], cipher::seal(&master, Binding::DataKey { index }, &key), clock::now_us()],
-                    )
-                    .map_err(Error::storage("recover data keys"))?;
-                } else if !has_key {
-                    return Err(Error::Corrupt {
-                        seq: 0,
-                        why: format!("a shard claims pool key {slot}, which the keystore no longer has"),
-                    });
-                }
-                if pooled.is_some() {
-                    conn.execute("DELETE FROM pool WHERE slot = ?1", [*slot as i64])
-                        .map_err(Error::storage("recover data keys"))?;
-                }
+                tx.execute(
+                    "INSERT OR IGNORE INTO erased(idx, ts) VALUES (?1, ?2)",
+                    params![&index[..], clock::now_us()],
+                )
+                .map_err(Error::storage("recover data keys"))?;
+                destroyed = true;
+            } else if let (false, Some(wrapped)) = (has_key, &pooled) {
+                let key = Keystore::open_pool_key(&master, *slot, wrapped)?;
+                tx.execute(
+                    "INSERT INTO keys(idx, wrapped, created) VALUES (?1, ?2, ?3)",
+                    params![
+                        &index[..],
+                        cipher::seal(&master, Binding::DataKey { index }, key.as_bytes()),
+                        clock::now_us()
+                    ],
+                )
+                .map_err(Error::storage("recover data keys"))?;
+            } else if !has_key {
+                return Err(Error::Corrupt {
+                    seq: 0,
+                    why: format!("a shard claims pool key {slot}, which the keystore no longer has"),
+                });
             }
-            Ok(())
-        })();
-        drop(master);
-        if let Err(e) = result.and_then(|_| conn.execute_batch("COMMIT").map_err(Error::storage("recover data keys"))) {
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(e);
+            if pooled.is_some() {
+                tx.execute("DELETE FROM pool WHERE slot = ?1", [*slot as i64])
+                    .map_err(Error::storage("recover data keys"))?;
+            }
         }
+        tx.commit().map_err(Error::storage("recover data keys"))?;
+        drop(master);
         if destroyed {
             sqlite::truncate_wal(&conn, "keystore checkpoint")?;
         }
@@ -626,12 +627,7 @@ impl Keystore {
             .map_err(Error::storage("read key pool"))?;
         let master = self.master.read().unwrap_or_else(|p| p.into_inner());
         rows.into_iter()
-            .map(|(slot, wrapped)| {
-                let slot = slot as u64;
-                let bytes = cipher::open(&master, Binding::PoolKey { slot }, &wrapped)
-                    .map_err(|why| Error::Corrupt { seq: 0, why: format!("pool key in keystore: {why}") })?;
-                Ok((slot, Key::from_bytes(&bytes)?))
-            })
+            .map(|(slot, wrapped)| Ok((slot as u64, Keystore::open_pool_key(&master, slot as u64, &wrapped)?)))
             .collect()
     }
 
@@ -639,21 +635,21 @@ impl Keystore {
     /// highest slot first (popped last).
     fn refill(&self, conn: &Connection, shard: u32, n: usize) -> Result<Vec<(u64, Key)>> {
         let master = self.master.read().unwrap_or_else(|p| p.into_inner());
-        conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("create data keys"))?;
-        let result = (|| -> Result<Vec<(u64, Key)>> {
-            let mut next: u64 = conn
-                .query_row("SELECT coalesce(max(slot), 0) FROM pool", [], |r| r.get::<_, i64>(0))
-                .map_err(Error::storage("create data keys"))? as u64;
-            // Slots are never reused: one past every slot ever given out is kept in meta.
-            let floor: Option<i64> = conn
-                .query_row("SELECT value FROM meta WHERE key = 'pool_next'", [], |r| r.get(0))
-                .optional()
-                .map_err(Error::storage("create data keys"))?;
-            next = next.max(floor.unwrap_or(0) as u64);
-            let mut insert = conn
+        // Rolled back when dropped uncommitted.
+        let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+            .map_err(Error::storage("create data keys"))?;
+        // Slots are never reused: the last slot ever made is kept in meta (every pool row
+        // is made here, so it is also at least the highest slot in the pool).
+        let mut next = tx
+            .query_row("SELECT value FROM meta WHERE key = 'pool_next'", [], |r| r.get::<_, i64>(0))
+            .optional()
+            .map_err(Error::storage("create data keys"))?
+            .unwrap_or(0) as u64;
+        let mut out = Vec::with_capacity(n);
+        {
+            let mut insert = tx
                 .prepare_cached("INSERT INTO pool(slot, shard, wrapped) VALUES (?1, ?2, ?3)")
                 .map_err(Error::storage("create data keys"))?;
-            let mut out = Vec::with_capacity(n);
             for _ in 0..n {
                 next += 1;
                 let key = Key::random()?;
@@ -661,20 +657,12 @@ impl Keystore {
                 insert.execute(params![next as i64, shard, wrapped]).map_err(Error::storage("create data keys"))?;
                 out.push((next, key));
             }
-            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('pool_next', ?1)", [next as i64])
-                .map_err(Error::storage("create data keys"))?;
-            out.reverse();
-            Ok(out)
-        })();
-        match result
-            .and_then(|out| conn.execute_batch("COMMIT").map(|_| out).map_err(Error::storage("commit data keys")))
-        {
-            Ok(out) => Ok(out),
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                Err(e)
-            }
         }
+        tx.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('pool_next', ?1)", [next as i64])
+            .map_err(Error::storage("create data keys"))?;
+        tx.commit().map_err(Error::storage("commit data keys"))?;
+        out.reverse();
+        Ok(out)
     }
 
     /// Cluster mode, on a shard's leader: the key to seal an entity's events with. A key in
@@ -919,12 +907,11 @@ impl Keystore {
                 .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
                 .map_err(Error::storage("rotate master key"))?;
             for (slot, wrapped) in pool {
+                let key = Keystore::open_pool_key(&master, slot as u64, &wrapped)?;
                 let binding = Binding::PoolKey { slot: slot as u64 };
-                let key = cipher::open(&master, binding, &wrapped)
-                    .map_err(|why| Error::Corrupt { seq: 0, why: format!("pool key in keystore: {why}") })?;
                 conn.execute(
                     "UPDATE pool SET wrapped = ?2 WHERE slot = ?1",
-                    params![slot, cipher::seal(&new_master, binding, &key)],
+                    params![slot, cipher::seal(&new_master, binding, key.as_bytes())],
                 )
                 .map_err(Error::storage("rotate master key"))?;
             }

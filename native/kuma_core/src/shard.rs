@@ -75,17 +75,17 @@ CREATE TABLE snapshots (
   data    BLOB NOT NULL
 );
 CREATE UNIQUE INDEX snapshots_by_entity ON snapshots(eid, seq);
-CREATE TABLE key_claims (
-  slot INTEGER PRIMARY KEY,           -- the keystore pool slot whose key this entity got
-  idx  BLOB NOT NULL                  -- keyed hash of the entity id
-);
 ";
 
 /// Format 4: pre-created data keys given to new entities, recorded in the transaction of
 /// their first events and deleted once the keystore holds them under the entity (see
-/// keystore.rs). Empty in plain and cluster stores.
+/// keystore.rs). Empty in plain and cluster stores. Part of every new shard; added to
+/// format-3 shards on open.
 const KEY_CLAIMS: &str = "
-CREATE TABLE IF NOT EXISTS key_claims (slot INTEGER PRIMARY KEY, idx BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS key_claims (
+  slot INTEGER PRIMARY KEY,           -- the keystore pool slot whose key this entity got
+  idx  BLOB NOT NULL                  -- keyed hash of the entity id
+);
 ";
 
 /// Indexes for queries across entities (format 2). Both are ordered by position after their
@@ -119,7 +119,7 @@ pub fn create(path: &Path, id: &ShardIdentity, sync: SyncMode, mode: u32) -> Res
     conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create shard"))?;
     sqlite::configure(&conn, sync)?;
     let init = format!(
-        "BEGIN; {SCHEMA} {QUERY_INDEXES}
+        "BEGIN; {SCHEMA} {QUERY_INDEXES} {KEY_CLAIMS}
          INSERT INTO meta(key, value) VALUES ('store_id', '{}'), ('shard_index', {}), ('shard_count', {}),
            ('checkpoint_pos', 0), ('pos_floor', 0);
          PRAGMA user_version = {FORMAT_VERSION};

@@ -1550,22 +1550,18 @@ impl ShardWriter {
             if slots.is_empty() {
                 return Ok(());
             }
-            self.conn.execute_batch("BEGIN IMMEDIATE").map_err(Error::storage("delete key claims"))?;
-            let deleted = (|| -> Result<()> {
-                let mut delete = self
-                    .conn
-                    .prepare_cached("DELETE FROM key_claims WHERE slot = ?1")
-                    .map_err(Error::storage("delete key claims"))?;
-                for slot in &slots {
-                    delete.execute([*slot as i64]).map_err(Error::storage("delete key claims"))?;
+            // On failure the claims stay (rolled back when `tx` drops); the next open finds
+            // their keys settled and drops them.
+            let _ = (|| -> rusqlite::Result<()> {
+                let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)?;
+                {
+                    let mut delete = tx.prepare_cached("DELETE FROM key_claims WHERE slot = ?1")?;
+                    for slot in &slots {
+                        delete.execute([*slot as i64])?;
+                    }
                 }
-                Ok(())
-            })()
-            .and_then(|_| self.conn.execute_batch("COMMIT").map_err(Error::storage("delete key claims")));
-            if deleted.is_err() {
-                // The claims stay; the next open finds their keys settled and drops them.
-                let _ = self.conn.execute_batch("ROLLBACK");
-            }
+                tx.commit()
+            })();
             Ok(())
         }));
         if matches!(settled, Ok(Ok(()))) {
