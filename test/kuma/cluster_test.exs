@@ -351,14 +351,7 @@ defmodule Kuma.ClusterTest do
     [down | _] = for n <- names, Cluster.node_of(c, n) != leader_node, do: n
     [asker | _] = names -- [down]
 
-    holds? = fn name ->
-      Path.wildcard(Path.join(Cluster.data_dir(c, name), "**"), match_dot: true)
-      |> Enum.filter(&File.regular?/1)
-      |> Enum.filter(fn f ->
-        b = File.read!(f)
-        String.contains?(b, id) or String.contains?(b, marker)
-      end)
-    end
+    holds? = fn name -> Kuma.StoreCase.files_holding(Cluster.data_dir(c, name), [id, marker]) end
 
     # Before the erasure the id is in the Raft log of every node (the test can see it).
     assert holds?.(asker) != []
@@ -405,14 +398,7 @@ defmodule Kuma.ClusterTest do
 
     for id <- ids, do: assert({:ok, 1} = call(c, a, :append, [@store, id, {:note, marker}]))
 
-    holds? = fn name ->
-      Path.wildcard(Path.join(Cluster.data_dir(c, name), "**"), match_dot: true)
-      |> Enum.filter(&File.regular?/1)
-      |> Enum.filter(fn f ->
-        b = File.read!(f)
-        String.contains?(b, "mig-" <> tag) or String.contains?(b, marker)
-      end)
-    end
+    holds? = fn name -> Kuma.StoreCase.files_holding(Cluster.data_dir(c, name), ["mig-" <> tag, marker]) end
 
     assert holds?.(a) != []
 

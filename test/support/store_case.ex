@@ -43,6 +43,19 @@ defmodule Kuma.StoreCase do
     Path.wildcard(Path.join(dir, "**"), match_dot: true) |> Enum.filter(&File.regular?/1)
   end
 
+  @doc """
+  The regular files under `dir` whose bytes contain any of `needles`. A file removed
+  between listing and reading (a Raft snapshot or segment being replaced) holds nothing.
+  """
+  def files_holding(dir, needles) do
+    Enum.filter(files_under(dir), fn f ->
+      case File.read(f) do
+        {:ok, b} -> Enum.any?(needles, &String.contains?(b, &1))
+        {:error, :enoent} -> false
+      end
+    end)
+  end
+
   @doc "Polls `fun` every `every` ms until it returns true; false if it never does within `tries` polls."
   def eventually(fun, tries \\ 150, every \\ 20) do
     cond do
