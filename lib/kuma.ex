@@ -223,9 +223,10 @@ defmodule Kuma do
   end
 
   @doc """
-  Waits until every append queued before this call is committed, checkpoints entity heads
-  and settles the data keys given to new entities: once it returns, a store that receives
-  no writes changes no file (a file copy of it is consistent).
+  Waits until every append queued before this call is committed, checkpoints entity heads,
+  finishes deleting the events of erased entities and settles the data keys given to new
+  entities: once it returns, a store that receives no writes changes no file (a file copy
+  of it is consistent).
   """
   @spec flush(store()) :: :ok | {:error, reason()}
   def flush(store) do
@@ -448,8 +449,11 @@ defmodule Kuma do
   readable trace in the files or in old backups. See `Kuma.Erasure` for the exact steps.
 
   Accepts an entity handle (`Kuma.delete(entity)`) or a store and an id. Returns
-  `{:ok, %{events_deleted: n}}`. Afterwards appends to the id return
-  `{:error, :entity_erased}`. Idempotent.
+  `{:ok, %{events_deleted: n}}` once the erasure is durable and the entity unreadable (its
+  tombstone committed, its key destroyed). Its events are then deleted from the shard file
+  in chunks between the shard's other writes, so erasing a long history never stalls the
+  shard; `erasure_status/2` says when that is done, and `flush/1` waits for it. Afterwards
+  appends to the id return `{:error, :entity_erased}`. Idempotent.
 
   Options: `:timeout` (ms for the storage erasure, default 60,000), `:forget_timeout` (ms to
   wait for listeners, default 5,000).
@@ -480,14 +484,17 @@ defmodule Kuma do
 
   * `:done` - the node applied the erasure, and none of its files holds anything of the
     entity (in cluster mode, including Raft's log files: see docs/cluster.md, "Erasure");
-  * `:pending` - applied, but Raft's log files there still hold entries from before it
-    (they are pushed out within seconds while the node is up);
+  * `:pending` - applied (the entity is unreadable there), but its events are still being
+    deleted from the shard file (in chunks, between other writes: milliseconds per
+    thousand events), or in cluster mode Raft's log files there still hold entries from
+    before it (pushed out within seconds while the node is up);
   * `:not_applied` - the node has not applied an erasure of this id (it is down, or
     catching up, or the entity was never erased);
   * `:unreachable` - the node did not answer.
 
   `complete` is true when every node is `:done`. On a single node the erasure is complete
-  as soon as `delete/3` returns.
+  once its last events are deleted, shortly after `delete/3` returns; `flush/1` waits
+  for that.
   """
   @spec erasure_status(store(), entity_id()) ::
           {:ok, %{complete: boolean(), members: %{node() => :done | :pending | :not_applied | :unreachable}}}

@@ -5,15 +5,23 @@ defmodule Kuma.Erasure do
   `Kuma.delete/2` (implemented here) does, in order:
 
   1. stops the entity's process, if live;
-  2. in the shard's writer thread, in one transaction: deletes every event, snapshot and
-     head row of the entity (SQLite `secure_delete` zeroes the freed bytes), writes a
-     tombstone holding a keyed hash of the id (never the id) and commits; then truncates
-     the shard's WAL so no old page survives in `-wal`, destroys the entity's data key in
-     the keystore (also `secure_delete`, WAL truncated) and marks the tombstone done;
-  3. stops the entity again if something restarted it meanwhile, and stops every live
+  2. in the shard's writer thread, in one small transaction, synced to disk whatever the
+     store's sync mode: writes a tombstone holding a keyed hash of the id (never the id),
+     deletes the entity's row, snapshots and skip entries, and queues its events for
+     deletion; then destroys the entity's data key in the keystore (`secure_delete`, WAL
+     truncated) and marks the tombstone done. From here the entity is unreadable and
+     `delete` answers;
+  3. the writer deletes the entity's events, newest first, in chunks of at most 2,000
+     events or 4 ms, one transaction each, between the shard's other writes (SQLite
+     `secure_delete` zeroes the freed bytes); a crash resumes where it stopped. A plain
+     (unencrypted) store's shard is then compacted (`VACUUM`: its rows were in clear and
+     SQLite may have left moved copies of them in free space), which holds that shard's
+     writer for as long as rewriting the file takes. `Kuma.erasure_status/2` reports
+     `:pending` until this is done, and `Kuma.flush/1` waits for it;
+  4. stops the entity again if something restarted it meanwhile, and stops every live
      entity whose state holds a revealed `Kuma.Sensitive` value of the erased subject, so
      they reload with the placeholder;
-  4. tells every forget listener of the store to drop what it derived from the entity and
+  5. tells every forget listener of the store to drop what it derived from the entity and
      waits for each to confirm.
 
   A crash between the commit and the key's destruction is finished at the next start
@@ -75,12 +83,13 @@ defmodule Kuma.Erasure do
   end
 
   @doc false
-  # Kuma.erasure_status/2: single node, complete once erased; cluster mode, each node that
+  # Kuma.erasure_status/2: single node, complete once erased and its events deleted; cluster mode, each node that
   # holds the entity's shard answers for itself (Kuma.Cluster.Purge.status/2).
   @spec status(Store.t(), binary()) :: {:ok, %{complete: boolean(), members: map()}} | {:error, term()}
   def status(%Store{cluster: nil} = s, id) do
-    with {:ok, erased?} <- Kuma.Native.read_erased(s.native, id) do
-      {:ok, %{complete: erased?, members: %{node() => if(erased?, do: :done, else: :not_applied)}}}
+    with {:ok, state} <- Kuma.Native.read_erasure(s.native, id) do
+      status = %{nil => :not_applied, false => :pending, true => :done}[state]
+      {:ok, %{complete: status == :done, members: %{node() => status}}}
     end
   end
 

@@ -105,6 +105,7 @@ defmodule Kuma.Native do
   def read_snapshots(_store, _entity_id), do: nif_missing()
   def read_seq_at(_store, _entity_id, _ts_us), do: nif_missing()
   def read_erased(_store, _entity_id), do: nif_missing()
+  def read_erasure(_store, _entity_id), do: nif_missing()
   def read_verify_entity(_store, _entity_id), do: nif_missing()
   def read_verify_shard(_store, _shard, _max_problems), do: nif_missing()
 

@@ -249,6 +249,94 @@ defmodule Kuma.CrashTest do
     end
   end
 
+  # Runs in a separate BEAM: one shard, a victim with @victim_events events and bystanders,
+  # then writers append to the bystanders (printing acknowledgements) while the victim is
+  # erased. Its events are deleted in chunks after `delete` answers: the kill lands in that.
+  @victim_events 40_000
+  @purge_script ~S"""
+  [dir, count] = System.argv()
+  {:ok, _} = Application.ensure_all_started(:kuma)
+  {:ok, store} = Kuma.start(name: :purge_crash, data_dir: dir, shards: 1)
+  IO.puts("PID #{System.pid()}")
+
+  for chunk <- Enum.chunk_every(1..String.to_integer(count), 1_000) do
+    {:ok, _} = Kuma.append(store, "victim", Enum.map(chunk, &{:noted, &1, String.duplicate("v", 100)}))
+  end
+
+  :ok = Kuma.flush(store)
+
+  for w <- 1..4 do
+    spawn(fn ->
+      Enum.each(Stream.iterate(1, &(&1 + 1)), fn i ->
+        {:ok, seq} = Kuma.append(store, "by-#{w}", {:n, i})
+        IO.puts("ACK by-#{w} #{seq}")
+      end)
+    end)
+  end
+
+  Process.sleep(200)
+  {:ok, %{events_deleted: n}} = Kuma.delete(store, "victim")
+  IO.puts("DELETED #{n}")
+  Process.sleep(:infinity)
+  """
+
+  @tag :sqlite3_cli
+  test "kill -9 while an erased entity's events are being deleted: the deletion resumes, nothing else is lost",
+       %{dir: dir, name: name} do
+    script = Path.join(System.tmp_dir!(), "kuma_purge_child_#{System.unique_integer([:positive])}.exs")
+    File.write!(script, @purge_script)
+    on_exit(fn -> File.rm(script) end)
+    port = spawn_child(script, [dir, Integer.to_string(@victim_events)])
+    os_pid = read_pid_line(port)
+    acks = wait_deleted(port, %{})
+    {_, 0} = System.cmd("kill", ["-9", os_pid])
+    acks = drain(port, acks)
+
+    shard = Path.join(dir, "shards/000.kuma")
+    count = fn sql -> sqlite3(shard, sql) |> String.trim() |> String.to_integer() end
+    left_at_kill = count.("SELECT count(*) FROM purges")
+
+    {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 1)
+    assert {:error, :entity_erased} = Kuma.events(store, "victim")
+    :ok = Kuma.flush(store)
+    me = node()
+    assert {:ok, %{complete: true, members: %{^me => :done}}} = Kuma.erasure_status(store, "victim")
+
+    for {id, acked} <- acks do
+      {:ok, events} = Kuma.events(store, id)
+      assert length(events) >= acked, "#{id}: acknowledged seq #{acked}, found #{length(events)}"
+    end
+
+    {:ok, report} = Kuma.verify_store(store)
+    :ok = Kuma.stop(store)
+    # Every row left is a bystander's: none of the victim's events survived.
+    assert count.("SELECT count(*) FROM purges") == 0
+    assert count.("SELECT count(*) FROM events") == report.events
+    assert report.entities == 4
+    IO.puts("purge kill: #{left_at_kill} erased entities' events still to delete at the kill")
+  end
+
+  defp wait_deleted(port, acks) do
+    receive do
+      {^port, {:data, {:eol, "DELETED " <> n}}} ->
+        assert String.to_integer(n) == @victim_events
+        acks
+
+      {^port, {:data, {:eol, line}}} ->
+        wait_deleted(port, record(line, acks))
+
+      {^port, {:exit_status, status}} ->
+        flunk("child exited early with #{status}")
+    after
+      120_000 -> flunk("child never erased")
+    end
+  end
+
+  defp sqlite3(file, sql) do
+    {out, 0} = System.cmd("sqlite3", ["-readonly", file, sql])
+    out
+  end
+
   defp spawn_child(script, args) do
     ebin = Path.join(Mix.Project.app_path(), "ebin")
     elixir = System.find_executable("elixir")

@@ -83,18 +83,20 @@ defmodule Kuma.Cluster.Purge do
   end
 
   @doc """
-  This member's view of the erasure of `entity_id`: `:done` (erased, and no Raft file here
-  holds an entry from before the erasure), `:pending` (erased, Raft's files not clean yet),
-  or `:not_applied` (this member has not applied the erasure).
+  This member's view of the erasure of `entity_id`: `:done` (erased, its events deleted
+  from the shard, and no Raft file here holds an entry from before the erasure), `:pending`
+  (erased, events or Raft's files not clean yet), or `:not_applied` (this member has not
+  applied the erasure).
   """
   @spec status(atom(), binary()) :: :done | :pending | :not_applied | {:error, term()}
   def status(store, entity_id) do
     with {:ok, %Store{cluster: c} = s} <- Store.lookup(store),
-         {:ok, erased?} <- Native.read_erased(s.native, entity_id) do
+         {:ok, state} <- Native.read_erasure(s.native, entity_id) do
       shard = Route.shard(s, entity_id)
 
       cond do
-        not erased? -> :not_applied
+        state == nil -> :not_applied
+        state == false -> :pending
         :ets.member(c.routes, {:purge, shard}) -> :pending
         true -> :done
       end

@@ -36,3 +36,16 @@ pub(crate) fn destroy_key(entity_id: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// While set, deleting erased events fails (as on a full disk): they stay in `purges`
+/// until it is cleared and the writer is next idle or the store next opens. Process-wide:
+/// only for a test binary of its own.
+pub static HOLD_PURGES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `Err` while `HOLD_PURGES` is set.
+pub(crate) fn purge() -> Result<()> {
+    if HOLD_PURGES.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(Error::Storage { context: "purge erased events", message: "fault injection: held".into() });
+    }
+    Ok(())
+}

@@ -160,10 +160,15 @@ pub fn query_shard(
         let entity_id = match ids.get(&row.eid) {
             Some(id) => id.clone(),
             None => {
-                let (idx, sealed): ([u8; 32], Vec<u8>) = id_of
+                // No entity row: an erased entity whose events are still being deleted.
+                let id = match id_of
                     .query_row([row.eid], |r| Ok((hash_from(bytes(r.get_ref(0)?)), bytes(r.get_ref(1)?).to_vec())))
-                    .map_err(Error::storage("query shard"))?;
-                let id = resolve(&idx, &sealed)?;
+                    .optional()
+                    .map_err(Error::storage("query shard"))?
+                {
+                    Some((idx, sealed)) => resolve(&idx, &sealed)?,
+                    None => None,
+                };
                 ids.insert(row.eid, id.clone());
                 id
             }

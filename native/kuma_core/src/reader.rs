@@ -292,6 +292,18 @@ pub fn is_erased(conn: &Connection, index: &[u8; 32]) -> Result<bool> {
         .map_err(Error::storage("read tombstone"))
 }
 
+/// Whether the erasure of the entity with this keyed hash still has work left here: its
+/// key not yet destroyed, or its events not yet all deleted.
+pub fn erasure_unfinished(conn: &Connection, index: &[u8; 32]) -> Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM tombstones WHERE idx = ?1 AND key_destroyed = 0)
+             OR EXISTS (SELECT 1 FROM purges WHERE idx = ?1)",
+    )
+    .map_err(Error::storage("read erasure"))?
+    .query_row([&index[..]], |r| r.get(0))
+    .map_err(Error::storage("read erasure"))
+}
+
 /// The seq of the entity's last event with a timestamp `<= ts_us` (0 if none). Timestamps
 /// never decrease within an entity, so this is a prefix search: the skip index narrows it to
 /// at most `SKIP_EVERY` events, which are then read.

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 pub const APPLICATION_ID: i64 = 0x4B55_4D41;
 /// `PRAGMA user_version`: the shard format version this build reads and writes.
 /// 2: events.scope and the query indexes. 3: entities are found by a keyed hash of their id
-/// and store the id sealed; snapshots are a rowid table. 4: `key_claims`.
-pub const FORMAT_VERSION: u32 = 4;
+/// and store the id sealed; snapshots are a rowid table. 4: `key_claims`. 5: `purges`.
+pub const FORMAT_VERSION: u32 = 5;
 /// Every `SKIP_EVERY`-th event of an entity gets a row in `skips`.
 pub const SKIP_EVERY: u64 = 64;
 
@@ -88,6 +88,19 @@ CREATE TABLE IF NOT EXISTS key_claims (
 );
 ";
 
+/// Format 5: erased entities whose event rows are still being deleted. An erasure commits
+/// its tombstone and deletes the entity's row, snapshots and skips at once; its events are
+/// then deleted newest first, following their back-pointers, in small transactions between
+/// the shard's other work (so an erasure never holds the writer for long), and a crash
+/// resumes from `next_pos`. While a row is here no new entity is given its eid.
+const PURGES: &str = "
+CREATE TABLE IF NOT EXISTS purges (
+  eid      INTEGER PRIMARY KEY,     -- the erased entity's eid
+  idx      BLOB NOT NULL,           -- keyed hash of its id
+  next_pos INTEGER NOT NULL         -- its newest event not deleted yet
+);
+";
+
 /// Indexes for queries across entities (format 2). Both are ordered by position after their
 /// key, so "events of type T after position P" is a range scan in commit order. The type
 /// index leaves out untyped events and the scope index events without a scope, so neither
@@ -119,7 +132,7 @@ pub fn create(path: &Path, id: &ShardIdentity, sync: SyncMode, mode: u32) -> Res
     conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(Error::storage("create shard"))?;
     sqlite::configure(&conn, sync)?;
     let init = format!(
-        "BEGIN; {SCHEMA} {QUERY_INDEXES} {KEY_CLAIMS}
+        "BEGIN; {SCHEMA} {QUERY_INDEXES} {KEY_CLAIMS} {PURGES}
          INSERT INTO meta(key, value) VALUES ('store_id', '{}'), ('shard_index', {}), ('shard_count', {}),
            ('checkpoint_pos', 0), ('pos_floor', 0);
          PRAGMA user_version = {FORMAT_VERSION};
@@ -180,12 +193,15 @@ pub fn open(path: &Path, expected: &ShardIdentity, sync: SyncMode) -> Result<(Co
     Ok((conn, version.max(2)))
 }
 
-/// Format 3 -> 4: the `key_claims` table (a new table: nothing is rewritten).
-pub fn migrate_to_4(conn: &Connection) -> Result<()> {
-    conn.execute_batch(&format!("BEGIN IMMEDIATE; {KEY_CLAIMS} PRAGMA user_version = 4; COMMIT;")).map_err(|e| {
-        let _ = conn.execute_batch("ROLLBACK");
-        Error::storage("upgrade shard to format 4")(e)
-    })
+/// Format 3 or 4 -> 5: the `key_claims` (4) and `purges` (5) tables, where missing. New
+/// tables only: nothing is rewritten.
+pub fn migrate_to_5(conn: &Connection) -> Result<()> {
+    conn.execute_batch(&format!("BEGIN IMMEDIATE; {KEY_CLAIMS} {PURGES} PRAGMA user_version = 5; COMMIT;")).map_err(
+        |e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            Error::storage("upgrade shard to format 5")(e)
+        },
+    )
 }
 
 /// Format 1 -> 2: events get their `scope` column and the two query indexes. Adding a

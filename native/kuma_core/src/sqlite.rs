@@ -72,6 +72,11 @@ impl SyncMode {
     }
 }
 
+/// Changes the `synchronous` level of a connection (outside a transaction).
+pub(crate) fn set_sync(conn: &Connection, sync: SyncMode) -> Result<()> {
+    conn.pragma_update(None, "synchronous", sync.pragma()).map_err(Error::storage("set synchronous"))
+}
+
 /// Opens a writing connection; `create: Some(mode)` creates the file with `mode` first if
 /// it does not exist.
 pub(crate) fn open_writer(path: &Path, create: Option<u32>, context: &'static str) -> Result<Connection> {
@@ -91,7 +96,7 @@ pub(crate) fn configure(conn: &Connection, sync: SyncMode) -> Result<()> {
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(Error::Storage { context: "set WAL mode", message: format!("journal_mode is {mode}") });
     }
-    conn.pragma_update(None, "synchronous", sync.pragma()).map_err(Error::storage("set synchronous"))?;
+    set_sync(conn, sync)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(Error::storage("set busy timeout"))?;
     conn.pragma_update(None, "temp_store", "MEMORY").map_err(Error::storage("set temp_store"))?;
     conn.pragma_update(None, "secure_delete", "ON").map_err(Error::storage("set secure_delete"))?;

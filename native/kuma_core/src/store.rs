@@ -436,6 +436,17 @@ impl Store {
         Ok(in_shard || self.protection.is_erased(entity_id)?)
     }
 
+    /// How far the erasure of an entity got on this node: `None` if it was not erased,
+    /// `Some(false)` while its key or events are still being removed (the entity is already
+    /// unreadable), `Some(true)` once both are gone.
+    pub fn erasure_state(&self, entity_id: &[u8]) -> Result<Option<bool>> {
+        if !self.is_erased(entity_id)? {
+            return Ok(None);
+        }
+        let unfinished = self.with_entity(entity_id, |c, _, _, e| reader::erasure_unfinished(c, &e.idx))?;
+        Ok(Some(!unfinished))
+    }
+
     /// Up to `max` events of an entity from `from_seq` on, in order, decrypted.
     /// `Err(Erased)` for an erased entity.
     pub fn read_entity(&self, entity_id: &[u8], from_seq: u64, max: usize) -> Result<Vec<StoredEvent>> {

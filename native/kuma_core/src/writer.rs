@@ -29,7 +29,7 @@ use crate::reader::{bytes, head_on_disk};
 use crate::replica::{self, Outcome, PreparedAppend, PreparedErase, Replicated};
 use crate::shard::{self, meta_get, ShardIdentity, SKIP_EVERY};
 use crate::sqlite::{self, SyncMode};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -186,6 +186,15 @@ pub struct Replicate {
 }
 
 impl Command {
+    /// Whether this command erases an entity.
+    fn erases(&self) -> bool {
+        match self {
+            Command::Erase(_) => true,
+            Command::Replicate(r) => r.commands.iter().any(|c| matches!(c, Replicated::Erase(_))),
+            _ => false,
+        }
+    }
+
     pub fn append(entries: Vec<AppendEntry>, reply: Reply<Vec<Result<Appended>>>) -> Command {
         Command::Append(Append { entries, reply, results: Vec::new() })
     }
@@ -331,12 +340,23 @@ pub(crate) struct ShardWriter {
     claiming: Vec<Claim>,
     /// Claims committed and not yet settled in the keystore.
     unsettled: usize,
+    /// Erased entities' events are still to be deleted (`purges` has rows): a chunk runs
+    /// after every group commit, and back to back while the queue is empty...
+    purging: bool,
+    /// ...unless the last chunk failed (a full disk): then again at the next idle tick.
+    purge_failed: bool,
 }
 
 /// Claims a shard lets pile up before the keystore settles them (one durable keystore
 /// transaction, then their rows are deleted here); they are settled when idle and at stop
 /// too. Bounded so that recovering them after a crash stays quick.
 const SETTLE_AT: usize = 4096;
+
+/// An erased entity's events are deleted at most this many per transaction...
+const PURGE_CHUNK: usize = 2_000;
+/// ...and for at most this long, so that appends queued behind a purge wait about this
+/// much, whatever the size of the entity erased (W6 in docs/benchmarks.md).
+const PURGE_BUDGET: Duration = Duration::from_millis(4);
 
 /// A shard a writer thread opens (or creates) and then serves.
 pub(crate) struct ShardSpec {
@@ -480,7 +500,21 @@ impl Writers {
 fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
     let Some(config) = shards.first().map(|w| w.config) else { return };
     loop {
-        let (first_shard, first) = match rx.recv_timeout(config.checkpoint_interval) {
+        // While erased events are being deleted the queue is only polled: with nothing
+        // queued, the next chunk runs at once.
+        let next = if shards.iter().any(ShardWriter::purge_due) {
+            match rx.try_recv() {
+                Ok(message) => Ok(message),
+                Err(TryRecvError::Empty) => {
+                    shards.iter_mut().filter(|w| w.purge_due()).for_each(|w| w.purge_step());
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+            }
+        } else {
+            rx.recv_timeout(config.checkpoint_interval)
+        };
+        let (first_shard, first) = match next {
             Ok(message) => message,
             Err(RecvTimeoutError::Timeout) => {
                 for w in shards.iter_mut() {
@@ -493,6 +527,8 @@ fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
                     if w.unsettled > 0 {
                         w.settle_keys();
                     }
+                    // A purge that failed (a full disk) is tried again when idle.
+                    w.purge_failed = false;
                 }
                 continue;
             }
@@ -512,11 +548,17 @@ fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
         }
         for (w, batch) in shards.iter_mut().zip(batches) {
             w.run(batch);
+            // One chunk per group commit while the queue stays busy: a purge never waits
+            // for a quiet moment, and never holds the queue longer than a chunk.
+            if w.purge_due() {
+                w.purge_step();
+            }
         }
     }
-    // Clean shutdown: persist every head so the next open replays nothing, and settle
-    // every claimed key.
+    // Clean shutdown: finish deleting erased events, persist every head so the next open
+    // replays nothing, and settle every claimed key.
     for w in shards.iter_mut() {
+        w.purge_all();
         if !w.dirty.is_empty() {
             w.group_commit(vec![Command::barrier(Box::new(|_| {}))]);
         }
@@ -570,8 +612,8 @@ impl ShardWriter {
                     Ok((idx, p.seal_id(p.data_key(id)?.as_ref(), &idx, id)))
                 })?;
             }
-            if format < 4 {
-                shard::migrate_to_4(&conn)?;
+            if format < 5 {
+                shard::migrate_to_5(&conn)?;
             }
             conn
         };
@@ -605,6 +647,8 @@ impl ShardWriter {
             replicated: shared.replicated,
             claiming: Vec::new(),
             unsettled: 0,
+            purging: false,
+            purge_failed: false,
         };
         writer.load()?;
         Ok(writer)
@@ -643,6 +687,7 @@ impl ShardWriter {
         // An erasure that cannot be finished now (the keystore's disk is full) does not
         // keep the store closed: it is retried while the store runs.
         self.erasures_pending = self.finish_erasures().is_err();
+        self.purging = self.purges_left()?;
         self.record_erasures_in_keystore()?;
         self.commits.publish(self.index, self.next_pos - 1);
         Ok(())
@@ -821,8 +866,19 @@ impl ShardWriter {
         let mut batch = self.refuse_while_failed(batch);
         let replicating = batch.iter().any(|c| matches!(c, Command::Replicate(_)));
         let start_pos = self.next_pos;
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.write_transaction(&mut batch)))
-            .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
+        // An erasure's tombstone is durable before its key is destroyed (after the commit):
+        // its transaction is synced whatever the store's sync mode.
+        let erasing = self.sync != SyncMode::Full && batch.iter().any(Command::erases);
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            if erasing {
+                sqlite::set_sync(&self.conn, SyncMode::Full)?;
+            }
+            self.write_transaction(&mut batch)
+        }))
+        .unwrap_or_else(|panic| Err(Error::from_panic(panic)));
+        if erasing {
+            let _ = sqlite::set_sync(&self.conn, self.sync);
+        }
         match outcome {
             Ok(erased) => {
                 // Published before anyone is answered: whatever a caller was told is
@@ -831,13 +887,17 @@ impl ShardWriter {
                     self.commits.publish(self.index, self.next_pos - 1);
                 }
                 self.unsettled += std::mem::take(&mut self.claiming).len();
-                // A flush leaves nothing to change in the files afterwards (a copy of a
-                // quiet store taken after `flush` is consistent): claims are settled first.
-                if self.unsettled > 0 && batch.iter().any(|c| matches!(c, Command::Barrier(_))) {
-                    self.settle_keys();
-                }
                 if !erased.is_empty() {
                     self.finish_erased(erased, &mut batch);
+                }
+                // A flush leaves nothing to change in the files afterwards (a copy of a
+                // quiet store taken after `flush` is consistent): erased events are deleted
+                // and claims settled first.
+                if batch.iter().any(|c| matches!(c, Command::Barrier(_))) {
+                    self.purge_all();
+                    if self.unsettled > 0 {
+                        self.settle_keys();
+                    }
                 }
                 self.compact_if_asked(&mut batch);
                 for command in batch {
@@ -1014,25 +1074,13 @@ impl ShardWriter {
         Ok(txn.erased.into_iter().map(|(id, _)| id.to_vec()).collect())
     }
 
-    /// After the commit of erasures: the rows are gone (zeroed by secure_delete); now the
-    /// old page images in the WAL, and the keys. A failure fails only the erasures
-    /// concerned (the caller is told, and deleting again finishes them); their tombstones
-    /// keep `key_destroyed = 0`, and `finish_erasures` completes them when the writer is
-    /// next idle or the store next opens.
-    ///
-    /// A plain store's erased rows are in clear: SQLite may have left stale copies of them
-    /// (moved cells) in the free space of pages, so its shard is compacted; an encrypted
-    /// store's stale copies are sealed under the key about to be destroyed.
+    /// After the (synced) commit of erasures: their tombstones are durable, so their keys
+    /// go now; their events are deleted next, in chunks (`purge_step`). A failure fails
+    /// only the erasures concerned (the caller is told, and deleting again finishes them);
+    /// their tombstones keep `key_destroyed = 0`, and `finish_erasures` completes them when
+    /// the writer is next idle or the store next opens.
     fn finish_erased(&mut self, erased: Vec<Vec<u8>>, batch: &mut [Command]) {
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Vec<(Vec<u8>, Error)> {
-            let emptied = if self.protection.is_encrypted() {
-                sqlite::truncate_wal(&self.conn, "checkpoint after erasure")
-            } else {
-                sqlite::compact(&self.conn, "compact after erasure")
-            };
-            if let Err(e) = emptied {
-                return erased.into_iter().map(|id| (id, e.clone())).collect();
-            }
             erased.into_iter().filter_map(|id| self.destroy_key(&id).err().map(|e| (id, e))).collect()
         }))
         .unwrap_or_else(|panic| vec![(Vec::new(), Error::from_panic(panic))]);
@@ -1393,12 +1441,19 @@ impl ShardWriter {
     }
 
     /// Inserts a new entity's row (its head filled in at the next checkpoint); its eid.
+    /// While erased entities' events are being deleted, their eids are not given out again
+    /// (the events left would otherwise look like the new entity's).
     fn create_entity(&self, idx: &[u8; 32], id_sealed: &[u8]) -> Result<i64> {
+        let sql = if self.purging {
+            "INSERT INTO entities(eid, idx, id_sealed, head_seq, head_pos, head_ts, head_hash)
+             VALUES (max(coalesce((SELECT max(eid) FROM entities), 0), coalesce((SELECT max(eid) FROM purges), 0)) + 1,
+                     ?1, ?2, 0, 0, 0, ?3)"
+        } else {
+            "INSERT INTO entities(idx, id_sealed, head_seq, head_pos, head_ts, head_hash)
+             VALUES (?1, ?2, 0, 0, 0, ?3)"
+        };
         self.conn
-            .prepare_cached(
-                "INSERT INTO entities(idx, id_sealed, head_seq, head_pos, head_ts, head_hash)
-                 VALUES (?1, ?2, 0, 0, 0, ?3)",
-            )
+            .prepare_cached(sql)
             .map_err(Error::storage("create entity"))?
             .execute(params![&idx[..], id_sealed, &GENESIS[..]])
             .map_err(Error::storage("create entity"))?;
@@ -1414,40 +1469,31 @@ impl ShardWriter {
             .map_err(Error::storage("read tombstone"))
     }
 
-    /// Deletes everything of an entity in the open transaction and leaves a tombstone.
-    /// Returns the number of events deleted.
+    /// Erases an entity in the open transaction: a tombstone, and its row, snapshots and
+    /// skips deleted; its events are queued in `purges`, deleted after the commit in chunks
+    /// (`purge_step`). Unreadable from the commit on: nothing finds them without the
+    /// entity's row, and its key goes right after. Returns the number of events erased
+    /// (seqs have no gaps).
     fn delete_rows(&mut self, entity_id: &[u8], head: Option<Head>, ts: i64) -> Result<u64> {
         let index = self.protection.index(entity_id);
         let mut count = 0u64;
         if let Some(head) = head {
-            // Follow the back-pointers: the entity's positions, newest first.
-            let mut positions = Vec::with_capacity(head.seq as usize);
-            {
-                let mut prev = self
-                    .conn
-                    .prepare_cached("SELECT prev_pos FROM events WHERE pos = ?1")
-                    .map_err(Error::storage("erase: find events"))?;
-                let mut pos = head.pos;
-                while pos != 0 {
-                    positions.push(pos);
-                    pos = prev
-                        .query_row([pos as i64], |r| r.get::<_, i64>(0))
-                        .map_err(Error::storage("erase: find events"))? as u64;
-                }
-            }
-            let mut delete = self
-                .conn
-                .prepare_cached("DELETE FROM events WHERE pos = ?1")
-                .map_err(Error::storage("erase events"))?;
-            for pos in &positions {
-                count += delete.execute([*pos as i64]).map_err(Error::storage("erase events"))? as u64;
-            }
+            count = head.seq;
             for sql in [
                 "DELETE FROM skips WHERE eid = ?1",
                 "DELETE FROM snapshots WHERE eid = ?1",
                 "DELETE FROM entities WHERE eid = ?1",
             ] {
                 self.conn.execute(sql, [head.eid]).map_err(Error::storage("erase entity"))?;
+            }
+            if head.pos != 0 {
+                self.conn
+                    .execute(
+                        "INSERT OR REPLACE INTO purges(eid, idx, next_pos) VALUES (?1, ?2, ?3)",
+                        params![head.eid, &index[..], head.pos as i64],
+                    )
+                    .map_err(Error::storage("erase entity"))?;
+                self.purging = true;
             }
         }
         self.conn
@@ -1461,6 +1507,92 @@ impl ShardWriter {
             .execute("UPDATE meta SET value = max(value, ?1) WHERE key = 'pos_floor'", [(self.next_pos - 1) as i64])
             .map_err(Error::storage("write position floor"))?;
         Ok(count)
+    }
+
+    /// Whether erased entities' events are still to be deleted.
+    fn purges_left(&self) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM purges LIMIT 1")
+            .map_err(Error::storage("read purges"))?
+            .exists([])
+            .map_err(Error::storage("read purges"))
+    }
+
+    /// Deletes the next chunk of an erased entity's events (see `PURGE_CHUNK`); a failure
+    /// (a full disk) leaves the rest for the next idle tick or open. Once the last one is
+    /// gone, a plain store is compacted: its deleted rows were in clear, and SQLite may have
+    /// left stale copies of them (moved cells) in the free space of pages. An encrypted
+    /// store's stale copies are sealed under keys already destroyed.
+    fn purge_step(&mut self) {
+        let step = catch_unwind(AssertUnwindSafe(|| -> Result<bool> {
+            let more = self.purge_chunk()?;
+            if !more && !self.protection.is_encrypted() {
+                sqlite::compact(&self.conn, "compact after erasure")?;
+            }
+            Ok(more)
+        }));
+        match step {
+            Ok(Ok(more)) => self.purging = more,
+            _ => self.purge_failed = true,
+        }
+    }
+
+    /// Whether a chunk of erased events should be deleted now.
+    fn purge_due(&self) -> bool {
+        self.purging && !self.purge_failed
+    }
+
+    /// Runs `purge_step` until no erased event is left (or a step fails).
+    fn purge_all(&mut self) {
+        self.purge_failed = false;
+        while self.purge_due() {
+            self.purge_step();
+        }
+    }
+
+    /// One transaction: deletes up to `PURGE_CHUNK` events of the first entity in
+    /// `purges`, newest first along their back-pointers, within `PURGE_BUDGET`, and records
+    /// where it stopped. Whether any erased event is left.
+    fn purge_chunk(&mut self) -> Result<bool> {
+        #[cfg(feature = "fault-injection")]
+        crate::fault::purge()?;
+        let started = Instant::now();
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
+            .map_err(Error::storage("purge erased events"))?;
+        let job = tx
+            .query_row("SELECT eid, next_pos FROM purges LIMIT 1", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })
+            .optional()
+            .map_err(Error::storage("purge erased events"))?;
+        let Some((eid, mut pos)) = job else { return Ok(false) };
+        {
+            let mut delete = tx
+                .prepare_cached("DELETE FROM events WHERE pos = ?1 RETURNING prev_pos")
+                .map_err(Error::storage("purge erased events"))?;
+            let mut deleted = 0;
+            while pos != 0 && deleted < PURGE_CHUNK && (deleted == 0 || started.elapsed() < PURGE_BUDGET) {
+                // A row already gone (never expected) ends the walk rather than looping.
+                pos = delete
+                    .query_row([pos], |r| r.get::<_, i64>(0))
+                    .optional()
+                    .map_err(Error::storage("purge erased events"))?
+                    .unwrap_or(0);
+                deleted += 1;
+            }
+        }
+        if pos == 0 {
+            tx.execute("DELETE FROM purges WHERE eid = ?1", [eid])
+        } else {
+            tx.execute("UPDATE purges SET next_pos = ?2 WHERE eid = ?1", [eid, pos])
+        }
+        .map_err(Error::storage("purge erased events"))?;
+        let more = pos != 0
+            || tx
+                .query_row("SELECT EXISTS (SELECT 1 FROM purges)", [], |r| r.get::<_, bool>(0))
+                .map_err(Error::storage("purge erased events"))?;
+        tx.commit().map_err(Error::storage("purge erased events"))?;
+        Ok(more)
     }
 
     /// Destroys an erased entity's data key and records that on its tombstone.

@@ -79,6 +79,13 @@ fn read_erased(store: ResourceArc<StoreResource>, entity_id: Term) -> NifResult<
     guard(|| store.store.is_erased(&decode_id(entity_id)?))
 }
 
+/// How far an erasure got on this node: `nil` (not erased), `false` (its key or events are
+/// still being removed), `true` (complete).
+#[rustler::nif(schedule = "DirtyIo")]
+fn read_erasure(store: ResourceArc<StoreResource>, entity_id: Term) -> NifResult<Option<bool>> {
+    guard(|| store.store.erasure_state(&decode_id(entity_id)?))
+}
+
 /// `{:intact, %{events, hash}}` or `{:broken, %{seq, why}}`.
 #[derive(NifTaggedEnum)]
 #[rustler(encode)]
