@@ -50,6 +50,10 @@ defmodule Kuma do
   * `:writer_threads` - OS threads writing the shards; default `nil` = one per shard.
     Fewer threads switch less but get a smaller share of the CPU next to the BEAM's
     schedulers; see docs/benchmarks.md before changing it
+  * `:tail_bytes` - bytes of each shard's newest committed events kept in memory, in
+    clear, so that projections, subscriptions and queries that have caught up read them
+    without touching the file or decrypting (default 4 MiB per shard; `0` = off; not kept
+    by cluster replicas). See docs/architecture.md, "The live tail"
   * `:aggregates` - the `Kuma.Aggregate` modules whose entities this store hosts
   * `:snapshot_every` - an entity writes a snapshot every N events (default 100; `nil` = never)
   * `:idle_timeout` - ms after which an unused live entity is passivated (default 15 minutes;

@@ -58,8 +58,18 @@ defmodule Kuma.Native do
   defp nif_missing, do: :erlang.nif_error(:kuma_nif_not_loaded)
 
   # store: open, close, facts (store.rs)
-  def store_open(_data_dir, _shards, _sync, _writer_threads, _master_key, _keystore_path, _file_mode, _cluster_key),
-    do: nif_missing()
+  def store_open(
+        _data_dir,
+        _shards,
+        _sync,
+        _writer_threads,
+        _master_key,
+        _keystore_path,
+        _file_mode,
+        _cluster_key,
+        _tail
+      ),
+      do: nif_missing()
 
   def store_close(_store), do: nif_missing()
   def store_info(_store), do: nif_missing()

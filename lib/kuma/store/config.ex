@@ -15,6 +15,7 @@ defmodule Kuma.Store.Config do
     idle_timeout: :timer.minutes(15),
     max_live_entities: 100_000,
     writer_threads: nil,
+    tail_bytes: 4_194_304,
     encryption: true,
     master_key: nil,
     master_key_file: nil,
@@ -41,6 +42,7 @@ defmodule Kuma.Store.Config do
          :ok <- check(:idle_timeout, config.idle_timeout),
          :ok <- check(:max_live_entities, config.max_live_entities),
          :ok <- check(:writer_threads, config.writer_threads),
+         :ok <- check(:tail_bytes, config.tail_bytes),
          :ok <- check_path(:keystore_path, config.keystore_path),
          :ok <- check_path(:projections_dir, config.projections_dir),
          :ok <- check(:file_mode, config.file_mode),
@@ -156,6 +158,8 @@ defmodule Kuma.Store.Config do
     do: {:error, {:invalid, :max_live_entities, "must be a positive integer or :infinity"}}
 
   defp check(:writer_threads, n) when (is_integer(n) and n in 1..1024) or n == nil, do: :ok
+  defp check(:tail_bytes, n) when is_integer(n) and n in 0..1_099_511_627_776, do: :ok
+  defp check(:tail_bytes, _), do: {:error, {:invalid, :tail_bytes, "must be an integer in 0..2^40 (bytes)"}}
   defp check(:writer_threads, _), do: {:error, {:invalid, :writer_threads, "must be an integer in 1..1024 or nil"}}
 
   # Integer permissions such as 0o600 or 0o640; the owner must be able to read and write.

@@ -76,7 +76,8 @@ defmodule Kuma.Store.Owner do
         master_key,
         config.keystore_path,
         config.file_mode,
-        cluster_key
+        cluster_key,
+        config.tail_bytes
       )
     end
   rescue

@@ -33,6 +33,7 @@ pub mod shard;
 pub mod sqldb;
 pub mod sqlite;
 pub mod store;
+pub mod tail;
 pub mod verify;
 pub mod writer;
 

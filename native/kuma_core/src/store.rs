@@ -22,6 +22,7 @@ use crate::replica::{AppendRequest, Outcome, PreparedAppend, Replicated, SealedE
 use crate::router::shard_for;
 use crate::shard::{self, ShardIdentity, FORMAT_VERSION};
 use crate::sqlite::{self, SyncMode};
+use crate::tail::Tail;
 use crate::verify::{self, EntityVerdict, ShardReport};
 use crate::writer::{
     AppendEntry, Appended, Command, CommitListener, Commits, Reply, ShardSpec, Shared, SnapshotRequest, WriterConfig,
@@ -59,6 +60,10 @@ pub struct StoreConfig {
     /// or a plain store's tombstone key), the same on every node. The store is then a set
     /// of replicas, written only by applying replicated commands (replica.rs).
     pub cluster_key: Option<[u8; 32]>,
+    /// Bytes of newest committed events each shard keeps in memory, in clear, to answer
+    /// readers that have caught up without reading the file (tail.rs); 0 turns it off.
+    /// Not kept by cluster replicas.
+    pub tail_bytes: usize,
 }
 
 impl StoreConfig {
@@ -74,6 +79,7 @@ impl StoreConfig {
             keystore_path: None,
             file_mode: sqlite::DEFAULT_FILE_MODE,
             cluster_key: None,
+            tail_bytes: crate::tail::DEFAULT_TAIL_BYTES,
         }
     }
 }
@@ -89,6 +95,8 @@ struct ShardHandle {
     heads: Arc<Heads>,
     readers: Readers,
     stats: Arc<Mutex<WriterStats>>,
+    /// The newest committed events, in clear (tail.rs).
+    tail: Arc<Tail>,
 }
 
 /// An open store. Cheap to share (`Arc<Store>`); every method is thread-safe.
@@ -187,8 +195,15 @@ impl Store {
             let path = shard::shard_path(&shard_dir, index);
             let heads = Arc::new(Heads::new(config.heads_cap));
             let stats = Arc::new(Mutex::new(WriterStats::default()));
-            specs.push(ShardSpec { index, path: path.clone(), heads: heads.clone(), stats: stats.clone() });
-            handles.push(ShardHandle { heads, readers: Readers::new(&path), stats });
+            let tail = Arc::new(Tail::new(index, if config.cluster_key.is_some() { 0 } else { config.tail_bytes }));
+            specs.push(ShardSpec {
+                index,
+                path: path.clone(),
+                heads: heads.clone(),
+                stats: stats.clone(),
+                tail: tail.clone(),
+            });
+            handles.push(ShardHandle { heads, readers: Readers::new(&path), stats, tail });
         }
         let commits = Arc::new(Commits::new(config.shards));
         let shared = Shared {
@@ -478,11 +493,21 @@ impl Store {
     /// `read_shard`); filters run before decryption.
     pub fn query_shard(&self, shard: u32, query: &ShardQuery, max: usize) -> Result<Page> {
         query.validate()?;
+        // A reader that has caught up is answered from memory (tail.rs).
+        if let Some(page) = self.shards.get(shard as usize).and_then(|h| h.tail.query(query, max)) {
+            return Ok(page);
+        }
         let entity_idx = query.entity_id.as_ref().map(|id| self.protection.index(id));
         let resolve = |idx: &[u8; 32], sealed: &[u8]| self.resolve_id(idx, sealed);
         let page =
             self.with_reader(shard, |c, _| query::query_shard(c, shard, query, max, entity_idx.as_ref(), &resolve))?;
         Ok(Page { events: self.protection.open_events(page.events)?, ..page })
+    }
+
+    /// The positions of `shard` its tail holds in memory, `first..=last` (empty when
+    /// `first > last`), and its bytes (tail.rs).
+    pub fn tail_span(&self, shard: u32) -> Option<(u64, u64, usize)> {
+        self.shards.get(shard as usize).map(|h| h.tail.span())
     }
 
     /// Where a reader that stopped at `position` of `shard` stands: the chain hash of the

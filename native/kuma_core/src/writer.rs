@@ -29,6 +29,7 @@ use crate::reader::{bytes, head_on_disk};
 use crate::replica::{self, Outcome, PreparedAppend, PreparedErase, Replicated};
 use crate::shard::{self, meta_get, ShardIdentity, SKIP_EVERY};
 use crate::sqlite::{self, SyncMode};
+use crate::tail::{Tail, TailEvent};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
@@ -345,6 +346,11 @@ pub(crate) struct ShardWriter {
     purging: bool,
     /// ...unless the last chunk failed (a full disk): then again at the next idle tick.
     purge_failed: bool,
+    /// The shard's newest events in clear, for readers (tail.rs); `None` on replicas.
+    tail: Option<Arc<Tail>>,
+    /// Chain hashes of the events of the last transaction, by position from its first:
+    /// what the tail needs besides what the requests carry.
+    tail_hashes: Vec<[u8; 32]>,
 }
 
 /// Claims a shard lets pile up before the keystore settles them (one durable keystore
@@ -364,6 +370,7 @@ pub(crate) struct ShardSpec {
     pub path: PathBuf,
     pub heads: Arc<Heads>,
     pub stats: Arc<std::sync::Mutex<WriterStats>>,
+    pub tail: Arc<Tail>,
 }
 
 /// What every writer thread of a store shares.
@@ -568,6 +575,40 @@ fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
     }
 }
 
+/// The events a committed batch appended, for the shard's tail: their bytes are moved out
+/// of the requests (answered next, with results that do not need them). Entities erased in
+/// the same batch are left out (the tail then has a gap and resets: they are never served).
+fn tail_events(batch: &mut [Command], start_pos: u64, hashes: &[[u8; 32]], erased: &[Vec<u8>]) -> Vec<TailEvent> {
+    let mut events = Vec::with_capacity(hashes.len());
+    for command in batch.iter_mut() {
+        let Command::Append(Append { entries, results, .. }) = command else { continue };
+        for (entry, result) in entries.iter_mut().zip(results.iter()) {
+            let Ok(a) = result else { continue };
+            if erased.contains(&entry.entity_id) {
+                continue;
+            }
+            let id: Arc<[u8]> = Arc::from(entry.entity_id.as_slice());
+            for (i, ev) in entry.events.iter_mut().enumerate() {
+                let position = a.first_pos + i as u64;
+                let Some(hash) = hashes.get((position - start_pos) as usize) else { return events };
+                events.push(TailEvent {
+                    entity_id: id.clone(),
+                    seq: a.first_seq + i as u64,
+                    position,
+                    timestamp_us: a.timestamp_us,
+                    event_type: std::mem::take(&mut ev.event_type),
+                    metadata: std::mem::take(&mut ev.metadata),
+                    payload: std::mem::take(&mut ev.payload),
+                    hash: *hash,
+                    scope: ev.scope.take(),
+                });
+            }
+        }
+    }
+    events.sort_unstable_by_key(|e| e.position);
+    events
+}
+
 /// What one group commit has done so far, before its COMMIT: nothing here is visible to
 /// readers until the commit succeeds.
 #[derive(Default)]
@@ -580,6 +621,8 @@ struct Txn<'a> {
     written: u64,
     /// Cluster mode: the Raft index this transaction applied up to.
     applied_index: Option<u64>,
+    /// Chain hashes of the events written, in position order (when the shard keeps a tail).
+    hashes: Vec<[u8; 32]>,
 }
 
 impl Txn<'_> {
@@ -623,7 +666,7 @@ impl ShardWriter {
     /// Prepares a writer on an opened shard: finds the next position and recovers the heads
     /// changed after the last checkpoint by scanning the events written since then.
     fn recover(spec: ShardSpec, conn: Connection, shared: &Shared) -> Result<Self> {
-        let ShardSpec { index, heads, stats, path } = spec;
+        let ShardSpec { index, heads, stats, path, tail } = spec;
         let mut writer = ShardWriter {
             index,
             commits: shared.commits.clone(),
@@ -649,6 +692,8 @@ impl ShardWriter {
             unsettled: 0,
             purging: false,
             purge_failed: false,
+            tail: (!shared.replicated).then_some(tail),
+            tail_hashes: Vec::new(),
         };
         writer.load()?;
         Ok(writer)
@@ -688,6 +733,9 @@ impl ShardWriter {
         // keep the store closed: it is retried while the store runs.
         self.erasures_pending = self.finish_erasures().is_err();
         self.purging = self.purges_left()?;
+        if let Some(tail) = &self.tail {
+            tail.reset(self.next_pos - 1);
+        }
         self.record_erasures_in_keystore()?;
         self.commits.publish(self.index, self.next_pos - 1);
         Ok(())
@@ -883,6 +931,9 @@ impl ShardWriter {
             Ok(erased) => {
                 // Published before anyone is answered: whatever a caller was told is
                 // committed is already covered by `Commits::positions`.
+                if let (Some(tail), true) = (&self.tail, self.next_pos != start_pos) {
+                    tail.push(tail_events(&mut batch, start_pos, &self.tail_hashes, &erased), self.next_pos - 1);
+                }
                 if self.next_pos != start_pos {
                     self.commits.publish(self.index, self.next_pos - 1);
                 }
@@ -984,6 +1035,7 @@ impl ShardWriter {
             }
         }
         let mut txn = Txn::default();
+        let start_pos = self.next_pos;
         for command in batch {
             match command {
                 Command::Append(Append { entries, results, .. }) => {
@@ -1016,6 +1068,10 @@ impl ShardWriter {
                 }
                 Command::Erase(Erase { entity_id, result, .. }) => {
                     let entity_id: &[u8] = entity_id;
+                    // Never served from memory again, whether this commits or not.
+                    if let Some(tail) = &self.tail {
+                        tail.reset(start_pos - 1);
+                    }
                     // An entity appended and deleted in one group: the delete must see the
                     // appends, so its tentative head is used and then dropped.
                     let head = match txn.head(self, entity_id) {
@@ -1071,6 +1127,7 @@ impl ShardWriter {
         stats.transactions += 1;
         stats.events += txn.written;
         stats.checkpoints += u64::from(checkpoint);
+        self.tail_hashes = txn.hashes;
         Ok(txn.erased.into_iter().map(|(id, _)| id.to_vec()).collect())
     }
 
@@ -1253,6 +1310,9 @@ impl ShardWriter {
                 .map_err(Error::storage("insert event"))?;
             if seq.is_multiple_of(SKIP_EVERY) {
                 skip.execute(params![eid, seq as i64, pos as i64, ts]).map_err(Error::storage("insert skip"))?;
+            }
+            if self.tail.is_some() {
+                txn.hashes.push(hash);
             }
             prev_hash = hash;
             prev_pos = pos;

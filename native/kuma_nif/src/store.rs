@@ -27,6 +27,7 @@ fn store_open(
     keystore_path: Option<String>,
     file_mode: u32,
     cluster_key: Option<Binary>,
+    tail_bytes: u64,
 ) -> NifResult<ResourceArc<StoreResource>> {
     guard(|| {
         let sync = if sync == atoms::full() {
@@ -52,6 +53,7 @@ fn store_open(
                     .map_err(|_| Error::Invalid { what: "cluster_key", why: "must be 32 bytes".into() })
             })
             .transpose()?;
+        config.tail_bytes = usize::try_from(tail_bytes).unwrap_or(usize::MAX);
         Ok(ResourceArc::new(StoreResource { store: Store::open(config)? }))
     })
 }

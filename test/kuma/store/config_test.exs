@@ -32,6 +32,8 @@ defmodule Kuma.Store.ConfigTest do
       {[max_live_entities: 0], {:invalid, :max_live_entities, "must be a positive integer or :infinity"}},
       {[writer_threads: 0], {:invalid, :writer_threads, "must be an integer in 1..1024 or nil"}},
       {[writer_threads: 1_000_000], {:invalid, :writer_threads, "must be an integer in 1..1024 or nil"}},
+      {[tail_bytes: -1], {:invalid, :tail_bytes, "must be an integer in 0..2^40 (bytes)"}},
+      {[tail_bytes: :big], {:invalid, :tail_bytes, "must be an integer in 0..2^40 (bytes)"}},
       {[data_dir: <<255, 254>>], {:invalid, :data_dir, "must be a UTF-8 path"}},
       {[keystore_path: <<255>>], {:invalid, :keystore_path, "must be a UTF-8 path"}},
       {[projections_dir: <<255>>], {:invalid, :projections_dir, "must be a UTF-8 path"}},
