@@ -1,5 +1,8 @@
 //! Encryption, erasure, crypto-shredding and key rotation, through the public API.
 
+mod common;
+
+use common::crash_copy_all;
 use kuma_core::*;
 use rusqlite::Connection;
 use std::path::Path;
@@ -436,20 +439,6 @@ fn no_erased_id_survives_in_the_files_at_scale_encrypted() {
 #[test]
 fn no_erased_id_survives_in_the_files_at_scale_plain() {
     scale_case(false);
-}
-
-/// Copies a data dir while its store runs: what `kill -9` would leave (lock files aside).
-fn crash_copy_all(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            crash_copy_all(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
 }
 
 fn claims_in(dir: &Path) -> i64 {

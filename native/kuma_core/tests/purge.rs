@@ -4,6 +4,9 @@
 //! erased events are still in the file, and crash it there. `HOLD_PURGES` is process-wide,
 //! so this file is a test binary of its own and its one test runs alone.
 
+mod common;
+
+use common::crash_copy_all;
 use kuma_core::fault::HOLD_PURGES;
 use kuma_core::*;
 use rusqlite::Connection;
@@ -26,20 +29,6 @@ fn rows(dir: &Path) -> (i64, i64) {
     let c = Connection::open(dir.join("shards/000.kuma")).unwrap();
     let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
     (count("SELECT count(*) FROM events"), count("SELECT count(*) FROM purges"))
-}
-
-/// Copies a directory tree file by file, as a crash leaves it (SQLite's WAL included).
-fn crash_copy_all(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            crash_copy_all(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
 }
 
 #[test]
