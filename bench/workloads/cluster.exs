@@ -6,6 +6,8 @@
 defmodule Kuma.Bench.ClusterBench do
   @moduledoc false
   alias Kuma.Bench.{Payload, Progress, Table, W1, W2}
+  # The peer harness of the tests is compiled when this workload runs (below), not before.
+  @compile {:no_warn_undefined, [Kuma.Test.Cluster, Kuma.Bench.ClusterLoad]}
 
   @store :bench_cluster
   @w1_ratio 0.30
