@@ -195,6 +195,7 @@ impl Store {
             let path = shard::shard_path(&shard_dir, index);
             let heads = Arc::new(Heads::new(config.heads_cap));
             let stats = Arc::new(Mutex::new(WriterStats::default()));
+            // Cluster replicas keep no tail: their events arrive sealed by the leader.
             let tail = Arc::new(Tail::new(index, if config.cluster_key.is_some() { 0 } else { config.tail_bytes }));
             specs.push(ShardSpec {
                 index,

@@ -93,9 +93,14 @@ pub struct Tail {
 }
 
 impl Tail {
-    /// An empty tail of `shard` holding at most `cap` bytes (0: never holds anything).
+    /// An empty tail of `shard` holding at most `cap` bytes (0: off, never holds anything).
     pub fn new(shard: u32, cap: usize) -> Self {
         Tail { shard, cap, inner: Mutex::new(Inner::default()) }
+    }
+
+    /// Whether it keeps events at all (the writer then gives it none).
+    pub fn is_on(&self) -> bool {
+        self.cap > 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -346,11 +346,8 @@ pub(crate) struct ShardWriter {
     purging: bool,
     /// ...unless the last chunk failed (a full disk): then again at the next idle tick.
     purge_failed: bool,
-    /// The shard's newest events in clear, for readers (tail.rs); `None` on replicas.
-    tail: Option<Arc<Tail>>,
-    /// Chain hashes of the events of the last transaction, by position from its first:
-    /// what the tail needs besides what the requests carry.
-    tail_hashes: Vec<[u8; 32]>,
+    /// The shard's newest events in clear, for readers (tail.rs); off on replicas.
+    tail: Arc<Tail>,
 }
 
 /// Claims a shard lets pile up before the keystore settles them (one durable keystore
@@ -609,6 +606,14 @@ fn tail_events(batch: &mut [Command], start_pos: u64, hashes: &[[u8; 32]], erase
     events
 }
 
+/// What a committed transaction leaves to do after its COMMIT: the ids it erased (their
+/// keys still to destroy) and the chain hashes of its events in position order (for the
+/// tail; empty when the shard keeps none).
+struct Committed {
+    erased: Vec<Vec<u8>>,
+    hashes: Vec<[u8; 32]>,
+}
+
 /// What one group commit has done so far, before its COMMIT: nothing here is visible to
 /// readers until the commit succeeds.
 #[derive(Default)]
@@ -692,8 +697,7 @@ impl ShardWriter {
             unsettled: 0,
             purging: false,
             purge_failed: false,
-            tail: (!shared.replicated).then_some(tail),
-            tail_hashes: Vec::new(),
+            tail,
         };
         writer.load()?;
         Ok(writer)
@@ -733,9 +737,7 @@ impl ShardWriter {
         // keep the store closed: it is retried while the store runs.
         self.erasures_pending = self.finish_erasures().is_err();
         self.purging = self.purges_left()?;
-        if let Some(tail) = &self.tail {
-            tail.reset(self.next_pos - 1);
-        }
+        self.tail.reset(self.next_pos - 1);
         self.record_erasures_in_keystore()?;
         self.commits.publish(self.index, self.next_pos - 1);
         Ok(())
@@ -928,11 +930,11 @@ impl ShardWriter {
             let _ = sqlite::set_sync(&self.conn, self.sync);
         }
         match outcome {
-            Ok(erased) => {
+            Ok(Committed { erased, hashes }) => {
                 // Published before anyone is answered: whatever a caller was told is
                 // committed is already covered by `Commits::positions`.
-                if let (Some(tail), true) = (&self.tail, self.next_pos != start_pos) {
-                    tail.push(tail_events(&mut batch, start_pos, &self.tail_hashes, &erased), self.next_pos - 1);
+                if self.tail.is_on() && self.next_pos != start_pos {
+                    self.tail.push(tail_events(&mut batch, start_pos, &hashes, &erased), self.next_pos - 1);
                 }
                 if self.next_pos != start_pos {
                     self.commits.publish(self.index, self.next_pos - 1);
@@ -999,7 +1001,7 @@ impl ShardWriter {
     /// Runs every request of the batch in one transaction, storing each one's outcome in
     /// it, and commits. An error means nothing of the batch was kept and nothing in memory
     /// changed. Returns the ids erased by the batch (committed, their keys still to destroy).
-    fn write_transaction(&mut self, batch: &mut [Command]) -> Result<Vec<Vec<u8>>> {
+    fn write_transaction(&mut self, batch: &mut [Command]) -> Result<Committed> {
         // Data keys first: new entities get pre-created (already durable) keys, claimed in
         // this transaction; never an erased id (its appends are refused below, and it must
         // stay keyless).
@@ -1069,9 +1071,7 @@ impl ShardWriter {
                 Command::Erase(Erase { entity_id, result, .. }) => {
                     let entity_id: &[u8] = entity_id;
                     // Never served from memory again, whether this commits or not.
-                    if let Some(tail) = &self.tail {
-                        tail.reset(start_pos - 1);
-                    }
+                    self.tail.reset(start_pos - 1);
                     // An entity appended and deleted in one group: the delete must see the
                     // appends, so its tentative head is used and then dropped.
                     let head = match txn.head(self, entity_id) {
@@ -1127,8 +1127,7 @@ impl ShardWriter {
         stats.transactions += 1;
         stats.events += txn.written;
         stats.checkpoints += u64::from(checkpoint);
-        self.tail_hashes = txn.hashes;
-        Ok(txn.erased.into_iter().map(|(id, _)| id.to_vec()).collect())
+        Ok(Committed { erased: txn.erased.into_iter().map(|(id, _)| id.to_vec()).collect(), hashes: txn.hashes })
     }
 
     /// After the (synced) commit of erasures: their tombstones are durable, so their keys
@@ -1311,7 +1310,7 @@ impl ShardWriter {
             if seq.is_multiple_of(SKIP_EVERY) {
                 skip.execute(params![eid, seq as i64, pos as i64, ts]).map_err(Error::storage("insert skip"))?;
             }
-            if self.tail.is_some() {
+            if self.tail.is_on() {
                 txn.hashes.push(hash);
             }
             prev_hash = hash;
@@ -1647,10 +1646,7 @@ impl ShardWriter {
             tx.execute("UPDATE purges SET next_pos = ?2 WHERE eid = ?1", [eid, pos])
         }
         .map_err(Error::storage("purge erased events"))?;
-        let more = pos != 0
-            || tx
-                .query_row("SELECT EXISTS (SELECT 1 FROM purges)", [], |r| r.get::<_, bool>(0))
-                .map_err(Error::storage("purge erased events"))?;
+        let more = pos != 0 || self.purges_left()?;
         tx.commit().map_err(Error::storage("purge erased events"))?;
         Ok(more)
     }
