@@ -26,6 +26,9 @@ defmodule Kuma.Entity.Server do
   @hibernate_after 2_000
   # Reloads and decides again after a conflicting write that did not come through us.
   @retries 3
+  # Writes decided together and appended in one go when they wait in our mailbox (see
+  # "pipelining" below).
+  @pipeline 64
   # A failed load is kept this long so the callers already on their way (the one that
   # started us first) get its reason instead of a process that is gone.
   @failed_linger 100
@@ -70,26 +73,13 @@ defmodule Kuma.Entity.Server do
     with :ok <- same_aggregate(st, aggregate), do: {:reply, {:ok, st.state}, st}, else: (e -> {:reply, e, st})
   end
 
-  def handle_call({:execute, aggregate, command, opts}, _from, st) do
-    with :ok <- same_aggregate(st, aggregate),
-         :ok <- handles_commands(st),
-         :ok <- expected(st, opts) do
-      write(st, fn state -> decide(st.aggregate, state, command) end, opts, @retries)
-    else
-      error -> {:reply, error, st}
-    end
-  end
-
-  # From Kuma.append with an entity handle (aggregate given) or from the store-level
-  # Kuma.append/4 routed here because the entity is live (aggregate :any).
-  def handle_call({:append, aggregate, events, opts}, _from, st) do
-    with :ok <- same_aggregate(st, aggregate), :ok <- expected(st, opts) do
-      # Without :expected_seq the caller asked for no version check: a write that slipped in
-      # beside us (a store-level append while we were starting) is no reason to fail.
-      retries = if Keyword.get(opts, :expected_seq) == nil, do: @retries, else: 0
-      write(st, fn _state -> {:ok, events} end, opts, retries)
-    else
-      error -> {:reply, error, st}
+  # Writes: {:execute, aggregate, command, opts} and, from Kuma.append with an entity handle
+  # (aggregate given) or from the store-level Kuma.append/4 routed here because the entity
+  # is live (aggregate :any), {:append, aggregate, events, opts}.
+  def handle_call({op, _, _, _} = request, from, st) when op in [:execute, :append] do
+    case waiting_writes(st, @pipeline - 1) do
+      [] -> write_one(request, st)
+      more -> write_pipelined([{from, request} | more], st)
     end
   end
 
@@ -144,6 +134,182 @@ defmodule Kuma.Entity.Server do
 
   # -- the write path ----------------------------------------------------------------------
 
+  defp write_one({:execute, aggregate, command, opts}, st) do
+    with :ok <- same_aggregate(st, aggregate),
+         :ok <- handles_commands(st),
+         :ok <- expected(st, opts) do
+      write(st, fn state -> decide(st.aggregate, state, command) end, opts, @retries)
+    else
+      error -> {:reply, error, st}
+    end
+  end
+
+  defp write_one({:append, aggregate, events, opts}, st) do
+    with :ok <- same_aggregate(st, aggregate), :ok <- expected(st, opts) do
+      # Without :expected_seq the caller asked for no version check: a write that slipped in
+      # beside us (a store-level append while we were starting) is no reason to fail.
+      retries = if Keyword.get(opts, :expected_seq) == nil, do: @retries, else: 0
+      write(st, fn _state -> {:ok, events} end, opts, retries)
+    else
+      error -> {:reply, error, st}
+    end
+  end
+
+  # -- pipelining ----------------------------------------------------------------------------
+  #
+  # Writes already waiting in our mailbox when one is handled are taken with it (up to
+  # @pipeline in all): each is decided on the state the ones before it left, as if they had
+  # run one after another, and all their events go down in one append, so they share one
+  # round trip to the shard's writer and one group commit. Each caller then gets its own
+  # answer (its own last seq). Without other writers waiting nothing changes: one write,
+  # one append. Single node only: in cluster mode every write carries its own command id
+  # for deduplication.
+  #
+  # Safety: nothing is written before every decision is made, and the append is atomic.
+  # Anything unusual (user code that raised, an append refused as invalid or too large, or
+  # a conflicting write beside us) falls back to one write at a time, from our unchanged state: those
+  # are errors after which storage is known to hold nothing of the batch. Any other error
+  # (a timeout among them: the append may still commit) goes to every caller of the batch,
+  # as it would to a single caller, and the next write finds out what storage holds.
+
+  defp waiting_writes(st, room) do
+    case Store.lookup(st.store_name) do
+      {:ok, %Store{cluster: nil}} -> take_waiting(room, [])
+      _ -> []
+    end
+  end
+
+  defp take_waiting(0, acc), do: Enum.reverse(acc)
+
+  defp take_waiting(room, acc) do
+    receive do
+      {:"$gen_call", from, {op, _, _, _} = request} when op in [:execute, :append] ->
+        take_waiting(room - 1, [{from, request} | acc])
+    after
+      0 -> Enum.reverse(acc)
+    end
+  end
+
+  defp write_pipelined(batch, st) do
+    with {:ok, s} <- Store.lookup(st.store_name),
+         {:ok, planned} <- plan(batch, st, s) do
+      commit_planned(planned, batch, s, st)
+    else
+      _ -> write_each(batch, st)
+    end
+  end
+
+  # Decides every write of the batch in order: {:ok, plan} with one answer per write
+  # ({:error, from, reason}, or {:ok, from, opts, seq} to send once its events are
+  # committed), or :fallback if user code raised (nobody answered yet).
+  defp plan(batch, st, s) do
+    init = %{state: st.state, seq: st.seq, encoded: [], bytes: 0, answers: [], timeout: 0}
+
+    Enum.reduce_while(batch, {:ok, init}, fn {from, request}, {:ok, acc} ->
+      opts = elem(request, 3)
+      acc = %{acc | timeout: max(acc.timeout, Keyword.get(opts, :timeout, EventLog.default_timeout()))}
+
+      case plan_one(request, acc, st, s) do
+        {:ok, encoded, new_state} ->
+          seq = acc.seq + length(encoded.encoded)
+
+          {:cont,
+           {:ok,
+            %{
+              acc
+              | state: new_state,
+                seq: seq,
+                encoded: [encoded.encoded | acc.encoded],
+                bytes: acc.bytes + encoded.bytes,
+                answers: [{:ok, from, opts, seq} | acc.answers]
+            }}}
+
+        {:error, {:user_code_crashed, _, _}} ->
+          {:halt, :fallback}
+
+        {:error, reason} ->
+          {:cont, {:ok, %{acc | answers: [{:error, from, reason} | acc.answers]}}}
+      end
+    end)
+  end
+
+  defp plan_one({op, aggregate, arg, opts}, acc, st, s) do
+    seen = %{st | state: acc.state, seq: acc.seq}
+    decide = if op == :execute, do: fn -> decide(st.aggregate, acc.state, arg) end, else: fn -> {:ok, arg} end
+
+    with :ok <- same_aggregate(st, aggregate),
+         :ok <- if(op == :execute, do: handles_commands(st), else: :ok),
+         :ok <- expected(seen, opts),
+         {:ok, decision} <- run_user(decide, :handle),
+         {:ok, events} <- decision,
+         {:ok, encoded} <- encode(List.wrap(events), opts, s, st.id),
+         {:ok, new_state} <-
+           run_user(fn -> Enum.reduce(encoded.events, acc.state, &st.aggregate.apply(&2, &1)) end, :apply) do
+      {:ok, encoded, new_state}
+    end
+  end
+
+  defp commit_planned(planned, batch, s, st) do
+    answers = Enum.reverse(planned.answers)
+
+    case List.flatten(Enum.reverse(planned.encoded)) do
+      [] ->
+        Enum.each(answers, &send_answer(&1, fn opts, _seq -> empty_answer(st.seq, opts) end))
+        {:noreply, st}
+
+      encoded ->
+        case EventLog.append_encoded(s, st.id, st.seq, %{encoded: encoded, bytes: planned.bytes}, planned.timeout) do
+          {:ok, Native.appended(first_seq: first, last_seq: last, hash: hash) = appended} when first == st.seq + 1 ->
+            Enum.each(answers, &send_answer(&1, fn opts, seq -> answer_at(appended, seq, st.seq, opts) end))
+            before = st.seq
+            st = %{st | state: planned.state, seq: last, hash: hash}
+            publish(s, st)
+            maybe_snapshot(s, st, before)
+            {:noreply, st}
+
+          {:error, reason} when elem(reason, 0) in [:invalid, :too_large, :wrong_expected_seq] ->
+            # Refused before anything was written (one write's event, the batch's size, or
+            # a write beside us): as if each write had come alone.
+            write_each(batch, st)
+
+          {:error, reason} ->
+            Enum.each(answers, &send_answer(&1, fn _opts, _seq -> {:error, reason} end))
+            {:noreply, st}
+        end
+    end
+  end
+
+  defp send_answer({:error, from, reason}, _ok), do: GenServer.reply(from, {:error, reason})
+  defp send_answer({:ok, from, opts, seq}, ok), do: GenServer.reply(from, ok.(opts, seq))
+
+  # The answer of a write of the batch whose events ended at `seq`, as if it had been
+  # appended alone. A write with no events answers the seq it saw: with an empty token if
+  # it came first, else with the position of the event before it (committed now).
+  defp answer_at(_appended, before, before, opts), do: empty_answer(before, opts)
+
+  defp answer_at(Native.appended(first_seq: first, first_pos: first_pos) = appended, seq, _before, opts) do
+    EventLog.answer(Native.appended(appended, last_seq: seq, last_pos: first_pos + (seq - first)), opts)
+  end
+
+  defp empty_answer(seq, opts), do: if(Keyword.get(opts, :return) == :token, do: {:ok, seq, %{}}, else: {:ok, seq})
+
+  # One write at a time, as if each had arrived alone; a write that stops us (user code
+  # that raised, a stale view) stops us after its answer, and the callers still waiting
+  # try again on a fresh process (Kuma.Entity's call).
+  defp write_each([], st), do: {:noreply, st}
+
+  defp write_each([{from, request} | rest], st) do
+    case write_one(request, st) do
+      {:reply, reply, st} ->
+        GenServer.reply(from, reply)
+        write_each(rest, st)
+
+      {:stop, reason, reply, st} ->
+        GenServer.reply(from, reply)
+        {:stop, reason, st}
+    end
+  end
+
   # decide -> evolve -> persist -> publish. `decide` returns {:ok, events} | {:error, reason}.
   # Each event is encoded once, here (sensitive values sealed under their subjects' keys,
   # their clear values kept for the state), and the bytes go down to storage as they are.
@@ -171,8 +337,7 @@ defmodule Kuma.Entity.Server do
 
   defp persist(_s, st, %{encoded: []}, _new_state, _decide, opts, _retries) do
     # Nothing written: the token of no events covers nothing new.
-    reply = if Keyword.get(opts, :return) == :token, do: {:ok, st.seq, %{}}, else: {:ok, st.seq}
-    {:reply, reply, st}
+    {:reply, empty_answer(st.seq, opts), st}
   end
 
   defp persist(s, st, encoded, new_state, decide, opts, retries) do
