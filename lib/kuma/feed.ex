@@ -5,6 +5,16 @@ defmodule Kuma.Feed do
   # follows the store (projections, subscriptions), which then read the new events from
   # storage. Nothing polls: a follower that has caught up sleeps until the next commit.
   #
+  # A subscription to one entity (`Kuma.subscribe(store, entity_id: id)`, single node)
+  # follows that entity only (`follow_entity/2`): the Feed then asks the writers for the
+  # entities of each commit and tells such a follower only of the commits that wrote its
+  # entity, with where its first event in the commit is and where the one before it was
+  # ({:kuma_entity_commit, store, shard, last_pos, first_pos, prev_pos}), so the follower
+  # can read from just before it (see Kuma.Projection.Runner). An idle subscription to an
+  # entity that is not written costs nothing per commit. A commit that comes without its
+  # entities (a shard opening, before the writers were asked) goes to every entity follower
+  # of its shard, as a plain commit.
+  #
   # Cluster mode: a node holds copies of some shards only, and a shard's commits are made
   # by its leader. So the Feed of a node with followers watches the Feeds of the nodes that
   # hold shards, and each forwards the commits of the shards it leads. Every second it also
@@ -33,6 +43,22 @@ defmodule Kuma.Feed do
     if s.cluster, do: GenServer.cast(Store.via(s.name, :feed), :tick_now)
     heads(s)
   end
+
+  @doc """
+  Makes the caller a follower of one entity's commits (see the module comment): it
+  receives `{:kuma_entity_commit, store_name, shard, last_pos, first_pos, prev_pos}` for
+  each commit that wrote the entity (or a plain `{:kuma_commit, ...}` of its shard when
+  the commit came without its entities). Until the caller exits. Returns the heads, read
+  after registering. In cluster mode the same as `follow/1`.
+  """
+  @spec follow_entity(Store.t(), binary()) :: Kuma.Position.t()
+  def follow_entity(%Store{cluster: nil} = s, entity_id) do
+    shard = Native.store_shard_for(s.native, entity_id)
+    :ok = GenServer.call(Store.via(s.name, :feed), {:follow_entity, self(), entity_id, shard})
+    heads(s)
+  end
+
+  def follow_entity(%Store{} = s, _entity_id), do: follow(s)
 
   @doc "The last committed position of every shard (cluster mode: as far as the copies reached)."
   @spec heads(Store.t()) :: Kuma.Position.t()
@@ -83,20 +109,27 @@ defmodule Kuma.Feed do
   def init(name) do
     Process.flag(:trap_exit, true)
     {:ok, s} = Store.lookup(name)
-    Native.store_follow_commits(s.native, self())
+    Native.store_follow_commits(s.native, self(), false)
     if s.cluster, do: Process.send_after(self(), :tick, @tick_ms)
-    {:ok, %{s: s, watchers: %{}, watching: %{}, heads: %{}, ticking: false}}
+    # entities: entity id => %{pid => shard}; entity_of: pid => {entity id, monitor}.
+    {:ok, %{s: s, watchers: %{}, watching: %{}, heads: %{}, ticking: false, entities: %{}, entity_of: %{}}}
   end
 
   @impl true
   def handle_info({:kuma_commit, shard, pos}, st) do
     dispatch(st.s, shard, pos)
+    for {_id, pids} <- st.entities, {pid, ^shard} <- pids, do: send(pid, {:kuma_commit, st.s.name, shard, pos})
+    {:noreply, forward(st, shard, pos)}
+  end
 
-    if st.watchers != %{} and Shards.leader?(st.s, shard) do
-      for {pid, _ref} <- st.watchers, do: send(pid, {:kuma_remote_commit, shard, pos})
+  def handle_info({:kuma_commit, shard, pos, written}, st) do
+    dispatch(st.s, shard, pos)
+
+    for {id, first, prev} <- written, {pid, _shard} <- Map.get(st.entities, id, %{}) do
+      send(pid, {:kuma_entity_commit, st.s.name, shard, pos, first, prev})
     end
 
-    {:noreply, st}
+    {:noreply, forward(st, shard, pos)}
   end
 
   def handle_info({:kuma_remote_commit, shard, pos}, st) do
@@ -122,6 +155,15 @@ defmodule Kuma.Feed do
     {:noreply, %{st | heads: Map.merge(st.heads, Map.new(new)), watching: watching, ticking: false}}
   end
 
+  def handle_info({:DOWN, _ref, :process, pid, _}, st) when is_map_key(st.entity_of, pid) do
+    {{id, _ref}, entity_of} = Map.pop(st.entity_of, pid)
+    pids = st.entities |> Map.fetch!(id) |> Map.delete(pid)
+    entities = if pids == %{}, do: Map.delete(st.entities, id), else: Map.put(st.entities, id, pids)
+    # The last one gone: the writers need not collect the entities of commits any more.
+    if entities == %{}, do: Native.store_follow_commits(st.s.native, self(), false)
+    {:noreply, %{st | entities: entities, entity_of: entity_of}}
+  end
+
   def handle_info({:DOWN, ref, :process, pid, _}, st) do
     watchers = Map.delete(st.watchers, pid)
     watching = for {n, {p, r}} <- st.watching, r != ref, into: %{}, do: {n, {p, r}}
@@ -134,6 +176,13 @@ defmodule Kuma.Feed do
   def handle_cast(:tick_now, st), do: {:noreply, tick(st)}
 
   @impl true
+  def handle_call({:follow_entity, pid, id, shard}, _from, st) do
+    if st.entities == %{}, do: Native.store_follow_commits(st.s.native, self(), true)
+    ref = if Map.has_key?(st.entity_of, pid), do: elem(st.entity_of[pid], 1), else: Process.monitor(pid)
+    entities = Map.update(st.entities, id, %{pid => shard}, &Map.put(&1, pid, shard))
+    {:reply, :ok, %{st | entities: entities, entity_of: Map.put(st.entity_of, pid, {id, ref})}}
+  end
+
   def handle_call({:watch, watcher}, _from, st) do
     watchers =
       if Map.has_key?(st.watchers, watcher),
@@ -145,8 +194,17 @@ defmodule Kuma.Feed do
 
   @impl true
   def terminate(_reason, st) do
-    Native.store_follow_commits(st.s.native, nil)
+    Native.store_follow_commits(st.s.native, nil, false)
     :ok
+  end
+
+  # Cluster mode: the commits of shards this node leads go to the Feeds watching it.
+  defp forward(st, shard, pos) do
+    if st.watchers != %{} and Shards.leader?(st.s, shard) do
+      for {pid, _ref} <- st.watchers, do: send(pid, {:kuma_remote_commit, shard, pos})
+    end
+
+    st
   end
 
   defp dispatch(s, shard, pos) do

@@ -76,7 +76,7 @@ defmodule Kuma.Native do
   def store_shard_for(_store, _entity_id), do: nif_missing()
   def store_stats(_store), do: nif_missing()
   def store_commit_positions(_store), do: nif_missing()
-  def store_follow_commits(_store, _pid), do: nif_missing()
+  def store_follow_commits(_store, _pid, _details), do: nif_missing()
 
   # write: queued to the shard's writer thread, answered later (write.rs)
   def write_append(_store, _ref, _entity_id, _expected, _events), do: nif_missing()

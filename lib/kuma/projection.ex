@@ -141,12 +141,18 @@ defmodule Kuma.Projection do
   @doc """
   Waits until the projection has handled everything up to `token` (a `Kuma.Position`, as
   returned by appends with `return: :token`). Returns `:ok` or `{:error, :timeout}`.
+
+  `name` may also be a subscription (the pid `Kuma.subscribe/2` returned): then `:ok` means
+  every event up to `token` that the subscription matches has been sent to its subscriber
+  (is in the subscriber's mailbox), so a writer can append, wait, and know its subscriber
+  has the event. A subscription that has ended gives `{:error, {:unknown_projection, pid}}`.
   """
-  @spec wait_for(name(), Position.t(), timeout()) :: :ok | {:error, term()}
+  @spec wait_for(name() | pid(), Position.t(), timeout()) :: :ok | {:error, term()}
   def wait_for(name, token, timeout \\ 5_000) do
     cond do
       not Position.valid?(token) -> {:error, {:invalid, :token, "must be a map of shard => position"}}
       Kuma.Validate.timeout(timeout: timeout) != :ok -> Kuma.Validate.timeout(timeout: timeout)
+      is_pid(name) -> subscription_call(name, {:wait_for, token, timeout})
       true -> call(name, {:wait_for, token, timeout}, :infinity, & &1)
     end
   end
@@ -219,6 +225,16 @@ defmodule Kuma.Projection do
       {:reply, reply} -> wrap.(reply)
       {:error, reason} -> {:error, reason}
     end
+  end
+
+  # A subscription is not registered by name: it is called by its pid, once that is known
+  # to be a runner's (a call to any other process could wait forever).
+  defp subscription_call(pid, message) do
+    if node(pid) != node() or match?({Kuma.Projection.Runner, :init, _}, :proc_lib.initial_call(pid)),
+      do: GenServer.call(pid, message, :infinity),
+      else: {:error, {:unknown_projection, pid}}
+  catch
+    :exit, _ -> {:error, {:unknown_projection, pid}}
   end
 
   @doc false

@@ -88,7 +88,7 @@ defmodule Kuma.Projection.Runner do
     Process.flag(:trap_exit, true)
 
     with {:ok, s} <- Store.lookup(spec.store) do
-      heads = Kuma.Feed.follow(s)
+      heads = follow(s, spec)
       # What Kuma.Projection.stop/1 and Kuma.ReadModel.query/3 look up (subscriptions are
       # not registered, so this changes nothing for them).
       Registry.update_value(Kuma.Registry, {:projection, spec.name}, fn _ -> %{store: s.name, kind: spec.kind} end)
@@ -98,6 +98,7 @@ defmodule Kuma.Projection.Runner do
           if spec.sink.durable?(), do: :ok = Kuma.Erasure.listen(s.name)
           stored = Map.new(marks, fn {shard, {pos, _hash}} -> {shard, pos} end)
           start = if spec.from == :now, do: heads, else: Map.merge(spec.from, stored)
+          start = only_its_shard(s, spec, start, heads)
 
           st = %State{
             spec: spec,
@@ -114,6 +115,27 @@ defmodule Kuma.Projection.Runner do
         {:error, reason} ->
           {:stop, reason}
       end
+    end
+  end
+
+  # A subscription to one entity follows that entity's commits only (Kuma.Feed,
+  # follow_entity/2), on a single node; everything else follows every commit.
+  defp follow(%Store{cluster: nil} = s, %Spec{kind: :subscription, query: %{entity_id: id}}) when is_binary(id),
+    do: Kuma.Feed.follow_entity(s, id)
+
+  defp follow(s, _spec), do: Kuma.Feed.follow(s)
+
+  defp entity_follower?(%Store{cluster: nil}, %Spec{kind: :subscription, query: %{entity_id: id}}), do: is_binary(id)
+  defp entity_follower?(_s, _spec), do: false
+
+  # An entity lives in one shard: the others hold nothing for it, so its subscription
+  # starts there at their heads (and, told only of its entity's commits, stays there).
+  defp only_its_shard(s, spec, start, heads) do
+    if entity_follower?(s, spec) do
+      own = Kuma.Native.store_shard_for(s.native, spec.query.entity_id)
+      Map.new(start, fn {shard, pos} -> {shard, if(shard == own, do: pos, else: Map.get(heads, shard, pos))} end)
+    else
+      start
     end
   end
 
@@ -166,6 +188,22 @@ defmodule Kuma.Projection.Runner do
     {:noreply, schedule_pump(st)}
   end
 
+  # A commit that wrote the one entity we follow: its first event in the commit is at
+  # `first`, the entity's event before that at `prev`. If we have read past `prev`, nothing
+  # of the entity lies between us and `first`: read on from just before it (from the
+  # shard's tail in memory, not from wherever we stopped). Never past an event we are
+  # stuck on or have not read.
+  def handle_info({:kuma_entity_commit, _store, shard, pos, first, prev}, st) do
+    checkpoint = Map.fetch!(st.checkpoint, shard)
+
+    st =
+      if st.failure == nil and checkpoint >= prev and checkpoint < first - 1,
+        do: %{st | checkpoint: Map.put(st.checkpoint, shard, first - 1), hashes: Map.put(st.hashes, shard, nil)},
+        else: st
+
+    handle_info({:kuma_commit, st.store_name, shard, pos}, st)
+  end
+
   def handle_info({:kuma_forget, _store, entity_id, reply_to}, st) do
     # A batch read ahead before the erasure committed may hold the entity's events; handled
     # after this, it would put back what forget removes. Drop it: the next read comes from
@@ -209,7 +247,7 @@ defmodule Kuma.Projection.Runner do
     else
       ref = make_ref()
       if timeout != :infinity, do: Process.send_after(self(), {:wait_timeout, ref}, timeout)
-      {:noreply, %{st | waiters: Map.put(st.waiters, ref, {token, from})}}
+      {:noreply, %{st | waiters: Map.put(st.waiters, ref, {token, from})} |> learn_heads()}
     end
   end
 
@@ -302,6 +340,23 @@ defmodule Kuma.Projection.Runner do
   end
 
   defp save_shared(_st), do: :ok
+
+  # A follower of one entity is not told of other commits, so its heads lag the shards':
+  # a waiter for a position past them has them learned now. The entity's shard is then
+  # read that far; the other shards hold nothing for it, so it moves to their heads at once.
+  defp learn_heads(st) do
+    with {:ok, s} <- Store.lookup(st.store_name), true <- entity_follower?(s, st.spec) do
+      own = Kuma.Native.store_shard_for(s.native, st.spec.query.entity_id)
+      heads = Map.merge(st.heads, Kuma.Feed.heads(s), fn _shard, a, b -> max(a, b) end)
+
+      checkpoint =
+        Map.new(st.checkpoint, fn {shard, pos} -> {shard, if(shard == own, do: pos, else: max(pos, heads[shard]))} end)
+
+      %{st | heads: heads, checkpoint: checkpoint} |> answer_waiters() |> schedule_pump()
+    else
+      _ -> st
+    end
+  end
 
   # -- the loop ------------------------------------------------------------------------------
 

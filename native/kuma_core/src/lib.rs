@@ -46,7 +46,7 @@ pub use reader::Snapshot;
 pub use sqlite::SyncMode;
 pub use store::{Store, StoreConfig};
 pub use verify::{EntityVerdict, ShardProblem, ShardReport};
-pub use writer::{AppendEntry, Appended, CommitListener, SnapshotRequest, WriterConfig, WriterStats};
+pub use writer::{AppendEntry, Appended, CommitListener, CommittedEntity, SnapshotRequest, WriterConfig, WriterStats};
 
 impl Store {
     /// Appends and waits for the commit (for Rust callers and tests; the NIF uses the

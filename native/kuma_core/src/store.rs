@@ -524,10 +524,11 @@ impl Store {
         self.commits.positions()
     }
 
-    /// Sets (or removes) the function told `(shard, last position)` after every commit that
-    /// wrote events. It runs on writer threads: it must return quickly.
-    pub fn set_commit_listener(&self, listener: Option<CommitListener>) {
-        self.commits.set_listener(listener);
+    /// Sets (or removes) the function told `(shard, last position, entities)` after every
+    /// commit that wrote events; with `details`, the entities written (see
+    /// `Commits::set_listener`). It runs on writer threads: it must return quickly.
+    pub fn set_commit_listener(&self, listener: Option<CommitListener>, details: bool) {
+        self.commits.set_listener(listener, details);
     }
 
     /// Erases an entity: deletes its events, snapshots and head (zeroed by SQLite's

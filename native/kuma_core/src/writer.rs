@@ -35,7 +35,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,7 +45,18 @@ pub type Reply<T> = Box<dyn FnOnce(T) + Send>;
 
 /// Called on a writer thread after each commit that wrote events: `(shard, last position)`.
 /// It must be quick and must not block (the NIF's sends a message).
-pub type CommitListener = Arc<dyn Fn(u32, u64) + Send + Sync>;
+pub type CommitListener = Arc<dyn Fn(u32, u64, Option<&[CommittedEntity]>) + Send + Sync>;
+
+/// One entity's part of a commit, told to a listener that asked for details: the position
+/// of its first event in the commit, and of its event before that (0 if it had none). A
+/// reader following only this entity, already past `prev_pos`, knows that nothing of the
+/// entity lies before `first_pos` that it has not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedEntity {
+    pub entity_id: Vec<u8>,
+    pub first_pos: u64,
+    pub prev_pos: u64,
+}
 
 /// What writers publish about their commits: the last committed position of every shard,
 /// and who to tell. Positions become visible here only after the transaction committed, in
@@ -53,11 +64,17 @@ pub type CommitListener = Arc<dyn Fn(u32, u64) + Send + Sync>;
 pub struct Commits {
     positions: Vec<AtomicU64>,
     listener: RwLock<Option<CommitListener>>,
+    /// The listener wants the entities of each commit (`CommittedEntity`).
+    details: AtomicBool,
 }
 
 impl Commits {
     pub(crate) fn new(shards: u32) -> Self {
-        Commits { positions: (0..shards).map(|_| AtomicU64::new(0)).collect(), listener: RwLock::new(None) }
+        Commits {
+            positions: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            listener: RwLock::new(None),
+            details: AtomicBool::new(false),
+        }
     }
 
     /// The last committed position of every shard.
@@ -65,19 +82,29 @@ impl Commits {
         self.positions.iter().map(|p| p.load(Ordering::Acquire)).collect()
     }
 
-    /// Sets (or with `None` removes) the listener told of every commit.
-    pub fn set_listener(&self, listener: Option<CommitListener>) {
-        *self.listener.write().unwrap_or_else(|p| p.into_inner()) = listener;
+    /// Sets (or removes) the function told `(shard, last position, entities)` after every
+    /// commit that wrote events; `details` asks for the entities (else `None`). Even with
+    /// `details`, a commit may come without them (a shard's first publication when it
+    /// opens, replicated writes): the listener must then assume any entity was written.
+    pub fn set_listener(&self, listener: Option<CommitListener>, details: bool) {
+        let mut current = self.listener.write().unwrap_or_else(|p| p.into_inner());
+        self.details.store(details && listener.is_some(), Ordering::Release);
+        *current = listener;
     }
 
-    fn publish(&self, shard: u32, last: u64) {
+    /// Whether the listener wants the entities of each commit.
+    fn wants_details(&self) -> bool {
+        self.details.load(Ordering::Acquire)
+    }
+
+    fn publish(&self, shard: u32, last: u64, entities: Option<&[CommittedEntity]>) {
         if let Some(p) = self.positions.get(shard as usize) {
             p.fetch_max(last, Ordering::AcqRel);
         }
         let listener = self.listener.read().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(listener) = listener {
             // A panicking listener must not take the writer thread down.
-            let _ = catch_unwind(AssertUnwindSafe(|| listener(shard, last)));
+            let _ = catch_unwind(AssertUnwindSafe(|| listener(shard, last, entities)));
         }
     }
 }
@@ -612,6 +639,9 @@ fn tail_events(batch: &mut [Command], start_pos: u64, hashes: &[[u8; 32]], erase
 struct Committed {
     erased: Vec<Vec<u8>>,
     hashes: Vec<[u8; 32]>,
+    /// For a commit listener that asked for them; `None` if it did not, or if replicated
+    /// writes were applied (their entities are not collected).
+    entities: Option<Vec<CommittedEntity>>,
 }
 
 /// What one group commit has done so far, before its COMMIT: nothing here is visible to
@@ -628,6 +658,9 @@ struct Txn<'a> {
     applied_index: Option<u64>,
     /// Chain hashes of the events written, in position order (when the shard keeps a tail).
     hashes: Vec<[u8; 32]>,
+    /// Each entity written, first time in this transaction: (id, first position, position
+    /// of its event before), when the commit listener wants them.
+    entities: Option<Vec<(&'a [u8], u64, u64)>>,
 }
 
 impl Txn<'_> {
@@ -739,7 +772,7 @@ impl ShardWriter {
         self.purging = self.purges_left()?;
         self.tail.reset(self.next_pos - 1);
         self.record_erasures_in_keystore()?;
-        self.commits.publish(self.index, self.next_pos - 1);
+        self.commits.publish(self.index, self.next_pos - 1, None);
         Ok(())
     }
 
@@ -930,14 +963,14 @@ impl ShardWriter {
             let _ = sqlite::set_sync(&self.conn, self.sync);
         }
         match outcome {
-            Ok(Committed { erased, hashes }) => {
+            Ok(Committed { erased, hashes, entities }) => {
                 // Published before anyone is answered: whatever a caller was told is
                 // committed is already covered by `Commits::positions`.
                 if self.tail.is_on() && self.next_pos != start_pos {
                     self.tail.push(tail_events(&mut batch, start_pos, &hashes, &erased), self.next_pos - 1);
                 }
                 if self.next_pos != start_pos {
-                    self.commits.publish(self.index, self.next_pos - 1);
+                    self.commits.publish(self.index, self.next_pos - 1, entities.as_deref());
                 }
                 self.unsettled += std::mem::take(&mut self.claiming).len();
                 if !erased.is_empty() {
@@ -1037,6 +1070,9 @@ impl ShardWriter {
             }
         }
         let mut txn = Txn::default();
+        if self.commits.wants_details() && !batch.iter().any(|c| matches!(c, Command::Replicate(_))) {
+            txn.entities = Some(Vec::new());
+        }
         let start_pos = self.next_pos;
         for command in batch {
             match command {
@@ -1127,7 +1163,17 @@ impl ShardWriter {
         stats.transactions += 1;
         stats.events += txn.written;
         stats.checkpoints += u64::from(checkpoint);
-        Ok(Committed { erased: txn.erased.into_iter().map(|(id, _)| id.to_vec()).collect(), hashes: txn.hashes })
+        let entities = txn.entities.map(|written| {
+            written
+                .into_iter()
+                .map(|(id, first_pos, prev_pos)| CommittedEntity { entity_id: id.to_vec(), first_pos, prev_pos })
+                .collect()
+        });
+        Ok(Committed {
+            erased: txn.erased.into_iter().map(|(id, _)| id.to_vec()).collect(),
+            hashes: txn.hashes,
+            entities,
+        })
     }
 
     /// After the (synced) commit of erasures: their tombstones are durable, so their keys
@@ -1277,6 +1323,11 @@ impl ShardWriter {
         let mut prev_pos = head.map_or(0, |h| h.pos);
         let mut seq = current;
         let first_pos = self.next_pos;
+        if let Some(written) = txn.entities.as_mut() {
+            if !txn.tentative.contains_key(id) {
+                written.push((id, first_pos, prev_pos));
+            }
+        }
         let mut insert = self
             .conn
             .prepare_cached(

@@ -118,7 +118,7 @@ fn the_commit_listener_hears_every_commit_in_order() {
     assert_eq!(start.iter().sum::<u64>(), 1);
     let heard: Arc<Mutex<Vec<(u32, u64)>>> = Arc::default();
     let h = heard.clone();
-    store.set_commit_listener(Some(Arc::new(move |shard, pos| h.lock().unwrap().push((shard, pos)))));
+    store.set_commit_listener(Some(Arc::new(move |shard, pos, _| h.lock().unwrap().push((shard, pos)))), false);
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let store = store.clone();
@@ -153,5 +153,57 @@ fn the_commit_listener_hears_every_commit_in_order() {
         assert_eq!(events.len(), 1);
         assert!(searched >= pos);
     }
-    store.set_commit_listener(None);
+    store.set_commit_listener(None, false);
+}
+
+/// (shard, last position, entities told) of every commit heard.
+type Heard = Arc<Mutex<Vec<(u32, u64, Option<Vec<CommittedEntity>>)>>>;
+
+#[test]
+fn a_listener_that_asks_for_details_hears_each_entity_with_its_first_and_previous_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path(), 1));
+    let heard: Heard = Arc::default();
+    let h = heard.clone();
+    store.set_commit_listener(
+        Some(Arc::new(move |shard, pos, entities| h.lock().unwrap().push((shard, pos, entities.map(<[_]>::to_vec))))),
+        true,
+    );
+    let a1 = store.append_wait(b"a", Expected::Any, vec![typed("T", None, 1), typed("T", None, 2)]).unwrap();
+    let b1 = store.append_wait(b"b", Expected::Any, vec![typed("T", None, 3)]).unwrap();
+    let a2 = store.append_wait(b"a", Expected::Any, vec![typed("T", None, 4)]).unwrap();
+    let told = |id: &[u8], first_pos, prev_pos| CommittedEntity { entity_id: id.to_vec(), first_pos, prev_pos };
+    let got = heard.lock().unwrap().clone();
+    assert_eq!(
+        got,
+        vec![
+            (0, 2, Some(vec![told(b"a", a1.first_pos, 0)])),
+            (0, 3, Some(vec![told(b"b", b1.first_pos, 0)])),
+            (0, 4, Some(vec![told(b"a", a2.first_pos, a1.last_pos)])),
+        ]
+    );
+
+    // Several appends in one group commit (one batch to one shard): each entity once, with
+    // its first event in the commit.
+    heard.lock().unwrap().clear();
+    let entries = vec![
+        AppendEntry { entity_id: b"a".to_vec(), expected: Expected::Any, events: vec![typed("T", None, 5)] },
+        AppendEntry { entity_id: b"c".to_vec(), expected: Expected::Any, events: vec![typed("T", None, 6)] },
+        AppendEntry { entity_id: b"a".to_vec(), expected: Expected::Any, events: vec![typed("T", None, 7)] },
+    ];
+    let results = store.append_batch_wait(entries).unwrap();
+    let firsts: Vec<u64> = results.iter().map(|r| r.as_ref().unwrap().first_pos).collect();
+    let got = heard.lock().unwrap().clone();
+    assert_eq!(got, vec![(0, 7, Some(vec![told(b"a", firsts[0], a2.last_pos), told(b"c", firsts[1], 0)]))]);
+
+    // Without details asked for: none given.
+    heard.lock().unwrap().clear();
+    let h = heard.clone();
+    store.set_commit_listener(
+        Some(Arc::new(move |shard, pos, entities| h.lock().unwrap().push((shard, pos, entities.map(<[_]>::to_vec))))),
+        false,
+    );
+    store.append_wait(b"a", Expected::Any, vec![typed("T", None, 8)]).unwrap();
+    assert_eq!(heard.lock().unwrap().clone(), vec![(0, 8, None)]);
+    store.set_commit_listener(None, false);
 }

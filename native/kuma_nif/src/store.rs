@@ -2,10 +2,10 @@
 
 use crate::atoms;
 use crate::error::{guard, NifResult};
-use kuma_core::{CommitListener, Error, Key, Store, StoreConfig, SyncMode};
+use kuma_core::{CommitListener, CommittedEntity, Error, Key, Store, StoreConfig, SyncMode};
 use rustler::env::OwnedEnv;
 use rustler::types::binary::Binary;
-use rustler::{Atom, Encoder, LocalPid, NifMap, ResourceArc};
+use rustler::{Atom, Encoder, LocalPid, NifMap, ResourceArc, Term};
 use std::sync::Arc;
 
 /// An open store, as held by Elixir.
@@ -110,15 +110,27 @@ fn store_commit_positions(store: ResourceArc<StoreResource>) -> Vec<u64> {
 }
 
 /// After every commit that wrote events, `pid` receives `{:kuma_commit, shard, last_pos}`
-/// (from the writer thread). `nil` stops it. One follower per store (`Kuma.Feed`).
+/// (from the writer thread), or with `details` `{:kuma_commit, shard, last_pos, entities}`
+/// where `entities` lists `{entity_id, first_pos, prev_pos}` of each entity written (a
+/// commit without them may still come: then any entity may have been written). `nil`
+/// stops it. One follower per store (`Kuma.Feed`).
 #[rustler::nif]
-fn store_follow_commits(store: ResourceArc<StoreResource>, pid: Option<LocalPid>) -> Atom {
+fn store_follow_commits(store: ResourceArc<StoreResource>, pid: Option<LocalPid>, details: bool) -> Atom {
     let listener = pid.map(|pid| -> CommitListener {
-        Arc::new(move |shard: u32, pos: u64| {
+        Arc::new(move |shard: u32, pos: u64, entities: Option<&[CommittedEntity]>| {
             let mut owned = OwnedEnv::new();
-            let _ = owned.send_and_clear(&pid, |e| (atoms::kuma_commit(), shard, pos).encode(e));
+            let _ = owned.send_and_clear(&pid, |e| match entities {
+                None => (atoms::kuma_commit(), shard, pos).encode(e),
+                Some(entities) => {
+                    let list: Vec<Term> = entities
+                        .iter()
+                        .map(|c| (crate::term::bin(e, &c.entity_id), c.first_pos, c.prev_pos).encode(e))
+                        .collect();
+                    (atoms::kuma_commit(), shard, pos, list).encode(e)
+                }
+            });
         })
     });
-    store.store.set_commit_listener(listener);
+    store.store.set_commit_listener(listener, details);
     atoms::ok()
 }
