@@ -29,7 +29,7 @@ use crate::reader::{bytes, head_on_disk};
 use crate::replica::{self, Outcome, PreparedAppend, PreparedErase, Replicated};
 use crate::shard::{self, meta_get, ShardIdentity, SKIP_EVERY};
 use crate::sqlite::{self, SyncMode};
-use crate::tail::{Tail, TailEvent};
+use crate::tail::{Tail, TailBatch, TailEvent};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
@@ -599,38 +599,57 @@ fn serve(mut shards: Vec<ShardWriter>, rx: Receiver<(usize, Command)>) {
     }
 }
 
-/// The events a committed batch appended, for the shard's tail: their bytes are moved out
-/// of the requests (answered next, with results that do not need them). Entities erased in
-/// the same batch are left out (the tail then has a gap and resets: they are never served).
-fn tail_events(batch: &mut [Command], start_pos: u64, hashes: &[[u8; 32]], erased: &[Vec<u8>]) -> Vec<TailEvent> {
-    let mut events = Vec::with_capacity(hashes.len());
-    for command in batch.iter_mut() {
-        let Command::Append(Append { entries, results, .. }) = command else { continue };
-        for (entry, result) in entries.iter_mut().zip(results.iter()) {
-            let Ok(a) = result else { continue };
-            if erased.contains(&entry.entity_id) {
-                continue;
-            }
-            let id: Arc<[u8]> = Arc::from(entry.entity_id.as_slice());
-            for (i, ev) in entry.events.iter_mut().enumerate() {
-                let position = a.first_pos + i as u64;
-                let Some(hash) = hashes.get((position - start_pos) as usize) else { return events };
-                events.push(TailEvent {
-                    entity_id: id.clone(),
-                    seq: a.first_seq + i as u64,
-                    position,
-                    timestamp_us: a.timestamp_us,
-                    event_type: std::mem::take(&mut ev.event_type),
-                    metadata: std::mem::take(&mut ev.metadata),
-                    payload: std::mem::take(&mut ev.payload),
-                    hash: *hash,
-                    scope: ev.scope.take(),
-                });
-            }
+/// The events a committed batch appended, for the shard's tail, copied into one buffer for
+/// the whole commit (`TailBatch`; the requests and their bytes are freed once answered, as
+/// without a tail). Entities erased in the same batch are left out (the tail then has a gap
+/// and resets: they are never served).
+fn tail_events(batch: &[Command], start_pos: u64, hashes: &[[u8; 32]], erased: &[Vec<u8>]) -> Vec<TailEvent> {
+    let appended = || {
+        batch
+            .iter()
+            .filter_map(|c| match c {
+                Command::Append(Append { entries, results, .. }) => Some(entries.iter().zip(results.iter())),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|(entry, result)| result.as_ref().ok().map(|a| (entry, a)))
+            .filter(|(entry, _)| !erased.contains(&entry.entity_id))
+    };
+    let size: usize = appended()
+        .map(|(entry, _)| {
+            entry.entity_id.len()
+                + entry
+                    .events
+                    .iter()
+                    .map(|ev| {
+                        ev.event_type.len()
+                            + ev.metadata.len()
+                            + ev.payload.len()
+                            + ev.scope.as_ref().map_or(0, String::len)
+                    })
+                    .sum::<usize>()
+        })
+        .sum();
+    let mut tail = TailBatch::with_capacity(size, hashes.len());
+    for (entry, a) in appended() {
+        let id = tail.id(&entry.entity_id);
+        for (i, ev) in entry.events.iter().enumerate() {
+            let position = a.first_pos + i as u64;
+            let Some(hash) = hashes.get((position - start_pos) as usize) else { return tail.finish() };
+            tail.add(
+                id,
+                a.first_seq + i as u64,
+                position,
+                a.timestamp_us,
+                &ev.event_type,
+                &ev.metadata,
+                &ev.payload,
+                *hash,
+                ev.scope.as_deref(),
+            );
         }
     }
-    events.sort_unstable_by_key(|e| e.position);
-    events
+    tail.finish()
 }
 
 /// What a committed transaction leaves to do after its COMMIT: the ids it erased (their
@@ -967,7 +986,7 @@ impl ShardWriter {
                 // Published before anyone is answered: whatever a caller was told is
                 // committed is already covered by `Commits::positions`.
                 if self.tail.is_on() && self.next_pos != start_pos {
-                    self.tail.push(tail_events(&mut batch, start_pos, &hashes, &erased), self.next_pos - 1);
+                    self.tail.push(tail_events(&batch, start_pos, &hashes, &erased), self.next_pos - 1);
                 }
                 if self.next_pos != start_pos {
                     self.commits.publish(self.index, self.next_pos - 1, entities.as_deref());
