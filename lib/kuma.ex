@@ -186,14 +186,15 @@ defmodule Kuma do
   Options:
   * `:expected_seq` - the entity's current last seq (0 for a new entity); if it differs,
     nothing is written and `{:error, {:wrong_expected_seq, expected, actual}}` is returned
-  * `:metadata` - a map stored with every event of this append
+  * `:metadata` - a map stored with every event of this append, or a list of maps, one per
+    event (same length as the events)
   * `:timeout` - milliseconds to wait for the commit (default 30,000); on `{:error, :timeout}`
     the append may still commit later
   * `:return` - `:seq` (default) or `:token`: then the result is `{:ok, last_seq, token}`,
     where `token` is the `Kuma.Position` of the events written, for
     `Kuma.Projection.wait_for/3` (read-your-writes)
 
-  A `:scope` in the metadata makes the events findable by scope (`query/2`, projection and
+  A `:scope` in an event's metadata makes it findable by scope (`query/2`, projection and
   subscription filters); see `Kuma.Codec`.
   """
   @spec append(store() | Kuma.Entity.t(), entity_id() | term(), term(), keyword()) ::

@@ -30,12 +30,15 @@ defmodule Kuma.Codec do
 
   ## Metadata
 
-  Per append, the `:metadata` option (a map) is stored with every event of the append as
-  `term_to_binary(map)`, or as an empty binary when absent or empty. It is read back as a map.
+  The `:metadata` option of an append is a map stored with every event of the append, or a
+  list of maps, one per event, in the order of the events (what frameworks carry per event:
+  an event id, causation and correlation ids). Each is stored as `term_to_binary(map)`, or
+  as an empty binary when absent or empty, and read back as a map (`Kuma.Envelope`'s
+  `:metadata`, and in exports).
 
   ## Scope
 
-  A `:scope` key in the metadata (a non-empty string of at most 255 bytes, such as
+  A `:scope` key in an event's metadata (a non-empty string of at most 255 bytes, such as
   `"org:acme/team:7"`) is also stored in clear in an indexed column, so `Kuma.query/2` and
   projection filters can find events by scope or scope prefix across entities. Like entity
   ids and event types, scopes are not encrypted: keep personal data out of them.
@@ -85,9 +88,10 @@ defmodule Kuma.Codec do
   def encode_events([], _metadata, _store, _holder), do: {:error, {:invalid, :events, "must not be empty"}}
 
   def encode_events(events, metadata, store, holder) when is_list(events) do
-    with {:ok, meta} <- encode_metadata(metadata, store),
-         {:ok, scope} <- scope(metadata) do
-      Enum.reduce_while(events, {[], [], 0}, fn event, {encoded, kept, bytes} ->
+    with {:ok, metas} <- event_metadata(events, metadata, store) do
+      events
+      |> Enum.zip(metas)
+      |> Enum.reduce_while({[], [], 0}, fn {event, {meta, scope}}, {encoded, kept, bytes} ->
         case encode_event(event, store, holder) do
           {:ok, event, payload} ->
             type = event_type(event)
@@ -106,6 +110,35 @@ defmodule Kuma.Codec do
   end
 
   def encode_events(_events, _metadata, _store, _holder), do: {:error, {:invalid, :events, "must be a list"}}
+
+  # {encoded metadata, scope} for each event: one map for all, or one map per event.
+  defp event_metadata(events, metadata, store) when is_list(metadata) do
+    if length(metadata) == length(events) do
+      Enum.reduce_while(metadata, {:ok, []}, fn meta, {:ok, acc} ->
+        case one_metadata(meta, store) do
+          {:ok, encoded} -> {:cont, {:ok, [encoded | acc]}}
+          error -> {:halt, error}
+        end
+      end)
+      |> then(fn
+        {:ok, acc} -> {:ok, Enum.reverse(acc)}
+        error -> error
+      end)
+    else
+      {:error,
+       {:invalid, :metadata, "a list must hold one map per event (#{length(events)} events, #{length(metadata)} maps)"}}
+    end
+  end
+
+  defp event_metadata(events, metadata, store) do
+    with {:ok, encoded} <- one_metadata(metadata, store), do: {:ok, List.duplicate(encoded, length(events))}
+  end
+
+  defp one_metadata(meta, store) do
+    with {:ok, bytes} <- encode_metadata(meta, store),
+         {:ok, scope} <- scope(meta),
+         do: {:ok, {bytes, scope}}
+  end
 
   # One event, encoded once; an event holding sensitive values is sealed (clear values kept
   # for the caller's state) and encoded again without them.
