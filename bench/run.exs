@@ -24,7 +24,7 @@ defmodule Kuma.Bench do
     {"W7", Kuma.Bench.W7, "restart: Kuma.start to first served read with many events stored"},
     {"W8", Kuma.Bench.W8, "scaling: W1 by shard count, W2 by concurrent callers"},
     {"PROJ", Kuma.Bench.Proj, "projections under W1 load, subscriber, catch-up replay"},
-    {"SUBS", Kuma.Bench.Subs, "single-event appends with 100 and 500 idle per-entity subscriptions"},
+    {"SUBS", Kuma.Bench.Subs, "single-event appends with 0, 100 and 1,000 idle per-entity subscriptions"},
     {"MEM", Kuma.Bench.Memory, "memory per idle live entity"},
     {"PG", Kuma.Bench.Postgres, "W1 and W2 shapes against PostgreSQL, same machine, same run"},
     {"REDIS", Kuma.Bench.Redis, "W1 and W2 shapes against Redis streams (AOF), same machine, same run"},
