@@ -167,10 +167,11 @@ defmodule Kuma.Entity.Server do
   #
   # Safety: nothing is written before every decision is made, and the append is atomic.
   # Anything unusual (user code that raised, an append refused as invalid or too large, or
-  # a conflicting write beside us) falls back to one write at a time, from our unchanged state: those
-  # are errors after which storage is known to hold nothing of the batch. Any other error
-  # (a timeout among them: the append may still commit) goes to every caller of the batch,
-  # as it would to a single caller, and the next write finds out what storage holds.
+  # a conflicting write beside us) falls back to one write at a time, from our unchanged
+  # state: those are errors after which storage is known to hold nothing of the batch. Any
+  # other error (a timeout among them: the append may still commit) goes to every caller
+  # of the batch, as it would to a single caller, and the next write finds out what
+  # storage holds. The new state is published before anyone is answered, as for one write.
 
   defp waiting_writes(st, room) do
     case Store.lookup(st.store_name) do
@@ -260,10 +261,12 @@ defmodule Kuma.Entity.Server do
       encoded ->
         case EventLog.append_encoded(s, st.id, st.seq, %{encoded: encoded, bytes: planned.bytes}, planned.timeout) do
           {:ok, Native.appended(first_seq: first, last_seq: last, hash: hash) = appended} when first == st.seq + 1 ->
-            Enum.each(answers, &send_answer(&1, fn opts, seq -> answer_at(appended, seq, st.seq, opts) end))
             before = st.seq
             st = %{st | state: planned.state, seq: last, hash: hash}
+            # Published before anyone is answered: a caller that reads right after its
+            # answer sees its write.
             publish(s, st)
+            Enum.each(answers, &send_answer(&1, fn opts, seq -> answer_at(appended, seq, before, opts) end))
             maybe_snapshot(s, st, before)
             {:noreply, st}
 

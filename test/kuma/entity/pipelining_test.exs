@@ -72,10 +72,12 @@ defmodule Kuma.Entity.PipeliningTest do
        %{store: store} do
     entity = Kuma.entity(store, Tally, "t1")
     probe = {self(), entity}
-    answers = queued(entity, for(tag <- 1..30, do: fn -> Kuma.execute(entity, {:add, tag, probe}) end))
+    # Each caller reads the entity right after its answer: its write must be in what it reads.
+    write = fn tag -> fn -> {Kuma.execute(entity, {:add, tag, probe}), tag in Kuma.read(entity)} end end
+    answers = queued(entity, for(tag <- 1..30, do: write.(tag)))
 
-    # Each caller its own seq, in the order the writes were queued.
-    assert answers == for(seq <- 1..30, do: {:ok, seq})
+    # Each caller its own seq, in the order the writes were queued, and reads its own write.
+    assert answers == for(seq <- 1..30, do: {{:ok, seq}, true})
     assert datas(store, "t1") == for(tag <- 1..30, do: {:added, tag})
 
     # Each decision saw the ones before it, none of them committed yet: one append.
