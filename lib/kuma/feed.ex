@@ -13,7 +13,10 @@ defmodule Kuma.Feed do
   # can read from just before it (see Kuma.Projection.Runner). An idle subscription to an
   # entity that is not written costs nothing per commit. A commit that comes without its
   # entities (a shard opening, before the writers were asked) goes to every entity follower
-  # of its shard, as a plain commit.
+  # of its shard, as a plain commit. Entity followers are kept in this process's state: if
+  # it restarts, so does everything started after it in the store's supervisor
+  # (rest_for_one), projections and subscriptions included, so none is left following a
+  # Feed that forgot it.
   #
   # Cluster mode: a node holds copies of some shards only, and a shard's commits are made
   # by its leader. So the Feed of a node with followers watches the Feeds of the nodes that
