@@ -458,6 +458,44 @@ defmodule Kuma do
     end
   end
 
+  # -- snapshots for frameworks ---------------------------------------------------------
+
+  @doc """
+  Saves a framework's snapshot of an entity: `data` (any term) as the state at `version`,
+  the entity's seq it reflects. For frameworks that run their own aggregates; Kuma's own
+  entities snapshot themselves (`:snapshot_every`). Sealed under the entity's key,
+  exported and erased with the entity. See `Kuma.Snapshots`. Option `:timeout`.
+  """
+  @spec save_snapshot(store(), entity_id(), pos_integer(), term(), keyword()) :: :ok | {:error, reason()}
+  def save_snapshot(store, entity_id, version, data, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store) do
+      on_leader(s, entity_id, {:save_snapshot, [entity_id, version, data, opts]}, fn ->
+        Kuma.Snapshots.save(s, entity_id, version, data, opts)
+      end)
+    end
+  end
+
+  @doc """
+  The latest snapshot saved with `save_snapshot/5` (option `:at_most`: the latest at or
+  before that version): `{:ok, %{version: v, timestamp: us, data: term}}` or `{:ok, nil}`.
+  """
+  @spec read_snapshot(store(), entity_id(), keyword()) :: {:ok, Kuma.Snapshots.t() | nil} | {:error, reason()}
+  def read_snapshot(store, entity_id, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store) do
+      on_leader(s, entity_id, {:read_snapshot, [entity_id, opts]}, fn -> Kuma.Snapshots.read(s, entity_id, opts) end)
+    end
+  end
+
+  @doc "Deletes the snapshots saved with `save_snapshot/5` for an entity. Option `:timeout`."
+  @spec delete_snapshots(store(), entity_id(), keyword()) :: :ok | {:error, reason()}
+  def delete_snapshots(store, entity_id, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store) do
+      on_leader(s, entity_id, {:delete_snapshots, [entity_id, opts]}, fn ->
+        Kuma.Snapshots.delete(s, entity_id, opts)
+      end)
+    end
+  end
+
   # -- data protection ------------------------------------------------------------------
 
   @doc """

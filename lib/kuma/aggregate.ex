@@ -41,7 +41,8 @@ defmodule Kuma.Aggregate do
     a single event) or `{:error, reason}`. Without it, `Kuma.execute/3` returns
     `{:error, {:no_handle, aggregate}}`.
   * `snapshot_version/0` (optional, default 1) - bump it when the state's shape changes:
-    snapshots of another version are ignored and the state is rebuilt from events.
+    snapshots of another version are ignored and the state is rebuilt from events. A
+    positive integer of at most 32 bits (0 marks the snapshots of `Kuma.Snapshots`).
   * `upcast/2` (optional) - turns an event stored in an old shape into the current shape
     before `apply/2` and in `Kuma.history/2`; storage is never rewritten. It receives the
     event and its `Kuma.Envelope` (for the type, seq, timestamp and metadata).
@@ -70,11 +71,19 @@ defmodule Kuma.Aggregate do
       not Code.ensure_loaded?(module) -> {:error, {:invalid, :aggregates, "#{inspect(module)} is not a module"}}
       not function_exported?(module, :init, 1) -> {:error, {:invalid, :aggregates, "#{inspect(module)} lacks init/1"}}
       not function_exported?(module, :apply, 2) -> {:error, {:invalid, :aggregates, "#{inspect(module)} lacks apply/2"}}
+      not (is_integer(v = snapshot_version(module)) and v in 1..0xFFFFFFFF) -> bad_version(module)
       true -> :ok
     end
   end
 
   def validate(other), do: {:error, {:invalid, :aggregates, "not a module: #{inspect(other)}"}}
+
+  # 0 marks the snapshots frameworks save (Kuma.Snapshots); the column holds 32 bits.
+  defp bad_version(module) do
+    {:error,
+     {:invalid, :aggregates,
+      "#{inspect(module)}.snapshot_version/0 must return an integer from 1 to 4,294,967,295 (0 is kept for framework snapshots)"}}
+  end
 
   @doc false
   def snapshot_version(module) do

@@ -118,6 +118,23 @@ defmodule Kuma.EventLog do
     end
   end
 
+  @doc """
+  Stores a snapshot and waits for its commit (`Kuma.Snapshots`): `{:ok, :ok}` or
+  `{:error, reason}`.
+  """
+  @spec save_snapshot(Store.t(), binary(), pos_integer(), non_neg_integer(), binary(), binary(), timeout()) ::
+          {:ok, :ok} | {:error, term()}
+  def save_snapshot(%Store{} = s, entity_id, seq, version, hash, data, timeout) do
+    write = if byte_size(data) > @dirty_bytes, do: &Native.write_snapshot_dirty/7, else: &Native.write_snapshot/7
+    call(fn ref -> write.(s.native, ref, entity_id, seq, version, hash, data) end, timeout)
+  end
+
+  @doc "Deletes an entity's snapshots of `version` and waits: `{:ok, :ok}` or `{:error, reason}`."
+  @spec delete_snapshots(Store.t(), binary(), non_neg_integer(), timeout()) :: {:ok, :ok} | {:error, term()}
+  def delete_snapshots(%Store{} = s, entity_id, version, timeout) do
+    call(fn ref -> Native.write_delete_snapshots(s.native, ref, entity_id, version) end, timeout)
+  end
+
   @doc "Erases an entity in storage (see Kuma.Erasure): `{:ok, events_deleted}`."
   @spec erase(Store.t(), binary(), timeout()) :: {:ok, non_neg_integer()} | {:error, term()}
   def erase(%Store{cluster: nil} = s, entity_id, timeout) do

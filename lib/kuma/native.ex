@@ -85,6 +85,7 @@ defmodule Kuma.Native do
   def write_batch_dirty(_store, _ref, _entries), do: nif_missing()
   def write_snapshot(_store, _ref, _entity_id, _seq, _version, _hash, _data), do: nif_missing()
   def write_snapshot_dirty(_store, _ref, _entity_id, _seq, _version, _hash, _data), do: nif_missing()
+  def write_delete_snapshots(_store, _ref, _entity_id, _version), do: nif_missing()
   def write_erase(_store, _ref, _entity_id), do: nif_missing()
   def write_flush(_store), do: nif_missing()
   def write_compact(_store, _ref, _shard), do: nif_missing()

@@ -64,6 +64,13 @@ impl Store {
         rx.recv().map_err(|_| Error::Closed)?
     }
 
+    /// `delete_snapshots`, waiting for the answer.
+    pub fn delete_snapshots_wait(&self, entity_id: &[u8], version: u32) -> Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.delete_snapshots(entity_id.to_vec(), version, Box::new(move |r| drop(tx.send(r))))?;
+        rx.recv().map_err(|_| Error::Closed)?
+    }
+
     /// `delete` and wait.
     pub fn delete_wait(&self, entity_id: &[u8]) -> Result<u64> {
         let (tx, rx) = crossbeam_channel::bounded(1);

@@ -356,6 +356,14 @@ impl Store {
         self.writers.send(shard, Command::snapshot(snapshot, reply))
     }
 
+    /// Queues the deletion of an entity's snapshots of `version`; `reply` is called once,
+    /// from the writer thread.
+    pub fn delete_snapshots(&self, entity_id: Vec<u8>, version: u32, reply: Reply<Result<()>>) -> Result<()> {
+        validate_entity_id(&entity_id)?;
+        let shard = self.shard_for(&entity_id);
+        self.writers.send(shard, Command::delete_snapshots(entity_id, version, reply))
+    }
+
     /// The latest snapshot of an entity with `version`, at or before `max_seq`, decrypted.
     pub fn latest_snapshot(&self, entity_id: &[u8], version: u32, max_seq: u64) -> Result<Option<Snapshot>> {
         let snap = self.with_entity(entity_id, |c, h, _, e| reader::latest_snapshot(c, h, e, version, max_seq))?;

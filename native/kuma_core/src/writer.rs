@@ -162,11 +162,17 @@ pub struct Append {
     results: Vec<Result<Appended>>,
 }
 
-/// Store a snapshot (refused if the entity does not have that seq yet).
+/// Store a snapshot (refused if the entity does not have that seq yet), or delete an
+/// entity's snapshots of one version.
 pub struct Snapshot {
-    snapshot: SnapshotRequest,
+    op: SnapshotOp,
     reply: Reply<Result<()>>,
     result: Option<Result<()>>,
+}
+
+enum SnapshotOp {
+    Save(SnapshotRequest),
+    Delete { entity_id: Vec<u8>, version: u32 },
 }
 
 /// Answered once everything queued before it is committed; also checkpoints heads.
@@ -228,7 +234,11 @@ impl Command {
     }
 
     pub fn snapshot(snapshot: SnapshotRequest, reply: Reply<Result<()>>) -> Command {
-        Command::Snapshot(Snapshot { snapshot, reply, result: None })
+        Command::Snapshot(Snapshot { op: SnapshotOp::Save(snapshot), reply, result: None })
+    }
+
+    pub fn delete_snapshots(entity_id: Vec<u8>, version: u32, reply: Reply<Result<()>>) -> Command {
+        Command::Snapshot(Snapshot { op: SnapshotOp::Delete { entity_id, version }, reply, result: None })
     }
 
     pub fn barrier(reply: Reply<Result<()>>) -> Command {
@@ -1110,8 +1120,11 @@ impl ShardWriter {
                         results.push(r);
                     }
                 }
-                Command::Snapshot(Snapshot { snapshot, result, .. }) => {
-                    let r = self.save_snapshot(&txn, snapshot);
+                Command::Snapshot(Snapshot { op, result, .. }) => {
+                    let r = match op {
+                        SnapshotOp::Save(snapshot) => self.save_snapshot(&txn, snapshot),
+                        SnapshotOp::Delete { entity_id, version } => self.delete_snapshots(&txn, entity_id, *version),
+                    };
                     if let Err(e @ Error::Storage { .. }) = &r {
                         return Err(e.clone());
                     }
@@ -1272,6 +1285,23 @@ impl ShardWriter {
             .map_err(Error::storage("save snapshot"))?
             .execute(params![head.eid, s.seq as i64, s.version, clock::now_us(), &s.hash[..], &sealed])
             .map_err(Error::storage("save snapshot"))?;
+        Ok(())
+    }
+
+    /// Deletes an entity's snapshots of `version` (nothing to do for an entity without
+    /// events; an erased one has none left).
+    fn delete_snapshots(&self, txn: &Txn, entity_id: &[u8], version: u32) -> Result<()> {
+        let head = match txn.head(self, entity_id) {
+            Err(Error::Erased) => None,
+            head => head?,
+        };
+        if let Some(head) = head {
+            self.conn
+                .prepare_cached("DELETE FROM snapshots WHERE eid = ?1 AND version = ?2")
+                .map_err(Error::storage("delete snapshots"))?
+                .execute(params![head.eid, version])
+                .map_err(Error::storage("delete snapshots"))?;
+        }
         Ok(())
     }
 

@@ -455,6 +455,13 @@ fn snapshots_are_stored_checked_and_found_by_version() {
     drop(store);
     let store = open(dir.path(), 2);
     assert_eq!(store.latest_snapshot(b"s", 1, 100).unwrap().unwrap().hash, a.last_hash);
+
+    // Deleting one version's snapshots leaves the others; an entity without events has none.
+    store.delete_snapshots_wait(b"s", 1).unwrap();
+    assert_eq!(store.latest_snapshot(b"s", 1, 100).unwrap(), None);
+    assert_eq!(store.latest_snapshot(b"s", 2, 100).unwrap().map(|s| s.seq), Some(8));
+    store.delete_snapshots_wait(b"nobody", 1).unwrap();
+    assert!(matches!(store.delete_snapshots_wait(b"", 1), Err(Error::Invalid { .. })));
 }
 
 #[test]

@@ -174,6 +174,22 @@ fn write_snapshot_dirty<'a>(
     snapshot(env, store, reference, entity_id, seq, version, hash, data)
 }
 
+/// Queues the deletion of an entity's snapshots of `version`: answered with
+/// `{:ok, :ok} | {:error, reason}`.
+#[rustler::nif]
+fn write_delete_snapshots<'a>(
+    env: Env<'a>,
+    store: ResourceArc<StoreResource>,
+    reference: Term<'a>,
+    entity_id: Term<'a>,
+    version: u32,
+) -> NifResult<Atom> {
+    guard(|| {
+        store.store.delete_snapshots(decode_id(entity_id)?, version, reply::later(env, reference, done)?)?;
+        Ok(atoms::ok())
+    })
+}
+
 /// Queues the erasure of an entity: answered with `{:ok, events_deleted} | {:error, reason}`.
 #[rustler::nif]
 fn write_erase<'a>(
