@@ -22,7 +22,9 @@ defmodule Kuma.Bench.W7 do
 
     try do
       {:ok, store} = Kuma.start([name: :bench_w7] ++ opts)
-      fill(store, events)
+      fill_rate = fill(store, events)
+      # Issue 15 asks for a sustained fill of at least 0.8 of W1's rate (compare with W1).
+      IO.puts("  filled #{Progress.fmt(events)} events at #{Progress.fmt(fill_rate)} ev/s sustained")
       # A copy of the open store: the state kill -9 would leave (heads not checkpointed).
       :ok = Kuma.flush(store)
       File.cp_r!(dir, crash)
@@ -37,19 +39,23 @@ defmodule Kuma.Bench.W7 do
 
       worst = rows |> Enum.map(& &1.ms) |> Enum.max()
       IO.puts("target: <= #{@target_ms} ms: #{Table.verdict(worst <= @target_ms)}\n")
-      %{events: events, rows: rows}
+      %{events: events, fill_events_per_sec: fill_rate, rows: rows}
     after
       File.rm_rf!(dir)
       File.rm_rf!(crash)
     end
   end
 
+  # The events per second the fill sustained.
   defp fill(store, events) do
     batch = List.duplicate(Payload.event(200), 100)
 
-    Writers.run("W7 writing", 8, div(events, 500), 500, fn ->
-      {:ok, _} = Kuma.append_batch(store, for(_ <- 1..5, do: {"user_#{:rand.uniform(10_000)}", batch}))
-    end)
+    micros =
+      Writers.run("W7 writing", 8, div(events, 500), 500, fn ->
+        {:ok, _} = Kuma.append_batch(store, for(_ <- 1..5, do: {"user_#{:rand.uniform(10_000)}", batch}))
+      end)
+
+    round(events / (micros / 1_000_000))
   end
 
   defp restart(opts) do
