@@ -23,6 +23,7 @@ pub mod fault;
 pub mod heads;
 pub mod keystore;
 mod manifest;
+pub mod order;
 pub mod protection;
 pub mod query;
 pub mod reader;
@@ -44,7 +45,7 @@ pub use heads::Head;
 pub use query::{Page, ScopeMatch, ShardQuery};
 pub use reader::Snapshot;
 pub use sqlite::SyncMode;
-pub use store::{Store, StoreConfig};
+pub use store::{AllPage, Store, StoreConfig};
 pub use verify::{EntityVerdict, ShardProblem, ShardReport};
 pub use writer::{AppendEntry, Appended, CommitListener, CommittedEntity, SnapshotRequest, WriterConfig, WriterStats};
 

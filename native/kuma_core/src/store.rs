@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::heads::{Head, Heads};
 use crate::keystore::Keystore;
 use crate::manifest::Manifest;
+use crate::order::{Order, OrderListener};
 use crate::protection::Protection;
 use crate::query::{self, Page, ShardQuery};
 use crate::reader::{self, Entity, Snapshot};
@@ -64,6 +65,9 @@ pub struct StoreConfig {
     /// readers that have caught up without reading the file (tail.rs); 0 turns it off.
     /// Not kept by cluster replicas.
     pub tail_bytes: usize,
+    /// Keep the store-wide order (order.rs): one gapless sequence over every shard's events
+    /// in commit order, in `order.kuma`. Single node only (ignored in cluster mode).
+    pub global_order: bool,
 }
 
 impl StoreConfig {
@@ -80,8 +84,18 @@ impl StoreConfig {
             file_mode: sqlite::DEFAULT_FILE_MODE,
             cluster_key: None,
             tail_bytes: crate::tail::DEFAULT_TAIL_BYTES,
+            global_order: true,
         }
     }
+}
+
+/// A page of the store-wide order (`Store::read_all`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllPage {
+    /// (global position, event), in global order.
+    pub events: Vec<(u64, StoredEvent)>,
+    /// The global position searched to: read on after it.
+    pub searched: u64,
 }
 
 /// Largest snapshot, in bytes.
@@ -108,6 +122,8 @@ pub struct Store {
     closed: AtomicBool,
     protection: Arc<Protection>,
     commits: Arc<Commits>,
+    /// The store-wide order (order.rs), when kept.
+    order: Option<Arc<Order>>,
     /// The data directory's and LOCK's flocks, released by `close`.
     lock: Mutex<Option<(File, File)>>,
     /// Cluster mode: written only through `replicate` (see replica.rs).
@@ -206,6 +222,12 @@ impl Store {
             });
             handles.push(ShardHandle { heads, readers: Readers::new(&path), stats, tail });
         }
+        // The order log is opened before the writers (a failure changes nothing), brought
+        // level with the shards after they opened, and fed from then on.
+        let mut order = match config.global_order && config.cluster_key.is_none() {
+            true => Some(Order::open(&dir, config.sync, mode)?),
+            false => None,
+        };
         let commits = Arc::new(Commits::new(config.shards));
         let shared = Shared {
             creating,
@@ -231,10 +253,21 @@ impl Store {
                 return Err(e);
             }
         };
+        if let Some(order) = order.as_mut() {
+            let started = order.recover(&commits.positions()).and_then(|_| order.start());
+            match started {
+                Ok(sequencer) => commits.set_sequencer(Some(sequencer)),
+                Err(e) => {
+                    writers.stop();
+                    return Err(e);
+                }
+            }
+        }
         if creating {
             manifest.write(&dir, mode)?;
         }
         Ok(Store {
+            order: order.map(Arc::new),
             data_dir: dir,
             store_id: manifest.store_id,
             shards: handles,
@@ -511,6 +544,66 @@ impl Store {
         let page =
             self.with_reader(shard, |c, _| query::query_shard(c, shard, query, max, entity_idx.as_ref(), &resolve))?;
         Ok(Page { events: self.protection.open_events(page.events)?, ..page })
+    }
+
+    /// Events in the store-wide order (order.rs): up to `max` after global position
+    /// `after`, each with its global position, and how far the order was searched (pass it
+    /// as `after` to read on; erased events keep their numbers and are left out).
+    /// `Err(Invalid)` if the store keeps no store-wide order.
+    pub fn read_all(&self, after: u64, max: usize) -> Result<AllPage> {
+        let order = self
+            .order
+            .as_ref()
+            .ok_or_else(|| Error::invalid("global_order", "this store keeps no store-wide order"))?;
+        let watermark = order.watermark();
+        let mut events = Vec::new();
+        let mut searched = after;
+        'ranges: for r in order.ranges_after(after, max.clamp(1, 10_000))? {
+            let start = r.first.max(after + 1);
+            let end = (r.first + r.count - 1).min(watermark);
+            if start > end {
+                break;
+            }
+            let from_pos = r.pos + (start - r.first);
+            let to_pos = r.pos + (end - r.first);
+            let room = (max - events.len()).min((end - start + 1) as usize);
+            let page = self.query_shard(r.shard, &ShardQuery { after: from_pos - 1, ..Default::default() }, room)?;
+            for ev in page.events {
+                // A page with erased events left out may run past the range: the rest
+                // belongs to later ranges.
+                if ev.position > to_pos {
+                    break;
+                }
+                let global = r.first + (ev.position - r.pos);
+                events.push((global, ev));
+                if events.len() >= max {
+                    searched = global;
+                    break 'ranges;
+                }
+            }
+            searched = end;
+        }
+        Ok(AllPage { events, searched })
+    }
+
+    /// The last global position readers may see (`None`: no store-wide order kept).
+    pub fn global_position(&self) -> Option<u64> {
+        self.order.as_ref().map(|o| o.watermark())
+    }
+
+    /// The global position of a shard's event (`None` if not numbered yet or no order).
+    pub fn global_of(&self, shard: u32, position: u64) -> Result<Option<u64>> {
+        match &self.order {
+            Some(order) => order.global_of(shard, position),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets (or removes) the function told each new store-wide watermark.
+    pub fn set_order_listener(&self, listener: Option<OrderListener>) {
+        if let Some(order) = &self.order {
+            order.set_listener(listener);
+        }
     }
 
     /// The positions of `shard` its tail holds in memory, `first..=last` (empty when
@@ -876,6 +969,11 @@ impl Store {
             s.readers.close();
         }
         let panicked = self.writers.stop();
+        // After the writers: what they committed last is numbered before the log closes.
+        if let Some(order) = &self.order {
+            self.commits.set_sequencer(None);
+            order.close();
+        }
         if let Some(keystore) = self.protection.keystore() {
             keystore.close();
         }

@@ -66,6 +66,8 @@ pub struct Commits {
     listener: RwLock<Option<CommitListener>>,
     /// The listener wants the entities of each commit (`CommittedEntity`).
     details: AtomicBool,
+    /// The store-wide order's sequencer (order.rs), told each commit's positions.
+    sequencer: RwLock<Option<crossbeam_channel::Sender<(u32, u64, u64)>>>,
 }
 
 impl Commits {
@@ -74,6 +76,20 @@ impl Commits {
             positions: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             listener: RwLock::new(None),
             details: AtomicBool::new(false),
+            sequencer: RwLock::new(None),
+        }
+    }
+
+    /// Sets (or removes) where each commit's positions go for the store-wide order.
+    pub(crate) fn set_sequencer(&self, sequencer: Option<crossbeam_channel::Sender<(u32, u64, u64)>>) {
+        *self.sequencer.write().unwrap_or_else(|p| p.into_inner()) = sequencer;
+    }
+
+    /// A commit of `shard` wrote positions `first..=last`: numbered in the store-wide order
+    /// in the order commits report here (before anyone is answered).
+    fn sequence(&self, shard: u32, first: u64, last: u64) {
+        if let Some(tx) = self.sequencer.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send((shard, first, last));
         }
     }
 
@@ -999,6 +1015,7 @@ impl ShardWriter {
                     self.tail.push(tail_events(&batch, start_pos, &hashes, &erased), self.next_pos - 1);
                 }
                 if self.next_pos != start_pos {
+                    self.commits.sequence(self.index, start_pos, self.next_pos - 1);
                     self.commits.publish(self.index, self.next_pos - 1, entities.as_deref());
                 }
                 self.unsettled += std::mem::take(&mut self.claiming).len();
