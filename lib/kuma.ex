@@ -32,7 +32,7 @@ defmodule Kuma do
   # The public API: every function documents what it does and delegates to the module
   # that does it (docs/architecture.md maps them). Nothing below calls back into Kuma.
 
-  alias Kuma.{EventLog, Native, Query, Router, Store, Validate}
+  alias Kuma.{Codec, EventLog, Native, Query, Router, Store, Validate}
 
   @type store :: Store.t() | Store.name()
   @type entity_id :: binary()
@@ -374,6 +374,8 @@ defmodule Kuma do
   * `:from` - `:now` (default: events committed after `subscribe` returns), `:start`
     (every stored event first), or a `Kuma.Position` to resume after
   * `:max_queue` - the most messages the subscriber's mailbox may hold (default 10,000)
+  * `:order` - `:shard` (default: commit order within each shard) or `:global` (the
+    store-wide order, below)
 
   ## A slow subscriber
 
@@ -390,6 +392,14 @@ defmodule Kuma do
   node; in cluster mode by every commit): a framework can give every live aggregate one,
   and 1,000 idle ones cost appends nothing measurable (`mix bench SUBS`).
 
+  ## In the store-wide order
+
+  With `order: :global` the events come in the store-wide order (`read_all/2`), each
+  envelope with its `:global` position: `:from` is then `:now`, `:start` or a global
+  position, and only `:max_queue` may go with it (no filters). A slow subscriber is told
+  `{:kuma_lagged, %{global: position}}`. Single node, unless started with
+  `global_order: false`.
+
   ## Waiting for delivery
 
   `Kuma.Projection.wait_for(subscription, token)` (the pid returned here, a token from an
@@ -398,9 +408,22 @@ defmodule Kuma do
   """
   @spec subscribe(store(), keyword()) :: {:ok, pid()} | {:error, reason()}
   def subscribe(store, opts \\ []) do
-    with {:ok, s} <- Store.lookup(store),
-         {:ok, spec} <- Kuma.Projection.Spec.subscription(s, opts) do
-      Kuma.Projection.Supervisor.start_runner(s, spec)
+    with {:ok, s} <- Store.lookup(store) do
+      case Keyword.pop(opts, :order, :shard) do
+        {:shard, opts} ->
+          with {:ok, spec} <- Kuma.Projection.Spec.subscription(s, opts),
+               do: Kuma.Projection.Supervisor.start_runner(s, spec)
+
+        {:global, opts} ->
+          max_queue = Keyword.get(opts, :max_queue, 10_000)
+
+          with :ok <- Validate.keys(opts, [:from, :max_queue]),
+               :ok <- Validate.positive(:max_queue, max_queue),
+               do: Kuma.GlobalSubscription.start(s, Keyword.get(opts, :from, :now), max_queue)
+
+        {_other, _opts} ->
+          {:error, {:invalid, :order, "must be :shard (the default) or :global"}}
+      end
     end
   end
 
@@ -457,6 +480,90 @@ defmodule Kuma do
       {:ok, Native.store_shard_for(s.native, entity_id)}
     end
   end
+
+  # -- the store-wide order ---------------------------------------------------------------
+
+  @doc """
+  Events of every entity in the store-wide order: one gapless sequence of *global
+  positions* over all shards, in the order the commits completed (a write acknowledged
+  before another began comes first). This is the `$all` stream frameworks read.
+
+  Options: `:after` (a global position, default 0: from the start), `:limit` (default
+  100, at most 10,000). Returns `{:ok, envelopes, searched}`: envelopes carry `:global`,
+  and `searched` is what to pass as `:after` to read on (an erased event keeps its number
+  and is left out, so a page may hold fewer events than numbers). `Kuma.global_position/1`
+  is the end. An event becomes readable here shortly after its append is acknowledged
+  (the order is recorded after the commit, in its own file): wait for
+  `global_position/1` to pass it if a reader must see its own write.
+
+  A single-node store keeps the order unless started with `global_order: false`; in
+  cluster mode each shard has its own order only (`{:error, {:invalid, :global_order,
+  _}}`). Errors: an `:after` past the end, a bad `:limit`.
+  """
+  @spec read_all(store(), keyword()) :: {:ok, [Kuma.Envelope.t()], non_neg_integer()} | {:error, reason()}
+  def read_all(store, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store),
+         :ok <- Validate.keys(opts, [:after, :limit]),
+         {:ok, end_pos} <- global_position(s),
+         {:ok, after_pos} <- global_after(Keyword.get(opts, :after, 0), end_pos),
+         {:ok, limit} <- global_limit(Keyword.get(opts, :limit, 100)),
+         {:ok, {events, globals, searched}} <- Native.read_all(s.native, after_pos, limit) do
+      envelopes = Enum.zip_with(events, globals, fn e, g -> %{Codec.envelope(e, s) | global: g} end)
+      {:ok, envelopes, searched}
+    end
+  end
+
+  @doc """
+  `read_all/2` as a lazy stream, page by page (`:after`, and `:chunk`: events per read,
+  default 500), up to the end of the order when the stream is started.
+  """
+  @spec stream_all(store(), keyword()) :: Enumerable.t()
+  def stream_all(store, opts \\ []) do
+    chunk = Keyword.get(opts, :chunk, 500)
+
+    Stream.resource(
+      fn ->
+        {:ok, end_pos} = global_position(store)
+        {Keyword.get(opts, :after, 0), end_pos}
+      end,
+      fn
+        {after_pos, end_pos} when after_pos >= end_pos ->
+          {:halt, {after_pos, end_pos}}
+
+        {after_pos, end_pos} ->
+          case read_all(store, after: after_pos, limit: chunk) do
+            {:ok, envelopes, searched} -> {Enum.filter(envelopes, &(&1.global <= end_pos)), {searched, end_pos}}
+            {:error, reason} -> raise Kuma.Error, reason: reason
+          end
+      end,
+      fn _ -> :ok end
+    )
+  end
+
+  @doc """
+  The end of the store-wide order: the last global position readers can see
+  (`{:ok, n}`, 0 for an empty store).
+  """
+  @spec global_position(store()) :: {:ok, non_neg_integer()} | {:error, reason()}
+  def global_position(store) do
+    with {:ok, s} <- Store.lookup(store) do
+      case s.cluster == nil and Native.store_global_position(s.native) do
+        n when is_integer(n) -> {:ok, n}
+        false -> {:error, {:invalid, :global_order, "in cluster mode each shard has its own order only"}}
+        nil -> {:error, {:invalid, :global_order, "this store was started with global_order: false"}}
+      end
+    end
+  end
+
+  defp global_after(n, end_pos) when is_integer(n) and n >= 0 and n <= end_pos, do: {:ok, n}
+
+  defp global_after(n, end_pos) when is_integer(n) and n > end_pos,
+    do: {:error, {:invalid, :after, "#{n} is past the end of the store-wide order (#{end_pos})"}}
+
+  defp global_after(_n, _end), do: {:error, {:invalid, :after, "must be a global position (an integer >= 0)"}}
+
+  defp global_limit(n) when is_integer(n) and n in 1..10_000, do: {:ok, n}
+  defp global_limit(_n), do: {:error, {:invalid, :limit, "must be an integer in 1..10,000"}}
 
   # -- snapshots for frameworks ---------------------------------------------------------
 

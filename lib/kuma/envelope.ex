@@ -12,10 +12,12 @@ defmodule Kuma.Envelope do
   * `metadata` - the map given with the append (`%{}` if none)
   * `data` - the event term as appended
   * `hash` - the 32-byte BLAKE3 chain hash (see docs/storage-format.md)
+  * `global` - its position in the store-wide order (`Kuma.read_all/2`), when read in that
+    order; `nil` otherwise
   """
 
   @enforce_keys [:entity_id, :seq, :position, :shard, :type, :timestamp, :metadata, :data, :hash]
-  defstruct @enforce_keys
+  defstruct @enforce_keys ++ [global: nil]
 
   @type t :: %__MODULE__{
           entity_id: binary(),
@@ -26,6 +28,7 @@ defmodule Kuma.Envelope do
           timestamp: integer(),
           metadata: map(),
           data: term(),
-          hash: <<_::256>>
+          hash: <<_::256>>,
+          global: pos_integer() | nil
         }
 end

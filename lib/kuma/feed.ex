@@ -63,6 +63,16 @@ defmodule Kuma.Feed do
 
   def follow_entity(%Store{} = s, _entity_id), do: follow(s)
 
+  @doc """
+  Makes the caller a follower of the store-wide order (single node): it receives
+  `{:kuma_order, store_name, watermark}` each time the order records more commits.
+  """
+  @spec follow_order(Store.t()) :: :ok
+  def follow_order(%Store{} = s) do
+    {:ok, _} = Registry.register(Kuma.Listeners, {s.name, :order}, nil)
+    :ok
+  end
+
   @doc "The last committed position of every shard (cluster mode: as far as the copies reached)."
   @spec heads(Store.t()) :: Kuma.Position.t()
   def heads(%Store{cluster: nil} = s), do: local_heads(s)
@@ -113,6 +123,7 @@ defmodule Kuma.Feed do
     Process.flag(:trap_exit, true)
     {:ok, s} = Store.lookup(name)
     Native.store_follow_commits(s.native, self(), false)
+    if s.cluster == nil, do: Native.store_follow_order(s.native, self())
     if s.cluster, do: Process.send_after(self(), :tick, @tick_ms)
     # entities: entity id => %{pid => shard}; entity_of: pid => {entity id, monitor}.
     {:ok, %{s: s, watchers: %{}, watching: %{}, heads: %{}, ticking: false, entities: %{}, entity_of: %{}}}
@@ -133,6 +144,16 @@ defmodule Kuma.Feed do
     end
 
     {:noreply, forward(st, shard, pos)}
+  end
+
+  def handle_info({:kuma_order, watermark}, st) do
+    message = {:kuma_order, st.s.name, watermark}
+
+    Registry.dispatch(Kuma.Listeners, {st.s.name, :order}, fn followers ->
+      for {pid, _} <- followers, do: send(pid, message)
+    end)
+
+    {:noreply, st}
   end
 
   def handle_info({:kuma_remote_commit, shard, pos}, st) do
@@ -198,6 +219,7 @@ defmodule Kuma.Feed do
   @impl true
   def terminate(_reason, st) do
     Native.store_follow_commits(st.s.native, nil, false)
+    if st.s.cluster == nil, do: Native.store_follow_order(st.s.native, nil)
     :ok
   end
 

@@ -67,11 +67,14 @@ defmodule Kuma.Native do
         _keystore_path,
         _file_mode,
         _cluster_key,
-        _tail
+        _tail,
+        _global_order
       ),
       do: nif_missing()
 
   def store_close(_store), do: nif_missing()
+  def store_global_position(_store), do: nif_missing()
+  def store_follow_order(_store, _pid), do: nif_missing()
   def store_info(_store), do: nif_missing()
   def store_shard_for(_store, _entity_id), do: nif_missing()
   def store_stats(_store), do: nif_missing()
@@ -112,6 +115,7 @@ defmodule Kuma.Native do
   def read_head(_store, _entity_id), do: nif_missing()
   def read_query(_store, _shard, _after, _query, _max), do: nif_missing()
   def read_position(_store, _shard, _position), do: nif_missing()
+  def read_all(_store, _after, _max), do: nif_missing()
   def read_snapshot(_store, _entity_id, _version, _max_seq), do: nif_missing()
   def read_snapshots(_store, _entity_id), do: nif_missing()
   def read_seq_at(_store, _entity_id, _ts_us), do: nif_missing()

@@ -16,6 +16,7 @@ defmodule Kuma.Store.Config do
     max_live_entities: 100_000,
     writer_threads: nil,
     tail_bytes: 4_194_304,
+    global_order: true,
     encryption: true,
     master_key: nil,
     master_key_file: nil,
@@ -43,6 +44,7 @@ defmodule Kuma.Store.Config do
          :ok <- check(:max_live_entities, config.max_live_entities),
          :ok <- check(:writer_threads, config.writer_threads),
          :ok <- check(:tail_bytes, config.tail_bytes),
+         :ok <- check(:global_order, config.global_order),
          :ok <- check_path(:keystore_path, config.keystore_path),
          :ok <- check_path(:projections_dir, config.projections_dir),
          :ok <- check(:file_mode, config.file_mode),
@@ -161,6 +163,8 @@ defmodule Kuma.Store.Config do
   defp check(:tail_bytes, n) when is_integer(n) and n in 0..1_099_511_627_776, do: :ok
   defp check(:tail_bytes, _), do: {:error, {:invalid, :tail_bytes, "must be an integer in 0..2^40 (bytes)"}}
   defp check(:writer_threads, _), do: {:error, {:invalid, :writer_threads, "must be an integer in 1..1024 or nil"}}
+  defp check(:global_order, b) when is_boolean(b), do: :ok
+  defp check(:global_order, _), do: {:error, {:invalid, :global_order, "must be true or false"}}
 
   # Integer permissions such as 0o600 or 0o640; the owner must be able to read and write.
   defp check(:file_mode, mode) when is_integer(mode) and mode in 0..0o777 and Bitwise.band(mode, 0o600) == 0o600,

@@ -77,7 +77,8 @@ defmodule Kuma.Store.Owner do
         config.keystore_path,
         config.file_mode,
         cluster_key,
-        config.tail_bytes
+        config.tail_bytes,
+        config.global_order
       )
     end
   rescue

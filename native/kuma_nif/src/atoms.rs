@@ -8,6 +8,7 @@ rustler::atoms! {
     full,
     kuma_reply,
     kuma_commit,
+    kuma_order,
     kuma_event,
     invalid,
     too_large,

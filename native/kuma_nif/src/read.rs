@@ -40,6 +40,17 @@ fn read_query<'a>(
     })
 }
 
+/// Events in the store-wide order after global position `after`: `{[kuma_event],
+/// [global position], searched}` (the two lists in step; read on after `searched`).
+#[rustler::nif(schedule = "DirtyIo")]
+fn read_all<'a>(env: Env<'a>, store: ResourceArc<StoreResource>, after: u64, max: usize) -> NifResult<Term<'a>> {
+    guard(|| {
+        let page = store.store.read_all(after, max)?;
+        let (globals, events): (Vec<u64>, Vec<_>) = page.events.into_iter().unzip();
+        Ok((Events(events), globals, page.searched).encode(env))
+    })
+}
+
 /// Where a reader that stopped at `position` of `shard` stands: `{hash | nil, last}`, the
 /// chain hash of the event stored at that position now and the shard's last position.
 #[rustler::nif(schedule = "DirtyIo")]

@@ -28,6 +28,7 @@ fn store_open(
     file_mode: u32,
     cluster_key: Option<Binary>,
     tail_bytes: u64,
+    global_order: bool,
 ) -> NifResult<ResourceArc<StoreResource>> {
     guard(|| {
         let sync = if sync == atoms::full() {
@@ -54,6 +55,7 @@ fn store_open(
             })
             .transpose()?;
         config.tail_bytes = usize::try_from(tail_bytes).unwrap_or(usize::MAX);
+        config.global_order = global_order;
         Ok(ResourceArc::new(StoreResource { store: Store::open(config)? }))
     })
 }
@@ -101,6 +103,26 @@ fn store_stats(store: ResourceArc<StoreResource>) -> Vec<StatsTerm> {
         .iter()
         .map(|s| StatsTerm { transactions: s.transactions, events: s.events, checkpoints: s.checkpoints })
         .collect()
+}
+
+/// After each batch of commits the store-wide order recorded, `pid` receives
+/// `{:kuma_order, watermark}` (from the sequencer thread). `nil` stops it.
+#[rustler::nif]
+fn store_follow_order(store: ResourceArc<StoreResource>, pid: Option<LocalPid>) -> Atom {
+    let listener = pid.map(|pid| -> kuma_core::order::OrderListener {
+        Arc::new(move |watermark: u64| {
+            let mut owned = OwnedEnv::new();
+            let _ = owned.send_and_clear(&pid, |e| (atoms::kuma_order(), watermark).encode(e));
+        })
+    });
+    store.store.set_order_listener(listener);
+    atoms::ok()
+}
+
+/// The last position of the store-wide order readers may see (`nil`: no order kept).
+#[rustler::nif]
+fn store_global_position(store: ResourceArc<StoreResource>) -> Option<u64> {
+    store.store.global_position()
 }
 
 /// The last committed position of every shard, as a list indexed by shard.
