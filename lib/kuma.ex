@@ -565,6 +565,49 @@ defmodule Kuma do
   defp global_limit(n) when is_integer(n) and n in 1..10_000, do: {:ok, n}
   defp global_limit(_n), do: {:error, {:invalid, :limit, "must be an integer in 1..10,000"}}
 
+  # -- persistent subscriptions -----------------------------------------------------------
+
+  @doc """
+  Joins the caller, as a consumer, to the persistent subscription `name` (a string),
+  creating it on first use: `{:ok, subscription}`. Events of the store-wide order arrive
+  as `{:kuma_event, subscription, envelope}`; acknowledge each with `ack/2`. The
+  subscription's position (everything acknowledged) is stored durably, so delivery
+  resumes after restarts and `kill -9`, at least once. Options, used when the
+  subscription is created: `:from` (`:start` (default), `:now`, a global position),
+  `:max_in_flight` (100), `:max_consumers` (10), `:partition_by` (`nil` or `:entity_id`:
+  one entity's events one at a time, in order). See `Kuma.PersistentSubscription`.
+  Errors: `{:too_many_consumers, max}`, a start past the end, bad options; single node.
+  """
+  @spec subscribe_persistent(store(), String.t(), keyword()) :: {:ok, pid()} | {:error, reason()}
+  def subscribe_persistent(store, name, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store), do: Kuma.PersistentSubscription.join(s, name, opts)
+  end
+
+  @doc """
+  Acknowledges an event (its envelope, or its global position) delivered to the caller
+  by a persistent subscription. `{:error, {:not_in_flight, global}}` for an event that
+  is not out to the caller.
+  """
+  @spec ack(pid(), Kuma.Envelope.t() | pos_integer()) :: :ok | {:error, reason()}
+  def ack(subscription, event), do: Kuma.PersistentSubscription.ack(subscription, event)
+
+  @doc """
+  Gives an event back: `:retry` hands it out again (to any consumer), `:skip` counts it as
+  handled.
+  """
+  @spec nack(pid(), Kuma.Envelope.t() | pos_integer(), :retry | :skip) :: :ok | {:error, reason()}
+  def nack(subscription, event, action), do: Kuma.PersistentSubscription.nack(subscription, event, action)
+
+  @doc "The caller stops consuming (its unacknowledged events go to the others); the subscription stays."
+  @spec unsubscribe_persistent(pid()) :: :ok | {:error, reason()}
+  def unsubscribe_persistent(subscription), do: Kuma.PersistentSubscription.leave(subscription)
+
+  @doc "Deletes a persistent subscription and its stored position: `{:error, {:unknown_subscription, name}}` if none."
+  @spec delete_subscription(store(), String.t()) :: :ok | {:error, reason()}
+  def delete_subscription(store, name) do
+    with {:ok, s} <- Store.lookup(store), do: Kuma.PersistentSubscription.delete(s, name)
+  end
+
   # -- snapshots for frameworks ---------------------------------------------------------
 
   @doc """
