@@ -6,6 +6,8 @@ defmodule Kuma.MetadataTest do
 
   import Kuma.Test.ProjectionHelpers
 
+  doctest Kuma.Envelope
+
   alias Bank.Account.Deposited
 
   @moduletag store_opts: [aggregates: [Bank.Account]]
@@ -70,6 +72,26 @@ defmodule Kuma.MetadataTest do
 
     assert {:ok, nil} = Kuma.head(store, "bad")
     assert {:ok, nil} = Kuma.head(store, "bad-2")
+  end
+
+  test "event ids: the same on every read path and after a restart, distinct for distinct events",
+       %{store: store, dir: dir, name: name} do
+    {:ok, 3} = Kuma.append(store, "ids", [{:a, 1}, {:a, 1}, {:a, 1}])
+    {:ok, events} = Kuma.events(store, "ids")
+    ids = Enum.map(events, &Kuma.Envelope.event_id/1)
+    assert length(Enum.uniq(ids)) == 3
+    assert Enum.all?(ids, &Regex.match?(~r/^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/, &1))
+
+    assert eventually(fn -> match?({:ok, n} when n >= 3, Kuma.global_position(store)) end)
+    {:ok, all, _} = Kuma.read_all(store)
+    assert Enum.map(all, &Kuma.Envelope.event_id/1) == ids
+    {:ok, export} = Kuma.export(store, "ids")
+    assert Enum.map(export.events, &Kuma.Envelope.event_id/1) == ids
+
+    :ok = Kuma.stop(store)
+    {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 4, aggregates: [Bank.Account])
+    {:ok, again} = Kuma.events(store, "ids")
+    assert Enum.map(again, &Kuma.Envelope.event_id/1) == ids
   end
 
   defp metas(store, id) do
