@@ -48,14 +48,23 @@ defmodule Kuma.EventLog do
   """
   @spec append_encoded(Store.t(), binary(), non_neg_integer() | nil, map(), timeout(), binary() | nil) ::
           {:ok, Native.appended()} | {:error, term()}
-  def append_encoded(s, entity_id, expected, encoded, timeout, command_id \\ nil)
+  def append_encoded(s, entity_id, expected, encoded, timeout, command_id \\ nil) do
+    # [:kuma, :append, :stop | :exception] (Kuma.Telemetry): timed from here to the answer.
+    Kuma.Telemetry.span([:kuma, :append], fn -> do_append(s, entity_id, expected, encoded, timeout, command_id) end, fn
+      {:ok, Native.appended(shard: shard)} ->
+        {%{events: length(encoded.encoded), bytes: encoded.bytes}, %{store: s.name, shard: shard, entity_id: entity_id}}
 
-  def append_encoded(%Store{cluster: nil} = s, entity_id, expected, %{encoded: encoded, bytes: bytes}, timeout, _cid) do
+      {:error, reason} ->
+        {:exception, %{}, %{store: s.name, entity_id: entity_id, reason: reason}}
+    end)
+  end
+
+  defp do_append(%Store{cluster: nil} = s, entity_id, expected, %{encoded: encoded, bytes: bytes}, timeout, _cid) do
     write = if dirty?(length(encoded), bytes), do: &Native.write_append_dirty/5, else: &Native.write_append/5
     call(fn ref -> write.(s.native, ref, entity_id, expected, encoded) end, timeout)
   end
 
-  def append_encoded(%Store{} = s, entity_id, expected, %{encoded: encoded}, timeout, cid) do
+  defp do_append(%Store{} = s, entity_id, expected, %{encoded: encoded}, timeout, cid) do
     request = {:append, cid || command_id(), entity_id, expected, encoded}
     [answer] = Proposer.write(s, Route.shard(s, entity_id), [request], timeout)
     answer
@@ -138,7 +147,14 @@ defmodule Kuma.EventLog do
   @doc "Erases an entity in storage (see Kuma.Erasure): `{:ok, events_deleted}`."
   @spec erase(Store.t(), binary(), timeout()) :: {:ok, non_neg_integer()} | {:error, term()}
   def erase(%Store{cluster: nil} = s, entity_id, timeout) do
-    call(fn ref -> Native.write_erase(s.native, ref, entity_id) end, timeout)
+    Kuma.Telemetry.span(
+      [:kuma, :erase],
+      fn -> call(fn ref -> Native.write_erase(s.native, ref, entity_id) end, timeout) end,
+      fn
+        {:ok, count} when is_integer(count) -> {%{events: count}, %{store: s.name}}
+        _ -> nil
+      end
+    )
   end
 
   # Cluster mode: through the shard's log, so that every replica erases it.

@@ -24,6 +24,18 @@ defmodule Kuma.Entity.Loader do
   @doc "Loads the entity up to `upto` (a seq, or `:head`)."
   @spec load(Store.t(), module(), binary(), non_neg_integer() | :head) :: {:ok, loaded()} | {:error, term()}
   def load(%Store{} = s, aggregate, id, upto \\ :head) do
+    # [:kuma, :load, :stop] (Kuma.Telemetry).
+    Kuma.Telemetry.span([:kuma, :load], fn -> do_load(s, aggregate, id, upto) end, fn
+      {:ok, loaded} ->
+        {%{replayed: loaded.replayed},
+         %{store: s.name, aggregate: aggregate, entity_id: id, snapshot_seq: loaded.snapshot_seq}}
+
+      _ ->
+        nil
+    end)
+  end
+
+  defp do_load(s, aggregate, id, upto) do
     with {:ok, head} <- EventLog.head(s, id) do
       target =
         case {head, upto} do

@@ -77,10 +77,16 @@ defmodule Kuma.Entity.Server do
   # (aggregate given) or from the store-level Kuma.append/4 routed here because the entity
   # is live (aggregate :any), {:append, aggregate, events, opts}.
   def handle_call({op, _, _, _} = request, from, st) when op in [:execute, :append] do
-    case waiting_writes(st, @pipeline - 1) do
-      [] -> write_one(request, st)
-      more -> write_pipelined([{from, request} | more], st)
-    end
+    t0 = Kuma.Telemetry.listening?() && System.monotonic_time()
+
+    {writes, result} =
+      case waiting_writes(st, @pipeline - 1) do
+        [] -> {1, write_one(request, st)}
+        more -> {1 + length(more), write_pipelined([{from, request} | more], st)}
+      end
+
+    if t0, do: emit_write(st, result, writes, System.monotonic_time() - t0)
+    result
   end
 
   def handle_call(:info, _from, st) do
@@ -133,6 +139,19 @@ defmodule Kuma.Entity.Server do
   end
 
   # -- the write path ----------------------------------------------------------------------
+
+  # [:kuma, :execute, :stop] (Kuma.Telemetry): the writes handled in one go and the events
+  # they committed.
+  defp emit_write(before, result, writes, duration) do
+    after_st = elem(result, tuple_size(result) - 1)
+    events = if is_map(after_st) and Map.has_key?(after_st, :seq), do: max(after_st.seq - before.seq, 0), else: 0
+
+    Kuma.Telemetry.execute(
+      [:kuma, :execute, :stop],
+      %{duration: duration, events: events, writes: writes},
+      %{store: before.store_name, aggregate: before.aggregate, entity_id: before.id}
+    )
+  end
 
   defp write_one({:execute, aggregate, command, opts}, st) do
     with :ok <- same_aggregate(st, aggregate),

@@ -358,6 +358,18 @@ defmodule Kuma.Projection.Runner do
     end
   end
 
+  # [:kuma, :projection, :batch] (Kuma.Telemetry): a batch handled, and how far behind the
+  # commits the runner knows of it still is.
+  defp emit_batch(st, shard, events, duration) do
+    lag = Enum.sum(for {s, head} <- st.heads, do: max(head - Map.get(st.checkpoint, s, 0), 0))
+
+    Kuma.Telemetry.execute(
+      [:kuma, :projection, :batch],
+      %{duration: duration, events: events, lag: lag},
+      %{store: st.store_name, name: st.spec.name, shard: shard, kind: st.spec.kind}
+    )
+  end
+
   # -- the loop ------------------------------------------------------------------------------
 
   defp schedule_pump(%{pump_scheduled: true} = st), do: st
@@ -419,7 +431,9 @@ defmodule Kuma.Projection.Runner do
       {:ok, {events, searched, hash, envelopes}} ->
         st = %{st | heads: Map.update(st.heads, shard, searched, &max(&1, searched))}
         st = read_ahead(st, s, shard, searched, length(events) == room)
+        t0 = Kuma.Telemetry.listening?() && System.monotonic_time()
         st = handle_batch(st, s, shard, events, {searched, hash}, envelopes)
+        if t0, do: emit_batch(st, shard, length(events), System.monotonic_time() - t0)
         {:noreply, st |> answer_waiters() |> share_checkpoint() |> schedule_pump()}
 
       {:error, reason} ->
