@@ -13,10 +13,11 @@ defmodule Kuma.PersistentSubscription do
     At most `:max_in_flight` events (default 100) are delivered and not yet acknowledged,
     across consumers. `Kuma.nack(subscription, event, :retry)` hands an event out again,
     `:skip` counts it as handled.
-  * **Partitions.** With `partition_by: :entity_id`, the events of one entity are handed
-    out one at a time, in order: the next only after the one before was acknowledged
-    (other entities' events go on meanwhile), so a process manager sees each entity's
-    events in order whatever the number of consumers.
+  * **Partitions.** With `partition_by: :entity_id`, the events of one entity go to one
+    consumer (the one the entity's id hashes to among the current consumers), one at a
+    time, in order: the next only after the one before was acknowledged (other entities'
+    events go on meanwhile). When consumers join or leave, an entity may move to another
+    consumer, still in order.
   * **Durability: at least once, never a skipped event.** The subscription's position is
     the global position up to which every event was acknowledged. It is stored in
     `<data_dir>/subscriptions.kuma` within 100 ms of moving (and when the subscription
@@ -459,9 +460,18 @@ defmodule Kuma.PersistentSubscription do
     st
   end
 
-  # To the consumer with the fewest events out.
+  # Partitioned: to the consumer the entity hashes to among the current ones (so one
+  # entity's events go to one consumer while the consumers stay the same). Otherwise: to
+  # the consumer with the fewest events out.
   defp hand_out(st, global, envelope) do
-    {pid, _} = Enum.min_by(st.consumers, fn {_pid, c} -> c.in_flight end)
+    pid =
+      if st.partition_by do
+        pids = st.consumers |> Map.keys() |> Enum.sort()
+        Enum.at(pids, :erlang.phash2(envelope.entity_id, length(pids)))
+      else
+        st.consumers |> Enum.min_by(fn {_pid, c} -> c.in_flight end) |> elem(0)
+      end
+
     send(pid, {:kuma_event, self(), envelope})
     consumers = Map.update!(st.consumers, pid, &%{&1 | in_flight: &1.in_flight + 1})
     keys = if st.partition_by, do: MapSet.put(st.keys_busy, envelope.entity_id), else: st.keys_busy
