@@ -4,6 +4,8 @@ defmodule Kuma.GlobalOrderTest do
   # repeated, also across kill -9 of the VM; bad input refused.
   use Kuma.StoreCase, async: false
 
+  alias Kuma.Test.ChildVM
+
   @moduletag timeout: 120_000
 
   defp wait_global(store, n) do
@@ -179,23 +181,18 @@ defmodule Kuma.GlobalOrderTest do
   @tag store: false
   test "kill -9 while writing and reading: after restart the order is gapless, holds every acknowledged event once, and what was seen keeps its number",
        %{dir: dir, name: name} do
-    script = Path.join(System.tmp_dir!(), "kuma_order_child_#{System.unique_integer([:positive])}.exs")
-    File.write!(script, @child_script)
-    on_exit(fn -> File.rm(script) end)
-    ebin = Path.join(Mix.Project.app_path(), "ebin")
+    {port, os_pid} = ChildVM.start(@child_script, [dir])
 
-    port =
-      Port.open({:spawn_executable, System.find_executable("elixir")}, [
-        :binary,
-        :exit_status,
-        {:line, 4096},
-        args: ["-pa", ebin, script, dir]
-      ])
+    lines =
+      ChildVM.collect(
+        port,
+        %{acks: %{}, seen: %{}},
+        &record/2,
+        &(map_size(&1.seen) >= 1_500 and map_size(&1.acks) >= 80)
+      )
 
-    os_pid = pid_line(port)
-    lines = collect(port, %{acks: %{}, seen: %{}}, 1_500)
-    {_, 0} = System.cmd("kill", ["-9", os_pid])
-    lines = drain(port, lines)
+    ChildVM.kill(os_pid)
+    lines = ChildVM.drain(port, lines, &record/2)
     assert map_size(lines.seen) > 100, "the child's reader saw too little: #{map_size(lines.seen)}"
 
     {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 8)
@@ -217,40 +214,6 @@ defmodule Kuma.GlobalOrderTest do
     # Every event of every shard is in the order (recovered commits numbered at the open).
     assert n ==
              Enum.sum(for id <- Enum.uniq(Enum.map(all, & &1.entity_id)), do: length(elem(Kuma.events(store, id), 1)))
-  end
-
-  defp pid_line(port) do
-    receive do
-      {^port, {:data, {:eol, "PID " <> pid}}} -> pid
-      {^port, {:data, _}} -> pid_line(port)
-      {^port, {:exit_status, status}} -> flunk("child exited early with #{status}")
-    after
-      60_000 -> flunk("child did not start")
-    end
-  end
-
-  defp collect(port, lines, min) do
-    if map_size(lines.seen) >= min and map_size(lines.acks) >= 80 do
-      lines
-    else
-      receive do
-        {^port, {:data, {:eol, line}}} -> collect(port, record(line, lines), min)
-        {^port, {:data, {:noeol, _}}} -> collect(port, lines, min)
-        {^port, {:exit_status, status}} -> flunk("child exited early with #{status}")
-      after
-        60_000 -> flunk("child stopped writing")
-      end
-    end
-  end
-
-  defp drain(port, lines) do
-    receive do
-      {^port, {:data, {:eol, line}}} -> drain(port, record(line, lines))
-      {^port, {:data, {:noeol, _}}} -> drain(port, lines)
-      {^port, {:exit_status, _}} -> lines
-    after
-      10_000 -> lines
-    end
   end
 
   defp record("ACK " <> rest, lines) do

@@ -5,6 +5,8 @@ defmodule Kuma.PersistentSubscriptionTest do
   # at most max_in_flight out; one entity's events in order with partition_by; bad input.
   use Kuma.StoreCase, async: false
 
+  alias Kuma.Test.ChildVM
+
   @moduletag timeout: 120_000
 
   defp write(store, n, prefix \\ "p") do
@@ -201,26 +203,13 @@ defmodule Kuma.PersistentSubscriptionTest do
   @tag store: false
   test "kill -9 of the VM: delivery resumes after the stored position and no event is skipped",
        %{dir: dir, name: name} do
-    script = Path.join(System.tmp_dir!(), "kuma_psub_child_#{System.unique_integer([:positive])}.exs")
-    File.write!(script, @child_script)
-    on_exit(fn -> File.rm(script) end)
-    ebin = Path.join(Mix.Project.app_path(), "ebin")
-    args = ["-pa", ebin, script, dir]
-
-    port =
-      Port.open({:spawn_executable, System.find_executable("elixir")}, [
-        :binary,
-        :exit_status,
-        {:line, 4096},
-        args: args
-      ])
-
-    os_pid = pid_line(port)
-    acked = acked_lines(port, MapSet.new(), 800)
+    {port, os_pid} = ChildVM.start(@child_script, [dir])
+    acked = ChildVM.collect(port, MapSet.new(), &acked/2, &(MapSet.size(&1) >= 800))
     # Some hundreds of ms more, so that the position was stored at least once (every 100 ms).
-    acked = acked_for(port, acked, System.monotonic_time(:millisecond) + 400)
-    {_, 0} = System.cmd("kill", ["-9", os_pid])
-    acked = drain(port, acked)
+    until = System.monotonic_time(:millisecond) + 400
+    acked = ChildVM.collect(port, acked, &acked/2, fn _ -> System.monotonic_time(:millisecond) >= until end)
+    ChildVM.kill(os_pid)
+    acked = ChildVM.drain(port, acked, &acked/2)
 
     {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 4)
     {:ok, total} = Kuma.global_position(store)
@@ -239,53 +228,6 @@ defmodule Kuma.PersistentSubscriptionTest do
     assert resumed > 0, "nothing stored before the kill: #{MapSet.size(acked)} acknowledged"
   end
 
-  defp pid_line(port) do
-    receive do
-      {^port, {:data, {:eol, "PID " <> pid}}} -> pid
-      {^port, {:data, _}} -> pid_line(port)
-      {^port, {:exit_status, status}} -> flunk("child exited early with #{status}")
-    after
-      60_000 -> flunk("child did not start")
-    end
-  end
-
-  defp acked_lines(port, acked, min) do
-    if MapSet.size(acked) >= min do
-      acked
-    else
-      receive do
-        {^port, {:data, {:eol, "ACKED " <> g}}} -> acked_lines(port, MapSet.put(acked, String.to_integer(g)), min)
-        {^port, {:data, _}} -> acked_lines(port, acked, min)
-        {^port, {:exit_status, status}} -> flunk("child exited early with #{status}")
-      after
-        60_000 -> flunk("child stopped acknowledging")
-      end
-    end
-  end
-
-  defp acked_for(port, acked, until) do
-    left = until - System.monotonic_time(:millisecond)
-
-    if left <= 0 do
-      acked
-    else
-      receive do
-        {^port, {:data, {:eol, "ACKED " <> g}}} -> acked_for(port, MapSet.put(acked, String.to_integer(g)), until)
-        {^port, {:data, _}} -> acked_for(port, acked, until)
-        {^port, {:exit_status, status}} -> flunk("child exited early with #{status}")
-      after
-        left -> acked
-      end
-    end
-  end
-
-  defp drain(port, acked) do
-    receive do
-      {^port, {:data, {:eol, "ACKED " <> g}}} -> drain(port, MapSet.put(acked, String.to_integer(g)))
-      {^port, {:data, _}} -> drain(port, acked)
-      {^port, {:exit_status, _}} -> acked
-    after
-      10_000 -> acked
-    end
-  end
+  defp acked("ACKED " <> g, acked), do: MapSet.put(acked, String.to_integer(g))
+  defp acked(_line, acked), do: acked
 end
