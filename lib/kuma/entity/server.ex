@@ -143,8 +143,9 @@ defmodule Kuma.Entity.Server do
   # [:kuma, :execute, :stop] (Kuma.Telemetry): the writes handled in one go and the events
   # they committed.
   defp emit_write(before, result, writes, duration) do
-    after_st = elem(result, tuple_size(result) - 1)
-    events = if is_map(after_st) and Map.has_key?(after_st, :seq), do: max(after_st.seq - before.seq, 0), else: 0
+    # Every reply tuple ends with our state.
+    %__MODULE__{seq: seq} = elem(result, tuple_size(result) - 1)
+    events = max(seq - before.seq, 0)
 
     Kuma.Telemetry.execute(
       [:kuma, :execute, :stop],
@@ -153,26 +154,30 @@ defmodule Kuma.Entity.Server do
     )
   end
 
-  defp write_one({:execute, aggregate, command, opts}, st) do
-    with :ok <- same_aggregate(st, aggregate),
-         :ok <- handles_commands(st),
-         :ok <- expected(st, opts) do
-      write(st, fn state -> decide(st.aggregate, state, command) end, opts, @retries)
-    else
+  defp write_one({op, _, _, opts} = request, st) do
+    case accept(request, st) do
+      {:ok, decide} -> write(st, decide, opts, retries(op, opts))
       error -> {:reply, error, st}
     end
   end
 
-  defp write_one({:append, aggregate, events, opts}, st) do
-    with :ok <- same_aggregate(st, aggregate), :ok <- expected(st, opts) do
-      # Without :expected_seq the caller asked for no version check: a write that slipped in
-      # beside us (a store-level append while we were starting) is no reason to fail.
-      retries = if Keyword.get(opts, :expected_seq) == nil, do: @retries, else: 0
-      write(st, fn _state -> {:ok, events} end, opts, retries)
-    else
-      error -> {:reply, error, st}
-    end
+  # The checks a write must pass against `st` (our state, or in a batch the state the
+  # writes before it left), and its decide function.
+  defp accept({:execute, aggregate, command, opts}, st) do
+    with :ok <- same_aggregate(st, aggregate),
+         :ok <- handles_commands(st),
+         :ok <- expected(st, opts),
+         do: {:ok, fn state -> decide(st.aggregate, state, command) end}
   end
+
+  defp accept({:append, aggregate, events, opts}, st) do
+    with :ok <- same_aggregate(st, aggregate), :ok <- expected(st, opts), do: {:ok, fn _state -> {:ok, events} end}
+  end
+
+  # Without :expected_seq an append asked for no version check: a write that slipped in
+  # beside us (a store-level append while we were starting) is no reason to fail.
+  defp retries(:execute, _opts), do: @retries
+  defp retries(:append, opts), do: if(Keyword.get(opts, :expected_seq) == nil, do: @retries, else: 0)
 
   # -- pipelining ----------------------------------------------------------------------------
   #
@@ -253,20 +258,9 @@ defmodule Kuma.Entity.Server do
     end)
   end
 
-  defp plan_one({op, aggregate, arg, opts}, acc, st, s) do
+  defp plan_one({_, _, _, opts} = request, acc, st, s) do
     seen = %{st | state: acc.state, seq: acc.seq}
-    decide = if op == :execute, do: fn -> decide(st.aggregate, acc.state, arg) end, else: fn -> {:ok, arg} end
-
-    with :ok <- same_aggregate(st, aggregate),
-         :ok <- if(op == :execute, do: handles_commands(st), else: :ok),
-         :ok <- expected(seen, opts),
-         {:ok, decision} <- run_user(decide, :handle),
-         {:ok, events} <- decision,
-         {:ok, encoded} <- encode(List.wrap(events), opts, s, st.id),
-         {:ok, new_state} <-
-           run_user(fn -> Enum.reduce(encoded.events, acc.state, &st.aggregate.apply(&2, &1)) end, :apply) do
-      {:ok, encoded, new_state}
-    end
+    with {:ok, decide} <- accept(request, seen), do: decide_and_fold(seen, decide, opts, s)
   end
 
   defp commit_planned(planned, batch, s, st) do
@@ -337,12 +331,7 @@ defmodule Kuma.Entity.Server do
   # their clear values kept for the state), and the bytes go down to storage as they are.
   defp write(st, decide, opts, retries) do
     with {:ok, s} <- Store.lookup(st.store_name),
-         {:ok, decision} <- run_user(fn -> decide.(st.state) end, :handle),
-         {:ok, events} <- decision,
-         events = List.wrap(events),
-         {:ok, encoded} <- encode(events, opts, s, st.id),
-         {:ok, new_state} <-
-           run_user(fn -> Enum.reduce(encoded.events, st.state, &st.aggregate.apply(&2, &1)) end, :apply) do
+         {:ok, encoded, new_state} <- decide_and_fold(st, decide, opts, s) do
       persist(s, st, encoded, new_state, decide, opts, retries)
     else
       {:error, {:user_code_crashed, _, _} = reason} ->
@@ -352,6 +341,17 @@ defmodule Kuma.Entity.Server do
       {:error, reason} ->
         {:reply, {:error, reason}, st}
     end
+  end
+
+  # decide -> encode -> evolve on st.state, nothing written: {:ok, encoded, new_state}, or
+  # the error (a raise in user code as {:user_code_crashed, where, text}).
+  defp decide_and_fold(st, decide, opts, s) do
+    with {:ok, decision} <- run_user(fn -> decide.(st.state) end, :handle),
+         {:ok, events} <- decision,
+         {:ok, encoded} <- encode(List.wrap(events), opts, s, st.id),
+         {:ok, new_state} <-
+           run_user(fn -> Enum.reduce(encoded.events, st.state, &st.aggregate.apply(&2, &1)) end, :apply),
+         do: {:ok, encoded, new_state}
   end
 
   defp encode([], _opts, _s, _id), do: {:ok, %{events: [], encoded: [], bytes: 0}}
