@@ -114,16 +114,7 @@ defmodule Kuma.Codec do
   # {encoded metadata, scope} for each event: one map for all, or one map per event.
   defp event_metadata(events, metadata, store) when is_list(metadata) do
     if length(metadata) == length(events) do
-      Enum.reduce_while(metadata, {:ok, []}, fn meta, {:ok, acc} ->
-        case one_metadata(meta, store) do
-          {:ok, encoded} -> {:cont, {:ok, [encoded | acc]}}
-          error -> {:halt, error}
-        end
-      end)
-      |> then(fn
-        {:ok, acc} -> {:ok, Enum.reverse(acc)}
-        error -> error
-      end)
+      Kuma.Validate.each(metadata, &one_metadata(&1, store))
     else
       {:error,
        {:invalid, :metadata, "a list must hold one map per event (#{length(events)} events, #{length(metadata)} maps)"}}

@@ -120,22 +120,28 @@ defmodule Kuma.Projection.Runner do
 
   # A subscription to one entity follows that entity's commits only (Kuma.Feed,
   # follow_entity/2), on a single node; everything else follows every commit.
-  defp follow(%Store{cluster: nil} = s, %Spec{kind: :subscription, query: %{entity_id: id}}) when is_binary(id),
-    do: Kuma.Feed.follow_entity(s, id)
+  defp follow(s, spec) do
+    if own_shard(s, spec), do: Kuma.Feed.follow_entity(s, spec.query.entity_id), else: Kuma.Feed.follow(s)
+  end
 
-  defp follow(s, _spec), do: Kuma.Feed.follow(s)
+  # The one shard a subscription to one entity reads (nil: it follows every commit).
+  defp own_shard(%Store{cluster: nil} = s, %Spec{kind: :subscription, query: %{entity_id: id}}) when is_binary(id),
+    do: Kuma.Native.store_shard_for(s.native, id)
 
-  defp entity_follower?(%Store{cluster: nil}, %Spec{kind: :subscription, query: %{entity_id: id}}), do: is_binary(id)
-  defp entity_follower?(_s, _spec), do: false
+  defp own_shard(_s, _spec), do: nil
 
-  # An entity lives in one shard: the others hold nothing for it, so its subscription
-  # starts there at their heads (and, told only of its entity's commits, stays there).
-  defp only_its_shard(s, spec, start, heads) do
-    if entity_follower?(s, spec) do
-      own = Kuma.Native.store_shard_for(s.native, spec.query.entity_id)
-      Map.new(start, fn {shard, pos} -> {shard, if(shard == own, do: pos, else: Map.get(heads, shard, pos))} end)
-    else
-      start
+  # An entity lives in one shard: the others hold nothing for it, so its subscription is at
+  # their heads from the start (and, told only of its entity's commits, stays there until
+  # a waiter has it learn newer heads).
+  defp only_its_shard(s, spec, positions, heads) do
+    case own_shard(s, spec) do
+      nil ->
+        positions
+
+      own ->
+        Map.new(positions, fn {shard, pos} ->
+          {shard, if(shard == own, do: pos, else: max(pos, Map.get(heads, shard, pos)))}
+        end)
     end
   end
 
@@ -345,14 +351,12 @@ defmodule Kuma.Projection.Runner do
   # a waiter for a position past them has them learned now. The entity's shard is then
   # read that far; the other shards hold nothing for it, so it moves to their heads at once.
   defp learn_heads(st) do
-    with {:ok, s} <- Store.lookup(st.store_name), true <- entity_follower?(s, st.spec) do
-      own = Kuma.Native.store_shard_for(s.native, st.spec.query.entity_id)
-      heads = Map.merge(st.heads, Kuma.Feed.heads(s), fn _shard, a, b -> max(a, b) end)
+    with {:ok, s} <- Store.lookup(st.store_name), own when own != nil <- own_shard(s, st.spec) do
+      heads = Position.merge(st.heads, Kuma.Feed.heads(s))
 
-      checkpoint =
-        Map.new(st.checkpoint, fn {shard, pos} -> {shard, if(shard == own, do: pos, else: max(pos, heads[shard]))} end)
-
-      %{st | heads: heads, checkpoint: checkpoint} |> answer_waiters() |> schedule_pump()
+      %{st | heads: heads, checkpoint: only_its_shard(s, st.spec, st.checkpoint, heads)}
+      |> answer_waiters()
+      |> schedule_pump()
     else
       _ -> st
     end
@@ -361,11 +365,9 @@ defmodule Kuma.Projection.Runner do
   # [:kuma, :projection, :batch] (Kuma.Telemetry): a batch handled, and how far behind the
   # commits the runner knows of it still is.
   defp emit_batch(st, shard, events, duration) do
-    lag = Enum.sum(for {s, head} <- st.heads, do: max(head - Map.get(st.checkpoint, s, 0), 0))
-
     Kuma.Telemetry.execute(
       [:kuma, :projection, :batch],
-      %{duration: duration, events: events, lag: lag},
+      %{duration: duration, events: events, lag: Position.behind(st.checkpoint, st.heads)},
       %{store: st.store_name, name: st.spec.name, shard: shard, kind: st.spec.kind}
     )
   end
