@@ -37,14 +37,18 @@ defmodule Kuma.GlobalSubscription do
     :exit, _ -> {:error, {:no_store, s.name}}
   end
 
-  defp start_at(:now, end_pos), do: {:ok, end_pos}
-  defp start_at(:start, _end), do: {:ok, 0}
-  defp start_at(n, end_pos) when is_integer(n) and n >= 0 and n <= end_pos, do: {:ok, n}
+  @doc false
+  # Where a subscription to the store-wide order starts reading after, for `from` (also
+  # Kuma.PersistentSubscription's).
+  @spec start_at(term(), non_neg_integer()) :: {:ok, non_neg_integer()} | {:error, term()}
+  def start_at(:now, end_pos), do: {:ok, end_pos}
+  def start_at(:start, _end), do: {:ok, 0}
+  def start_at(n, end_pos) when is_integer(n) and n >= 0 and n <= end_pos, do: {:ok, n}
 
-  defp start_at(n, end_pos) when is_integer(n) and n > end_pos,
+  def start_at(n, end_pos) when is_integer(n) and n > end_pos,
     do: {:error, {:invalid, :from, "#{n} is past the end of the store-wide order (#{end_pos})"}}
 
-  defp start_at(_from, _end),
+  def start_at(_from, _end),
     do: {:error, {:invalid, :from, "must be :now, :start or a global position (an integer >= 0)"}}
 
   @impl true

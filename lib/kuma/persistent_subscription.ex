@@ -175,7 +175,6 @@ defmodule Kuma.PersistentSubscription do
         case DynamicSupervisor.start_child(Store.via(s.name, :projections), spec) do
           {:ok, pid} -> {:ok, pid}
           {:error, {:already_started, pid}} -> {:ok, pid}
-          {:error, {reason, _child}} when is_tuple(reason) -> {:error, reason}
           {:error, reason} -> {:error, reason}
         end
 
@@ -224,8 +223,7 @@ defmodule Kuma.PersistentSubscription do
         in_flight: 0,
         consumers: %{},
         keys_busy: MapSet.new(),
-        save_timer: nil,
-        reading: false
+        save_timer: nil
       }
 
       {:ok, st}
@@ -262,15 +260,7 @@ defmodule Kuma.PersistentSubscription do
          }}
 
       {:ok, {_, []}} ->
-        position =
-          case settings.from do
-            :start -> {:ok, 0}
-            :now -> {:ok, end_pos}
-            n when n <= end_pos -> {:ok, n}
-            n -> {:error, {:invalid, :from, "#{n} is past the end of the store-wide order (#{end_pos})"}}
-          end
-
-        with {:ok, position} <- position,
+        with {:ok, position} <- Kuma.GlobalSubscription.start_at(settings.from, end_pos),
              {:ok, _} <-
                Native.sqldb_transaction(db, [
                  {"INSERT INTO subscriptions(name, position, max_in_flight, max_consumers, partition_by, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -321,7 +311,7 @@ defmodule Kuma.PersistentSubscription do
       {:ok, envelope} ->
         st =
           st
-          |> release(global, envelope, pid)
+          |> release(envelope, pid)
           |> Map.update!(:events, &:gb_trees.update(global, {:pending, envelope}, &1))
 
         {:reply, :ok, pump(st)}
@@ -372,7 +362,7 @@ defmodule Kuma.PersistentSubscription do
   # An acknowledged event leaves; the position moves over every acknowledged event at the
   # front (with nothing left in front, up to what was read).
   defp done(st, global, envelope, pid) do
-    st = release(st, global, envelope, pid)
+    st = release(st, envelope, pid)
     events = :gb_trees.delete(global, st.events)
 
     position = if :gb_trees.is_empty(events), do: st.read_to, else: elem(:gb_trees.smallest(events), 0) - 1
@@ -380,7 +370,7 @@ defmodule Kuma.PersistentSubscription do
     schedule_save(%{st | events: events, position: max(position, st.position)})
   end
 
-  defp release(st, _global, envelope, pid) do
+  defp release(st, envelope, pid) do
     consumers = Map.update!(st.consumers, pid, &%{&1 | in_flight: &1.in_flight - 1})
     keys = if st.partition_by, do: MapSet.delete(st.keys_busy, envelope.entity_id), else: st.keys_busy
     %{st | consumers: consumers, in_flight: st.in_flight - 1, keys_busy: keys}

@@ -15,7 +15,7 @@ defmodule Mix.Tasks.Kuma.Erase do
   @impl true
   def run(args) do
     Mix.Tasks.Kuma.with_store(__MODULE__, args, [yes: :boolean], fn store, opts, rest ->
-      id = Mix.Tasks.Kuma.Export.single_id(rest)
+      id = Mix.Tasks.Kuma.single_id(rest)
 
       confirmed =
         opts[:yes] ||

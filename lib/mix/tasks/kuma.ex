@@ -83,6 +83,11 @@ defmodule Mix.Tasks.Kuma do
   end
 
   @doc false
+  # The one entity id a task takes.
+  def single_id([id]), do: id
+  def single_id(_), do: fail("give exactly one entity id (see --help)")
+
+  @doc false
   # Prints `message` to stderr and ends the task with `code` (2 by default).
   def fail(message, code \\ 2) do
     Mix.shell().error(message)

@@ -14,7 +14,7 @@ defmodule Mix.Tasks.Kuma.Export do
   @impl true
   def run(args) do
     Mix.Tasks.Kuma.with_store(__MODULE__, args, [json: :boolean], fn store, opts, rest ->
-      id = single_id(rest)
+      id = Mix.Tasks.Kuma.single_id(rest)
 
       result = if opts[:json], do: Kuma.export_json(store, id), else: Kuma.export(store, id)
 
@@ -25,8 +25,4 @@ defmodule Mix.Tasks.Kuma.Export do
       end
     end)
   end
-
-  @doc false
-  def single_id([id]), do: id
-  def single_id(_), do: Mix.Tasks.Kuma.fail("give exactly one entity id (see --help)")
 end
