@@ -93,12 +93,10 @@ impl Order {
 
     /// Brings the log level with the shards (`last[shard]`: each shard's last committed
     /// position), before any new write: ranges past what a shard holds are cut back, and
-    /// positions a shard committed that the log lacks are numbered. Returns how many
-    /// events were numbered.
-    pub fn recover(&mut self, last: &[u64]) -> Result<u64> {
+    /// positions a shard committed that the log lacks are numbered.
+    pub fn recover(&mut self, last: &[u64]) -> Result<()> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(Error::storage("recover order log"))?;
-        let mut numbered = 0;
         let mut next = self.next;
         for (shard, &last_pos) in last.iter().enumerate() {
             tx.execute("DELETE FROM ranges WHERE shard = ?1 AND pos > ?2", params![shard as i64, last_pos as i64])
@@ -123,14 +121,13 @@ impl Order {
                 )
                 .map_err(Error::storage("recover order log"))?;
                 next += count;
-                numbered += count;
             }
         }
         tx.commit().map_err(Error::storage("recover order log"))?;
         drop(conn);
         self.next = next;
         self.watermark.store(next - 1, Ordering::Release);
-        Ok(numbered)
+        Ok(())
     }
 
     /// Starts the sequencer thread; what it returns is what writers send
@@ -165,7 +162,7 @@ impl Order {
         let mut st = conn
             .prepare_cached(
                 "SELECT first, shard, pos, count FROM ranges
-                 WHERE first > (SELECT coalesce(max(first), 0) FROM ranges WHERE first <= ?1) - 1
+                 WHERE first >= (SELECT coalesce(max(first), 0) FROM ranges WHERE first <= ?1)
                    AND first + count - 1 > ?1 AND first <= ?2
                  ORDER BY first LIMIT ?3",
             )
@@ -237,9 +234,8 @@ fn sequence(
             })
             .collect();
         let mut delay = std::time::Duration::from_millis(1);
-        while let Err(e) = record(&conn, &ranges) {
-            // Nothing is visible until recorded; readers wait, writers go on.
-            let _ = e;
+        // Nothing is visible until recorded; readers wait, writers go on.
+        while record(&conn, &ranges).is_err() {
             std::thread::sleep(delay);
             delay = (delay * 2).min(std::time::Duration::from_secs(1));
         }

@@ -43,8 +43,9 @@ use std::time::{Duration, Instant};
 /// A callback that answers one request. Called exactly once, on the writer thread.
 pub type Reply<T> = Box<dyn FnOnce(T) + Send>;
 
-/// Called on a writer thread after each commit that wrote events: `(shard, last position)`.
-/// It must be quick and must not block (the NIF's sends a message).
+/// Called on a writer thread after each commit that wrote events: `(shard, last position,
+/// the entities written if asked for)` (see `Commits::set_listener`). It must be quick and
+/// must not block (the NIF's sends a message).
 pub type CommitListener = Arc<dyn Fn(u32, u64, Option<&[CommittedEntity]>) + Send + Sync>;
 
 /// One entity's part of a commit, told to a listener that asked for details: the position
