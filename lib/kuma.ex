@@ -830,6 +830,49 @@ defmodule Kuma do
     end
   end
 
+  @doc """
+  Takes an online backup of the store into `dir` (which must not exist, or be empty) while
+  writes go on: a consistent copy of every shard, the store-wide order and persistent
+  subscriptions, each as a segment framed with CRC32, and a manifest with per-shard
+  positions and chain heads. The backup is written into a temporary directory beside `dir`
+  and renamed into place at the end: an interrupted backup leaves no `dir` behind.
+
+  Options: `keystore: true` also copies the keystore (default `false`: see "Backups and
+  erasure" in `Kuma.Backup`); `on_progress: fun(%{phase: :copy, done, total, segment,
+  bytes})` is called after each file.
+
+  Returns `{:ok, %{dir, bytes, segments, shards: [%{shard, position, entities, events}],
+  keystore, seconds}}`. Errors: `{:backup_dir_not_empty, dir}`, `{:backup_dir, path,
+  posix_reason}` (cannot be written), `{:storage, context, message}`.
+  """
+  @spec backup(store(), Path.t(), keyword()) :: {:ok, map()} | {:error, reason()}
+  def backup(store, dir, opts \\ []) do
+    with {:ok, s} <- Store.lookup(store), do: Kuma.Backup.backup(s, dir, opts)
+  end
+
+  @doc """
+  Restores the backup in `backup_dir` as a new data dir `data_dir` (which must not exist,
+  or be empty; no store may be running on it). Every frame of every segment is checked
+  against the backup's manifest before anything is written; the files are then written to
+  a temporary directory beside `data_dir`, each shard's chain heads compared with the
+  manifest, the store opened there and every chain recomputed (`verify_store/2`), and the
+  directory renamed into place. Start the store on `data_dir` afterwards as usual.
+
+  Options: `master_key:` or `master_key_file:` (encrypted stores: as for `start/1`);
+  `keystore_path:` the keystore to restore with, used where it is and not copied (the
+  store's current one: then entities erased after the backup stay erased; required when the
+  backup holds no keystore; start the store with the same `keystore_path:`); `file_mode:`;
+  `on_progress: fun(%{phase: :check | :write | :verify, done, total, segment, bytes})`.
+
+  Returns `{:ok, %{dir, bytes, shards, keystore: true | false | :external, events,
+  entities, taken, seconds}}`. Errors: `{:not_a_backup, path, why}`, `{:backup_format,
+  found, supported}`, `{:backup_damaged, file, frame, why}` (the first bad frame; frame 0
+  is a segment's header), `{:restore_target_not_empty, dir}`, `{:backup_dir, path,
+  posix_reason}`, `{:tampered, problems}`, and any error of `start/1`.
+  """
+  @spec restore(Path.t(), Path.t(), keyword()) :: {:ok, map()} | {:error, reason()}
+  def restore(backup_dir, data_dir, opts \\ []), do: Kuma.Backup.restore(backup_dir, data_dir, opts)
+
   @doc "Facts about a running store: id, shards, data dir, sync mode, encryption and per-shard writer counters."
   @spec info(store()) :: {:ok, map()} | {:error, reason()}
   def info(store) do

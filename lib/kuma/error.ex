@@ -84,6 +84,15 @@ defmodule Kuma.Error do
   * `{:leave_unfinished, shards}` - `Kuma.leave/2` timed out with these shards still here
     (the moves go on; call it again)
 
+  ## Backups (`Kuma.backup/3`, `Kuma.restore/3`)
+
+  * `{:backup_dir_not_empty, dir}`, `{:restore_target_not_empty, dir}` - the target holds files
+  * `{:backup_dir, path, posix_reason}` - a backup or restore directory cannot be written or read
+  * `{:not_a_backup, path, why}` - no backup manifest there, or an unreadable one
+  * `{:backup_format, found, supported}` - a backup written by a newer Kuma
+  * `{:backup_damaged, file, frame, why}` - a segment failed a check (frame 0 is its header);
+    nothing was restored
+
   ## Projections and read models
 
   * `{:unknown_projection, name}` - no projection or read model of that name is running
@@ -168,6 +177,20 @@ defmodule Kuma.Error do
 
   def format({:forget_unconfirmed, pids}),
     do: "erased, but #{length(pids)} forget listener(s) did not confirm; call delete again to retry"
+
+  def format({:backup_dir_not_empty, dir}), do: "#{dir} is not empty: a backup goes into a new or empty directory"
+
+  def format({:restore_target_not_empty, dir}),
+    do: "#{dir} is not empty: a restore creates a new data dir (move the old one away first)"
+
+  def format({:backup_dir, path, why}), do: "#{path}: #{:file.format_error(why)}"
+  def format({:not_a_backup, path, why}), do: "#{path} is not a Kuma backup: #{why}"
+
+  def format({:backup_format, found, supported}),
+    do: "backup format #{found} is not #{supported}, the one this Kuma reads"
+
+  def format({:backup_damaged, file, frame, why}),
+    do: "the backup is damaged: #{file}, frame #{frame}: #{why}; nothing was restored"
 
   def format({:unknown_projection, name}), do: "no projection named #{inspect(name)} is running"
   def format({:sql, nil, message}), do: "SQL failed: #{message}"

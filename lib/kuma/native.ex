@@ -78,6 +78,12 @@ defmodule Kuma.Native do
   def store_info(_store), do: nif_missing()
   def store_shard_for(_store, _entity_id), do: nif_missing()
   def store_stats(_store), do: nif_missing()
+
+  # backups: segments of the store's files (backup.rs); all on dirty IO schedulers
+  def backup_database(_src, _tmp, _segment, _label, _store_id, _mode, _shard?), do: nif_missing()
+  def backup_frame_file(_src, _segment, _label, _store_id, _mode), do: nif_missing()
+  def backup_read_segment(_segment, _label, _store_id, _dest_or_nil, _mode), do: nif_missing()
+  def backup_summarize(_shard_path), do: nif_missing()
   def store_commit_positions(_store), do: nif_missing()
   def store_follow_commits(_store, _pid, _details), do: nif_missing()
 

@@ -47,6 +47,8 @@ defmodule Kuma.Store do
     :epoch,
     :file_mode,
     :projections_dir,
+    :keystore_path,
+    :started_at,
     :cluster
   ]
   defstruct @enforce_keys
@@ -71,6 +73,8 @@ defmodule Kuma.Store do
           epoch: :atomics.atomics_ref() | nil,
           file_mode: non_neg_integer(),
           projections_dir: Path.t(),
+          keystore_path: Path.t() | nil,
+          started_at: integer(),
           cluster: nil | %Kuma.Cluster{}
         }
 

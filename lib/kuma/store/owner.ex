@@ -55,6 +55,9 @@ defmodule Kuma.Store.Owner do
       epoch: :atomics.new(1, signed: false),
       file_mode: config.file_mode,
       projections_dir: config.projections_dir,
+      keystore_path: if(info.encrypted, do: config.keystore_path || Path.join(config.data_dir, "keystore.kuma")),
+      # System.monotonic_time/1 in ms when the store opened (uptime, Kuma.Metrics).
+      started_at: System.monotonic_time(:millisecond),
       # Cluster mode: where each shard's leader is (Kuma.Cluster.Route).
       cluster: cluster && %{cluster | routes: :ets.new(:kuma_routes, [:set, :public, read_concurrency: true])}
     }

@@ -57,6 +57,9 @@ pub enum Error {
     Replicated,
     /// Cluster mode: the data dir or keystore belongs to another cluster (`why` says how).
     ClusterMismatch { why: String },
+    /// A backup segment failed a check: `file` is the segment, `frame` the first bad frame
+    /// (0 is the header), `why` what is wrong. Nothing was restored.
+    BackupDamaged { file: String, frame: u64, why: String },
 }
 
 impl Error {
@@ -126,6 +129,7 @@ impl fmt::Display for Error {
             }
             Error::Replicated => write!(f, "this store is a replica: writes go through the shard's leader"),
             Error::ClusterMismatch { why } => write!(f, "belongs to another cluster: {why}"),
+            Error::BackupDamaged { file, frame, why } => write!(f, "backup damaged: {file}, frame {frame}: {why}"),
         }
     }
 }

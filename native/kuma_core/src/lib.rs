@@ -13,6 +13,7 @@
 //! directory is described by its [`manifest`]. In cluster mode a shard's writes are
 //! prepared by its leader and applied by every replica ([`replica`]).
 
+pub mod backup;
 pub mod chain;
 pub mod cipher;
 pub mod clock;

@@ -36,4 +36,5 @@ rustler::atoms! {
     conflict,
     replicated,
     cluster_mismatch,
+    backup_damaged,
 }

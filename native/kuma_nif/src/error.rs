@@ -77,6 +77,9 @@ impl Encoder for Reason {
             Error::Conflict { head_seq } => (atoms::conflict(), *head_seq).encode(env),
             Error::Replicated => atoms::replicated().encode(env),
             Error::ClusterMismatch { why } => (atoms::cluster_mismatch(), why.as_str()).encode(env),
+            Error::BackupDamaged { file, frame, why } => {
+                (atoms::backup_damaged(), file.as_str(), *frame, why.as_str()).encode(env)
+            }
         }
     }
 }

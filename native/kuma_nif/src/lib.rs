@@ -7,6 +7,7 @@
 //! - `read`: one entity's events, head and snapshots, queries across a shard, chain checks;
 //! - `keys`: sensitive values and master key rotation;
 //! - `sqldb`: read-model databases;
+//! - `backup`: copying the store's files into backup segments and reading them back;
 //! - `cluster`: preparing writes on a shard's leader, applying replicated ones everywhere;
 //! - `term`, `error`, `atoms`: the shapes that cross the boundary, errors, atoms.
 //!
@@ -16,6 +17,7 @@
 //! runs inside `error::guard`, so a Rust panic becomes `{:error, {:panic, message}}`.
 
 mod atoms;
+mod backup;
 mod cluster;
 mod error;
 mod keys;
