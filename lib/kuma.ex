@@ -78,6 +78,11 @@ defmodule Kuma do
     not reach, and their rows stay out of old copies (see `Kuma.ReadModel`, "Files and
     backups")
 
+  * `:http` - serve Prometheus metrics (`/metrics`) and a live monitor page (`/`):
+    `[port: 9568]` (`ip:` defaults to `{127, 0, 0, 1}`; port 0 picks a free one, and
+    `info/1` gives the URL). Off by default; see `Kuma.HTTP` and `Kuma.Metrics`. A port in
+    use is `{:error, {:http, address, :eaddrinuse}}`
+
   * `:cluster` - run the store on several nodes, each shard replicated by Raft:
     `[seeds: [node, ...], replicas: 3]`, the same on every node (see `Kuma.Cluster`).
     Without it (the default) the store runs on this node only and nothing of Raft starts

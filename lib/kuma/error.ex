@@ -26,6 +26,8 @@ defmodule Kuma.Error do
   * `{:missing_shard, path}` - a shard file is missing (Kuma never silently recreates one)
   * `{:unsupported_format, found, supported}` - written by a newer Kuma
   * `{:storage, context, message}` - SQLite or the file system failed
+  * `{:http, address, posix_reason}` - the `:http` endpoint could not listen (`:eaddrinuse`:
+    the port is taken); the store did not start
   * `{:panic, message}` - a bug in Kuma's Rust code was caught; the VM is unaffected
   * `:timeout` - no answer within `:timeout`; the write may still commit
 
@@ -177,6 +179,11 @@ defmodule Kuma.Error do
 
   def format({:forget_unconfirmed, pids}),
     do: "erased, but #{length(pids)} forget listener(s) did not confirm; call delete again to retry"
+
+  def format({:http, address, :eaddrinuse}),
+    do: "cannot serve HTTP on #{address}: the port is in use (pick another http: [port: ...])"
+
+  def format({:http, address, why}), do: "cannot serve HTTP on #{address}: #{:inet.format_error(why)}"
 
   def format({:backup_dir_not_empty, dir}), do: "#{dir} is not empty: a backup goes into a new or empty directory"
 

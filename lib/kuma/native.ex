@@ -78,6 +78,7 @@ defmodule Kuma.Native do
   def store_info(_store), do: nif_missing()
   def store_shard_for(_store, _entity_id), do: nif_missing()
   def store_stats(_store), do: nif_missing()
+  def store_load(_store), do: nif_missing()
 
   # backups: segments of the store's files (backup.rs); all on dirty IO schedulers
   def backup_database(_src, _tmp, _segment, _label, _store_id, _mode, _shard?), do: nif_missing()

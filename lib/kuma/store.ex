@@ -116,7 +116,8 @@ defmodule Kuma.Store do
       shards: s.shards,
       sync: s.sync,
       encrypted: s.encrypted,
-      writers: Kuma.Native.store_stats(s.native)
+      writers: Kuma.Native.store_stats(s.native),
+      http: Kuma.HTTP.url(s.name)
     }
   end
 end

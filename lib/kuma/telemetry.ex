@@ -19,6 +19,7 @@ defmodule Kuma.Telemetry do
   | `[:kuma, :execute, :stop]` | `duration`, `events`, `writes` (commands taken together) | `store`, `aggregate`, `entity_id` |
   | `[:kuma, :load, :stop]` | `duration`, `replayed` (events folded) | `store`, `aggregate`, `entity_id`, `snapshot_seq` |
   | `[:kuma, :erase, :stop]` | `duration`, `events` (deleted) | `store` |
+  | `[:kuma, :entity, :passivate]` | (none) | `store`, `aggregate` |
   | `[:kuma, :projection, :batch]` | `duration`, `events`, `lag` (positions behind, all shards) | `store`, `name`, `shard`, `kind` |
 
   `duration` is in native time units (`System.convert_time_unit/3`); `entity_id` is the

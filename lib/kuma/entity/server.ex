@@ -114,6 +114,7 @@ defmodule Kuma.Entity.Server do
     with {:ok, s} <- Store.lookup(st.store_name),
          [{_, pid, _, _, _, epoch}] when pid == self() <- :ets.lookup(s.entities, st.id),
          true <- threshold == :infinity or epoch < threshold do
+      Kuma.Telemetry.execute([:kuma, :entity, :passivate], %{}, %{store: st.store_name, aggregate: st.aggregate})
       {:stop, {:shutdown, :passivated}, st}
     else
       _ -> {:noreply, st}

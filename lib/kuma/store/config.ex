@@ -25,6 +25,7 @@ defmodule Kuma.Store.Config do
     projections_dir: nil,
     projections: [],
     file_mode: 0o600,
+    http: nil,
     cluster: nil
   }
   @known Map.keys(@defaults) ++ [:data_dir]
@@ -53,6 +54,7 @@ defmodule Kuma.Store.Config do
          store = %{name: config.name, data_dir: data_dir, projections_dir: projections_dir, file_mode: config.file_mode},
          {:ok, specs} <- Kuma.Projection.Spec.configured(config.projections, store),
          {:ok, cluster} <- Kuma.Cluster.validate(config.cluster, config.name),
+         {:ok, http} <- Kuma.HTTP.options(config.http),
          {:ok, master_key} <- master_key(config) do
       aggregates = Enum.uniq([Kuma.Aggregate.Latest | config.aggregates])
       keystore = config.keystore_path && Path.expand(to_string(config.keystore_path))
@@ -65,6 +67,7 @@ defmodule Kuma.Store.Config do
          aggregates: aggregates,
          master_key: master_key,
          keystore_path: keystore,
+         http: http,
          cluster: cluster
        })
        |> Map.put(:projection_specs, specs)}

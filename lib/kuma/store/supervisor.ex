@@ -107,7 +107,7 @@ defmodule Kuma.Store.Supervisor do
           {PartitionSupervisor, child_spec: DynamicSupervisor, name: Store.via(config.name, :entities)},
           {Kuma.Entity.Reaper, config.name},
           {Kuma.Projection.Supervisor, config}
-        ]
+        ] ++ if(config.http, do: [{Kuma.HTTP, config}], else: [])
 
     Supervisor.init(children, strategy: :rest_for_one, max_restarts: 3, max_seconds: 5)
   end

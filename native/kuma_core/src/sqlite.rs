@@ -77,6 +77,13 @@ pub(crate) fn set_sync(conn: &Connection, sync: SyncMode) -> Result<()> {
     conn.pragma_update(None, "synchronous", sync.pragma()).map_err(Error::storage("set synchronous"))
 }
 
+/// Bytes SQLite has allocated in this OS process (page caches, statements), for every
+/// store and read model together.
+pub fn sqlite_memory_used() -> u64 {
+    // SAFETY: sqlite3_memory_used reads a counter under SQLite's own mutex; no arguments.
+    unsafe { rusqlite::ffi::sqlite3_memory_used() }.max(0) as u64
+}
+
 /// Opens a writing connection; `create: Some(mode)` creates the file with `mode` first if
 /// it does not exist.
 pub(crate) fn open_writer(path: &Path, create: Option<u32>, context: &'static str) -> Result<Connection> {

@@ -956,6 +956,17 @@ impl Store {
         self.with_reader(shard, |c, h| verify::verify_shard(c, h, max_problems, &resolve))
     }
 
+    /// Commands queued for each writer thread, and the thread that serves each shard.
+    pub fn queue_depths(&self) -> (Vec<usize>, Vec<usize>) {
+        (self.writers.queue_depths(), self.writers.thread_of_shards())
+    }
+
+    /// Bytes the store holds in memory outside the BEAM: the live tails of its shards.
+    /// (SQLite's own allocations are process-wide: `sqlite_memory_used`.)
+    pub fn tail_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.tail.span().2 as u64).sum()
+    }
+
     /// Per-shard writer statistics.
     pub fn stats(&self) -> Vec<WriterStats> {
         self.shards.iter().map(|s| *s.stats.lock().unwrap_or_else(|p| p.into_inner())).collect()

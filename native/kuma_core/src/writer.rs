@@ -540,6 +540,17 @@ impl Writers {
         Ok(())
     }
 
+    /// Commands queued for each writer thread and not yet taken (empty once stopped).
+    pub fn queue_depths(&self) -> Vec<usize> {
+        let guard = self.senders.read().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map(|senders| senders.iter().map(|tx| tx.len()).collect()).unwrap_or_default()
+    }
+
+    /// The writer thread that serves each shard.
+    pub fn thread_of_shards(&self) -> Vec<usize> {
+        self.routes.iter().map(|(thread, _)| *thread).collect()
+    }
+
     /// Stops accepting commands, lets every writer commit what is queued and checkpoint,
     /// and waits for the threads. Returns whether one of them had panicked. Idempotent.
     pub fn stop(&self) -> bool {

@@ -105,6 +105,28 @@ fn store_stats(store: ResourceArc<StoreResource>) -> Vec<StatsTerm> {
         .collect()
 }
 
+/// `%{queues, shard_threads, tail_bytes, sqlite_bytes}`: commands waiting for each writer
+/// thread, the thread of each shard, and the bytes held natively (for Kuma.Metrics).
+#[derive(NifMap)]
+#[rustler(encode)]
+struct LoadTerm {
+    queues: Vec<usize>,
+    shard_threads: Vec<usize>,
+    tail_bytes: u64,
+    sqlite_bytes: u64,
+}
+
+#[rustler::nif]
+fn store_load(store: ResourceArc<StoreResource>) -> LoadTerm {
+    let (queues, shard_threads) = store.store.queue_depths();
+    LoadTerm {
+        queues,
+        shard_threads,
+        tail_bytes: store.store.tail_bytes(),
+        sqlite_bytes: kuma_core::sqlite::sqlite_memory_used(),
+    }
+}
+
 /// After each batch of commits the store-wide order recorded, `pid` receives
 /// `{:kuma_order, watermark}` (from the sequencer thread). `nil` stops it.
 #[rustler::nif]
