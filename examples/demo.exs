@@ -5,6 +5,11 @@
 #
 #     mix run examples/demo.exs
 #     mix run examples/demo.exs --data-dir /tmp/kuma-demo --shards 4
+#     mix run examples/demo.exs --serve          # keeps the store and its monitor up
+#
+# While it runs, the store serves its live monitor and Prometheus metrics on
+# http://127.0.0.1:9568/ (--port P; another free port if that one is taken); with --serve
+# it stays up, writing a gentle stream of sensor readings, until Ctrl-C.
 #
 # The store is encrypted. Its master key comes from KUMA_MASTER_KEY if set; otherwise the
 # demo creates one in ~/.config/kuma/demo-master.key (mode 0600), outside the data dir,
@@ -13,14 +18,16 @@
 
 defmodule Kuma.Examples.Demo do
   def main(args) do
-    {opts, _, _} = OptionParser.parse(args, strict: [data_dir: :string, shards: :integer])
-    run(Path.expand(Keyword.get(opts, :data_dir, "data")), Keyword.get(opts, :shards, 16))
+    {opts, _, _} = OptionParser.parse(args, strict: [data_dir: :string, shards: :integer, serve: :boolean, port: :integer])
+    run(Path.expand(Keyword.get(opts, :data_dir, "data")), Keyword.get(opts, :shards, 16), opts)
   end
 
-  def run(data_dir, shards) do
+  def run(data_dir, shards, opts \\ []) do
     say("Kuma demo: data dir #{data_dir}, #{shards} shards")
 
-    {:ok, store} = start(data_dir, shards)
+    {:ok, store} = start(data_dir, shards, Keyword.get(opts, :port, 9568))
+    {:ok, %{http: monitor}} = Kuma.info(store)
+    say("Live monitor: #{monitor} (Prometheus metrics: #{monitor}metrics)")
 
     accounts = ["alice", "bob", "carol"]
 
@@ -59,12 +66,46 @@ defmodule Kuma.Examples.Demo do
 
     {:ok, summary} = Kuma.verify_store(store)
     say("Whole store verified: #{summary.events} events of #{summary.entities} entities in #{summary.shards} shards")
-    :ok = Kuma.stop(store)
-    say("Stopped. Run it again: the streams continue where they ended.")
+    backup(store, data_dir)
+
+    if opts[:serve] do
+      serve(store, monitor)
+    else
+      :ok = Kuma.stop(store)
+      say("Stopped. Run it again: the streams continue where they ended (bin/demo --serve keeps the monitor up).")
+    end
   end
 
-  defp start(data_dir, shards) do
-    opts = [name: :kuma_demo, data_dir: data_dir, shards: shards]
+  # An online backup, restored and verified beside the data dir, then removed.
+  defp backup(store, data_dir) do
+    dir = Path.join(System.tmp_dir!(), "kuma-demo-#{System.unique_integer([:positive])}")
+    {:ok, b} = Kuma.backup(store, Path.join(dir, "backup"), keystore: true)
+
+    say(
+      "Online backup: #{Float.round(b.bytes / 1_048_576, 1)} MiB in #{b.segments} CRC32-framed segments " <>
+        "in #{round(b.seconds * 1000)} ms (writes could go on meanwhile)"
+    )
+
+    opts = if key = System.get_env("KUMA_MASTER_KEY"), do: [master_key: key], else: [master_key_file: demo_key_file()]
+    {:ok, r} = Kuma.restore(Path.join(dir, "backup"), Path.join(dir, "restored"), opts)
+    say("  restored to a new data dir and verified: #{r.events} events of #{r.entities} entities (#{Path.basename(data_dir)} untouched)")
+    File.rm_rf!(dir)
+  end
+
+  # Keeps the store up with a gentle load until the VM is stopped (Ctrl-C).
+  defp serve(store, monitor) do
+    say("Serving the monitor at #{monitor}: writing about 500 sensor readings a second; Ctrl-C to stop.")
+
+    Stream.iterate(0, &(&1 + 1))
+    |> Enum.each(fn i ->
+      entries = for s <- 1..10, do: {"sensor-#{rem(i * 10 + s, 200)}", [{:reading, %{value: rem(i, 100)}}]}
+      {:ok, _} = Kuma.append_batch(store, entries)
+      Process.sleep(20)
+    end)
+  end
+
+  defp start(data_dir, shards, port) do
+    opts = [name: :kuma_demo, data_dir: data_dir, shards: shards, http: [port: port]]
 
     opts =
       if System.get_env("KUMA_MASTER_KEY") in [nil, ""] do
@@ -79,6 +120,10 @@ defmodule Kuma.Examples.Demo do
     case Kuma.start(opts) do
       {:ok, store} ->
         {:ok, store}
+
+      {:error, {:http, address, :eaddrinuse}} ->
+        say("  #{address} is taken: serving the monitor on another free port")
+        Kuma.start(Keyword.put(opts, :http, port: 0))
 
       {:error, {:encryption_mismatch, :store_is_plain}} ->
         say("  #{data_dir} was created without encryption (by an older demo): opening it as it is")

@@ -499,14 +499,15 @@ defmodule Kuma.Backup do
     end
   end
 
-  # A fresh directory beside `dir` (same file system, so it can be renamed into place).
+  # A fresh directory beside `dir` (same file system, so it can be renamed into place); the
+  # parents of `dir` are created if missing.
   defp temp_dir(dir, kind, mode) do
     parent = Path.dirname(dir)
 
     tmp =
       Path.join(parent, ".#{Path.basename(dir)}.#{kind}-#{Base.encode16(:crypto.strong_rand_bytes(4), case: :lower)}")
 
-    with :ok <- File.mkdir(tmp), :ok <- File.chmod(tmp, dir_mode(mode)) do
+    with :ok <- File.mkdir_p(parent), :ok <- File.mkdir(tmp), :ok <- File.chmod(tmp, dir_mode(mode)) do
       {:ok, tmp}
     else
       {:error, why} -> {:error, {:backup_dir, parent, why}}

@@ -86,7 +86,22 @@ defmodule Kuma.EventLog do
       end)
 
     write = if dirty?(count, bytes), do: &Native.write_batch_dirty/3, else: &Native.write_batch/3
-    call(fn ref -> write.(s.native, ref, raw) end, timeout)
+
+    # [:kuma, :append_batch, :stop] (Kuma.Telemetry): what of the batch committed.
+    Kuma.Telemetry.span([:kuma, :append_batch], fn -> call(fn ref -> write.(s.native, ref, raw) end, timeout) end, fn
+      {:ok, results} ->
+        {ok, events, bytes} =
+          Enum.zip(results, entries)
+          |> Enum.reduce({0, 0, 0}, fn
+            {{:ok, _}, {_, _, %{encoded: e, bytes: b}}}, {n, v, size} -> {n + 1, v + length(e), size + b}
+            {_failed, _}, acc -> acc
+          end)
+
+        {%{entries: ok, failed: length(results) - ok, events: events, bytes: bytes}, %{store: s.name}}
+
+      _ ->
+        nil
+    end)
   end
 
   # Cluster mode: each entry is {entity_id, expected, encoded, command_id}, of shards this

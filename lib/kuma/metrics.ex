@@ -10,11 +10,11 @@ defmodule Kuma.Metrics do
   | --- | --- | --- | --- |
   | `kuma_info` | gauge (1) | `store`, `store_id`, `mode` | the store (`mode`: `single` or `cluster`) |
   | `kuma_uptime_seconds` | gauge | `store` | since the store opened |
-  | `kuma_appends_total` | counter | `store` | appends committed (a pipelined batch of an entity counts once) |
+  | `kuma_appends_total` | counter | `store` | appends committed (a pipelined batch of an entity counts once; each entry of `Kuma.append_batch/3` once) |
   | `kuma_append_errors_total` | counter | `store` | appends refused or failed |
   | `kuma_events_appended_total` | counter | `store` | events committed |
   | `kuma_bytes_appended_total` | counter | `store` | encoded event bytes committed |
-  | `kuma_append_duration_seconds` | histogram | `store` | from the call to the commit's answer |
+  | `kuma_append_duration_seconds` | histogram | `store` | from the call to the commit's answer (an `append_batch/3` is one observation) |
   | `kuma_executes_total` | counter | `store` | commands decided by aggregates |
   | `kuma_entity_loads_total` | counter | `store` | entity processes started from storage |
   | `kuma_entity_passivations_total` | counter | `store` | idle entities stopped |
@@ -57,6 +57,7 @@ defmodule Kuma.Metrics do
   @events [
     [:kuma, :append, :stop],
     [:kuma, :append, :exception],
+    [:kuma, :append_batch, :stop],
     [:kuma, :execute, :stop],
     [:kuma, :load, :stop],
     [:kuma, :erase, :stop],
@@ -106,6 +107,19 @@ defmodule Kuma.Metrics do
   end
 
   defp count([:kuma, :append, :exception], _m, _meta, c, _p), do: :counters.add(c, @slot.append_errors, 1)
+
+  # A batch over many entities: each committed entry is an append; the batch's latency is
+  # one observation.
+  defp count([:kuma, :append_batch, :stop], m, _meta, c, _p) do
+    us = System.convert_time_unit(m.duration, :native, :microsecond)
+    :counters.add(c, @slot.appends, m.entries)
+    :counters.add(c, @slot.append_errors, m.failed)
+    :counters.add(c, @slot.events, m.events)
+    :counters.add(c, @slot.bytes, m.bytes)
+    :counters.add(c, @slot.duration_sum_us, us)
+    :counters.add(c, @first_bucket + bucket(us, @buckets_us, 0), 1)
+  end
+
   defp count([:kuma, :execute, :stop], m, _meta, c, _p), do: :counters.add(c, @slot.executes, m.writes)
   defp count([:kuma, :load, :stop], _m, _meta, c, _p), do: :counters.add(c, @slot.loads, 1)
   defp count([:kuma, :erase, :stop], _m, _meta, c, _p), do: :counters.add(c, @slot.erasures, 1)

@@ -16,6 +16,7 @@ defmodule Kuma.Telemetry do
   | --- | --- | --- |
   | `[:kuma, :append, :stop]` | `duration`, `events`, `bytes` | `store`, `shard`, `entity_id` |
   | `[:kuma, :append, :exception]` | `duration` | `store`, `entity_id`, `reason` |
+  | `[:kuma, :append_batch, :stop]` | `duration`, `entries` (committed), `failed`, `events`, `bytes` | `store` |
   | `[:kuma, :execute, :stop]` | `duration`, `events`, `writes` (commands taken together) | `store`, `aggregate`, `entity_id` |
   | `[:kuma, :load, :stop]` | `duration`, `replayed` (events folded) | `store`, `aggregate`, `entity_id`, `snapshot_seq` |
   | `[:kuma, :erase, :stop]` | `duration`, `events` (deleted) | `store` |

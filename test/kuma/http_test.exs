@@ -104,10 +104,16 @@ defmodule Kuma.HTTPTest do
 
   test "the monitor's JSON, and paths and methods it does not serve", %{store: store} do
     {:ok, 3} = Kuma.append(store, "j", [1, 2, 3])
+
+    {:error, {:partial, _}} =
+      Kuma.append_batch(store, [{"b1", [:x, :y]}, {"b2", [:z]}, {"j", [:stale], expected_seq: 0}])
+
     {200, headers, body} = get(url(store) <> "stats.json")
     assert "content-type: application/json" in headers
     stats = Kuma.JSONTestParser.parse!(body)
-    assert stats["totals"]["events"] == 3
+    assert stats["totals"]["events"] == 6
+    assert stats["totals"]["appends"] == 3
+    assert stats["totals"]["append_errors"] == 1
     assert length(stats["shards"]) == 2
     assert stats["mode"] == "single"
 

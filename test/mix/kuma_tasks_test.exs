@@ -96,6 +96,46 @@ defmodule Mix.Tasks.KumaTest do
     assert doc =~ "Exit codes"
   end
 
+  test "kuma.backup then kuma.restore: progress, a verified copy, exit 0; damage exits 1, nothing written",
+       %{dir: dir, name: name} do
+    backup = dir <> "-backup"
+    target = dir <> "-restored"
+    on_exit(fn -> File.rm_rf!(backup) && File.rm_rf!(target) end)
+
+    {:ok, lines} = ok(task("kuma.backup", [backup, "--keystore", "--data-dir", dir]))
+    assert Enum.any?(lines, &(&1 =~ ~r"^\d+/\d+ shard-003.seg: "))
+    assert List.last(lines) =~ ~r"^ok: .* in \d+ segments \(4 shards, with the keystore\)"
+
+    # A damaged copy of the backup: exit 1, the frame named, no data dir.
+    damaged = dir <> "-damaged"
+    File.cp_r!(backup, damaged)
+    seg = Path.join(damaged, "shard-002.seg")
+    File.write!(seg, binary_part(File.read!(seg), 0, 40))
+    assert {{:exit, 1}, lines} = task("kuma.restore", [damaged, target])
+    assert List.last(lines) =~ "shard-002.seg, frame"
+    refute File.exists?(target)
+    File.rm_rf!(damaged)
+
+    {:ok, lines} = ok(task("kuma.restore", [backup, target]))
+    assert Enum.any?(lines, &(&1 == "check 1/7 KUMA.seg"))
+    assert Enum.any?(lines, &(&1 =~ "verify 4/4"))
+
+    assert List.last(lines) =~
+             "ok: 20 events of 5 entities in 4 shards, every chain verified, with the backup's keystore"
+
+    {:ok, store} = Kuma.start(name: name, data_dir: target, shards: 4)
+    assert {:ok, %{seq: 4}} = Kuma.head(store, "acct-1")
+    Kuma.stop(store)
+
+    # Over a data dir that holds a store: exit 2, nothing touched.
+    assert {{:exit, 2}, [line]} = task("kuma.restore", [backup, target])
+    assert line =~ "not empty"
+    assert {{:exit, 2}, [line]} = task("kuma.restore", [backup])
+    assert line =~ "BACKUP_DIR and DATA_DIR"
+    assert {{:exit, 2}, [line]} = task("kuma.backup", [backup, "--data-dir", dir])
+    assert line =~ "not empty"
+  end
+
   defp ok({:ok, lines}), do: {:ok, lines}
   defp ok({other, lines}), do: flunk("task ended with #{inspect(other)}: #{Enum.join(lines, "\n")}")
 

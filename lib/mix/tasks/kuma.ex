@@ -2,19 +2,21 @@ defmodule Mix.Tasks.Kuma do
   @shortdoc "Lists Kuma's mix tasks"
   @moduledoc """
   Kuma's command-line tasks, for people who run a store: `mix kuma.verify`, `mix
-  kuma.stats`, `mix kuma.export ID`, `mix kuma.erase ID`. Each takes `--data-dir DIR`
-  (default `data`, the demo's), opens the store there (the shard count and encryption
-  are read from the store's manifest; an encrypted store's master key comes from
-  `KUMA_MASTER_KEY` or `--master-key-file FILE`), and has `--help`.
+  kuma.stats`, `mix kuma.export ID`, `mix kuma.erase ID`, `mix kuma.backup DIR` and `mix
+  kuma.restore BACKUP_DIR DATA_DIR`. Each but the last takes `--data-dir DIR` (default
+  `data`, the demo's) and opens the store there (the shard count and encryption are read
+  from the store's manifest); an encrypted store's master key comes from
+  `KUMA_MASTER_KEY` or `--master-key-file FILE`. Each has `--help`.
 
-  Exit codes a script can use: 0 done; 1 the check found a problem (`kuma.verify`) or the
-  answer was no (`kuma.erase`); 2 bad arguments, or the store could not be opened.
+  Exit codes a script can use: 0 done; 1 the check found a problem (`kuma.verify`,
+  `kuma.restore` of a damaged backup) or the answer was no (`kuma.erase`); 2 bad
+  arguments, or the store could not be opened.
   """
   use Mix.Task
 
   @impl true
   def run(_args) do
-    for task <- ["kuma.verify", "kuma.stats", "kuma.export", "kuma.erase"] do
+    for task <- ["kuma.verify", "kuma.stats", "kuma.export", "kuma.erase", "kuma.backup", "kuma.restore"] do
       Mix.shell().info("mix #{task}\t# #{Mix.Task.shortdoc(Mix.Task.get!(task))}")
     end
   end
@@ -84,8 +86,18 @@ defmodule Mix.Tasks.Kuma do
 
   @doc false
   # The one entity id a task takes.
-  def single_id([id]), do: id
-  def single_id(_), do: fail("give exactly one entity id (see --help)")
+  def single_id(rest), do: single_arg(rest, "give exactly one entity id (see --help)")
+
+  @doc false
+  # The one argument a task takes, or `fail(complaint)`.
+  def single_arg([arg], _complaint), do: arg
+  def single_arg(_, complaint), do: fail(complaint)
+
+  @doc false
+  # A byte count for people.
+  def size(bytes) when bytes >= 1_048_576, do: "#{Float.round(bytes / 1_048_576, 1)} MiB"
+  def size(bytes) when bytes >= 1024, do: "#{Float.round(bytes / 1024, 1)} KiB"
+  def size(bytes), do: "#{bytes} B"
 
   @doc false
   # Prints `message` to stderr and ends the task with `code` (2 by default).
