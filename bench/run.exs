@@ -26,6 +26,7 @@ defmodule Kuma.Bench do
     {"PROJ", Kuma.Bench.Proj, "projections under W1 load, subscriber, catch-up replay"},
     {"SUBS", Kuma.Bench.Subs, "single-event appends with 0, 100 and 1,000 idle per-entity subscriptions"},
     {"MEM", Kuma.Bench.Memory, "memory per idle live entity"},
+    {"OPS", Kuma.Bench.Ops, "W1 with /metrics scraped and telemetry attached vs none; backup MB/s under W1"},
     {"PG", Kuma.Bench.Postgres, "W1 and W2 shapes against PostgreSQL, same machine, same run"},
     {"REDIS", Kuma.Bench.Redis, "W1 and W2 shapes against Redis streams (AOF), same machine, same run"},
     {"NIF", Kuma.Bench.NifCost, "scheduler time of an append NIF call"},

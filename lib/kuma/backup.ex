@@ -85,7 +85,7 @@ defmodule Kuma.Backup do
               entry
             end)
 
-          seconds = System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1.0e6
+          seconds = seconds_since(t0)
           write_manifest(s, tmp, entries, seconds)
           replace_dir(tmp, dir, :backup_failed)
           {:ok, report(dir, entries, seconds)}
@@ -135,15 +135,19 @@ defmodule Kuma.Backup do
       dir: dir,
       bytes: entries |> Enum.map(& &1.bytes) |> Enum.sum(),
       segments: length(entries),
-      shards:
-        for(
-          %{summary: %{} = sum, label: "shard-" <> i} <- entries,
-          do: Map.put(Map.delete(sum, :heads), :shard, String.to_integer(i))
-        ),
+      shards: shard_reports(entries),
       keystore: Enum.any?(entries, &(&1.label == "keystore")),
       seconds: seconds
     }
   end
+
+  # Per shard: its position, entities and events (what the manifest records, less the heads).
+  defp shard_reports(segments) do
+    for %{summary: %{} = sum, label: "shard-" <> i} <- segments,
+        do: sum |> Map.delete(:heads) |> Map.put(:shard, String.to_integer(i))
+  end
+
+  defp seconds_since(t0), do: System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1.0e6
 
   defp write_manifest(s, tmp, entries, seconds) do
     lines =
@@ -203,17 +207,13 @@ defmodule Kuma.Backup do
           check_heads(tmp, manifest)
           verified = verify(tmp, manifest, opts, progress)
           replace_dir(tmp, data_dir, :restore_failed)
-          seconds = System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1.0e6
+          seconds = seconds_since(t0)
 
           {:ok,
            %{
              dir: data_dir,
              bytes: manifest.segments |> Enum.map(& &1.bytes) |> Enum.sum(),
-             shards:
-               for(
-                 %{summary: %{} = sum, label: "shard-" <> i} <- manifest.segments,
-                 do: Map.put(Map.delete(sum, :heads), :shard, String.to_integer(i))
-               ),
+             shards: shard_reports(manifest.segments),
              keystore: restored_keystore(manifest, opts),
              events: verified.events,
              entities: verified.entities,

@@ -97,29 +97,12 @@ defmodule Kuma.Metrics do
 
   def handle(_event, _measurements, _metadata, _config), do: :ok
 
-  defp count([:kuma, :append, :stop], m, _meta, c, _p) do
-    us = System.convert_time_unit(m.duration, :native, :microsecond)
-    :counters.add(c, @slot.appends, 1)
-    :counters.add(c, @slot.events, m.events)
-    :counters.add(c, @slot.bytes, m.bytes)
-    :counters.add(c, @slot.duration_sum_us, us)
-    :counters.add(c, @first_bucket + bucket(us, @buckets_us, 0), 1)
-  end
-
+  defp count([:kuma, :append, :stop], m, _meta, c, _p), do: appended(c, 1, 0, m)
   defp count([:kuma, :append, :exception], _m, _meta, c, _p), do: :counters.add(c, @slot.append_errors, 1)
 
   # A batch over many entities: each committed entry is an append; the batch's latency is
   # one observation.
-  defp count([:kuma, :append_batch, :stop], m, _meta, c, _p) do
-    us = System.convert_time_unit(m.duration, :native, :microsecond)
-    :counters.add(c, @slot.appends, m.entries)
-    :counters.add(c, @slot.append_errors, m.failed)
-    :counters.add(c, @slot.events, m.events)
-    :counters.add(c, @slot.bytes, m.bytes)
-    :counters.add(c, @slot.duration_sum_us, us)
-    :counters.add(c, @first_bucket + bucket(us, @buckets_us, 0), 1)
-  end
-
+  defp count([:kuma, :append_batch, :stop], m, _meta, c, _p), do: appended(c, m.entries, m.failed, m)
   defp count([:kuma, :execute, :stop], m, _meta, c, _p), do: :counters.add(c, @slot.executes, m.writes)
   defp count([:kuma, :load, :stop], _m, _meta, c, _p), do: :counters.add(c, @slot.loads, 1)
   defp count([:kuma, :erase, :stop], _m, _meta, c, _p), do: :counters.add(c, @slot.erasures, 1)
@@ -128,6 +111,16 @@ defmodule Kuma.Metrics do
   defp count([:kuma, :projection, :batch], m, meta, _c, p) do
     :ets.update_counter(p, meta.name, {2, m.events}, {meta.name, 0})
     :ok
+  end
+
+  defp appended(c, appends, failed, m) do
+    us = System.convert_time_unit(m.duration, :native, :microsecond)
+    :counters.add(c, @slot.appends, appends)
+    :counters.add(c, @slot.append_errors, failed)
+    :counters.add(c, @slot.events, m.events)
+    :counters.add(c, @slot.bytes, m.bytes)
+    :counters.add(c, @slot.duration_sum_us, us)
+    :counters.add(c, @first_bucket + bucket(us, @buckets_us, 0), 1)
   end
 
   defp bucket(_us, [], i), do: i
