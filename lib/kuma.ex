@@ -265,11 +265,22 @@ defmodule Kuma do
   `{:wrong_expected_seq, expected, actual}` (with `expected_seq:`),
   `{:user_code_crashed, :handle | :apply, message}` and the storage errors of `append/4`.
 
-  Options: `:expected_seq`, `:metadata`, `:timeout` (default 30,000 ms).
+  Options: `:expected_seq`, `:metadata`, `:timeout` (default 30,000 ms), and for an
+  idempotent command `:command_id` and `:since_seq` (see `Kuma.Entity.execute/3`: a
+  command whose id is already among the entity's events after `since_seq` is not run
+  again; single node).
   """
   @spec execute(Kuma.Entity.t(), term(), keyword()) ::
           {:ok, non_neg_integer()} | {:ok, non_neg_integer(), Kuma.Position.t()} | {:error, reason()}
   defdelegate execute(entity, command, opts \\ []), to: Kuma.Entity
+
+  @doc """
+  Whether the idempotent command `command_id` was applied to the entity after
+  `since_seq:` (default 0): `{:ok, boolean}`, answered after every write queued before
+  the question (see `Kuma.Entity.applied?/3`).
+  """
+  @spec applied?(Kuma.Entity.t(), binary(), keyword()) :: {:ok, boolean()} | {:error, reason()}
+  defdelegate applied?(entity, command_id, opts \\ []), to: Kuma.Entity
 
   @doc "The entity's current state, served from memory; raises `Kuma.Error` if it cannot be loaded."
   @spec read(Kuma.Entity.t()) :: term()

@@ -20,6 +20,23 @@ defmodule Kuma.ExamplesTest do
     assert second =~ "appended 2 events to alice", "the second run continues alice's stream"
   end
 
+  test "examples/bank/transfers.exs runs its transfers concurrently and keeps the total" do
+    dir = Path.join(System.tmp_dir!(), "kuma_bank_#{System.pid()}_#{System.unique_integer([:positive])}")
+    on_exit(fn -> File.rm_rf!(dir) end)
+
+    {out, status} =
+      System.cmd("mix", ["run", "examples/bank/transfers.exs", "--data-dir", dir, "--transfers", "100"],
+        cd: @root,
+        stderr_to_stdout: true,
+        env: [{"MIX_ENV", "test"}]
+      )
+
+    assert status == 0, out
+    assert out =~ ~r/100 transfers in \d+ ms: %\{.*completed: \d+/
+    assert out =~ "(unchanged)"
+    assert out =~ "saga_ended"
+  end
+
   defp run_demo(dir) do
     {out, status} =
       System.cmd("mix", ["run", "examples/demo.exs", "--data-dir", dir, "--shards", "4"],

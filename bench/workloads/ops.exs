@@ -36,7 +36,10 @@ defmodule Kuma.Bench.Ops do
     backup = backup_under_load(p)
 
     IO.puts("\nOPS results")
-    IO.puts(String.pad_trailing("W1 ev/s", 28) <> Table.pad("plain") <> Table.pad("http+telemetry") <> Table.pad("cost"))
+
+    IO.puts(
+      String.pad_trailing("W1 ev/s", 28) <> Table.pad("plain") <> Table.pad("http+telemetry") <> Table.pad("cost")
+    )
 
     IO.puts(
       String.pad_trailing("median of #{rounds}", 28) <>
@@ -71,7 +74,14 @@ defmodule Kuma.Bench.Ops do
     Stores.with_store(opts, fn store ->
       stop =
         if on do
-          :ok = Kuma.Telemetry.attach({__MODULE__, store}, [[:kuma, :append, :stop]], fn _, m, _, c -> :counters.add(c, 1, m.events) end, :counters.new(1, []))
+          :ok =
+            Kuma.Telemetry.attach(
+              {__MODULE__, store},
+              [[:kuma, :append, :stop]],
+              fn _, m, _, c -> :counters.add(c, 1, m.events) end,
+              :counters.new(1, [])
+            )
+
           scraper(Kuma.HTTP.url(store))
         end
 

@@ -105,12 +105,23 @@ defmodule Kuma.Entity do
     end
   end
 
-  @doc "Runs a command through the aggregate's `handle/2` and appends its events."
+  @doc """
+  Runs a command through the aggregate's `handle/2` and appends its events.
+
+  An idempotent command carries `command_id:` (a binary, unique per command) and
+  `since_seq:` (the entity's seq when the command was first prepared, 0 by default): if an
+  event of this entity after `since_seq` already carries the id, the command is not run
+  again and `{:ok, seq}` answers the entity's current seq. The id is stored in the
+  metadata of the command's events (`:command_id`). Checked by the entity's process, so a
+  retry queued behind the first attempt is a duplicate too; single node only (cluster
+  mode deduplicates retries of its own). `applied?/3` asks without running anything.
+  """
   @spec execute(t(), term(), keyword()) ::
           {:ok, non_neg_integer()} | {:ok, non_neg_integer(), Kuma.Position.t()} | {:error, term()}
   def execute(%__MODULE__{} = e, command, opts \\ []) do
     with {:ok, s} <- store(e),
-         :ok <- Validate.write(opts) do
+         :ok <- Validate.write(opts),
+         {:ok, opts} <- idempotent(s, opts) do
       opts = Route.command_id(s, opts)
       timeout = Keyword.get(opts, :timeout, EventLog.default_timeout())
 
@@ -119,6 +130,47 @@ defmodule Kuma.Entity do
       end)
     end
   end
+
+  @doc """
+  Whether an idempotent command (`execute/3` with `command_id:`) was applied to the entity
+  after `since_seq:` (default 0): `{:ok, true | false}`. Answered by the entity's process
+  after every write queued before the question, so after a timed-out `execute/3` it says
+  for certain whether that command was applied (single node).
+  """
+  @spec applied?(t(), binary(), keyword()) :: {:ok, boolean()} | {:error, term()}
+  def applied?(%__MODULE__{} = e, command_id, opts \\ []) do
+    with {:ok, s} <- store(e),
+         :ok <- Validate.keys(opts, [:since_seq, :timeout]),
+         :ok <- Validate.command_id(command_id: command_id, since_seq: Keyword.get(opts, :since_seq, 0)),
+         :ok <- single_node(s) do
+      call(
+        s,
+        e,
+        {:applied, command_id, Keyword.get(opts, :since_seq, 0)},
+        Keyword.get(opts, :timeout, EventLog.default_timeout())
+      )
+    end
+  end
+
+  # The command id goes into the metadata of the command's events.
+  defp idempotent(s, opts) do
+    case Keyword.get(opts, :command_id) do
+      nil ->
+        {:ok, opts}
+
+      id ->
+        with :ok <- single_node(s) do
+          case Keyword.get(opts, :metadata) do
+            nil -> {:ok, Keyword.put(opts, :metadata, %{command_id: id})}
+            %{} = meta -> {:ok, Keyword.put(opts, :metadata, Map.put(meta, :command_id, id))}
+            _ -> {:error, {:invalid, :metadata, "must be a map for a command with a command_id"}}
+          end
+        end
+    end
+  end
+
+  defp single_node(%Store{cluster: nil}), do: :ok
+  defp single_node(_s), do: {:error, {:not_supported_in_cluster, "idempotent commands (command_id:)"}}
 
   @doc "Appends events through the entity's process, folding them into its state."
   @spec append(t(), term() | [term()], keyword()) ::

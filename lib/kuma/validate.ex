@@ -63,11 +63,27 @@ defmodule Kuma.Validate do
   @spec write(keyword()) :: :ok | {:error, term()}
   def write(opts) do
     # (:kuma_command_id: set by Kuma itself in cluster mode, see Kuma.Cluster.Route.)
-    with :ok <- keys(opts, [:expected_seq, :metadata, :timeout, :return, :kuma_command_id]),
+    with :ok <- keys(opts, [:expected_seq, :metadata, :timeout, :return, :kuma_command_id, :command_id, :since_seq]),
+         :ok <- command_id(opts),
          :ok <- timeout(opts),
          :ok <- return(opts),
          {:ok, _} <- expected_seq(Keyword.get(opts, :expected_seq)),
          do: :ok
+  end
+
+  @doc "`:command_id` (a binary of 1..255 bytes) and `:since_seq` (a non-negative integer) of an idempotent command."
+  @spec command_id(keyword()) :: :ok | {:error, term()}
+  def command_id(opts) do
+    case {Keyword.get(opts, :command_id), Keyword.get(opts, :since_seq, 0)} do
+      {id, _} when not (is_nil(id) or (is_binary(id) and byte_size(id) in 1..255)) ->
+        {:error, {:invalid, :command_id, "must be a binary of 1 to 255 bytes"}}
+
+      {_, since} when not (is_integer(since) and since >= 0) ->
+        {:error, {:invalid, :since_seq, "must be a non-negative integer"}}
+
+      _ ->
+        :ok
+    end
   end
 
   @doc "`:return` of writes: `:seq` or `:token`."

@@ -89,6 +89,11 @@ defmodule Kuma.Entity.Server do
     result
   end
 
+  # Whether a command with this id was applied after `since` (Kuma.Entity.applied?/3):
+  # answered after every write queued before the question.
+  def handle_call({:applied, command_id, since}, _from, st),
+    do: {:reply, applied(st, command_id: command_id, since_seq: since), st}
+
   def handle_call(:info, _from, st) do
     info = %{
       live: true,
@@ -168,11 +173,35 @@ defmodule Kuma.Entity.Server do
     with :ok <- same_aggregate(st, aggregate),
          :ok <- handles_commands(st),
          :ok <- expected(st, opts),
-         do: {:ok, fn state -> decide(st.aggregate, state, command) end}
+         {:ok, false} <- applied(st, opts) do
+      {:ok, fn state -> decide(st.aggregate, state, command) end}
+    else
+      # Already applied (its events carry its command id): run again, it writes nothing.
+      {:ok, true} -> {:ok, fn _state -> {:ok, []} end}
+      error -> error
+    end
   end
 
   defp accept({:append, aggregate, events, opts}, st) do
     with :ok <- same_aggregate(st, aggregate), :ok <- expected(st, opts), do: {:ok, fn _state -> {:ok, events} end}
+  end
+
+  # An idempotent command (`:command_id`): {:ok, true} if one of our events after
+  # `:since_seq` carries its id. Read from storage, and only the events after `since_seq`
+  # (none when nothing was written since: the caller's usual case).
+  defp applied(st, opts) do
+    case {Keyword.get(opts, :command_id), Keyword.get(opts, :since_seq, 0)} do
+      {nil, _} ->
+        {:ok, false}
+
+      {_id, since} when since >= st.seq ->
+        {:ok, false}
+
+      {id, since} ->
+        with {:ok, events} <- Kuma.events(st.store_name, st.id, from: since + 1) do
+          {:ok, Enum.any?(events, &(is_map(&1.metadata) and Map.get(&1.metadata, :command_id) == id))}
+        end
+    end
   end
 
   # Without :expected_seq an append asked for no version check: a write that slipped in
@@ -229,7 +258,7 @@ defmodule Kuma.Entity.Server do
   # ({:error, from, reason}, or {:ok, from, opts, seq} to send once its events are
   # committed), or :fallback if user code raised (nobody answered yet).
   defp plan(batch, st, s) do
-    init = %{state: st.state, seq: st.seq, encoded: [], bytes: 0, answers: [], timeout: 0}
+    init = %{state: st.state, seq: st.seq, encoded: [], bytes: 0, answers: [], timeout: 0, ids: MapSet.new()}
 
     Enum.reduce_while(batch, {:ok, init}, fn {from, request}, {:ok, acc} ->
       opts = elem(request, 3)
@@ -238,6 +267,7 @@ defmodule Kuma.Entity.Server do
       case plan_one(request, acc, st, s) do
         {:ok, encoded, new_state} ->
           seq = acc.seq + length(encoded.encoded)
+          id = Keyword.get(opts, :command_id)
 
           {:cont,
            {:ok,
@@ -247,7 +277,8 @@ defmodule Kuma.Entity.Server do
                 seq: seq,
                 encoded: [encoded.encoded | acc.encoded],
                 bytes: acc.bytes + encoded.bytes,
-                answers: [{:ok, from, opts, seq} | acc.answers]
+                answers: [{:ok, from, opts, seq} | acc.answers],
+                ids: if(id, do: MapSet.put(acc.ids, id), else: acc.ids)
             }}}
 
         {:error, {:user_code_crashed, _, _}} ->
@@ -260,8 +291,13 @@ defmodule Kuma.Entity.Server do
   end
 
   defp plan_one({_, _, _, opts} = request, acc, st, s) do
-    seen = %{st | state: acc.state, seq: acc.seq}
-    with {:ok, decide} <- accept(request, seen), do: decide_and_fold(seen, decide, opts, s)
+    if MapSet.member?(acc.ids, Keyword.get(opts, :command_id)) do
+      # The same idempotent command twice in one batch (a retry queued behind the first).
+      {:ok, %{events: [], encoded: [], bytes: 0}, acc.state}
+    else
+      seen = %{st | state: acc.state, seq: acc.seq}
+      with {:ok, decide} <- accept(request, seen), do: decide_and_fold(seen, decide, opts, s)
+    end
   end
 
   defp commit_planned(planned, batch, s, st) do

@@ -56,7 +56,7 @@ defmodule Kuma.Store.Config do
          {:ok, cluster} <- Kuma.Cluster.validate(config.cluster, config.name),
          {:ok, http} <- Kuma.HTTP.options(config.http),
          {:ok, master_key} <- master_key(config) do
-      aggregates = Enum.uniq([Kuma.Aggregate.Latest | config.aggregates])
+      aggregates = Enum.uniq([Kuma.Aggregate.Latest, Kuma.Saga.Log | config.aggregates])
       keystore = config.keystore_path && Path.expand(to_string(config.keystore_path))
 
       {:ok,

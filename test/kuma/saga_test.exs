@@ -1,0 +1,247 @@
+defmodule Kuma.SagaTest do
+  # Sagas (Kuma.Saga) and the idempotent commands they are built on: the transfer saga of
+  # examples/bank (loaded as it is) completes or compensates; a step sent twice, retried in
+  # the same batch, or timed out is applied once; and 1,000 concurrent transfers with a
+  # kill -9 in the middle all end completed or compensated, with no step applied twice
+  # and the total of all balances unchanged.
+  use Kuma.StoreCase, async: true
+
+  alias Kuma.Test.ChildVM
+
+  @bank Path.expand("../../examples/bank/bank.ex", __DIR__)
+  Code.require_file(@bank)
+  alias BankExample.{Account, Transfer}
+
+  @moduletag store_opts: [aggregates: [BankExample.Account]]
+
+  defp account(store, id), do: Kuma.entity(store, Account, id)
+
+  defp open(store, id, balance, limit \\ 10_000),
+    do: {:ok, _} = Kuma.execute(account(store, id), {:open, balance, limit})
+
+  defp balance(store, id), do: Kuma.read(account(store, id)).balance
+
+  describe "idempotent commands" do
+    test "a command with an id already applied since since_seq writes nothing", %{store: store} do
+      open(store, "i1", 100)
+      a = account(store, "i1")
+      assert {:ok, 2} = Kuma.execute(a, {:deposit, 5}, command_id: "c-1", since_seq: 1)
+      assert {:ok, 2} = Kuma.execute(a, {:deposit, 5}, command_id: "c-1", since_seq: 1)
+      assert balance(store, "i1") == 105
+      assert {:ok, [_, %{metadata: %{command_id: "c-1"}}]} = Kuma.events(store, "i1")
+
+      # Other ids, or an id applied before since_seq, are new commands.
+      assert {:ok, 3} = Kuma.execute(a, {:deposit, 5}, command_id: "c-2", since_seq: 2)
+      assert {:ok, 4} = Kuma.execute(a, {:deposit, 5}, command_id: "c-1", since_seq: 3)
+      assert balance(store, "i1") == 115
+
+      assert {:ok, true} = Kuma.applied?(a, "c-2", since_seq: 2)
+      assert {:ok, false} = Kuma.applied?(a, "c-2", since_seq: 3)
+      assert {:ok, false} = Kuma.applied?(a, "never")
+
+      # Survives the entity's passivation: the ids are in the events, not in memory.
+      :ok = Kuma.passivate(a)
+      assert {:ok, 4} = Kuma.execute(a, {:deposit, 5}, command_id: "c-2", since_seq: 2)
+      assert balance(store, "i1") == 115
+    end
+
+    test "the same command queued twice in one batch is applied once", %{store: store} do
+      open(store, "i2", 0)
+      a = account(store, "i2")
+
+      # 50 callers at once, ten ids: the entity takes waiting writes together.
+      results =
+        1..50
+        |> Enum.map(fn i ->
+          Task.async(fn -> Kuma.execute(a, {:deposit, 1}, command_id: "dup-#{rem(i, 10)}", since_seq: 1) end)
+        end)
+        |> Task.await_many()
+
+      assert Enum.all?(results, &match?({:ok, _}, &1))
+      assert balance(store, "i2") == 10
+      {:ok, events} = Kuma.events(store, "i2")
+      ids = for %{metadata: %{command_id: id}} <- events, do: id
+      assert Enum.sort(ids) == Enum.map(0..9, &"dup-#{&1}") |> Enum.sort()
+    end
+
+    test "bad ids are refused and change nothing", %{store: store} do
+      open(store, "i3", 1)
+      a = account(store, "i3")
+      assert {:error, {:invalid, :command_id, _}} = Kuma.execute(a, {:deposit, 1}, command_id: "")
+      assert {:error, {:invalid, :command_id, _}} = Kuma.execute(a, {:deposit, 1}, command_id: :atom)
+
+      assert {:error, {:invalid, :command_id, _}} =
+               Kuma.execute(a, {:deposit, 1}, command_id: String.duplicate("x", 256))
+
+      assert {:error, {:invalid, :since_seq, _}} = Kuma.execute(a, {:deposit, 1}, command_id: "x", since_seq: -1)
+      assert {:error, {:invalid, :metadata, _}} = Kuma.execute(a, {:deposit, 1}, command_id: "x", metadata: [:list])
+      assert {:error, {:invalid, :command_id, _}} = Kuma.applied?(a, "")
+      assert balance(store, "i3") == 1
+    end
+  end
+
+  describe "the transfer saga" do
+    test "completes, or refunds the debit when the credit is refused", %{store: store} do
+      open(store, "a", 100)
+      open(store, "b", 0, 50)
+      open(store, "c", 0)
+      {:ok, _} = Kuma.execute(account(store, "c"), :close)
+
+      assert {:ok, :completed} = Kuma.Saga.run(store, Transfer, "t1", %{from: "a", to: "b", amount: 30})
+      assert {balance(store, "a"), balance(store, "b")} == {70, 30}
+
+      # Over b's limit: debited, then refunded.
+      assert {:ok, {:compensated, :credit, :over_limit}} =
+               Kuma.Saga.run(store, Transfer, "t2", %{from: "a", to: "b", amount: 40})
+
+      assert {balance(store, "a"), balance(store, "b")} == {70, 30}
+      {:ok, a_events} = Kuma.events(store, "a")
+      assert [{:withdrawn, 40}, {:refunded, 40}] = a_events |> Enum.take(-2) |> Enum.map(& &1.data)
+
+      # To a closed account; from an account without the money (nothing to undo).
+      assert {:ok, {:compensated, :credit, :account_closed}} =
+               Kuma.Saga.run(store, Transfer, "t3", %{from: "a", to: "c", amount: 1})
+
+      assert {:ok, {:compensated, :debit, :insufficient_funds}} =
+               Kuma.Saga.run(store, Transfer, "t4", %{from: "b", to: "a", amount: 31})
+
+      assert {balance(store, "a"), balance(store, "b"), balance(store, "c")} == {70, 30, 0}
+
+      # The saga's log is an entity's stream like any other.
+      {:ok, log} = Kuma.events(store, "saga:t2")
+
+      assert [
+               {:saga_started, %{module: Transfer, args: %{amount: 40}}},
+               {:step_sent, :run, 0, 2},
+               {:step_done, :run, 0},
+               {:step_sent, :run, 1, 2},
+               {:step_failed, 1, :over_limit},
+               {:step_sent, :undo, 0, 3},
+               {:step_done, :undo, 0},
+               {:saga_ended, :compensated}
+             ] = Enum.map(log, & &1.data)
+
+      # Run again with its id: the recorded saga answers, nothing is sent again.
+      assert {:ok, :completed} = Kuma.Saga.run(store, Transfer, "t1", %{from: "a", to: "b", amount: 999})
+      assert {balance(store, "a"), balance(store, "b")} == {70, 30}
+      assert {:ok, %Kuma.Saga.Log{status: :completed}} = Kuma.Saga.status(store, "t1")
+      assert {:ok, %Kuma.Saga.Log{status: :new}} = Kuma.Saga.status(store, "never")
+    end
+
+    test "steps that time out are settled, never applied twice nor compensated while they may apply", %{store: store} do
+      for i <- 1..10, do: open(store, "s#{i}", 1_000, 1_200)
+
+      # A timeout of 0: every call gives up at once while its command still runs; the
+      # saga asks the target (after that command) whether it was applied.
+      outcomes =
+        for i <- 1..40 do
+          Task.async(fn ->
+            Kuma.Saga.run(
+              store,
+              Transfer,
+              "slow-#{i}",
+              %{from: "s#{rem(i, 10) + 1}", to: "s#{rem(i * 3, 10) + 1}", amount: 90},
+              step_timeout: 0
+            )
+          end)
+        end
+        |> Task.await_many(30_000)
+
+      assert Enum.all?(outcomes, &match?({:ok, _}, &1)), inspect(outcomes)
+      assert Enum.sum(for i <- 1..10, do: balance(store, "s#{i}")) == 10_000
+      assert_each_command_once(store, for(i <- 1..10, do: "s#{i}"))
+    end
+  end
+
+  defp assert_each_command_once(store, accounts) do
+    for id <- accounts do
+      {:ok, events} = Kuma.events(store, id)
+      ids = for %{metadata: %{command_id: c}} <- events, do: c
+      assert ids == Enum.uniq(ids), "#{id} applied a command twice: #{inspect(ids -- Enum.uniq(ids))}"
+    end
+  end
+
+  # -- kill -9 in the middle ------------------------------------------------------------------
+
+  @accounts 100
+  @transfers 1_000
+  @start_balance 1_000
+
+  @child_script ~S"""
+  [dir, bank, accounts, transfers] = System.argv()
+  Code.require_file(bank)
+  {:ok, _} = Application.ensure_all_started(:kuma)
+  {:ok, store} = Kuma.start(name: :saga_crash, data_dir: dir, shards: 4, aggregates: [BankExample.Account])
+  IO.puts("PID #{System.pid()}")
+  accounts = String.to_integer(accounts)
+
+  for i <- 1..accounts do
+    # Every tenth account is closed, every seventh has a low limit: refusals to compensate.
+    a = Kuma.entity(store, BankExample.Account, "acct-#{i}")
+    {:ok, _} = Kuma.execute(a, {:open, 1_000, if(rem(i, 7) == 0, do: 1_100, else: 100_000)})
+    if rem(i, 10) == 0, do: {:ok, _} = Kuma.execute(a, :close)
+  end
+
+  IO.puts("OPENED")
+
+  for {i, {from, to, amount}} <- Kuma.Test.SagaPlan.plan(accounts, String.to_integer(transfers)) do
+    spawn(fn ->
+      {:ok, outcome} = Kuma.Saga.run(store, BankExample.Transfer, "t-#{i}", %{from: from, to: to, amount: amount})
+      IO.puts("DONE #{i} #{inspect(outcome)}")
+    end)
+  end
+
+  Process.sleep(:infinity)
+  """
+
+  @tag store: false
+  @tag timeout: 180_000
+  test "1,000 concurrent transfers, kill -9 in the middle: after restart every saga ends, each step applied once, money kept",
+       %{dir: dir, name: name} do
+    {port, os_pid} = ChildVM.start(@child_script, [dir, @bank, "#{@accounts}", "#{@transfers}"])
+
+    done =
+      ChildVM.collect(port, 0, fn line, n -> if String.starts_with?(line, "DONE"), do: n + 1, else: n end, &(&1 >= 150))
+
+    ChildVM.kill(os_pid)
+    done = ChildVM.drain(port, done, fn line, n -> if String.starts_with?(line, "DONE"), do: n + 1, else: n end)
+    assert done < @transfers, "the kill came too late to interrupt anything"
+
+    {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 4, aggregates: [Account])
+    accounts = for i <- 1..@accounts, do: "acct-#{i}"
+
+    # Sagas the child began are driven on from their logs...
+    {:ok, resumed} = Kuma.Saga.resume(store)
+    assert Enum.all?(resumed, &match?({_, {:ok, _}}, &1)), inspect(Enum.reject(resumed, &match?({_, {:ok, _}}, &1)))
+
+    # ...and every transfer, begun or not, is run (begun ones answer their recorded end).
+    outcomes =
+      Kuma.Test.SagaPlan.plan(@accounts, @transfers)
+      |> Task.async_stream(
+        fn {i, {from, to, amount}} ->
+          Kuma.Saga.run(store, Transfer, "t-#{i}", %{from: from, to: to, amount: amount})
+        end,
+        max_concurrency: 100,
+        timeout: 60_000
+      )
+      |> Enum.map(fn {:ok, r} -> r end)
+
+    IO.puts(
+      "saga kill -9: #{done} transfers ended before the kill, #{map_size(resumed)} sagas found begun and resumed; " <>
+        "outcomes #{inspect(Enum.frequencies_by(outcomes, &(elem(&1, 1) |> then(fn o -> if o == :completed, do: o, else: elem(o, 2) end))))}"
+    )
+
+    assert Enum.all?(outcomes, &(match?({:ok, :completed}, &1) or match?({:ok, {:compensated, _, _}}, &1)))
+    assert Enum.count(outcomes, &match?({:ok, :completed}, &1)) > 100
+    assert Enum.count(outcomes, &match?({:ok, {:compensated, :credit, _}}, &1)) > 10
+
+    for i <- 1..@transfers do
+      assert {:ok, %Kuma.Saga.Log{status: status}} = Kuma.Saga.status(store, "t-#{i}")
+      assert status in [:completed, :compensated]
+    end
+
+    assert_each_command_once(store, accounts)
+    assert Enum.sum(for(id <- accounts, do: balance(store, id))) == @accounts * @start_balance
+    Kuma.stop(store)
+  end
+end
