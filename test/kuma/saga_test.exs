@@ -12,7 +12,32 @@ defmodule Kuma.SagaTest do
   Code.require_file(@bank)
   alias BankExample.{Account, Transfer}
 
-  @moduletag store_opts: [aggregates: [BankExample.Account]]
+  @moduletag store_opts: [aggregates: [BankExample.Account, Kuma.SagaTest.Slow]]
+
+  defmodule Slow do
+    @moduledoc false
+    # A target that takes its time, then accepts or refuses.
+    @behaviour Kuma.Aggregate
+    @impl true
+    def init(_id), do: 0
+    @impl true
+    def handle(_n, {:accept_after, ms}), do: Process.sleep(ms) && {:ok, [:accepted]}
+    def handle(_n, {:refuse_after, ms}), do: Process.sleep(ms) && {:error, :refused_late}
+    @impl true
+    def apply(n, :accepted), do: n + 1
+  end
+
+  defmodule SlowSaga do
+    @moduledoc false
+    @behaviour Kuma.Saga
+    @impl true
+    def steps(%{from: from, target: target, command: command}) do
+      [
+        {:debit, {BankExample.Account, from, {:withdraw, 10}}, {BankExample.Account, from, {:refund, 10}}},
+        {:slow, {Kuma.SagaTest.Slow, target, command}}
+      ]
+    end
+  end
 
   defp account(store, id), do: Kuma.entity(store, Account, id)
 
@@ -150,6 +175,34 @@ defmodule Kuma.SagaTest do
       assert Enum.all?(outcomes, &match?({:ok, _}, &1)), inspect(outcomes)
       assert Enum.sum(for i <- 1..10, do: balance(store, "s#{i}")) == 10_000
       assert_each_command_once(store, for(i <- 1..10, do: "s#{i}"))
+    end
+  end
+
+  describe "steps that time out" do
+    test "applied late: the saga goes on; refused late: it compensates", %{store: store} do
+      open(store, "f", 100)
+      run = &Kuma.Saga.run(store, SlowSaga, &1, %{from: "f", target: "slow-1", command: &2}, step_timeout: 50)
+
+      assert {:ok, :completed} = run.("late-ok", {:accept_after, 200})
+      assert Kuma.read(Kuma.entity(store, Slow, "slow-1")) == 1
+      assert balance(store, "f") == 90
+
+      assert {:ok, {:compensated, :slow, :timeout}} = run.("late-no", {:refuse_after, 200})
+      assert Kuma.read(Kuma.entity(store, Slow, "slow-1")) == 1
+      assert balance(store, "f") == 90
+    end
+
+    test "an outcome that cannot be settled leaves the saga pending, and resume/2 finishes it", %{store: store} do
+      open(store, "g", 100)
+      args = %{from: "g", target: "slow-2", command: {:accept_after, 600}}
+      opts = [step_timeout: 50, settle_timeout: 100]
+      assert {:error, {:pending, "stuck"}} = Kuma.Saga.run(store, SlowSaga, "stuck", args, opts)
+      assert {:ok, %Kuma.Saga.Log{status: :running, pending: %{phase: :run, index: 1}}} = Kuma.Saga.status(store, "stuck")
+
+      {:ok, resumed} = Kuma.Saga.resume(store)
+      assert resumed["stuck"] == {:ok, :completed}
+      assert Kuma.read(Kuma.entity(store, Slow, "slow-2")) == 1
+      assert balance(store, "g") == 90
     end
   end
 
