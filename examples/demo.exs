@@ -86,8 +86,7 @@ defmodule Kuma.Examples.Demo do
         "in #{round(b.seconds * 1000)} ms (writes could go on meanwhile)"
     )
 
-    opts = if key = System.get_env("KUMA_MASTER_KEY"), do: [master_key: key], else: [master_key_file: demo_key_file()]
-    {:ok, r} = Kuma.restore(Path.join(dir, "backup"), Path.join(dir, "restored"), opts)
+    {:ok, r} = Kuma.restore(Path.join(dir, "backup"), Path.join(dir, "restored"), Kuma.IEx.master_key())
     say("  restored to a new data dir and verified: #{r.events} events of #{r.entities} entities (#{Path.basename(data_dir)} untouched)")
     File.rm_rf!(dir)
   end
@@ -109,7 +108,7 @@ defmodule Kuma.Examples.Demo do
 
     opts =
       if System.get_env("KUMA_MASTER_KEY") in [nil, ""] do
-        key_file = demo_key_file()
+        key_file = Kuma.IEx.demo_key_file()
         say("Master key: #{key_file} (outside the data dir; set KUMA_MASTER_KEY to use your own)")
         Keyword.put(opts, :master_key_file, key_file)
       else
@@ -132,18 +131,6 @@ defmodule Kuma.Examples.Demo do
       {:error, reason} ->
         raise "cannot start the store: " <> Kuma.format_error(reason)
     end
-  end
-
-  defp demo_key_file do
-    path = Path.expand("~/.config/kuma/demo-master.key")
-
-    unless File.exists?(path) do
-      File.mkdir_p!(Path.dirname(path))
-      File.write!(path, Base.encode16(:crypto.strong_rand_bytes(32), case: :lower) <> "\n")
-      File.chmod!(path, 0o600)
-    end
-
-    path
   end
 
   # Export and erasure of one customer named inside alice's stream.

@@ -37,6 +37,38 @@ defmodule Kuma.ExamplesTest do
     assert out =~ "saga_ended"
   end
 
+  test "iex -S mix opens with the banner and the helpers work on the demo store" do
+    dir = Path.join(System.tmp_dir!(), "kuma_iex_#{System.pid()}_#{System.unique_integer([:positive])}")
+    on_exit(fn -> File.rm_rf!(dir) end)
+    input = Path.join(System.tmp_dir!(), "kuma_iex_input_#{System.unique_integer([:positive])}")
+
+    File.write!(
+      input,
+      ~s[append("alice", {:deposited, 50})\nhistory("alice")\nchain("alice")\nstate("alice")\ninfo().shards\n]
+    )
+
+    on_exit(fn -> File.rm(input) end)
+
+    {out, status} =
+      System.cmd("sh", ["-c", "iex -S mix < \"$0\"", input],
+        cd: @root,
+        stderr_to_stdout: true,
+        env: [{"MIX_ENV", "test"}, {"KUMA_DATA_DIR", dir}]
+      )
+
+    assert status == 0, out
+
+    assert out =~
+             ~r/Kuma \d+\.\d+\.\d+ · store :demo on .* \(16 shards, encrypted\) · monitor http:\/\/127\.0\.0\.1:\d+\//
+
+    assert out =~ "Helpers: append(id, event), state(id), history(id), chain(id), info()"
+    assert out =~ "{:ok, 1}"
+    assert out =~ ~r/ 1  deposited  \{:deposited, 50\}  \d{4}-/
+    assert out =~ "verified: 1 events"
+    assert out =~ "kuma(4)> {:deposited, 50}"
+    assert out =~ "kuma(5)> 16"
+  end
+
   defp run_demo(dir) do
     {out, status} =
       System.cmd("mix", ["run", "examples/demo.exs", "--data-dir", dir, "--shards", "4"],

@@ -22,12 +22,30 @@ defmodule Kuma.ReadmeTest do
 
   test "the README example runs" do
     readme = File.read!(Path.expand("../README.md", __DIR__))
-    [_, code] = Regex.run(~r/## Using it\s+```elixir\n(.*?)```/s, readme)
+    [_, code] = Regex.run(~r/## Using it.*?```elixir\n(.*?)```/s, readme)
     dir = Path.join(System.tmp_dir!(), "kuma_readme_#{System.unique_integer([:positive])}")
     on_exit(fn -> File.rm_rf!(dir) end)
     code = String.replace(code, ~s(data_dir: "data"), ~s(data_dir: #{inspect(dir)}))
     code = String.replace(code, "name: :bank", "name: :readme_bank")
     assert {:ok, _} = Kuma.Store.Config.validate(name: :readme_bank, data_dir: dir)
+    Code.eval_string(code)
+  end
+
+  test "the sagas example runs" do
+    readme = File.read!(Path.expand("../README.md", __DIR__))
+    [_, code] = Regex.run(~r/### Sagas and idempotent commands\s+```elixir\n(.*?)```/s, readme)
+    dir = Path.join(System.tmp_dir!(), "kuma_readme_#{System.unique_integer([:positive])}")
+    on_exit(fn -> File.rm_rf!(dir) end)
+    code = String.replace(code, ~s(data_dir: "data"), ~s(data_dir: #{inspect(dir)}))
+
+    code =
+      String.replace(
+        code,
+        ~s[Code.require_file("examples/bank/bank.ex")],
+        ~s[Code.require_file(#{inspect(Path.expand("../examples/bank/bank.ex", __DIR__))})]
+      )
+
+    code = String.replace(code, "name: :payments", "name: :readme_payments")
     Code.eval_string(code)
   end
 

@@ -197,7 +197,9 @@ defmodule Kuma.SagaTest do
       args = %{from: "g", target: "slow-2", command: {:accept_after, 600}}
       opts = [step_timeout: 50, settle_timeout: 100]
       assert {:error, {:pending, "stuck"}} = Kuma.Saga.run(store, SlowSaga, "stuck", args, opts)
-      assert {:ok, %Kuma.Saga.Log{status: :running, pending: %{phase: :run, index: 1}}} = Kuma.Saga.status(store, "stuck")
+
+      assert {:ok, %Kuma.Saga.Log{status: :running, pending: %{phase: :run, index: 1}}} =
+               Kuma.Saga.status(store, "stuck")
 
       {:ok, resumed} = Kuma.Saga.resume(store)
       assert resumed["stuck"] == {:ok, :completed}
