@@ -89,6 +89,22 @@ defmodule Kuma.SagaTest do
       assert Enum.sort(ids) == Enum.map(0..9, &"dup-#{&1}") |> Enum.sort()
     end
 
+    test "a caller that gives up at once still leaves the entity knowing what it wrote", %{store: store} do
+      open(store, "i4", 100)
+      a = account(store, "i4")
+
+      # The caller stops waiting at once; the entity waits for its commit regardless, so
+      # the question asked after it has the true answer, and the entity's state is current.
+      for i <- 1..20 do
+        assert {:error, :timeout} = Kuma.execute(a, {:deposit, 1}, command_id: "late-#{i}", since_seq: i, timeout: 0)
+        assert {:ok, true} = Kuma.applied?(a, "late-#{i}", since_seq: i)
+      end
+
+      assert balance(store, "i4") == 120
+      assert {:ok, 22} = Kuma.execute(a, {:deposit, 1})
+      assert {:ok, %{seq: 22}} = Kuma.head(store, "i4")
+    end
+
     test "bad ids are refused and change nothing", %{store: store} do
       open(store, "i3", 1)
       a = account(store, "i3")
@@ -239,13 +255,26 @@ defmodule Kuma.SagaTest do
 
   IO.puts("OPENED")
 
-  for {i, {from, to, amount}} <- Kuma.Test.SagaPlan.plan(accounts, String.to_integer(transfers)) do
+  # acct-1's process is suspended: every saga that reaches it waits there with its step
+  # sent and no outcome recorded. The first 400 transfers start at once; BURST goes out
+  # when the others among them have had time to end, and the test kills the VM on reading
+  # it: the kill finds sagas ended, sagas under way (those waiting on acct-1) and 600 not
+  # begun, every time.
+  {:ok, %{pid: held}} = Kuma.entity_info(Kuma.entity(store, BankExample.Account, "acct-1"))
+  :sys.suspend(held)
+  {first, rest} = Enum.split(Kuma.Test.SagaPlan.plan(accounts, String.to_integer(transfers)), 400)
+
+  run = fn {i, {from, to, amount}} ->
     spawn(fn ->
       {:ok, outcome} = Kuma.Saga.run(store, BankExample.Transfer, "t-#{i}", %{from: from, to: to, amount: amount})
       IO.puts("DONE #{i} #{inspect(outcome)}")
     end)
   end
 
+  Enum.each(first, run)
+  Process.sleep(500)
+  IO.puts("BURST")
+  Enum.each(rest, fn t -> Process.sleep(2) && run.(t) end)
   Process.sleep(:infinity)
   """
 
@@ -255,15 +284,30 @@ defmodule Kuma.SagaTest do
        %{dir: dir, name: name} do
     {port, os_pid} = ChildVM.start(@child_script, [dir, @bank, "#{@accounts}", "#{@transfers}"])
 
-    done =
-      ChildVM.collect(port, 0, fn line, n -> if String.starts_with?(line, "DONE"), do: n + 1, else: n end, &(&1 >= 150))
+    count = fn
+      "DONE" <> _, {n, burst} -> {n + 1, burst}
+      "BURST", {n, _} -> {n, true}
+      _, acc -> acc
+    end
+
+    {_, true} = ChildVM.collect(port, {0, false}, count, &elem(&1, 1))
 
     ChildVM.kill(os_pid)
-    done = ChildVM.drain(port, done, fn line, n -> if String.starts_with?(line, "DONE"), do: n + 1, else: n end)
+    {done, _} = ChildVM.drain(port, {0, true}, count)
     assert done < @transfers, "the kill came too late to interrupt anything"
 
     {:ok, store} = Kuma.start(name: name, data_dir: dir, shards: 4, aggregates: [Account])
     accounts = for i <- 1..@accounts, do: "acct-#{i}"
+
+    under_way =
+      Enum.count(1..@transfers, fn i ->
+        match?(
+          {:ok, %Kuma.Saga.Log{status: status}} when status in [:running, :compensating],
+          Kuma.Saga.status(store, "t-#{i}")
+        )
+      end)
+
+    assert under_way > 0, "the kill found no saga under way"
 
     # Sagas the child began are driven on from their logs...
     {:ok, resumed} = Kuma.Saga.resume(store)
@@ -282,7 +326,8 @@ defmodule Kuma.SagaTest do
       |> Enum.map(fn {:ok, r} -> r end)
 
     IO.puts(
-      "saga kill -9: #{done} transfers ended before the kill, #{map_size(resumed)} sagas found begun and resumed; " <>
+      "saga kill -9: #{done} transfers ended before the kill, #{map_size(resumed)} found begun, " <>
+        "#{under_way} of them under way and resumed; " <>
         "outcomes #{inspect(Enum.frequencies_by(outcomes, &(elem(&1, 1) |> then(fn o -> if o == :completed, do: o, else: elem(o, 2) end))))}"
     )
 

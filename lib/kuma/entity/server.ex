@@ -223,9 +223,11 @@ defmodule Kuma.Entity.Server do
   # Anything unusual (user code that raised, an append refused as invalid or too large, or
   # a conflicting write beside us) falls back to one write at a time, from our unchanged
   # state: those are errors after which storage is known to hold nothing of the batch. Any
-  # other error (a timeout among them: the append may still commit) goes to every caller
-  # of the batch, as it would to a single caller, and the next write finds out what
-  # storage holds. The new state is published before anyone is answered, as for one write.
+  # other error goes to every caller of the batch, as it would to a single caller; one that
+  # leaves what storage holds unknown (no answer from the writer within commit_wait) also
+  # stops us, so the next use reloads. We wait for the writer's answer however soon our
+  # callers give up (commit_wait/2). The new state is published before anyone is
+  # answered, as for one write.
 
   defp waiting_writes(st, room) do
     case Store.lookup(st.store_name) do
@@ -258,11 +260,10 @@ defmodule Kuma.Entity.Server do
   # ({:error, from, reason}, or {:ok, from, opts, seq} to send once its events are
   # committed), or :fallback if user code raised (nobody answered yet).
   defp plan(batch, st, s) do
-    init = %{state: st.state, seq: st.seq, encoded: [], bytes: 0, answers: [], timeout: 0, ids: MapSet.new()}
+    init = %{state: st.state, seq: st.seq, encoded: [], bytes: 0, answers: [], ids: MapSet.new()}
 
     Enum.reduce_while(batch, {:ok, init}, fn {from, request}, {:ok, acc} ->
       opts = elem(request, 3)
-      acc = %{acc | timeout: max(acc.timeout, Keyword.get(opts, :timeout, EventLog.default_timeout()))}
 
       case plan_one(request, acc, st, s) do
         {:ok, encoded, new_state} ->
@@ -309,7 +310,7 @@ defmodule Kuma.Entity.Server do
         {:noreply, st}
 
       encoded ->
-        case EventLog.append_encoded(s, st.id, st.seq, %{encoded: encoded, bytes: planned.bytes}, planned.timeout) do
+        case EventLog.append_encoded(s, st.id, st.seq, %{encoded: encoded, bytes: planned.bytes}, commit_wait(s, [])) do
           {:ok, Native.appended(first_seq: first, last_seq: last, hash: hash) = appended} when first == st.seq + 1 ->
             before = st.seq
             st = %{st | state: planned.state, seq: last, hash: hash}
@@ -324,6 +325,12 @@ defmodule Kuma.Entity.Server do
             # Refused before anything was written (one write's event, the batch's size, or
             # a write beside us): as if each write had come alone.
             write_each(batch, st)
+
+          {:error, :timeout} ->
+            # No answer from the writer even after commit_wait: what storage holds is
+            # unknown; start over from it next time.
+            Enum.each(answers, &send_answer(&1, fn _opts, _seq -> {:error, :timeout} end))
+            {:stop, {:shutdown, :stale}, st}
 
           {:error, reason} ->
             Enum.each(answers, &send_answer(&1, fn _opts, _seq -> {:error, reason} end))
@@ -400,9 +407,7 @@ defmodule Kuma.Entity.Server do
   end
 
   defp persist(s, st, encoded, new_state, decide, opts, retries) do
-    timeout = Keyword.get(opts, :timeout, EventLog.default_timeout())
-
-    case EventLog.append_encoded(s, st.id, st.seq, encoded, timeout, Keyword.get(opts, :kuma_command_id)) do
+    case EventLog.append_encoded(s, st.id, st.seq, encoded, commit_wait(s, opts), Keyword.get(opts, :kuma_command_id)) do
       {:ok, Native.appended(first_seq: first)} = {:ok, appended} when first != st.seq + 1 ->
         # Cluster mode: the answer of an earlier attempt of the same command (it was
         # committed, then its caller tried again). What we decided now was not written:
@@ -422,12 +427,17 @@ defmodule Kuma.Entity.Server do
 
       {:error, {:wrong_expected_seq, _, _}} when retries > 0 ->
         # Someone wrote to the stream without going through us (store-level API while we
-        # were starting): reload and decide again, a few times at most.
+        # were starting): reload and decide again, a few times at most (an idempotent
+        # command found among what was written is not run again).
         case Loader.load(s, st.aggregate, st.id) do
           {:ok, loaded} ->
             st = %{st | state: loaded.state, seq: loaded.seq, hash: loaded.hash}
             publish(s, st)
-            write(st, decide, opts, retries - 1)
+
+            case applied(st, opts) do
+              {:ok, true} -> {:reply, empty_answer(st.seq, opts), st}
+              _ -> write(st, decide, opts, retries - 1)
+            end
 
           {:error, reason} ->
             {:stop, {:shutdown, {:load_failed, reason}}, {:error, reason}, st}
@@ -436,10 +446,24 @@ defmodule Kuma.Entity.Server do
       {:error, {:wrong_expected_seq, _, _} = reason} ->
         {:stop, {:shutdown, :stale}, {:error, reason}, st}
 
+      {:error, :timeout} = error ->
+        # No answer from the writer even after commit_wait: the append may yet commit, so
+        # our state may be behind; start over from storage next time.
+        {:stop, {:shutdown, :stale}, error, st}
+
       {:error, reason} ->
         {:reply, {:error, reason}, st}
     end
   end
+
+  # How long we wait for our own append's commit. Single node: not the caller's timeout
+  # (the caller stops waiting for us at its own timeout; we must not stop waiting for the
+  # writer, or we would not know what storage holds, and an idempotent command's check
+  # after a timeout relies on our knowing), only a bound against a writer that never
+  # answers. Cluster mode: the caller's, as the leader's log decides the outcome there.
+  @commit_wait :timer.minutes(5)
+  defp commit_wait(%Store{cluster: nil}, _opts), do: @commit_wait
+  defp commit_wait(_s, opts), do: Keyword.get(opts, :timeout, EventLog.default_timeout())
 
   defp decide(aggregate, state, command) do
     case aggregate.handle(state, command) do
