@@ -26,6 +26,7 @@ defmodule Kuma.Codec do
   | `%Bank.Credited{amount: 5}`    | `"Bank.Credited"` (module name without `Elixir.`) |
   | `{:credited, %{amount: 5}}`    | `"credited"`     |
   | `{"credited", %{amount: 5}}`   | `"credited"`     |
+  | `{:moved, from, to}` (a tagged tuple of any size, as Erlang records and Gleam custom types are) | `"moved"` |
   | anything else                  | `""` (untyped)   |
 
   ## Metadata
@@ -45,6 +46,8 @@ defmodule Kuma.Codec do
 
       iex> Kuma.Codec.event_type({:credited, %{amount: 5}})
       "credited"
+      iex> Kuma.Codec.event_type({:user_created, "Dwighson", "architect"})
+      "user_created"
       iex> Kuma.Codec.event_type(%URI{})
       "URI"
       iex> Kuma.Codec.event_type(42)
@@ -58,6 +61,12 @@ defmodule Kuma.Codec do
   def event_type(%module{}), do: module_type(module)
   def event_type({type, _data}) when is_atom(type) and type not in [nil, true, false], do: Atom.to_string(type)
   def event_type({type, _data}) when is_binary(type), do: type
+
+  def event_type(tagged)
+      when is_tuple(tagged) and tuple_size(tagged) > 2 and is_atom(elem(tagged, 0)) and
+             elem(tagged, 0) not in [nil, true, false],
+      do: Atom.to_string(elem(tagged, 0))
+
   def event_type(_event), do: ""
 
   @doc false

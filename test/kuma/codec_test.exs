@@ -11,7 +11,12 @@ defmodule Kuma.CodecTest do
     assert Codec.event_type({"credited", 1}) == "credited"
     assert Codec.event_type({nil, 1}) == ""
     assert Codec.event_type({true, 1}) == ""
-    assert Codec.event_type({:a, 1, 2}) == ""
+    # A tagged tuple of any size (an Erlang record, a Gleam custom type) is typed by its tag.
+    assert Codec.event_type({:a, 1, 2}) == "a"
+    assert Codec.event_type({:user_created, "Dwighson", "architect", 3}) == "user_created"
+    assert Codec.event_type({nil, 1, 2}) == ""
+    assert Codec.event_type({1, 2, 3}) == ""
+    assert Codec.event_type(:closed) == ""
     assert Codec.event_type("plain") == ""
   end
 
