@@ -65,6 +65,62 @@ defmodule Mix.Tasks.Compile.KumaNative do
   end
 end
 
+defmodule Mix.Tasks.Compile.KumaGleam do
+  @moduledoc """
+  Builds Kuma's Gleam package (`gleam/`) and the Gleam example (`examples/gleam_bank/`)
+  with `gleam build --target erlang` when a `gleam` executable is on PATH, and puts their
+  modules on the code path (`_build/<env>/gleam/ebin`, after Kuma's own), so that ExUnit
+  can call them. Without `gleam` it does nothing: the Gleam tests then skip with one line
+  saying so. No Gleam compiler is in any registry reachable where Kuma is built; Gleam
+  v1.17.0 is the last whose output loads on OTP 25.
+  """
+  use Mix.Task.Compiler
+
+  @projects [{"gleam", "kuma"}, {"examples/gleam_bank", "gleam_bank"}]
+
+  @impl true
+  def run(_args) do
+    root = Path.dirname(Mix.Project.project_file())
+    ebin = Path.join(Mix.Project.build_path(), "gleam/ebin")
+
+    case System.find_executable("gleam") do
+      nil ->
+        {:noop, []}
+
+      gleam ->
+        built = Enum.map(@projects, &build(gleam, root, ebin, &1))
+        Code.append_path(ebin)
+        if Enum.any?(built, &(&1 == :ok)), do: {:ok, []}, else: {:noop, []}
+    end
+  end
+
+  # Builds one Gleam project if a source changed since its beams were copied, and copies
+  # its beams (not its .app file, which would shadow Kuma's own `kuma.app`).
+  defp build(gleam, root, ebin, {dir, package}) do
+    dir = Path.join(root, dir)
+    stamp = Path.join(ebin, ".#{package}.stamp")
+    sources = Path.wildcard(Path.join(dir, "{src,test}/**/*.gleam")) ++ [Path.join(dir, "gleam.toml")]
+
+    if Mix.Utils.stale?(sources, [stamp]) do
+      case System.cmd(gleam, ["build", "--target", "erlang"], cd: dir, stderr_to_stdout: true) do
+        {_, 0} -> :ok
+        {out, status} -> Mix.raise("gleam build in #{dir} failed (#{status}):\n#{out}")
+      end
+
+      File.mkdir_p!(ebin)
+
+      for beam <- Path.wildcard(Path.join(dir, "build/dev/erlang/#{package}/ebin/*.beam")),
+          do: File.cp!(beam, Path.join(ebin, Path.basename(beam)))
+
+      File.write!(stamp, "")
+      Mix.shell().info("Built the Gleam package in #{Path.relative_to(dir, root)}")
+      :ok
+    else
+      :noop
+    end
+  end
+end
+
 defmodule Kuma.MixProject do
   use Mix.Project
 
@@ -79,7 +135,7 @@ defmodule Kuma.MixProject do
       version: "0.1.0",
       elixir: "~> 1.14",
       start_permanent: Mix.env() == :prod,
-      compilers: [:kuma_native] ++ Mix.compilers(),
+      compilers: [:kuma_native] ++ Mix.compilers() ++ [:kuma_gleam],
       elixirc_paths: elixirc_paths(Mix.env()),
       deps: [],
       aliases: aliases(),

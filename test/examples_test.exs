@@ -69,6 +69,22 @@ defmodule Kuma.ExamplesTest do
     assert out =~ "kuma(5)> 16"
   end
 
+  @tag :gleam
+  test "examples/gleam_bank runs its Gleam aggregate and saga against a real store" do
+    dir = Path.join(System.tmp_dir!(), "kuma_gleam_bank_#{System.pid()}_#{System.unique_integer([:positive])}")
+    on_exit(fn -> File.rm_rf!(dir) end)
+
+    {out, status} =
+      System.cmd("mix", ["run", "examples/gleam_bank/run.exs", "--data-dir", dir],
+        cd: @root,
+        stderr_to_stdout: true,
+        env: [{"MIX_ENV", "test"}]
+      )
+
+    assert status == 0, out
+    assert out =~ "1 transfers completed, 2 compensated; total of all balances 100"
+  end
+
   defp run_demo(dir) do
     {out, status} =
       System.cmd("mix", ["run", "examples/demo.exs", "--data-dir", dir, "--shards", "4"],

@@ -20,7 +20,10 @@ defmodule Kuma.Saga do
       {:ok, :completed} = Kuma.Saga.run(:bank, Bank.Transfer, "t-1", %{from: "a", to: "b", amount: 5})
 
   A step is `{name, {aggregate, entity_id, command}}` or, with its compensation,
-  `{name, {aggregate, entity_id, command}, {aggregate, entity_id, command}}`. Steps run in
+  `{name, {aggregate, entity_id, command}, {aggregate, entity_id, command}}`, or the Gleam
+  record `saga.Step(name, run, undo: [compensation])` (`{:step, name, run, []}` or with one
+  compensation in the list); an aggregate may be given by its Erlang module name as a
+  string (`"bank@account"`). Steps run in
   order; a step refused by its aggregate (`{:error, reason}` from `handle/2`) or that timed
   out without being applied stops the saga, and the compensations of the steps done so far
   run in reverse order. The outcome is `:completed` or `{:compensated, step, reason}`.
@@ -140,7 +143,7 @@ defmodule Kuma.Saga do
         {:ok, Log.outcome(l)}
 
       {:ok, %Log{} = l} ->
-        case next(l, l.module.steps(l.args)) do
+        case next(l, steps_of(l.module, l.args)) do
           {:end, status} ->
             with {:ok, _} <- record(log, {:saga_ended, status}), do: drive(store, id, log, opts)
 
@@ -172,14 +175,27 @@ defmodule Kuma.Saga do
 
       [index | _] ->
         case Enum.at(steps, index) do
+          {_name, _run, nil} -> {:skip, index}
           {_name, _run, undo} -> {:send, :undo, index, undo}
-          {_name, _run} -> {:skip, index}
         end
     end
   end
 
-  defp command_of({_name, run}), do: run
   defp command_of({_name, run, _undo}), do: run
+
+  @doc false
+  # The saga's steps as {name, {aggregate, id, command}, compensation | nil}.
+  @spec steps_of(module(), term()) :: [{term(), command(), command() | nil}]
+  def steps_of(module, args), do: Enum.map(module.steps(args), &step/1)
+
+  defp step({name, run}), do: {name, command(run), nil}
+  defp step({name, run, undo}), do: {name, command(run), undo && command(undo)}
+  defp step({:step, name, run, []}), do: {name, command(run), nil}
+  defp step({:step, name, run, [undo]}), do: {name, command(run), command(undo)}
+  defp step(other), do: raise(ArgumentError, "not a saga step: #{inspect(other)}")
+
+  defp command({aggregate, id, command}) when is_binary(aggregate), do: {String.to_atom(aggregate), id, command}
+  defp command({aggregate, id, command}) when is_atom(aggregate), do: {aggregate, id, command}
 
   # Records the step as sent (unless it already is: then its recorded seq stands), sends
   # it as an idempotent command, and records what came of it.

@@ -53,7 +53,7 @@ defmodule Kuma.Saga.Log do
   def outcome(%__MODULE__{status: :completed}), do: :completed
 
   def outcome(%__MODULE__{status: :compensated, failed: {index, reason}} = log) do
-    name = log.module.steps(log.args) |> Enum.at(index) |> elem(0)
+    name = Kuma.Saga.steps_of(log.module, log.args) |> Enum.at(index) |> elem(0)
     {:compensated, name, reason}
   end
 end
