@@ -27,6 +27,22 @@ defmodule Kuma.SagaTest do
     def apply(n, :accepted), do: n + 1
   end
 
+  defmodule TransferStarter do
+    @moduledoc false
+    # A projection that starts a transfer saga for every {:transfer_requested, args} event,
+    # with the saga's id derived from the event: handled twice, an event starts one saga.
+    @behaviour Kuma.Projection
+    @impl true
+    def init(store), do: {:ok, store}
+    @impl true
+    def handle_event(%Kuma.Envelope{data: {:transfer_requested, args}} = e, store) do
+      {:ok, _outcome} = Kuma.Saga.run(store, BankExample.Transfer, "from-event-" <> Kuma.Envelope.event_id(e), args)
+      {:ok, store}
+    end
+
+    def handle_event(_other, store), do: {:ok, store}
+  end
+
   defmodule SlowSaga do
     @moduledoc false
     @behaviour Kuma.Saga
@@ -192,6 +208,27 @@ defmodule Kuma.SagaTest do
       assert Enum.sum(for i <- 1..10, do: balance(store, "s#{i}")) == 10_000
       assert_each_command_once(store, for(i <- 1..10, do: "s#{i}"))
     end
+  end
+
+  test "sagas started by events: an event handled twice starts one saga", %{store: store, name: name} do
+    open(store, "e1", 100)
+    open(store, "e2", 0)
+
+    for amount <- [10, 20, 30],
+        do: {:ok, _} = Kuma.append(store, "requests", {:transfer_requested, %{from: "e1", to: "e2", amount: amount}})
+
+    # Twice from the first event (a checkpoint in memory starts over when restarted).
+    for _ <- 1..2 do
+      {:ok, _} =
+        Kuma.Projection.start(store, TransferStarter, name: :"#{name}_starter", args: store, checkpoint: :memory)
+
+      assert eventually(fn -> match?({:ok, %{lag: 0}}, Kuma.Projection.status(:"#{name}_starter")) end)
+      :ok = Kuma.Projection.stop(:"#{name}_starter")
+    end
+
+    assert {balance(store, "e1"), balance(store, "e2")} == {40, 60}
+    {:ok, resumed} = Kuma.Saga.resume(store)
+    assert map_size(resumed) == 3 and Enum.all?(resumed, &match?({_, {:ok, :completed}}, &1))
   end
 
   describe "steps that time out" do
