@@ -71,30 +71,24 @@ defmodule Kuma.Backup do
          {:ok, tmp} <- temp_dir(dir, "partial", s.file_mode) do
       t0 = System.monotonic_time()
 
-      result =
-        try do
-          segments = backup_plan(s, keystore?)
-          total = length(segments)
+      in_temp_dir(tmp, :backup_failed, fn ->
+        segments = backup_plan(s, keystore?)
+        total = length(segments)
 
-          entries =
-            segments
-            |> Enum.with_index(1)
-            |> Enum.map(fn {segment, i} ->
-              entry = copy(s, tmp, segment)
-              progress.(%{phase: :copy, done: i, total: total, segment: entry.file, bytes: entry.bytes})
-              entry
-            end)
+        entries =
+          segments
+          |> Enum.with_index(1)
+          |> Enum.map(fn {segment, i} ->
+            entry = copy(s, tmp, segment)
+            progress.(%{phase: :copy, done: i, total: total, segment: entry.file, bytes: entry.bytes})
+            entry
+          end)
 
-          seconds = seconds_since(t0)
-          write_manifest(s, tmp, entries, seconds)
-          replace_dir(tmp, dir, :backup_failed)
-          {:ok, report(dir, entries, seconds)}
-        catch
-          {:backup_failed, reason} -> {:error, reason}
-        end
-
-      with {:error, _} <- result, do: File.rm_rf(tmp)
-      result
+        seconds = seconds_since(t0)
+        write_manifest(s, tmp, entries, seconds)
+        replace_dir(tmp, dir, :backup_failed)
+        {:ok, report(dir, entries, seconds)}
+      end)
     end
   end
 
@@ -201,31 +195,24 @@ defmodule Kuma.Backup do
          {:ok, tmp} <- temp_dir(data_dir, "restore", mode) do
       t0 = System.monotonic_time()
 
-      result =
-        try do
-          unpack(backup_dir, manifest, tmp, mode, opts, progress)
-          check_heads(tmp, manifest)
-          verified = verify(tmp, manifest, opts, progress)
-          replace_dir(tmp, data_dir, :restore_failed)
-          seconds = seconds_since(t0)
+      in_temp_dir(tmp, :restore_failed, fn ->
+        unpack(backup_dir, manifest, tmp, mode, opts, progress)
+        check_heads(tmp, manifest)
+        verified = verify(tmp, manifest, opts, progress)
+        replace_dir(tmp, data_dir, :restore_failed)
 
-          {:ok,
-           %{
-             dir: data_dir,
-             bytes: manifest.segments |> Enum.map(& &1.bytes) |> Enum.sum(),
-             shards: shard_reports(manifest.segments),
-             keystore: restored_keystore(manifest, opts),
-             events: verified.events,
-             entities: verified.entities,
-             taken: manifest.taken,
-             seconds: seconds
-           }}
-        catch
-          {:restore_failed, reason} -> {:error, reason}
-        end
-
-      with {:error, _} <- result, do: File.rm_rf(tmp)
-      result
+        {:ok,
+         %{
+           dir: data_dir,
+           bytes: manifest.segments |> Enum.map(& &1.bytes) |> Enum.sum(),
+           shards: shard_reports(manifest.segments),
+           keystore: restored_keystore(manifest, opts),
+           events: verified.events,
+           entities: verified.entities,
+           taken: manifest.taken,
+           seconds: seconds_since(t0)
+         }}
+      end)
     end
   end
 
@@ -520,6 +507,20 @@ defmodule Kuma.Backup do
     else
       {:error, why} -> throw({:restore_failed, {:backup_dir, dir, why}})
     end
+  end
+
+  # Runs `fun` (work in the temporary directory `tmp`, which throws `{tag, reason}` on
+  # failure); on any failure the directory is removed and `{:error, reason}` returned.
+  defp in_temp_dir(tmp, tag, fun) do
+    result =
+      try do
+        fun.()
+      catch
+        {^tag, reason} -> {:error, reason}
+      end
+
+    with {:error, _} <- result, do: File.rm_rf(tmp)
+    result
   end
 
   # Searchable where readable, as the store's own directories (sqlite.rs, dir_mode).

@@ -116,13 +116,7 @@ pub fn backup_database(
 /// Frames the plain file `src` into `segment` (created with `mode`; must not exist).
 pub fn frame_file(src: &Path, segment: &Path, label: &str, store_id: &str, mode: u32) -> Result<SegmentInfo> {
     let mut input = BufReader::new(File::open(src).map_err(io("read file to back up", src))?);
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(segment)
-        .map_err(io("create segment", segment))?;
-    let mut out = BufWriter::new(out);
+    let mut out = BufWriter::new(create_new(segment, mode, "create segment")?);
     let write = io("write segment", segment);
     out.write_all(MAGIC).map_err(&write)?;
     let header = format!("{label}\n{store_id}");
@@ -144,6 +138,11 @@ pub fn frame_file(src: &Path, segment: &Path, label: &str, store_id: &str, mode:
     let file = out.into_inner().map_err(|e| write(e.into_error()))?;
     file.sync_all().map_err(&write)?;
     Ok(SegmentInfo { bytes, frames, digest: *hasher.finalize().as_bytes() })
+}
+
+/// A new file (it must not exist) with permissions `mode`.
+fn create_new(path: &Path, mode: u32, context: &'static str) -> Result<File> {
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io(context, path))
 }
 
 fn write_frame(out: &mut impl Write, index: u64, payload: &[u8]) -> std::io::Result<()> {
@@ -174,13 +173,7 @@ pub fn read_segment(segment: &Path, label: &str, store_id: &str, dest: Option<(&
     let result = read_frames(segment, label, store_id, |index, payload| {
         let Some((path, mode)) = dest else { return Ok(()) };
         if out.is_none() {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(path)
-                .map_err(io("restore file", path))?;
-            out = Some(BufWriter::new(file));
+            out = Some(BufWriter::new(create_new(path, mode, "restore file")?));
         }
         let w = out.as_mut().expect("opened above");
         if index > 0 {

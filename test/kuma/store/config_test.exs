@@ -12,7 +12,9 @@ defmodule Kuma.Store.ConfigTest do
     assert c.snapshot_every == 100 and c.idle_timeout == :timer.minutes(15) and c.max_live_entities == 100_000
     assert c.data_dir == Path.expand("d") and c.keystore_path == nil and c.projection_specs == []
     assert c.projections_dir == Path.expand("d/projections") and c.file_mode == 0o600
-    assert c.aggregates == [Kuma.Aggregate.Latest]
+    # Every store knows the latest-event aggregate and the sagas' log.
+    assert c.aggregates == [Kuma.Aggregate.Latest, Kuma.Saga.Log]
+    assert c.http == nil
     # The config holds a reference; the key itself waits in the vault.
     assert is_reference(c.master_key)
     assert Kuma.Keys.Vault.fetch(c.master_key) == {:ok, Base.decode16!(@key, case: :lower)}
