@@ -16,7 +16,7 @@ fn account(
   store: kuma.Store,
   id: String,
 ) -> Entity(Account, Command, Event, AccountError) {
-  entity.of(store, aggregate: "bank@account", id: id)
+  entity.of(store, aggregate: account.aggregate(), id: id)
 }
 
 pub fn run(data_dir: String) -> Result(Summary, kuma.KumaError) {

@@ -1,11 +1,10 @@
 //// Entities: one process and one event stream per id. Reads come from memory.
 ////
-//// An aggregate written in Gleam is a module with `init(id) -> state`,
-//// `apply(state, event) -> state` and `handle(state, command) -> Result(List(event), error)`;
-//// give its Erlang name (`"bank@account"` for `src/bank/account.gleam`) to
-//// `kuma.Aggregates` when starting the store, and to `of`.
+//// Entities of an aggregate written in Gleam are addressed with `of` (see `kuma/aggregate`);
+//// `spawn` gives an entity whose state is simply its latest event.
 
 import kuma.{type KumaError, type Store}
+import kuma/aggregate.{type Aggregate}
 
 /// An entity: its store, its aggregate and its id. Making one starts nothing.
 pub type Entity(state, command, event, error)
@@ -33,12 +32,21 @@ pub type Envelope(event) {
 @external(erlang, "Elixir.Kuma.Gleam", "spawn")
 pub fn spawn(store: Store, id id: String) -> Entity(event, Nil, event, Nil)
 
-/// An entity of an aggregate module, by its Erlang name (`"bank@account"`).
-@external(erlang, "Elixir.Kuma.Gleam", "of")
+/// An entity of an aggregate (see `kuma/aggregate`): its state, commands, events and
+/// refusals have the aggregate's types.
 pub fn of(
   store: Store,
-  aggregate aggregate: String,
+  aggregate aggregate: Aggregate(state, command, event, error),
   id id: String,
+) -> Entity(state, command, event, error) {
+  of_module(store, aggregate.module_name(aggregate), id)
+}
+
+@external(erlang, "Elixir.Kuma.Gleam", "of")
+fn of_module(
+  store: Store,
+  aggregate: String,
+  id: String,
 ) -> Entity(state, command, event, error)
 
 /// Appends one event; the entity's new last seq.

@@ -1,6 +1,13 @@
 //// A bank account as a Kuma aggregate, in Gleam: `init`, `handle` and `apply` are all
 //// Kuma needs (the store is started with `kuma.Aggregates(["bank@account"])`).
 
+import kuma/aggregate.{type Aggregate}
+
+/// This module as an aggregate, with its types.
+pub fn aggregate() -> Aggregate(Account, Command, Event, AccountError) {
+  aggregate.named("bank@account")
+}
+
 pub type Account {
   Account(open: Bool, balance: Int, limit: Int)
 }
