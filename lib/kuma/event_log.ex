@@ -136,10 +136,24 @@ defmodule Kuma.EventLog do
   def snapshot(%Store{} = s, entity_id, seq, version, hash, data) do
     write = if byte_size(data) > @dirty_bytes, do: &Native.write_snapshot_dirty/7, else: &Native.write_snapshot/7
 
-    case write.(s.native, make_ref(), entity_id, seq, version, hash, data) do
-      {:ok, :ok} -> :ok
-      error -> error
-    end
+    snapshot_span(s, entity_id, seq, version, data, fn ->
+      case write.(s.native, make_ref(), entity_id, seq, version, hash, data) do
+        {:ok, :ok} -> :ok
+        error -> error
+      end
+    end)
+  end
+
+  # [:kuma, :snapshot, :stop] (Kuma.Telemetry): a snapshot queued (an entity's) or committed
+  # (a framework's).
+  defp snapshot_span(s, entity_id, seq, version, data, fun) do
+    Kuma.Telemetry.span([:kuma, :snapshot], fun, fn
+      result when result in [:ok, {:ok, :ok}] ->
+        {%{bytes: byte_size(data), seq: seq}, %{store: s.name, entity_id: entity_id, version: version}}
+
+      _ ->
+        nil
+    end)
   end
 
   @doc """
@@ -150,7 +164,10 @@ defmodule Kuma.EventLog do
           {:ok, :ok} | {:error, term()}
   def save_snapshot(%Store{} = s, entity_id, seq, version, hash, data, timeout) do
     write = if byte_size(data) > @dirty_bytes, do: &Native.write_snapshot_dirty/7, else: &Native.write_snapshot/7
-    call(fn ref -> write.(s.native, ref, entity_id, seq, version, hash, data) end, timeout)
+
+    snapshot_span(s, entity_id, seq, version, data, fn ->
+      call(fn ref -> write.(s.native, ref, entity_id, seq, version, hash, data) end, timeout)
+    end)
   end
 
   @doc "Deletes an entity's snapshots of `version` and waits: `{:ok, :ok}` or `{:error, reason}`."

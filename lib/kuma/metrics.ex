@@ -19,6 +19,7 @@ defmodule Kuma.Metrics do
   | `kuma_entity_loads_total` | counter | `store` | entity processes started from storage |
   | `kuma_entity_passivations_total` | counter | `store` | idle entities stopped |
   | `kuma_entities_live` | gauge | `store` | entity processes running |
+  | `kuma_snapshots_total` | counter | `store` | snapshots written (entities' and frameworks') |
   | `kuma_erasures_total` | counter | `store` | entities erased |
   | `kuma_shard_position` | gauge | `store`, `shard` | last committed position |
   | `kuma_shard_transactions_total` | counter | `store`, `shard` | group commits |
@@ -45,6 +46,7 @@ defmodule Kuma.Metrics do
     :executes,
     :loads,
     :passivations,
+    :snapshots,
     :erasures,
     :duration_sum_us
   ]
@@ -60,6 +62,7 @@ defmodule Kuma.Metrics do
     [:kuma, :append_batch, :stop],
     [:kuma, :execute, :stop],
     [:kuma, :load, :stop],
+    [:kuma, :snapshot, :stop],
     [:kuma, :erase, :stop],
     [:kuma, :entity, :passivate],
     [:kuma, :projection, :batch]
@@ -105,6 +108,7 @@ defmodule Kuma.Metrics do
   defp count([:kuma, :append_batch, :stop], m, _meta, c, _p), do: appended(c, m.entries, m.failed, m)
   defp count([:kuma, :execute, :stop], m, _meta, c, _p), do: :counters.add(c, @slot.executes, m.writes)
   defp count([:kuma, :load, :stop], _m, _meta, c, _p), do: :counters.add(c, @slot.loads, 1)
+  defp count([:kuma, :snapshot, :stop], _m, _meta, c, _p), do: :counters.add(c, @slot.snapshots, 1)
   defp count([:kuma, :erase, :stop], _m, _meta, c, _p), do: :counters.add(c, @slot.erasures, 1)
   defp count([:kuma, :entity, :passivate], _m, _meta, c, _p), do: :counters.add(c, @slot.passivations, 1)
 
@@ -261,6 +265,7 @@ defmodule Kuma.Metrics do
       metric("kuma_entity_loads_total", :counter, "Entity processes started from storage.", [{st, c.loads}]),
       metric("kuma_entity_passivations_total", :counter, "Idle entities stopped.", [{st, c.passivations}]),
       metric("kuma_entities_live", :gauge, "Entity processes running.", [{st, m.entities_live}]),
+      metric("kuma_snapshots_total", :counter, "Snapshots written.", [{st, c.snapshots}]),
       metric("kuma_erasures_total", :counter, "Entities erased.", [{st, c.erasures}]),
       metric(
         "kuma_shard_position",

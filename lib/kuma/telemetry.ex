@@ -19,6 +19,7 @@ defmodule Kuma.Telemetry do
   | `[:kuma, :append_batch, :stop]` | `duration`, `entries` (committed), `failed`, `events`, `bytes` | `store` |
   | `[:kuma, :execute, :stop]` | `duration`, `events`, `writes` (commands taken together) | `store`, `aggregate`, `entity_id` |
   | `[:kuma, :load, :stop]` | `duration`, `replayed` (events folded) | `store`, `aggregate`, `entity_id`, `snapshot_seq` |
+  | `[:kuma, :snapshot, :stop]` | `duration` (to queue an entity's, to commit a framework's), `bytes`, `seq` | `store`, `entity_id`, `version` |
   | `[:kuma, :erase, :stop]` | `duration`, `events` (deleted) | `store` |
   | `[:kuma, :entity, :passivate]` | (none) | `store`, `aggregate` |
   | `[:kuma, :projection, :batch]` | `duration`, `events`, `lag` (positions behind, all shards) | `store`, `name`, `shard`, `kind` |

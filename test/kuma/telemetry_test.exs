@@ -11,7 +11,10 @@ defmodule Kuma.TelemetryTest do
     [:kuma, :execute, :stop],
     [:kuma, :load, :stop],
     [:kuma, :erase, :stop],
-    [:kuma, :projection, :batch]
+    [:kuma, :projection, :batch],
+    [:kuma, :append_batch, :stop],
+    [:kuma, :snapshot, :stop],
+    [:kuma, :entity, :passivate]
   ]
 
   setup %{name: name} do
@@ -31,6 +34,25 @@ defmodule Kuma.TelemetryTest do
 
     on_exit(fn -> Kuma.Telemetry.detach(id) end)
     %{handler: id}
+  end
+
+  @tag store_opts: [aggregates: [Bank.Account], snapshot_every: 2]
+  test "batches, snapshots (an entity's and a framework's) and passivations are reported", %{store: store, name: name} do
+    {:error, {:partial, _}} = Kuma.append_batch(store, [{"b-1", [1, 2]}, {"b-2", [3]}, {"b-1", [4], expected_seq: 0}])
+    assert_receive {:telemetry, [:kuma, :append_batch, :stop], %{entries: 2, failed: 1, events: 3, bytes: b}, %{store: ^name}}
+    assert b > 0
+
+    alice = Kuma.entity(store, Bank.Account, "snap-1")
+    {:ok, 1} = Kuma.execute(alice, {:deposit, 5})
+    {:ok, 2} = Kuma.execute(alice, {:deposit, 5})
+    assert_receive {:telemetry, [:kuma, :snapshot, :stop], %{seq: 2, bytes: bytes, duration: _}, %{entity_id: "snap-1", version: 1}}
+    assert bytes > 0
+
+    :ok = Kuma.save_snapshot(store, "b-1", 2, %{framework: :state})
+    assert_receive {:telemetry, [:kuma, :snapshot, :stop], %{seq: 2}, %{entity_id: "b-1", version: 0}}
+
+    :ok = Kuma.passivate(alice)
+    assert_receive {:telemetry, [:kuma, :entity, :passivate], %{}, %{store: ^name, aggregate: Bank.Account}}
   end
 
   test "appends, entity writes, loads, erasures and projection batches are reported", %{store: store, name: name} do
