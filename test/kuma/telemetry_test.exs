@@ -39,13 +39,19 @@ defmodule Kuma.TelemetryTest do
   @tag store_opts: [aggregates: [Bank.Account], snapshot_every: 2]
   test "batches, snapshots (an entity's and a framework's) and passivations are reported", %{store: store, name: name} do
     {:error, {:partial, _}} = Kuma.append_batch(store, [{"b-1", [1, 2]}, {"b-2", [3]}, {"b-1", [4], expected_seq: 0}])
-    assert_receive {:telemetry, [:kuma, :append_batch, :stop], %{entries: 2, failed: 1, events: 3, bytes: b}, %{store: ^name}}
+
+    assert_receive {:telemetry, [:kuma, :append_batch, :stop], %{entries: 2, failed: 1, events: 3, bytes: b},
+                    %{store: ^name}}
+
     assert b > 0
 
     alice = Kuma.entity(store, Bank.Account, "snap-1")
     {:ok, 1} = Kuma.execute(alice, {:deposit, 5})
     {:ok, 2} = Kuma.execute(alice, {:deposit, 5})
-    assert_receive {:telemetry, [:kuma, :snapshot, :stop], %{seq: 2, bytes: bytes, duration: _}, %{entity_id: "snap-1", version: 1}}
+
+    assert_receive {:telemetry, [:kuma, :snapshot, :stop], %{seq: 2, bytes: bytes, duration: _},
+                    %{entity_id: "snap-1", version: 1}}
+
     assert bytes > 0
 
     :ok = Kuma.save_snapshot(store, "b-1", 2, %{framework: :state})
