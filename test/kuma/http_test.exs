@@ -182,7 +182,14 @@ defmodule Kuma.HTTPTest do
         end)
       end)
 
-    Process.sleep(1_500)
+    # The page shows rates over the server's last one-second sample: wait until there is
+    # a sample with one before it (and so a rate) under the load.
+    assert eventually(
+             fn -> length(Kuma.JSONTestParser.parse!(elem(get(url(store) <> "stats.json"), 2))["history"]) >= 3 end,
+             100,
+             50
+           )
+
     first = browse(tmp, url(store), "first")
     Process.sleep(1_500)
     second = browse(tmp, url(store), "second")
