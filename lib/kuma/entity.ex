@@ -120,7 +120,7 @@ defmodule Kuma.Entity do
           {:ok, non_neg_integer()} | {:ok, non_neg_integer(), Kuma.Position.t()} | {:error, term()}
   def execute(%__MODULE__{} = e, command, opts \\ []) do
     with {:ok, s} <- store(e),
-         :ok <- Validate.write(opts),
+         :ok <- Validate.execute(opts),
          {:ok, opts} <- idempotent(s, opts) do
       opts = Route.command_id(s, opts)
       timeout = Keyword.get(opts, :timeout, EventLog.default_timeout())

@@ -61,10 +61,20 @@ defmodule Kuma.Validate do
 
   @doc "The options of a write (append or execute)."
   @spec write(keyword()) :: :ok | {:error, term()}
-  def write(opts) do
+  def write(opts), do: write(opts, [])
+
+  @doc """
+  The options of an execute: a write's, and an idempotent command's `:command_id` and
+  `:since_seq` (an append takes neither: it has no command to deduplicate).
+  """
+  @spec execute(keyword()) :: :ok | {:error, term()}
+  def execute(opts) do
+    with :ok <- write(opts, [:command_id, :since_seq]), do: command_id(opts)
+  end
+
+  defp write(opts, extra_keys) do
     # (:kuma_command_id: set by Kuma itself in cluster mode, see Kuma.Cluster.Route.)
-    with :ok <- keys(opts, [:expected_seq, :metadata, :timeout, :return, :kuma_command_id, :command_id, :since_seq]),
-         :ok <- command_id(opts),
+    with :ok <- keys(opts, [:expected_seq, :metadata, :timeout, :return, :kuma_command_id | extra_keys]),
          :ok <- timeout(opts),
          :ok <- return(opts),
          {:ok, _} <- expected_seq(Keyword.get(opts, :expected_seq)),
@@ -74,15 +84,12 @@ defmodule Kuma.Validate do
   @doc "`:command_id` (a binary of 1..255 bytes) and `:since_seq` (a non-negative integer) of an idempotent command."
   @spec command_id(keyword()) :: :ok | {:error, term()}
   def command_id(opts) do
-    case {Keyword.get(opts, :command_id), Keyword.get(opts, :since_seq, 0)} do
-      {id, _} when not (is_nil(id) or (is_binary(id) and byte_size(id) in 1..255)) ->
-        {:error, {:invalid, :command_id, "must be a binary of 1 to 255 bytes"}}
-
-      {_, since} when not (is_integer(since) and since >= 0) ->
-        {:error, {:invalid, :since_seq, "must be a non-negative integer"}}
+    case Keyword.get(opts, :command_id) do
+      id when is_nil(id) or (is_binary(id) and byte_size(id) in 1..255) ->
+        non_neg(:since_seq, Keyword.get(opts, :since_seq, 0))
 
       _ ->
-        :ok
+        {:error, {:invalid, :command_id, "must be a binary of 1 to 255 bytes"}}
     end
   end
 

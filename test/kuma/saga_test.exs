@@ -133,6 +133,9 @@ defmodule Kuma.SagaTest do
       assert {:error, {:invalid, :since_seq, _}} = Kuma.execute(a, {:deposit, 1}, command_id: "x", since_seq: -1)
       assert {:error, {:invalid, :metadata, _}} = Kuma.execute(a, {:deposit, 1}, command_id: "x", metadata: [:list])
       assert {:error, {:invalid, :command_id, _}} = Kuma.applied?(a, "")
+      # Appends have no command to deduplicate: the options are refused there.
+      assert {:error, {:unknown_option, :command_id}} = Kuma.append(a, [{:deposited, 1}], command_id: "x")
+      assert {:error, {:unknown_option, :since_seq}} = Kuma.append(store, "i3", [{:deposited, 1}], since_seq: 1)
       assert balance(store, "i3") == 1
     end
   end
