@@ -101,7 +101,7 @@ defmodule Kuma.Backup do
     [{:file, "manifest", Path.join(dir, "KUMA")}] ++
       if(File.exists?(subscriptions), do: [{:db, "subscriptions", subscriptions}], else: []) ++
       if(File.exists?(order), do: [{:db, "order", order}], else: []) ++
-      for(i <- 0..(s.shards - 1), do: {:shard, label(i), shard_path(dir, i)}) ++
+      for(i <- 0..(s.shards - 1), do: {:shard, label(i), Store.shard_file(dir, i)}) ++
       if(keystore? and s.keystore_path, do: [{:db, "keystore", s.keystore_path}], else: [])
   end
 
@@ -206,7 +206,7 @@ defmodule Kuma.Backup do
            dir: data_dir,
            bytes: manifest.segments |> Enum.map(& &1.bytes) |> Enum.sum(),
            shards: shard_reports(manifest.segments),
-           keystore: restored_keystore(manifest, opts),
+           keystore: keystore_source(manifest, opts),
            events: verified.events,
            entities: verified.entities,
            taken: manifest.taken,
@@ -276,14 +276,14 @@ defmodule Kuma.Backup do
   defp target(tmp, "manifest", _opts), do: Path.join(tmp, "KUMA")
   defp target(tmp, "order", _opts), do: Path.join(tmp, "order.kuma")
   defp target(tmp, "subscriptions", _opts), do: Path.join(tmp, "subscriptions.kuma")
-  defp target(tmp, "shard-" <> i, _opts), do: shard_path(tmp, String.to_integer(i))
+  defp target(tmp, "shard-" <> i, _opts), do: Store.shard_file(tmp, String.to_integer(i))
 
   defp target(tmp, "keystore", opts),
     do: if(Keyword.has_key?(opts, :keystore_path), do: nil, else: Path.join(tmp, "keystore.kuma"))
 
   defp check_heads(tmp, manifest) do
     for %{summary: %{} = expected, label: "shard-" <> i = label} <- manifest.segments do
-      case Native.backup_summarize(shard_path(tmp, String.to_integer(i))) do
+      case Native.backup_summarize(Store.shard_file(tmp, String.to_integer(i))) do
         {:ok, ^expected} ->
           :ok
 
@@ -335,7 +335,9 @@ defmodule Kuma.Backup do
     end
   end
 
-  defp restored_keystore(manifest, opts) do
+  # Where the restored store's keystore comes from: `:external` (keystore_path:, used
+  # where it is), `true` (the backup's own), `false` (none).
+  defp keystore_source(manifest, opts) do
     cond do
       Keyword.has_key?(opts, :keystore_path) -> :external
       Enum.any?(manifest.segments, &(&1.label == "keystore")) -> true
@@ -343,22 +345,14 @@ defmodule Kuma.Backup do
     end
   end
 
-  defp keystore_available(%{encrypted: false}, _opts), do: :ok
-
   defp keystore_available(manifest, opts) do
-    cond do
-      Keyword.has_key?(opts, :keystore_path) ->
-        :ok
-
-      Enum.any?(manifest.segments, &(&1.label == "keystore")) ->
-        :ok
-
-      true ->
+    if manifest.encrypted and keystore_source(manifest, opts) == false,
+      do:
         {:error,
          {:invalid, :keystore_path,
           "the backup holds no keystore (taken without keystore: true): give the keystore to restore with, " <>
-            "normally the store's current one"}}
-    end
+            "normally the store's current one"}},
+      else: :ok
   end
 
   # -- the manifest -----------------------------------------------------------------------
@@ -447,7 +441,6 @@ defmodule Kuma.Backup do
   defp label(i), do: "shard-" <> String.pad_leading(Integer.to_string(i), 3, "0")
   defp segment_file("manifest"), do: "KUMA.seg"
   defp segment_file(label), do: label <> ".seg"
-  defp shard_path(dir, i), do: Path.join([dir, "shards", String.pad_leading(Integer.to_string(i), 3, "0") <> ".kuma"])
 
   defp path(_what, p) when (is_binary(p) and p != "") or (is_list(p) and p != []), do: {:ok, Path.expand(to_string(p))}
   defp path(what, _), do: {:error, {:invalid, what, "must be a path"}}

@@ -95,6 +95,13 @@ defmodule Kuma.Store do
   def lookup(other), do: {:error, {:invalid, :store, "expected a Kuma.Store or a store name, got: #{inspect(other)}"}}
 
   @doc false
+  # The file of shard `shard` under `data_dir` (docs/storage-format.md; kuma_core's
+  # shard::shard_path names it the same way).
+  @spec shard_file(Path.t(), non_neg_integer()) :: Path.t()
+  def shard_file(data_dir, shard),
+    do: Path.join([data_dir, "shards", String.pad_leading(Integer.to_string(shard), 3, "0") <> ".kuma"])
+
+  @doc false
   def via(name, role), do: {:via, Registry, {Kuma.Registry, {name, role}}}
 
   @doc false

@@ -21,7 +21,7 @@ defmodule Mix.Tasks.Kuma.Stats do
       shell.info("shards #{info.shards}, sync #{info.sync}, encryption #{if info.encrypted, do: "on", else: "off"}")
 
       for shard <- 0..(info.shards - 1) do
-        file = Path.join([info.data_dir, "shards", String.pad_leading("#{shard}", 3, "0") <> ".kuma"])
+        file = Kuma.Store.shard_file(info.data_dir, shard)
         size = file_size(file) + file_size(file <> "-wal")
         shell.info("shard #{shard}: last position #{Map.get(positions, shard, 0)}, #{size} bytes")
       end
