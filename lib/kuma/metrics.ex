@@ -56,17 +56,6 @@ defmodule Kuma.Metrics do
   @first_bucket length(@counters) + 1
   @size length(@counters) + length(@buckets_us) + 1
   @handler "kuma.metrics"
-  @events [
-    [:kuma, :append, :stop],
-    [:kuma, :append, :exception],
-    [:kuma, :append_batch, :stop],
-    [:kuma, :execute, :stop],
-    [:kuma, :load, :stop],
-    [:kuma, :snapshot, :stop],
-    [:kuma, :erase, :stop],
-    [:kuma, :entity, :passivate],
-    [:kuma, :projection, :batch]
-  ]
 
   @doc false
   # Turns metrics on for `store` (called by the process that serves them, which owns the
@@ -75,7 +64,7 @@ defmodule Kuma.Metrics do
   def enable(store) do
     projections = :ets.new(:kuma_metrics_projections, [:set, :public, write_concurrency: true])
     :persistent_term.put(key(store), {:counters.new(@size, [:write_concurrency]), projections})
-    _ = Kuma.Telemetry.attach(@handler, @events, &__MODULE__.handle/4, nil)
+    _ = Kuma.Telemetry.attach(@handler, Kuma.Telemetry.events(), &__MODULE__.handle/4, nil)
     :ok
   end
 

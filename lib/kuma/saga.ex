@@ -93,15 +93,8 @@ defmodule Kuma.Saga do
       results =
         ids
         |> Task.async_stream(
-          fn id ->
-            log = entity(store, id)
-
-            case Kuma.fetch(log) do
-              {:ok, %Log{status: status} = l} when status in [:completed, :compensated] -> {id, {:ok, Log.outcome(l)}}
-              {:ok, _} -> {id, drive(store, id, log, opts)}
-              error -> {id, error}
-            end
-          end,
+          # An ended saga answers its outcome (drive/4 reads the log first).
+          fn id -> {id, drive(store, id, entity(store, id), opts)} end,
           max_concurrency: Keyword.get(opts, :max_concurrency, 100),
           timeout: :infinity,
           ordered: false

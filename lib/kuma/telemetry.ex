@@ -32,6 +32,22 @@ defmodule Kuma.Telemetry do
 
   @key {__MODULE__, :handlers}
 
+  @events [
+    [:kuma, :append, :stop],
+    [:kuma, :append, :exception],
+    [:kuma, :append_batch, :stop],
+    [:kuma, :execute, :stop],
+    [:kuma, :load, :stop],
+    [:kuma, :snapshot, :stop],
+    [:kuma, :erase, :stop],
+    [:kuma, :entity, :passivate],
+    [:kuma, :projection, :batch]
+  ]
+
+  @doc "Every event Kuma emits (the table above), to attach one handler to all of them."
+  @spec events() :: [list(atom())]
+  def events, do: @events
+
   @typedoc "A handler: called with the event, measurements, metadata and its config."
   @type handler :: (list(atom()), map(), map(), term() -> any())
 

@@ -5,18 +5,6 @@ defmodule Kuma.TelemetryTest do
 
   @moduletag store_opts: [aggregates: [Bank.Account]]
 
-  @events [
-    [:kuma, :append, :stop],
-    [:kuma, :append, :exception],
-    [:kuma, :execute, :stop],
-    [:kuma, :load, :stop],
-    [:kuma, :erase, :stop],
-    [:kuma, :projection, :batch],
-    [:kuma, :append_batch, :stop],
-    [:kuma, :snapshot, :stop],
-    [:kuma, :entity, :passivate]
-  ]
-
   setup %{name: name} do
     parent = self()
     id = {:kuma_test, make_ref()}
@@ -24,7 +12,7 @@ defmodule Kuma.TelemetryTest do
     :ok =
       Kuma.Telemetry.attach(
         id,
-        @events,
+        Kuma.Telemetry.events(),
         fn event, measurements, metadata, store ->
           # Other tests' stores emit too: only ours.
           if metadata[:store] == store, do: send(parent, {:telemetry, event, measurements, metadata})
@@ -34,6 +22,11 @@ defmodule Kuma.TelemetryTest do
 
     on_exit(fn -> Kuma.Telemetry.detach(id) end)
     %{handler: id}
+  end
+
+  test "every event Kuma.Telemetry.events/0 lists is in its documented table" do
+    {:docs_v1, _, _, _, %{"en" => doc}, _, _} = Code.fetch_docs(Kuma.Telemetry)
+    for event <- Kuma.Telemetry.events(), do: assert(doc =~ "| `#{inspect(event)}` |", inspect(event))
   end
 
   @tag store_opts: [aggregates: [Bank.Account], snapshot_every: 2]
