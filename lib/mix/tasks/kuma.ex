@@ -26,19 +26,30 @@ defmodule Mix.Tasks.Kuma do
   # and runs `fun.(store, opts, rest)`; `--help` prints the task's doc. The store is
   # stopped afterwards; errors end the task with exit code 2.
   def with_store(task, args, extra, fun) do
-    switches = [data_dir: :string, master_key_file: :string, help: :boolean] ++ extra
+    parse(task, args, [data_dir: :string] ++ extra, &open_and_run(&1, &2, fun))
+  end
 
-    case OptionParser.parse(args, strict: switches) do
+  @doc false
+  # Parses `args` with `switches` (OptionParser strict) plus --master-key-file and --help,
+  # and runs `fun.(opts, rest)`; `--help` prints the task's doc instead, bad options end
+  # the task with exit code 2.
+  def parse(task, args, switches, fun) do
+    case OptionParser.parse(args, strict: [master_key_file: :string, help: :boolean] ++ switches) do
       {opts, rest, []} ->
-        if opts[:help] do
-          Mix.shell().info(Code.fetch_docs(task) |> moduledoc())
-        else
-          open_and_run(opts, rest, fun)
-        end
+        if opts[:help], do: Mix.shell().info(Code.fetch_docs(task) |> moduledoc()), else: fun.(opts, rest)
 
       {_opts, _rest, invalid} ->
         fail("unknown or bad options: #{Enum.map_join(invalid, ", ", &elem(&1, 0))} (see --help)")
     end
+  end
+
+  @doc false
+  # Prints each broken chain of a `{:tampered, problems}` (verify_store, restore) to stderr.
+  def print_problems(problems) do
+    for p <- problems,
+        do: Mix.shell().error("shard #{p.shard}: #{inspect(p.entity_id)} broken at seq #{p.seq}: #{p.why}")
+
+    :ok
   end
 
   defp moduledoc({:docs_v1, _, _, _, %{"en" => doc}, _, _}), do: doc

@@ -20,17 +20,7 @@ defmodule Mix.Tasks.Kuma.Restore do
   use Mix.Task
 
   @impl true
-  def run(args) do
-    switches = [keystore_path: :string, master_key_file: :string, help: :boolean]
-
-    case OptionParser.parse(args, strict: switches) do
-      {opts, rest, []} ->
-        if opts[:help], do: Mix.shell().info(@moduledoc), else: restore(opts, rest)
-
-      {_opts, _rest, invalid} ->
-        Mix.Tasks.Kuma.fail("unknown or bad options: #{Enum.map_join(invalid, ", ", &elem(&1, 0))} (see --help)")
-    end
-  end
+  def run(args), do: Mix.Tasks.Kuma.parse(__MODULE__, args, [keystore_path: :string], &restore/2)
 
   defp restore(opts, [backup_dir, data_dir]) do
     Mix.Task.run("app.start", [])
@@ -59,9 +49,7 @@ defmodule Mix.Tasks.Kuma.Restore do
         Mix.Tasks.Kuma.fail(Kuma.format_error(reason), 1)
 
       {:error, {:tampered, problems} = reason} ->
-        for p <- problems,
-            do: Mix.shell().error("shard #{p.shard}: #{inspect(p.entity_id)} broken at seq #{p.seq}: #{p.why}")
-
+        Mix.Tasks.Kuma.print_problems(problems)
         Mix.Tasks.Kuma.fail("restore refused: #{Kuma.format_error(reason)}; nothing was written", 1)
 
       {:error, reason} ->

@@ -24,10 +24,7 @@ defmodule Mix.Tasks.Kuma.Verify do
           Mix.shell().info("ok: #{s} shards, #{e} entities, #{v} events, every chain intact")
 
         {:error, {:tampered, problems}} ->
-          for p <- problems do
-            Mix.shell().error("shard #{p.shard}: #{inspect(p.entity_id)} broken at seq #{p.seq}: #{p.why}")
-          end
-
+          Mix.Tasks.Kuma.print_problems(problems)
           Mix.Tasks.Kuma.fail("#{length(problems)} broken chain(s)", 1)
 
         {:error, reason} ->
