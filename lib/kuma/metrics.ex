@@ -176,14 +176,14 @@ defmodule Kuma.Metrics do
 
   # Every projection of this store running on this node: its lag against the commits now.
   defp projections(s, counters, heads) do
-    spec = [{{{:projection, :"$1"}, :"$2", %{store: s.name, kind: :"$3"}}, [], [{{:"$1", :"$2", :"$3"}}]}]
+    spec = [{{{:projection, :"$1"}, :_, %{store: s.name, kind: :"$2"}}, [], [{{:"$1", :"$2"}}]}]
 
-    for {name, pid, kind} <- Registry.select(Kuma.Registry, spec) do
+    for {name, kind} <- Registry.select(Kuma.Registry, spec) do
+      # A projection busy with a long batch is shown as such rather than holding the scrape.
       status =
-        try do
-          GenServer.call(pid, :status, 1_000)
-        catch
-          :exit, _ -> %{}
+        case Kuma.Projection.status(name, 1_000) do
+          {:ok, status} -> status
+          {:error, _} -> %{}
         end
 
       lag = if status[:position], do: Position.behind(status.position, heads)

@@ -133,10 +133,11 @@ defmodule Kuma.Projection do
   The state of a projection: `:status` (`:live`, `:catching_up`, `:retrying` or `:stopped`),
   `:position` (its checkpoint), `:heads` (the store's last commits it knows of), `:lag`
   (positions behind, summed over shards), `:handled` (events since start), `:parked`
-  (count) and `:failure` (the event it is stuck on, if any).
+  (count) and `:failure` (the event it is stuck on, if any). `{:error, :timeout}` if the
+  projection does not answer within `timeout` ms (default 30,000).
   """
-  @spec status(name()) :: {:ok, map()} | {:error, term()}
-  def status(name), do: call(name, :status, 30_000, &{:ok, &1})
+  @spec status(name(), timeout()) :: {:ok, map()} | {:error, term()}
+  def status(name, timeout \\ 30_000), do: call(name, :status, timeout, &{:ok, &1})
 
   @doc """
   Waits until the projection has handled everything up to `token` (a `Kuma.Position`, as
