@@ -198,7 +198,8 @@ defmodule Kuma.Entity.Server do
         {:ok, false}
 
       {id, since} ->
-        with {:ok, events} <- Kuma.events(st.store_name, st.id, from: since + 1) do
+        with {:ok, s} <- Store.lookup(st.store_name),
+             {:ok, events} <- EventLog.events(s, st.id, from: since + 1) do
           {:ok, Enum.any?(events, &(is_map(&1.metadata) and Map.get(&1.metadata, :command_id) == id))}
         end
     end
